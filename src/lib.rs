@@ -1,0 +1,9 @@
+//! weft: a node-level service-mesh tunnel.
+//!
+//! The crate is one library with a thin binary (`main.rs`) on top. Data flows one way:
+//! config sources → [`state`] (an immutable snapshot swapped atomically) → the listeners,
+//! which read the snapshot once per connection. See `DESIGN.md` for the module map.
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod identity;
