@@ -5,5 +5,16 @@
 //! which read the snapshot once per connection. See `DESIGN.md` for the module map.
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod admin;
+pub mod check;
+pub mod config;
+pub mod daemon;
 pub mod identity;
+pub mod k8s;
+pub mod logging;
+pub mod metrics;
+pub mod model;
+pub mod source;
+pub mod state;

@@ -1,1 +1,96 @@
-fn main(){}
+//! The `weft` command line: parses arguments and calls into the library. Nothing else.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use weft::logging::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "weft",
+    version,
+    about = "A node-level service-mesh tunnel (HBONE)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Certificate authority tools.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Run the daemon.
+    Run {
+        /// The daemon config file (weft.yaml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Log format on stderr.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Validate a mesh file offline: `file:line: message` per error, warnings for risky policy.
+    Check {
+        /// The mesh file (Kubernetes-style YAML).
+        #[arg(long)]
+        mesh: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a root CA (10 y) and an intermediate (1 y) in Istio's plugin-CA layout.
+    Init {
+        /// Directory to create the CA files in.
+        #[arg(long)]
+        dir: PathBuf,
+        /// SPIFFE trust domain.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weft: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Ca {
+            command: CaCommand::Init { dir, trust_domain },
+        } => {
+            weft::identity::ca::init_dir(&dir, &trust_domain)?;
+            println!(
+                "created root and intermediate CA for trust domain {trust_domain} in {}",
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { config, log_format } => {
+            let log = logging::init(log_format);
+            let cfg = weft::config::Config::load(&config, std::env::var("NODE_NAME").ok())?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("weft-worker")
+                .build()
+                .context("cannot start the runtime")?;
+            rt.block_on(weft::daemon::run(cfg, log))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { mesh } => Ok(weft::check::run(&mesh, &mut std::io::stdout())),
+    }
+}

@@ -1,0 +1,411 @@
+//! The admin (`127.0.0.1:15000`), metrics (`:15020`) and readiness (`:15021`) HTTP servers.
+//!
+//! They run on their own single-threaded runtime in a dedicated thread, so a slow config
+//! dump or scrape never takes a worker from the data path. They only read: the state store,
+//! the certificates, the load status. Writes are limited to the log level and the request
+//! to shut down, both through handles given to them.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::identity::manager::CertManager;
+use crate::logging::LogControl;
+use crate::metrics::Metrics;
+use crate::state::StateStore;
+
+/// Errors starting the servers.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which server.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server thread could not be started.
+    #[error("cannot start the admin thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What the admin servers read and the two things they may change.
+pub struct AdminContext {
+    /// The daemon config.
+    pub config: Arc<Config>,
+    /// The mesh state.
+    pub store: Arc<StateStore>,
+    /// Workload certificates.
+    pub certs: Arc<CertManager>,
+    /// The log filter.
+    pub log: Arc<LogControl>,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Set to `true` to shut the daemon down (`/quitquitquit`).
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl AdminContext {
+    /// `Ok` when the mesh is loaded and every local enrolled ServiceAccount has a cert;
+    /// otherwise why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.store.loaded() {
+            let st = self.store.status();
+            return Err(match &st.last_error {
+                Some(e) => format!("mesh not loaded: {e}"),
+                None => "mesh not loaded yet".to_string(),
+            });
+        }
+        let snap = self.store.snapshot();
+        let wanted = snap.local_identities(&self.config.node_name, &self.config.trust_domain);
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|id| self.certs.get(id).is_none())
+            .map(|id| id.to_string())
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("waiting for certificates: {}", missing.join(", ")))
+        }
+    }
+
+    /// The `/config_dump` document.
+    pub fn config_dump(&self) -> serde_json::Value {
+        let snap = self.store.snapshot();
+        let cfg = &self.config;
+        let workloads: Vec<_> = snap
+            .mesh
+            .workloads
+            .iter()
+            .map(|w| {
+                let identity = crate::identity::Identity::new(
+                    &cfg.trust_domain,
+                    &w.namespace,
+                    &w.service_account,
+                )
+                .map(|i| i.to_string())
+                .ok();
+                json!({
+                    "uid": w.uid,
+                    "name": w.name,
+                    "namespace": w.namespace,
+                    "serviceAccount": w.service_account,
+                    "identity": identity,
+                    "node": w.node,
+                    "local": w.node == cfg.node_name,
+                    "ips": w.ips,
+                    "labels": w.labels,
+                    "enrollment": w.enrollment,
+                })
+            })
+            .collect();
+        let certificates: Vec<_> = self
+            .certs
+            .certs()
+            .iter()
+            .map(|c| {
+                json!({
+                    "identity": c.identity.to_string(),
+                    "serial": c.serial_hex,
+                    "notBefore": rfc3339(c.not_before),
+                    "notAfter": rfc3339(c.not_after),
+                    "chain": c.chain_pem,
+                })
+            })
+            .collect();
+        json!({
+            "node": cfg.node_name,
+            "trustDomain": cfg.trust_domain,
+            "rootNamespace": cfg.root_namespace,
+            "generation": snap.generation,
+            "config": *self.store.status(),
+            "namespaces": snap.mesh.namespaces.values().collect::<Vec<_>>(),
+            "workloads": workloads,
+            "services": snap.mesh.services,
+            "policies": snap.mesh.policies,
+            "certificates": certificates,
+        })
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+type Body = Full<Bytes>;
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.into())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(status: StatusCode, v: &impl Serialize) -> Response<Body> {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => {
+            let mut r = text(status, s + "\n");
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding failed: {e}\n"),
+        ),
+    }
+}
+
+fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+const ADMIN_INDEX: &str = "weft admin endpoints:\n  GET  /config_dump\n  GET  /healthz/ready\n  GET  /logging            show the log filter\n  POST /logging?level=L    set it (GET with level= also sets)\n  POST /quitquitquit       drain and exit\n";
+
+fn method_not_allowed(allowed: &str) -> Response<Body> {
+    let mut r = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed; use {allowed}\n"),
+    );
+    if let Ok(v) = hyper::header::HeaderValue::from_str(allowed) {
+        r.headers_mut().insert(hyper::header::ALLOW, v);
+    }
+    r
+}
+
+/// Routes one admin request.
+fn admin(ctx: &AdminContext, req: &Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    let method = req.method();
+    match path {
+        "/" => text(StatusCode::OK, ADMIN_INDEX),
+        "/config_dump" => match *method {
+            Method::GET => json_response(StatusCode::OK, &ctx.config_dump()),
+            _ => method_not_allowed("GET"),
+        },
+        "/healthz/ready" => ready(ctx, method),
+        "/logging" => {
+            let q = query(req);
+            match (method, q.get("level")) {
+                (&Method::GET, None) => {
+                    text(StatusCode::OK, format!("level: {}\n", ctx.log.current()))
+                }
+                (&Method::GET | &Method::POST, Some(level)) => match ctx.log.set(level) {
+                    Ok(()) => {
+                        tracing::info!(level = %level, "log level changed");
+                        text(StatusCode::OK, format!("level: {level}\n"))
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                },
+                (&Method::POST, None) => text(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "missing ?level=; accepted: {}\n",
+                        crate::logging::LEVELS.join(", ")
+                    ),
+                ),
+                _ => method_not_allowed("GET, POST"),
+            }
+        }
+        "/quitquitquit" => match *method {
+            Method::POST => {
+                tracing::info!("shutdown requested through /quitquitquit");
+                ctx.shutdown.send_replace(true);
+                text(StatusCode::OK, "OK\n")
+            }
+            _ => method_not_allowed("POST"),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint {path}\n\n{ADMIN_INDEX}"),
+        ),
+    }
+}
+
+fn ready(ctx: &AdminContext, method: &Method) -> Response<Body> {
+    if method != Method::GET && method != Method::HEAD {
+        return method_not_allowed("GET");
+    }
+    match ctx.readiness() {
+        Ok(()) => text(StatusCode::OK, "ready\n"),
+        Err(why) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+fn metrics(ctx: &AdminContext, req: &Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") | (&Method::GET, "/stats/prometheus") => {
+            match ctx.metrics.encode() {
+                Ok(body) => {
+                    let mut r = text(StatusCode::OK, body);
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
+                    );
+                    r
+                }
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding failed: {e}\n"),
+                ),
+            }
+        }
+        (_, "/metrics") => method_not_allowed("GET"),
+        (_, p) => text(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint {p}; try /metrics\n"),
+        ),
+    }
+}
+
+fn readiness(ctx: &AdminContext, req: &Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/healthz/ready" => ready(ctx, req.method()),
+        p => text(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint {p}; try /healthz/ready\n"),
+        ),
+    }
+}
+
+type Route = fn(&AdminContext, &Request<Incoming>) -> Response<Body>;
+
+/// Running admin servers; dropping it does not stop them, [`AdminServers::join`] after
+/// shutdown does.
+pub struct AdminServers {
+    thread: std::thread::JoinHandle<()>,
+    /// The addresses actually bound (admin, metrics, readiness).
+    pub addrs: [SocketAddr; 3],
+}
+
+impl AdminServers {
+    /// Waits for the server thread to finish (after shutdown was signalled).
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+/// Binds the three listeners now (so a taken port fails start-up) and serves them on a
+/// dedicated thread until `shutdown` turns true.
+pub fn start(
+    ctx: Arc<AdminContext>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<AdminServers, AdminError> {
+    let l = &ctx.config.listen;
+    let bind = |what: &'static str, addr: SocketAddr| {
+        std::net::TcpListener::bind(addr)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .map_err(|source| AdminError::Bind { what, addr, source })
+    };
+    let admin_l = bind("admin", l.admin)?;
+    let metrics_l = bind("metrics", l.metrics)?;
+    let ready_l = bind("readiness", l.readiness)?;
+    let addrs = [
+        admin_l.local_addr().unwrap_or(l.admin),
+        metrics_l.local_addr().unwrap_or(l.metrics),
+        ready_l.local_addr().unwrap_or(l.readiness),
+    ];
+    let thread = std::thread::Builder::new()
+        .name("weft-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build the admin runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let servers: [(std::net::TcpListener, Route); 3] =
+                    [(admin_l, admin), (metrics_l, metrics), (ready_l, readiness)];
+                let mut tasks = Vec::new();
+                for (listener, route) in servers {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => {
+                            tasks.push(tokio::spawn(serve(l, ctx.clone(), route, shutdown.clone())))
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
+                    }
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        })
+        .map_err(AdminError::Thread)?;
+    Ok(AdminServers { thread, addrs })
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    ctx: Arc<AdminContext>,
+    route: Route,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+        };
+        let ctx = ctx.clone();
+        let mut conn_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp = route(&ctx, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "admin connection error");
+                    }
+                }
+                _ = async { let _ = conn_shutdown.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,404 @@
+//! The daemon's own configuration (`weft run --config FILE`, DESIGN §4) and its environment
+//! overrides.
+//!
+//! Owns reading, defaulting and validating the config; every problem is reported with its
+//! path (`listen.hbone: port 0 is not allowed`), all of them at once. Relative paths in the
+//! file are taken relative to the file's directory, so a config and its mesh file can travel
+//! together. It does not read the mesh file or the CA: those belong to `source` and `identity`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors reading or validating the daemon config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML for this schema.
+    #[error("{file}:{line}: {message}")]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// Values that parse but make no sense; one line per problem.
+    #[error("{file}: invalid config:\n  {}", problems.join("\n  "))]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// `path: problem` lines.
+        problems: Vec<String>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default)]
+    trust_domain: Option<String>,
+    #[serde(default)]
+    root_namespace: Option<String>,
+    mesh: RawMesh,
+    ca: RawCa,
+    #[serde(default)]
+    listen: RawListen,
+    #[serde(default)]
+    redirect: Option<Redirect>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawMesh {
+    file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawCa {
+    builtin: RawBuiltinCa,
+    #[serde(default)]
+    cert_ttl: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawBuiltinCa {
+    dir: PathBuf,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawListen {
+    outbound: Option<Listen>,
+    inbound_plaintext: Option<Listen>,
+    hbone: Option<Listen>,
+    admin: Option<Listen>,
+    metrics: Option<Listen>,
+    readiness: Option<Listen>,
+}
+
+/// A listen value as written: a bare port or `address:port`.
+#[derive(Clone, Debug)]
+enum Listen {
+    Port(u64),
+    Addr(String),
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Listen;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a port number or address:port")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Listen, E> {
+                Ok(Listen::Port(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Listen, E> {
+                u64::try_from(v)
+                    .map(Listen::Port)
+                    .map_err(|_| E::custom(format!("{v} is not a port")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Listen, E> {
+                Ok(match v.parse::<u64>() {
+                    Ok(p) => Listen::Port(p),
+                    Err(_) => Listen::Addr(v.to_string()),
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// How local pods' traffic reaches weft.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Redirect {
+    /// iptables/TPROXY rules for local enrolled pods.
+    Tproxy,
+    /// No capture: traffic is sent to the listeners directly (tests, benches).
+    None,
+}
+
+/// Where the mesh comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MeshSource {
+    /// A Kubernetes-style YAML file, watched for changes.
+    File(PathBuf),
+}
+
+/// Where certificates come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaSource {
+    /// The built-in CA reading an Istio plugin-CA directory.
+    Builtin {
+        /// The directory with `root-cert.pem`, `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`.
+        dir: PathBuf,
+    },
+}
+
+/// The addresses weft listens on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listeners {
+    /// Outbound capture (15001).
+    pub outbound: SocketAddr,
+    /// Plaintext inbound (15006).
+    pub inbound_plaintext: SocketAddr,
+    /// HBONE inbound (15008).
+    pub hbone: SocketAddr,
+    /// Admin (127.0.0.1:15000).
+    pub admin: SocketAddr,
+    /// Prometheus metrics (15020).
+    pub metrics: SocketAddr,
+    /// Readiness (15021).
+    pub readiness: SocketAddr,
+}
+
+/// The validated daemon config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// This node's name (env `NODE_NAME` overrides).
+    pub node_name: String,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Namespace whose policies apply mesh-wide.
+    pub root_namespace: String,
+    /// The mesh source.
+    pub mesh: MeshSource,
+    /// The certificate source.
+    pub ca: CaSource,
+    /// Workload certificate lifetime.
+    pub cert_ttl: Duration,
+    /// Listen addresses.
+    pub listen: Listeners,
+    /// Capture mode.
+    pub redirect: Redirect,
+}
+
+const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+impl Config {
+    /// Reads and validates `file`; `node_name_env` is the value of `NODE_NAME`, if set.
+    pub fn load(file: &Path, node_name_env: Option<String>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        Config::parse(file, &text, node_name_env)
+    }
+
+    /// Parses and validates config text; `file` names it in errors and anchors relative paths.
+    pub fn parse(
+        file: &Path,
+        text: &str,
+        node_name_env: Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_path_buf(),
+            line: e.location().map(|l| l.line()).unwrap_or(0),
+            message: {
+                let s = e.to_string();
+                match s.rfind(" at line ") {
+                    Some(i) => s[..i].to_string(),
+                    None => s,
+                }
+            },
+        })?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let mut problems = Vec::new();
+
+        let node_name = node_name_env
+            .filter(|n| !n.is_empty())
+            .or(raw.node_name)
+            .unwrap_or_default();
+        if node_name.is_empty() {
+            problems.push("nodeName: required (or set NODE_NAME)".to_string());
+        }
+        let trust_domain = raw
+            .trust_domain
+            .unwrap_or_else(|| "cluster.local".to_string());
+        if crate::identity::Identity::new(&trust_domain, "ns", "sa").is_err() {
+            problems.push(format!(
+                "trustDomain: {trust_domain:?} is not a valid trust domain"
+            ));
+        }
+        let root_namespace = raw
+            .root_namespace
+            .unwrap_or_else(|| "istio-system".to_string());
+        if root_namespace.is_empty() {
+            problems.push("rootNamespace: must not be empty".to_string());
+        }
+        let cert_ttl = match raw.ca.cert_ttl.as_deref() {
+            None => Duration::from_secs(24 * 3600),
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if d >= Duration::from_secs(60) => d,
+                Ok(_) => {
+                    problems.push(format!("ca.certTtl: {s:?} is shorter than the 1m minimum"));
+                    Duration::ZERO
+                }
+                Err(e) => {
+                    problems.push(format!("ca.certTtl: {s:?} is not a duration ({e})"));
+                    Duration::ZERO
+                }
+            },
+        };
+        let mut listen = |name: &str, v: Option<Listen>, default_ip: IpAddr, default_port: u16| {
+            let addr = match v {
+                None => SocketAddr::new(default_ip, default_port),
+                Some(Listen::Port(p)) => match u16::try_from(p) {
+                    Ok(p) => SocketAddr::new(default_ip, p),
+                    Err(_) => {
+                        problems.push(format!("listen.{name}: {p} is not a port (1-65535)"));
+                        return SocketAddr::new(default_ip, default_port);
+                    }
+                },
+                Some(Listen::Addr(s)) => match s.parse::<SocketAddr>() {
+                    Ok(a) => a,
+                    Err(_) => {
+                        problems.push(format!(
+                            "listen.{name}: {s:?} is neither a port nor an address:port"
+                        ));
+                        return SocketAddr::new(default_ip, default_port);
+                    }
+                },
+            };
+            if addr.port() == 0 {
+                problems.push(format!("listen.{name}: port 0 is not allowed"));
+            }
+            addr
+        };
+        let l = raw.listen;
+        let listen = Listeners {
+            outbound: listen("outbound", l.outbound, ANY, 15001),
+            inbound_plaintext: listen("inboundPlaintext", l.inbound_plaintext, ANY, 15006),
+            hbone: listen("hbone", l.hbone, ANY, 15008),
+            admin: listen("admin", l.admin, LOCALHOST, 15000),
+            metrics: listen("metrics", l.metrics, ANY, 15020),
+            readiness: listen("readiness", l.readiness, ANY, 15021),
+        };
+        let all = [
+            ("outbound", listen.outbound),
+            ("inboundPlaintext", listen.inbound_plaintext),
+            ("hbone", listen.hbone),
+            ("admin", listen.admin),
+            ("metrics", listen.metrics),
+            ("readiness", listen.readiness),
+        ];
+        for (i, (a, x)) in all.iter().enumerate() {
+            for (b, y) in &all[i + 1..] {
+                let overlap = x.port() == y.port()
+                    && (x.ip() == y.ip() || x.ip().is_unspecified() || y.ip().is_unspecified());
+                if overlap {
+                    problems.push(format!("listen.{b}: {y} collides with listen.{a} ({x})"));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                problems,
+            });
+        }
+        Ok(Config {
+            node_name,
+            trust_domain,
+            root_namespace,
+            mesh: MeshSource::File(base.join(raw.mesh.file)),
+            ca: CaSource::Builtin {
+                dir: base.join(raw.ca.builtin.dir),
+            },
+            cert_ttl,
+            listen,
+            redirect: raw.redirect.unwrap_or(Redirect::Tproxy),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/weft/weft.yaml"), text, None)
+    }
+
+    #[test]
+    fn defaults_fill_what_the_file_leaves_out() {
+        let c = parse("nodeName: n1\nmesh: {file: mesh.yaml}\nca: {builtin: {dir: ca}}\n").unwrap();
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.root_namespace, "istio-system");
+        assert_eq!(c.mesh, MeshSource::File("/etc/weft/mesh.yaml".into()));
+        assert_eq!(c.cert_ttl, Duration::from_secs(86400));
+        assert_eq!(c.listen.admin, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(c.listen.hbone, "0.0.0.0:15008".parse().unwrap());
+        assert_eq!(c.redirect, Redirect::Tproxy);
+    }
+
+    #[test]
+    fn node_name_from_the_environment_wins() {
+        let c = Config::parse(
+            Path::new("w.yaml"),
+            "nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\n",
+            Some("n9".into()),
+        )
+        .unwrap();
+        assert_eq!(c.node_name, "n9");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let e = parse(
+            "mesh: {file: m}\nca: {builtin: {dir: c}, certTtl: banana}\nlisten: {hbone: 0, admin: 'x:y', metrics: 70000}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "nodeName: required",
+            "ca.certTtl: \"banana\" is not a duration",
+            "listen.hbone: port 0 is not allowed",
+            "listen.admin: \"x:y\" is neither a port nor an address:port",
+            "listen.metrics: 70000 is not a port",
+        ] {
+            assert!(e.contains(needle), "{needle:?} missing in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_line() {
+        let e =
+            parse("nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\nlisten:\n  hbon: 1\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.starts_with("/etc/weft/weft.yaml:5: "), "{e}");
+        assert!(e.contains("unknown field `hbon`"), "{e}");
+    }
+
+    #[test]
+    fn colliding_listeners_are_refused() {
+        let e = parse(
+            "nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\nlisten: {metrics: 15001}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("listen.metrics: 0.0.0.0:15001 collides with listen.outbound"),
+            "{e}"
+        );
+    }
+}

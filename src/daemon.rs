@@ -1,0 +1,187 @@
+//! `weft run`: wires the parts together and owns their lifetime.
+//!
+//! Start-up order: CA (a bad CA fails start-up), state store and mesh source, certificate
+//! manager following the local identities of the state, then the admin servers. Shutdown:
+//! every task gets the same shutdown signal and is awaited. This module holds no logic of its
+//! own beyond that wiring; it is what `main.rs` and in-process tests call.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminContext};
+use crate::config::{CaSource, Config, MeshSource};
+use crate::identity::ca::BuiltinCa;
+use crate::identity::manager::CertManager;
+use crate::identity::{Identity, IdentityError};
+use crate::logging::LogControl;
+use crate::metrics::Metrics;
+use crate::source;
+use crate::state::StateStore;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The CA could not be loaded.
+    #[error("certificate authority: {0}")]
+    Ca(#[from] IdentityError),
+    /// An admin listener could not be started.
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    /// A start-up task failed unexpectedly.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A running daemon.
+pub struct Daemon {
+    /// The state store (read-only use outside).
+    pub store: Arc<StateStore>,
+    /// Workload certificates.
+    pub certs: Arc<CertManager>,
+    /// Bound admin, metrics and readiness addresses.
+    pub admin_addrs: [SocketAddr; 3],
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    admin: admin::AdminServers,
+}
+
+impl Daemon {
+    /// Starts every part; returns once the listeners are bound (not yet ready).
+    pub async fn start(config: Config, log: Arc<LogControl>) -> Result<Daemon, DaemonError> {
+        let config = Arc::new(config);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let ca = match &config.ca {
+            CaSource::Builtin { dir } => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || BuiltinCa::load(&dir))
+                    .await
+                    .map_err(|e| DaemonError::Internal(format!("CA load task: {e}")))??
+            }
+        };
+        let certs = CertManager::new(Arc::new(ca), config.cert_ttl);
+
+        let MeshSource::File(mesh_path) = &config.mesh;
+        let store = StateStore::new(mesh_path.display().to_string());
+        let mut tasks = Vec::new();
+
+        // Certificates follow the local enrolled ServiceAccounts of the state in force.
+        let (wanted_tx, wanted_rx) = watch::channel(BTreeSet::<Identity>::new());
+        tasks.push(follow_identities(
+            store.clone(),
+            config.clone(),
+            wanted_tx,
+            shutdown_rx.clone(),
+        ));
+        tasks.push(certs.run(wanted_rx, shutdown_rx.clone()));
+        tasks.push(source::file::spawn(
+            mesh_path.clone(),
+            store.clone(),
+            shutdown_rx.clone(),
+        ));
+
+        let metrics = Arc::new(Metrics::new(store.clone(), certs.clone()));
+        let ctx = Arc::new(AdminContext {
+            config: config.clone(),
+            store: store.clone(),
+            certs: certs.clone(),
+            log,
+            metrics,
+            shutdown: shutdown.clone(),
+        });
+        let admin = match admin::start(ctx, shutdown_rx) {
+            Ok(a) => a,
+            Err(e) => {
+                shutdown.send_replace(true);
+                for t in tasks {
+                    let _ = t.await;
+                }
+                return Err(e.into());
+            }
+        };
+        tracing::info!(
+            node = %config.node_name,
+            admin = %admin.addrs[0],
+            metrics = %admin.addrs[1],
+            readiness = %admin.addrs[2],
+            "weft started"
+        );
+        Ok(Daemon {
+            store,
+            certs,
+            admin_addrs: admin.addrs,
+            shutdown,
+            tasks,
+            admin,
+        })
+    }
+
+    /// A receiver that turns true when shutdown was requested (signal or `/quitquitquit`).
+    pub fn shutdown_requested(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Requests shutdown.
+    pub fn request_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Stops everything and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.send_replace(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let admin = self.admin;
+        let _ = tokio::task::spawn_blocking(move || admin.join()).await;
+        tracing::info!("weft stopped");
+    }
+}
+
+/// Keeps `wanted` equal to the local identities of the snapshot in force.
+fn follow_identities(
+    store: Arc<StateStore>,
+    config: Arc<Config>,
+    wanted: watch::Sender<BTreeSet<Identity>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let mut changes = store.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let ids = store
+                .snapshot()
+                .local_identities(&config.node_name, &config.trust_domain);
+            wanted.send_if_modified(|cur| {
+                if *cur == ids {
+                    false
+                } else {
+                    *cur = ids;
+                    true
+                }
+            });
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+            }
+        }
+    })
+}
+
+/// Runs the daemon until SIGTERM, SIGINT or `/quitquitquit`.
+pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), DaemonError> {
+    let daemon = Daemon::start(config, log).await?;
+    let mut requested = daemon.shutdown_requested();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {
+            tracing::info!("SIGTERM: shutting down")
+        }
+        _ = requested.wait_for(|s| *s) => {}
+    }
+    daemon.stop().await;
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! The process's tracing subscriber and the log level that `/logging` changes at runtime.
+//!
+//! Owns log formatting (text or JSON on stderr) and the filter. Access logs are events with
+//! the fixed target `access`, so the filter can route them (`access=off`).
+
+use std::sync::{Arc, Mutex};
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
+
+/// Output format of the logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The levels `/logging?level=` accepts, alone or as `target=level`.
+pub const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a filter: comma-separated `level` or `target=level` items, levels from [`LEVELS`].
+pub fn validate_filter(filter: &str) -> Result<(), String> {
+    let accepted = || {
+        format!(
+            "accepted: a level ({}) or comma-separated target=level items, e.g. `info,weft::proxy=debug`",
+            LEVELS.join(", ")
+        )
+    };
+    if filter.trim().is_empty() {
+        return Err(format!("empty log level; {}", accepted()));
+    }
+    for item in filter.split(',') {
+        let item = item.trim();
+        let (target, level) = match item.split_once('=') {
+            Some((t, l)) => (Some(t), l),
+            None => (None, item),
+        };
+        let target_ok = target.is_none_or(|t| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '-')
+        });
+        if !target_ok || !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!("invalid log level {item:?}; {}", accepted()));
+        }
+    }
+    Ok(())
+}
+
+type Setter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Reads and changes the active filter.
+pub struct LogControl {
+    current: Mutex<String>,
+    set: Setter,
+}
+
+impl LogControl {
+    /// A control that applies filters with `set` (tests pass a recorder).
+    pub fn new(initial: &str, set: Setter) -> LogControl {
+        LogControl {
+            current: Mutex::new(initial.to_string()),
+            set,
+        }
+    }
+
+    /// The filter in force.
+    pub fn current(&self) -> String {
+        self.current
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Validates and applies a new filter.
+    pub fn set(&self, filter: &str) -> Result<(), String> {
+        validate_filter(filter)?;
+        (self.set)(filter)?;
+        match self.current.lock() {
+            Ok(mut g) => *g = filter.to_string(),
+            Err(p) => *p.into_inner() = filter.to_string(),
+        }
+        Ok(())
+    }
+}
+
+/// Installs the global subscriber. The initial filter is `RUST_LOG` if set, else `info`.
+pub fn init(format: LogFormat) -> Arc<LogControl> {
+    let initial = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "info".to_string());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::<EnvFilter, Registry>::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => registry.with(fmt).try_init(),
+        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).try_init(),
+    };
+    Arc::new(LogControl::new(
+        &initial,
+        Box::new(move |f| {
+            let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_accept_levels_and_targets_only() {
+        for ok in ["info", "DEBUG", "warn,weft::proxy=trace", "access=off"] {
+            assert!(validate_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "loud", "weft=", "=info", "a b=info", "info,,debug"] {
+            let e = validate_filter(bad).unwrap_err();
+            assert!(
+                e.contains("accepted: a level (trace, debug, info, warn, error, off)"),
+                "{e}"
+            );
+        }
+    }
+}

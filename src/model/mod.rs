@@ -1,0 +1,223 @@
+//! The mesh as weft sees it: workloads, services and security policies.
+//!
+//! Pure data with no I/O. Sources (`k8s` for the mesh file, later xDS) translate their input
+//! into these types; [`crate::state`] indexes them. Policy types keep Istio's shape
+//! (`security.istio.io` v1/v1beta1) but every value is already parsed and validated, so later
+//! stages (authz) never see a malformed CIDR, port or match pattern.
+
+pub mod policy;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+pub use policy::{
+    AuthorizationPolicy, PeerAuthentication, Policy, PolicyKind, RequestAuthentication,
+};
+
+/// The label that enrolls a namespace (value `ambient`) or opts a pod out (value `none`).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+
+/// Whether weft captures a workload's traffic, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Enrollment {
+    /// The namespace is labelled `istio.io/dataplane-mode: ambient` and the pod did not opt out.
+    Enrolled,
+    /// The namespace is enrolled but the pod says `istio.io/dataplane-mode: none`.
+    OptedOut,
+    /// The namespace is not enrolled.
+    NotEnrolled,
+    /// The pod uses the node's network namespace; weft never captures such pods.
+    HostNetwork,
+}
+
+impl Enrollment {
+    /// Decides enrollment from the namespace's and the pod's labels, as Istio ambient does.
+    pub fn decide(
+        namespace_labels: &BTreeMap<String, String>,
+        pod_labels: &BTreeMap<String, String>,
+        host_network: bool,
+    ) -> Enrollment {
+        if host_network {
+            return Enrollment::HostNetwork;
+        }
+        let ns_ambient = namespace_labels
+            .get(DATAPLANE_MODE_LABEL)
+            .is_some_and(|v| v == "ambient");
+        let pod_mode = pod_labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
+        match (ns_ambient, pod_mode) {
+            (_, Some("none")) if ns_ambient => Enrollment::OptedOut,
+            (true, _) => Enrollment::Enrolled,
+            // A pod may enroll itself even where its namespace does not (Istio honours the pod
+            // label `ambient` as well).
+            (false, Some("ambient")) => Enrollment::Enrolled,
+            (false, _) => Enrollment::NotEnrolled,
+        }
+    }
+
+    /// True when weft captures this workload's traffic.
+    pub fn is_enrolled(self) -> bool {
+        self == Enrollment::Enrolled
+    }
+}
+
+/// A Kubernetes Namespace: only its labels matter to the mesh.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Namespace {
+    /// The namespace's name.
+    pub name: String,
+    /// Its labels (enrollment lives here).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A running pod: the unit that holds an identity and addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// Stable key: `Kubernetes//Pod/<namespace>/<name>` (the shape Istio uses).
+    pub uid: String,
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// ServiceAccount the pod runs as (`default` when unset).
+    pub service_account: String,
+    /// Node the pod is scheduled on (empty when not yet scheduled).
+    pub node: String,
+    /// All pod addresses (`status.podIPs`, dual-stack aware), primary first.
+    pub ips: Vec<IpAddr>,
+    /// Pod labels (policy selectors match these).
+    pub labels: BTreeMap<String, String>,
+    /// Named container ports, for Services whose `targetPort` is a name.
+    pub named_ports: BTreeMap<String, u16>,
+    /// Whether weft captures this pod.
+    pub enrollment: Enrollment,
+}
+
+impl Workload {
+    /// The uid Istio gives a Kubernetes pod.
+    pub fn pod_uid(namespace: &str, name: &str) -> String {
+        format!("Kubernetes//Pod/{namespace}/{name}")
+    }
+}
+
+/// A Service port and where it lands on the pods.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// Port name (may be empty for single-port services).
+    pub name: String,
+    /// The port clients connect to on the VIP.
+    pub port: u16,
+    /// Where the traffic goes on the endpoint.
+    pub target_port: TargetPort,
+}
+
+/// A Service's `targetPort`: a number, or the name of a container port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TargetPort {
+    /// A port number.
+    Number(u16),
+    /// A named container port, resolved per endpoint.
+    Named(String),
+}
+
+/// A Kubernetes Service: virtual IPs in front of the pods its selector picks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    /// Service name.
+    pub name: String,
+    /// Service namespace.
+    pub namespace: String,
+    /// Cluster IPs (empty for headless services).
+    pub vips: Vec<IpAddr>,
+    /// TCP ports.
+    pub ports: Vec<ServicePort>,
+    /// Label selector (empty: the service has no automatic endpoints).
+    pub selector: BTreeMap<String, String>,
+    /// Uids of the workloads behind the service, resolved from the selector.
+    pub endpoints: Vec<String>,
+}
+
+impl Service {
+    /// `<namespace>/<name>`, the key services are indexed by.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// True when every `selector` label is present in `labels` with the same value. An empty
+/// selector matches everything (Kubernetes' `matchLabels` semantics).
+pub fn selector_matches(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Everything one source knows about the mesh, before indexing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Mesh {
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Workloads (pods), in source order.
+    pub workloads: Vec<Workload>,
+    /// Services, in source order.
+    pub services: Vec<Service>,
+    /// Security policies, in source order.
+    pub policies: Vec<Policy>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn enrollment_follows_namespace_and_pod_labels() {
+        let ambient = labels(&[(DATAPLANE_MODE_LABEL, "ambient")]);
+        let plain = labels(&[]);
+        let none = labels(&[(DATAPLANE_MODE_LABEL, "none")]);
+        assert_eq!(
+            Enrollment::decide(&ambient, &plain, false),
+            Enrollment::Enrolled
+        );
+        assert_eq!(
+            Enrollment::decide(&ambient, &none, false),
+            Enrollment::OptedOut
+        );
+        assert_eq!(
+            Enrollment::decide(&plain, &plain, false),
+            Enrollment::NotEnrolled
+        );
+        assert_eq!(
+            Enrollment::decide(&plain, &ambient, false),
+            Enrollment::Enrolled
+        );
+        assert_eq!(
+            Enrollment::decide(&ambient, &plain, true),
+            Enrollment::HostNetwork
+        );
+    }
+
+    #[test]
+    fn empty_selector_matches_everything_and_others_need_every_label() {
+        let pod = labels(&[("app", "web"), ("tier", "front")]);
+        assert!(selector_matches(&labels(&[]), &pod));
+        assert!(selector_matches(&labels(&[("app", "web")]), &pod));
+        assert!(!selector_matches(
+            &labels(&[("app", "web"), ("x", "y")]),
+            &pod
+        ));
+    }
+}

@@ -1,0 +1,150 @@
+//! The mesh-file source: reads a Kubernetes-style YAML file, publishes it, and watches it.
+//!
+//! A valid change is published as the next generation; an invalid one is rejected whole with
+//! `file:line: message` and the snapshot in force stays. The watch uses inotify (via
+//! `notify`) on the file's directory, so editors that write a new file and rename it, and
+//! Kubernetes ConfigMap volumes that swap a symlink, are both seen; a slow poll backs it up
+//! in case an event is missed. Unchanged content is not republished.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+
+use crate::k8s;
+use crate::state::StateStore;
+
+/// How long to let a burst of file events settle before reading.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Fallback poll in case a file event is lost.
+const POLL: Duration = Duration::from_secs(5);
+
+/// Reads and parses `path`; the error text is what the status and logs show.
+pub fn read(path: &Path) -> Result<k8s::Parsed, String> {
+    let text = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let text =
+        String::from_utf8(text).map_err(|e| format!("{}: not UTF-8 text: {e}", path.display()))?;
+    k8s::parse_mesh(&path.display().to_string(), &text).map_err(|e| e.to_string())
+}
+
+/// The outcome of one load attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Loaded {
+    /// Published as this generation.
+    Published(u64),
+    /// Same content as in force; nothing published.
+    Unchanged,
+    /// Rejected; the previous snapshot stays.
+    Rejected,
+}
+
+/// Loads the file once into `store`, skipping content identical to `last`.
+/// `last` remembers the bytes of the previous attempt (`None`: no attempt yet; `Some(None)`:
+/// the file could not be read).
+pub async fn load_once(
+    path: &Path,
+    store: &StateStore,
+    last: &mut Option<Option<Vec<u8>>>,
+) -> Loaded {
+    let p = path.to_path_buf();
+    let result = tokio::task::spawn_blocking(move || {
+        let bytes = std::fs::read(&p).ok();
+        (bytes, read(&p))
+    })
+    .await;
+    let (bytes, parsed) = match result {
+        Ok(r) => r,
+        Err(e) => (
+            None,
+            Err(format!("{}: load task failed: {e}", path.display())),
+        ),
+    };
+    if last.as_ref() == Some(&bytes) {
+        return Loaded::Unchanged;
+    }
+    match parsed {
+        Ok(parsed) => {
+            let warnings: Vec<String> = parsed.warnings.iter().map(|w| w.to_string()).collect();
+            for w in &warnings {
+                tracing::warn!(target: "weft::config", "{w}");
+            }
+            let generation = store.publish(parsed.mesh, warnings);
+            tracing::info!(target: "weft::config", file = %path.display(), generation, "mesh loaded");
+            *last = Some(bytes);
+            Loaded::Published(generation)
+        }
+        Err(e) => {
+            tracing::error!(target: "weft::config", file = %path.display(), "mesh rejected, previous state stays in force:\n{e}");
+            store.reject(e);
+            // Remember the bad content too, so the poll does not report the same error again.
+            *last = Some(bytes);
+            Loaded::Rejected
+        }
+    }
+}
+
+/// Loads the file now, then keeps watching it until `shutdown` turns true.
+pub fn spawn(
+    path: PathBuf,
+    store: Arc<StateStore>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let file_name = path.file_name().map(|n| n.to_os_string());
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        // The watcher lives as long as this task.
+        let _watcher = {
+            let tx = tx.clone();
+            let name = file_name.clone();
+            let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+                if let Ok(ev) = ev {
+                    // Kubernetes ConfigMaps swap a `..data` symlink; accept those events too.
+                    let relevant = ev.paths.iter().any(|p| {
+                        p.file_name().map(|n| n.to_os_string()) == name
+                            || p.file_name()
+                                .is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                    });
+                    if relevant {
+                        let _ = tx.send(());
+                    }
+                }
+            });
+            match &mut w {
+                Ok(w) => {
+                    if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch mesh file directory; polling only");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot start file watcher; polling only"),
+            }
+            w.ok()
+        };
+        let mut last = None;
+        load_once(&path, &store, &mut last).await;
+        let mut poll = tokio::time::interval(POLL);
+        poll.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                Some(()) = rx.recv() => {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while rx.try_recv().is_ok() {}
+                    load_once(&path, &store, &mut last).await;
+                }
+                _ = poll.tick() => {
+                    load_once(&path, &store, &mut last).await;
+                }
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+    })
+}

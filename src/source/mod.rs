@@ -1,0 +1,4 @@
+//! Config sources: each turns its input into a [`crate::model::Mesh`] and publishes it to the
+//! [`crate::state::StateStore`]. A source never touches a socket of the data path.
+
+pub mod file;
