@@ -68,14 +68,19 @@ impl AdminContext {
             let st = self.store.status();
             return Err(match &st.last_error {
                 Some(e) => format!("mesh not loaded: {e}"),
-                None => "mesh not loaded yet".to_string(),
+                None => format!("mesh not loaded yet from {}", st.source),
             });
         }
         let snap = self.store.snapshot();
         let wanted = snap.local_identities(&self.config.node_name, &self.config.trust_domain);
         let missing: Vec<String> = wanted
             .iter()
-            .filter(|id| self.certs.get(id).is_none())
+            .filter(|id| {
+                // A certificate whose renewals kept failing past its expiry does not count.
+                self.certs
+                    .get(id)
+                    .is_none_or(|c| c.not_after <= SystemTime::now())
+            })
             .map(|id| id.to_string())
             .collect();
         if missing.is_empty() {

@@ -1,0 +1,176 @@
+//! The `weft` binary as a user runs it: `ca init`, `run` until ready and SIGTERM, `check`.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn weft() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weft"))
+}
+
+#[test]
+fn check_accepts_the_example_and_prints_file_line_for_each_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.yaml");
+    std::fs::write(&good, example_mesh()).unwrap();
+    let out = weft()
+        .args(["check", "--mesh"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ok: 2 namespaces, 5 pods (3 enrolled), 1 services, 2 policies"),
+        "{stdout}"
+    );
+
+    let bad = dir.path().join("bad.yaml");
+    let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {podIP: 10.0.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b}\nstatus:\n  podIP: 10.0.0.1\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  action: MAYBE\n";
+    std::fs::write(&bad, text).unwrap();
+    let out = weft().args(["check", "--mesh"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let name = bad.display().to_string();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with(&format!("{name}:16: spec.action: unknown variant `MAYBE`")),
+        "{stdout}"
+    );
+    assert_eq!(
+        lines[1],
+        format!("{name}:10: duplicate IP 10.0.0.1: Pod default/b and Pod default/a both claim it")
+    );
+
+    let out = weft()
+        .args(["check", "--mesh", "/nonexistent/mesh.yaml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/nonexistent/mesh.yaml: cannot read"));
+}
+
+#[test]
+fn ca_init_refuses_to_overwrite_an_existing_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    assert!(weft()
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .status()
+        .unwrap()
+        .success());
+    for f in [
+        "root-cert.pem",
+        "ca-cert.pem",
+        "ca-key.pem",
+        "cert-chain.pem",
+    ] {
+        assert!(ca.join(f).exists(), "{f} missing");
+    }
+    let out = weft()
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ca_init_then_run_turns_ready_and_sigterm_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    assert!(weft()
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .args(["--trust-domain", "cluster.local"])
+        .status()
+        .unwrap()
+        .success());
+    std::fs::write(dir.path().join("mesh.yaml"), example_mesh()).unwrap();
+    let ip = unique_loopback();
+    let config = format!(
+        "nodeName: node-1\nmesh: {{file: mesh.yaml}}\nca: {{builtin: {{dir: ca}}}}\nlisten:\n  outbound: {ip}:15001\n  inboundPlaintext: {ip}:15006\n  hbone: {ip}:15008\n  admin: {ip}:15000\n  metrics: {ip}:15020\n  readiness: {ip}:15021\nredirect: none\n"
+    );
+    std::fs::write(dir.path().join("weft.yaml"), config).unwrap();
+    let mut child = weft()
+        .args(["run", "--config"])
+        .arg(dir.path().join("weft.yaml"))
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready = std::net::SocketAddr::new(ip, 15021);
+    let start = Instant::now();
+    let mut ok = false;
+    while start.elapsed() < Duration::from_secs(20) {
+        if std::net::TcpStream::connect_timeout(&ready, Duration::from_millis(200)).is_ok()
+            && http(ready, "GET", "/healthz/ready").0 == 200
+        {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("ready after {:?}", start.elapsed());
+    let dump = get_json(std::net::SocketAddr::new(ip, 15000), "/config_dump");
+    assert_eq!(dump["certificates"].as_array().unwrap().len(), 2);
+    let pid = nix_pid(child.id());
+    kill_term(pid);
+    let status =
+        wait_timeout(&mut child, Duration::from_secs(10)).expect("did not exit on SIGTERM");
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(ok, "not ready; stderr:\n{stderr}");
+    assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
+    // JSON logs, one object per line.
+    let first = stderr.lines().next().unwrap();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(first).is_ok(),
+        "{first}"
+    );
+    assert!(stderr.contains("SIGTERM"), "{stderr}");
+}
+
+fn nix_pid(id: u32) -> i32 {
+    i32::try_from(id).unwrap()
+}
+
+fn kill_term(pid: i32) {
+    let st = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn wait_timeout(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    None
+}
