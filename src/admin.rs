@@ -56,6 +56,10 @@ pub struct AdminContext {
     pub log: Arc<LogControl>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
+    /// Live connections.
+    pub conns: Arc<crate::proxy::conntrack::ConnTable>,
+    /// The HBONE client pool.
+    pub pool: Arc<crate::proxy::pool::Pool>,
     /// Set to `true` to shut the daemon down (`/quitquitquit`).
     pub shutdown: watch::Sender<bool>,
 }
@@ -188,7 +192,7 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
         .collect()
 }
 
-const ADMIN_INDEX: &str = "weft admin endpoints:\n  GET  /config_dump\n  GET  /healthz/ready\n  GET  /logging            show the log filter\n  POST /logging?level=L    set it (GET with level= also sets)\n  POST /quitquitquit       drain and exit\n";
+const ADMIN_INDEX: &str = "weft admin endpoints:\n  GET  /config_dump\n  GET  /connections\n  GET  /healthz/ready\n  GET  /logging            show the log filter\n  POST /logging?level=L    set it (GET with level= also sets)\n  POST /quitquitquit       drain and exit\n";
 
 fn method_not_allowed(allowed: &str) -> Response<Body> {
     let mut r = text(
@@ -212,6 +216,17 @@ fn admin(ctx: &AdminContext, req: &Request<Incoming>) -> Response<Body> {
             _ => method_not_allowed("GET"),
         },
         "/healthz/ready" => ready(ctx, method),
+        "/connections" => match *method {
+            Method::GET => {
+                let conns = ctx.conns.list();
+                let views: Vec<_> = conns.iter().map(|c| c.view()).collect();
+                json_response(
+                    StatusCode::OK,
+                    &json!({ "connections": views, "pool": ctx.pool.view() }),
+                )
+            }
+            _ => method_not_allowed("GET"),
+        },
         "/logging" => {
             let q = query(req);
             match (method, q.get("level")) {

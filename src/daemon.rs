@@ -8,18 +8,24 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminContext};
-use crate::config::{CaSource, Config, MeshSource};
+use crate::config::{CaSource, Config, MeshSource, Redirect};
 use crate::identity::ca::BuiltinCa;
 use crate::identity::manager::CertManager;
 use crate::identity::{Identity, IdentityError};
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
+use crate::proxy::conntrack::ConnTable;
+use crate::proxy::pool::Pool;
+use crate::proxy::socket::SocketMode;
+use crate::proxy::{Listeners, Proxy, ProxyCtx};
 use crate::source;
 use crate::state::StateStore;
+use crate::tls::TlsConfigs;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +36,12 @@ pub enum DaemonError {
     /// An admin listener could not be started.
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    /// TLS configs could not be built from the trust roots.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// A data-path listener could not be started.
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
     /// A start-up task failed unexpectedly.
     #[error("internal error: {0}")]
     Internal(String),
@@ -46,7 +58,11 @@ pub struct Daemon {
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     admin: admin::AdminServers,
+    proxy: Proxy,
 }
+
+/// How long live connections may take to finish after SIGTERM.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 impl Daemon {
     /// Starts every part; returns once the listeners are bound (not yet ready).
@@ -84,21 +100,59 @@ impl Daemon {
         ));
 
         let metrics = Arc::new(Metrics::new(store.clone(), certs.clone()));
+        let mode = match config.redirect {
+            Redirect::Tproxy => SocketMode::Transparent,
+            Redirect::None => SocketMode::Plain,
+        };
+        let tls = Arc::new(TlsConfigs::new(certs.roots_der())?);
+        let pool = Pool::new(tls.clone(), mode, config.listen.hbone.port());
+        let conns = ConnTable::new(metrics.tcp.clone());
+        let proxy_ctx = Arc::new(ProxyCtx {
+            node: config.node_name.clone(),
+            trust_domain: config.trust_domain.clone(),
+            mode,
+            store: store.clone(),
+            certs: certs.clone(),
+            tls,
+            pool: pool.clone(),
+            conns: conns.clone(),
+        });
+        let listeners = Listeners {
+            outbound: config.listen.outbound,
+            inbound_plaintext: config.listen.inbound_plaintext,
+            hbone: config.listen.hbone,
+        };
+        let stop_tasks = |shutdown: &watch::Sender<bool>,
+                          tasks: Vec<tokio::task::JoinHandle<()>>| {
+            shutdown.send_replace(true);
+            async move {
+                for t in tasks {
+                    let _ = t.await;
+                }
+            }
+        };
+        let proxy = match Proxy::start(proxy_ctx, listeners, shutdown_rx.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                stop_tasks(&shutdown, tasks).await;
+                return Err(e.into());
+            }
+        };
         let ctx = Arc::new(AdminContext {
             config: config.clone(),
             store: store.clone(),
             certs: certs.clone(),
             log,
             metrics,
+            conns,
+            pool,
             shutdown: shutdown.clone(),
         });
         let admin = match admin::start(ctx, shutdown_rx) {
             Ok(a) => a,
             Err(e) => {
-                shutdown.send_replace(true);
-                for t in tasks {
-                    let _ = t.await;
-                }
+                stop_tasks(&shutdown, tasks).await;
+                proxy.drain(Duration::ZERO).await;
                 return Err(e.into());
             }
         };
@@ -116,6 +170,7 @@ impl Daemon {
             shutdown,
             tasks,
             admin,
+            proxy,
         })
     }
 
@@ -132,6 +187,7 @@ impl Daemon {
     /// Stops everything and waits for it.
     pub async fn stop(self) {
         self.shutdown.send_replace(true);
+        self.proxy.drain(DRAIN_GRACE).await;
         for t in self.tasks {
             let _ = t.await;
         }

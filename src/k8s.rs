@@ -791,8 +791,13 @@ impl Parser<'_> {
             .or(spec.service_account.clone())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".to_string());
+        let workload_name = owner_workload(&pod.metadata).unwrap_or_else(|| name.clone());
+        let (canonical_name, canonical_revision) = Workload::canonical(&labels, &workload_name);
         Some(Workload {
             uid: Workload::pod_uid(&namespace, &name),
+            workload_name,
+            canonical_name,
+            canonical_revision,
             name,
             namespace,
             service_account,
@@ -905,6 +910,20 @@ impl Parser<'_> {
     }
 }
 
+/// The workload a pod belongs to, from its controller owner: a ReplicaSet `web-7d9c6b5f4`
+/// is Deployment `web`'s (the pod-template hash is dropped), other owners name themselves.
+fn owner_workload(meta: &ObjectMeta) -> Option<String> {
+    let owners = meta.owner_references.as_deref().unwrap_or_default();
+    let owner = owners
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .or(owners.first())?;
+    Some(match (owner.kind.as_str(), owner.name.rsplit_once('-')) {
+        ("ReplicaSet", Some((deployment, hash))) if !hash.is_empty() => deployment.to_string(),
+        _ => owner.name.clone(),
+    })
+}
+
 /// Fills each Service's endpoints from its selector (same namespace, non-empty selector).
 pub fn resolve_endpoints(mesh: &mut Mesh) {
     for svc in &mut mesh.services {
@@ -981,6 +1000,18 @@ mod tests {
         assert_eq!(web.named_ports["http"], 8080);
         assert_eq!(web.labels["app"], "web");
         assert_eq!(web.enrollment, Enrollment::Enrolled);
+        assert_eq!(
+            web.workload_name, "web",
+            "the Deployment behind the ReplicaSet"
+        );
+        assert_eq!(
+            (web.canonical_name.as_str(), web.canonical_revision.as_str()),
+            ("web", "latest")
+        );
+        assert_eq!(
+            m.workloads[2].workload_name, "cart-0",
+            "no owner: the pod itself"
+        );
         assert_eq!(m.workloads[1].node, "node-2");
         assert_eq!(m.workloads[2].enrollment, Enrollment::OptedOut);
         assert_eq!(m.workloads[3].enrollment, Enrollment::NotEnrolled);

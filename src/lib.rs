@@ -16,5 +16,7 @@ pub mod k8s;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod proxy;
 pub mod source;
 pub mod state;
+pub mod tls;

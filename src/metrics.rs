@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -22,6 +24,65 @@ use crate::state::StateStore;
 /// The registry and the handles the data path updates.
 pub struct Metrics {
     registry: Registry,
+    /// Istio's TCP metrics.
+    pub tcp: TcpMetrics,
+}
+
+/// Istio's labels on TCP metrics (the subset weft knows; values are `unknown` when a side is
+/// outside the mesh, as in Istio).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` (outbound side) or `destination` (inbound side).
+    pub reporter: &'static str,
+    /// Source workload name.
+    pub source_workload: String,
+    /// Source workload namespace.
+    pub source_workload_namespace: String,
+    /// Source SPIFFE principal.
+    pub source_principal: String,
+    /// Source app label.
+    pub source_app: String,
+    /// Source canonical service.
+    pub source_canonical_service: String,
+    /// Source canonical revision.
+    pub source_canonical_revision: String,
+    /// Destination workload name.
+    pub destination_workload: String,
+    /// Destination workload namespace.
+    pub destination_workload_namespace: String,
+    /// Destination SPIFFE principal.
+    pub destination_principal: String,
+    /// Destination app label.
+    pub destination_app: String,
+    /// Destination canonical service.
+    pub destination_canonical_service: String,
+    /// Destination canonical revision.
+    pub destination_canonical_revision: String,
+    /// Destination service host (`name.namespace.svc.cluster.local`) when reached by VIP.
+    pub destination_service: String,
+    /// Destination service name.
+    pub destination_service_name: String,
+    /// Destination service namespace.
+    pub destination_service_namespace: String,
+    /// Always `tcp` at L4.
+    pub request_protocol: &'static str,
+    /// `-`, or a short reason flag when the connection failed.
+    pub response_flags: &'static str,
+    /// `mutual_tls` for HBONE, `unknown` for plaintext.
+    pub connection_security_policy: &'static str,
+}
+
+/// The counters of Istio's TCP telemetry.
+#[derive(Clone, Default)]
+pub struct TcpMetrics {
+    /// `istio_tcp_connections_opened_total`.
+    pub opened: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes_total`: bytes sent towards the client (the response direction).
+    pub sent_bytes: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total`: bytes received from the client.
+    pub received_bytes: Family<TcpLabels, Counter>,
 }
 
 impl fmt::Debug for Metrics {
@@ -36,7 +97,29 @@ impl Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ProcessCollector));
         registry.register_collector(Box::new(StateCollector { store, certs }));
-        Metrics { registry }
+        let tcp = TcpMetrics::default();
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register(
+            "tcp_connections_opened",
+            "Total TCP connections opened",
+            tcp.opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "Total TCP connections closed",
+            tcp.closed.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "Total bytes sent during response in case of a TCP connection",
+            tcp.sent_bytes.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "Total bytes received during request in case of a TCP connection",
+            tcp.received_bytes.clone(),
+        );
+        Metrics { registry, tcp }
     }
 
     /// Prometheus text exposition of every metric.

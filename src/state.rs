@@ -250,6 +250,9 @@ mod tests {
             labels: BTreeMap::from([("app".to_string(), name.to_string())]),
             named_ports: BTreeMap::new(),
             enrollment,
+            workload_name: name.into(),
+            canonical_name: name.into(),
+            canonical_revision: "latest".into(),
         }
     }
 

@@ -94,9 +94,36 @@ pub struct Workload {
     pub named_ports: BTreeMap<String, u16>,
     /// Whether weft captures this pod.
     pub enrollment: Enrollment,
+    /// The workload the pod belongs to (its Deployment, StatefulSet, ...; else the pod).
+    pub workload_name: String,
+    /// Istio's canonical service (`service.istio.io/canonical-name`, `app.kubernetes.io/name`,
+    /// `app`, else the workload name).
+    pub canonical_name: String,
+    /// Istio's canonical revision (`service.istio.io/canonical-revision`,
+    /// `app.kubernetes.io/version`, `version`, else `latest`).
+    pub canonical_revision: String,
 }
 
 impl Workload {
+    /// Istio's canonical service and revision from pod labels.
+    pub fn canonical(labels: &BTreeMap<String, String>, workload_name: &str) -> (String, String) {
+        let pick = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());
+        (
+            pick(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| workload_name.to_string()),
+            pick(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".to_string()),
+        )
+    }
+
     /// The uid Istio gives a Kubernetes pod.
     pub fn pod_uid(namespace: &str, name: &str) -> String {
         format!("Kubernetes//Pod/{namespace}/{name}")

@@ -1,0 +1,351 @@
+//! Live connections: what `/connections` lists, what the access log and Istio's TCP metrics
+//! report, and the handle that lets weft close a connection from outside (policy changes,
+//! drain).
+//!
+//! A connection is registered when weft has decided where it goes and removed when its
+//! [`ConnGuard`] drops; the drop writes one access-log event (target `access`) and updates
+//! the `istio_tcp_*` counters. Byte counts are live atomics, so `/connections` shows progress.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::Identity;
+use crate::metrics::{TcpLabels, TcpMetrics};
+use crate::model::Workload;
+
+/// Which side of the mesh this weft handles the connection on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Leaving a local pod (the source side).
+    Outbound,
+    /// Arriving at a local pod (the destination side).
+    Inbound,
+}
+
+/// How the bytes travel between the nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/2 CONNECT over mTLS.
+    Hbone,
+    /// Plain TCP.
+    Plain,
+    /// Handled inside this weft (same-node mesh traffic), identities known.
+    Local,
+}
+
+/// The workload facts the telemetry needs about one end.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Peer {
+    /// Pod name.
+    pub name: String,
+    /// Workload (Deployment...) name.
+    pub workload: String,
+    /// Namespace.
+    pub namespace: String,
+    /// `app` label.
+    pub app: String,
+    /// Canonical service.
+    pub canonical_service: String,
+    /// Canonical revision.
+    pub canonical_revision: String,
+}
+
+impl Peer {
+    /// The facts about a workload.
+    pub fn of(w: &Workload) -> Peer {
+        Peer {
+            name: w.name.clone(),
+            workload: w.workload_name.clone(),
+            namespace: w.namespace.clone(),
+            app: w.labels.get("app").cloned().unwrap_or_default(),
+            canonical_service: w.canonical_name.clone(),
+            canonical_revision: w.canonical_revision.clone(),
+        }
+    }
+}
+
+/// A service the destination was reached through (by its VIP).
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceRef {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+}
+
+/// Everything known about one connection when it is opened.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnMeta {
+    /// Outbound or inbound.
+    pub direction: Direction,
+    /// HBONE, plain or local.
+    pub protocol: Protocol,
+    /// The client's address.
+    pub src: SocketAddr,
+    /// The original destination.
+    pub dst: SocketAddr,
+    /// The client's identity, when known (mTLS or a local enrolled pod).
+    pub src_identity: Option<Identity>,
+    /// The server's identity, when the destination is in the mesh.
+    pub dst_identity: Option<Identity>,
+    /// Client workload, when in the mesh state.
+    pub src_workload: Option<Peer>,
+    /// Server workload, when in the mesh state.
+    pub dst_workload: Option<Peer>,
+    /// Service reached by VIP, if any.
+    pub service: Option<ServiceRef>,
+}
+
+/// One live connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// Unique id within this process.
+    pub id: u64,
+    /// What it is.
+    pub meta: ConnMeta,
+    /// Bytes from the client towards the server.
+    pub received: AtomicU64,
+    /// Bytes from the server towards the client.
+    pub sent: AtomicU64,
+    /// When it was opened.
+    pub started: Instant,
+    /// Cancelled to close the connection from outside.
+    pub close: CancellationToken,
+}
+
+/// The table of live connections.
+pub struct ConnTable {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Arc<Conn>>>,
+    metrics: TcpMetrics,
+}
+
+impl ConnTable {
+    /// An empty table reporting to `metrics`.
+    pub fn new(metrics: TcpMetrics) -> Arc<ConnTable> {
+        Arc::new(ConnTable {
+            next: AtomicU64::new(1),
+            live: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// Registers a connection; keep the guard for as long as it lives.
+    pub fn open(self: &Arc<Self>, meta: ConnMeta) -> ConnGuard {
+        let conn = Arc::new(Conn {
+            id: self.next.fetch_add(1, Ordering::Relaxed),
+            meta,
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            started: Instant::now(),
+            close: CancellationToken::new(),
+        });
+        let labels = labels(&conn.meta, "-");
+        self.metrics.opened.get_or_create(&labels).inc();
+        lock(&self.live).insert(conn.id, conn.clone());
+        ConnGuard {
+            table: self.clone(),
+            conn,
+            outcome: Outcome::Open,
+        }
+    }
+
+    /// The live connections, oldest first.
+    pub fn list(&self) -> Vec<Arc<Conn>> {
+        let mut v: Vec<_> = lock(&self.live).values().cloned().collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Closes every live connection (drain deadline reached).
+    pub fn close_all(&self) {
+        for c in lock(&self.live).values() {
+            c.close.cancel();
+        }
+    }
+
+    /// How many connections are live.
+    pub fn len(&self) -> usize {
+        lock(&self.live).len()
+    }
+
+    /// True when no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn labels(m: &ConnMeta, flags: &'static str) -> TcpLabels {
+    let unknown = || "unknown".to_string();
+    let s = m.src_workload.as_ref();
+    let d = m.dst_workload.as_ref();
+    let host = m
+        .service
+        .as_ref()
+        .map(|svc| format!("{}.{}.svc.cluster.local", svc.name, svc.namespace));
+    TcpLabels {
+        reporter: match m.direction {
+            Direction::Outbound => "source",
+            Direction::Inbound => "destination",
+        },
+        source_workload: s.map(|p| p.workload.clone()).unwrap_or_else(unknown),
+        source_workload_namespace: s.map(|p| p.namespace.clone()).unwrap_or_else(unknown),
+        source_principal: m
+            .src_identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_else(unknown),
+        source_app: s.map(|p| p.app.clone()).unwrap_or_else(unknown),
+        source_canonical_service: s
+            .map(|p| p.canonical_service.clone())
+            .unwrap_or_else(unknown),
+        source_canonical_revision: s
+            .map(|p| p.canonical_revision.clone())
+            .unwrap_or_else(unknown),
+        destination_workload: d.map(|p| p.workload.clone()).unwrap_or_else(unknown),
+        destination_workload_namespace: d.map(|p| p.namespace.clone()).unwrap_or_else(unknown),
+        destination_principal: m
+            .dst_identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_else(unknown),
+        destination_app: d.map(|p| p.app.clone()).unwrap_or_else(unknown),
+        destination_canonical_service: d
+            .map(|p| p.canonical_service.clone())
+            .unwrap_or_else(unknown),
+        destination_canonical_revision: d
+            .map(|p| p.canonical_revision.clone())
+            .unwrap_or_else(unknown),
+        destination_service: host.unwrap_or_else(unknown),
+        destination_service_name: m
+            .service
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_else(unknown),
+        destination_service_namespace: m
+            .service
+            .as_ref()
+            .map(|s| s.namespace.clone())
+            .unwrap_or_else(unknown),
+        request_protocol: "tcp",
+        response_flags: flags,
+        connection_security_policy: match m.protocol {
+            Protocol::Hbone | Protocol::Local => "mutual_tls",
+            Protocol::Plain => "unknown",
+        },
+    }
+}
+
+/// How a connection ended, for the access log.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Still open (a guard dropped in this state ended without a recorded outcome).
+    Open,
+    /// Both sides finished.
+    Closed,
+    /// Failed: the reason.
+    Failed(String),
+    /// Closed by weft from outside (drain, policy).
+    Killed(String),
+}
+
+/// Keeps a connection registered; dropping it logs and counts the close.
+pub struct ConnGuard {
+    table: Arc<ConnTable>,
+    conn: Arc<Conn>,
+    outcome: Outcome,
+}
+
+impl ConnGuard {
+    /// The connection.
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
+    /// Records how it ended.
+    pub fn set_outcome(&mut self, outcome: Outcome) {
+        self.outcome = outcome;
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        lock(&self.table.live).remove(&self.conn.id);
+        let c = &self.conn;
+        let m = &c.meta;
+        let received = c.received.load(Ordering::Relaxed);
+        let sent = c.sent.load(Ordering::Relaxed);
+        let (flags, error) = match &self.outcome {
+            Outcome::Open | Outcome::Closed => ("-", None),
+            Outcome::Failed(e) => ("UF", Some(e.as_str())),
+            Outcome::Killed(e) => ("DC", Some(e.as_str())),
+        };
+        let labels = labels(m, flags);
+        let mx = &self.table.metrics;
+        mx.closed.get_or_create(&labels).inc();
+        mx.received_bytes.get_or_create(&labels).inc_by(received);
+        mx.sent_bytes.get_or_create(&labels).inc_by(sent);
+        let id = |i: &Option<Identity>| i.as_ref().map(|i| i.to_string()).unwrap_or_default();
+        let name = |p: &Option<Peer>| {
+            p.as_ref()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .unwrap_or_default()
+        };
+        tracing::info!(
+            target: "access",
+            direction = ?m.direction,
+            protocol = ?m.protocol,
+            src.addr = %m.src,
+            src.workload = %name(&m.src_workload),
+            src.identity = %id(&m.src_identity),
+            dst.addr = %m.dst,
+            dst.workload = %name(&m.dst_workload),
+            dst.identity = %id(&m.dst_identity),
+            dst.service = %m.service.as_ref().map(|s| format!("{}/{}", s.namespace, s.name)).unwrap_or_default(),
+            bytes_received = received,
+            bytes_sent = sent,
+            duration_ms = c.started.elapsed().as_millis() as u64,
+            error = error.unwrap_or(""),
+            "connection closed"
+        );
+    }
+}
+
+/// `/connections` view of one connection.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnView<'a> {
+    id: u64,
+    #[serde(flatten)]
+    meta: &'a ConnMeta,
+    bytes_received: u64,
+    bytes_sent: u64,
+    age_secs: f64,
+}
+
+impl Conn {
+    /// The admin view.
+    pub fn view(&self) -> ConnView<'_> {
+        ConnView {
+            id: self.id,
+            meta: &self.meta,
+            bytes_received: self.received.load(Ordering::Relaxed),
+            bytes_sent: self.sent.load(Ordering::Relaxed),
+            age_secs: self.started.elapsed().as_secs_f64(),
+        }
+    }
+}

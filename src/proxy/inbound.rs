@@ -1,0 +1,383 @@
+//! Traffic arriving at local pods: HBONE on `:15008`, plaintext on `:15006`, and same-node
+//! mesh traffic handed over by the outbound side.
+//!
+//! All three end in [`deliver`]: the destination must be a local enrolled workload, weft
+//! connects to the app from the original client's address (so the app sees who connected)
+//! and relays. HBONE learns the client from its certificate; the `forwarded` header's address
+//! is believed only when it belongs to a workload with that same identity.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use super::conntrack::{ConnGuard, ConnMeta, Direction, Outcome, Peer, Protocol};
+use super::relay::{relay, RelayEnd};
+use super::socket;
+use super::ProxyCtx;
+use crate::identity::Identity;
+use crate::model::Workload;
+use crate::state::Snapshot;
+
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who the client is, as the inbound side can prove it.
+#[derive(Clone, Debug)]
+pub enum Client {
+    /// Authenticated by mTLS (HBONE) or by being a local enrolled pod (same-node path).
+    Mesh {
+        /// Its identity.
+        identity: Identity,
+        /// Its original address.
+        addr: SocketAddr,
+    },
+    /// Plaintext, unauthenticated.
+    Plaintext {
+        /// Its address.
+        addr: SocketAddr,
+    },
+}
+
+impl Client {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Client::Mesh { addr, .. } | Client::Plaintext { addr } => *addr,
+        }
+    }
+    fn identity(&self) -> Option<&Identity> {
+        match self {
+            Client::Mesh { identity, .. } => Some(identity),
+            Client::Plaintext { .. } => None,
+        }
+    }
+}
+
+/// Why an inbound connection was not delivered, and the HTTP status HBONE answers with.
+#[derive(Debug)]
+pub struct Refusal {
+    /// The status for HBONE.
+    pub status: StatusCode,
+    /// For logs.
+    pub reason: String,
+}
+
+fn refuse(status: StatusCode, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        reason: reason.into(),
+    }
+}
+
+/// The destination workload if `ip` is a local enrolled pod.
+pub fn local_destination<'a>(
+    ctx: &ProxyCtx,
+    snap: &'a Snapshot,
+    ip: IpAddr,
+) -> Result<&'a Workload, Refusal> {
+    match snap.workload_by_ip(ip) {
+        Some(w) if w.node == ctx.node && w.enrollment.is_enrolled() => Ok(w),
+        Some(w) => Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{ip} is {} on node {:?}, not a local enrolled workload",
+                w.uid, w.node
+            ),
+        )),
+        None => Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{ip} is not a known workload"),
+        )),
+    }
+}
+
+/// Connects to the app at `dst` from the client's address and registers the connection;
+/// the caller relays.
+async fn connect_app(
+    ctx: &ProxyCtx,
+    snap: &Snapshot,
+    client: &Client,
+    dst: SocketAddr,
+    protocol: Protocol,
+) -> Result<(TcpStream, ConnGuard), Refusal> {
+    let dst_w = local_destination(ctx, snap, dst.ip())?;
+    let dst_identity = ctx.identity_of(dst_w);
+    // (PeerAuthentication and AuthorizationPolicy are enforced here by the policy module.)
+    let app = socket::connect(dst, Some(client.addr().ip()), ctx.mode, APP_CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| {
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("connect to app {dst}: {e}"),
+            )
+        })?;
+    let guard = ctx.conns.open(ConnMeta {
+        direction: Direction::Inbound,
+        protocol,
+        src: client.addr(),
+        dst,
+        src_identity: client.identity().cloned(),
+        dst_identity,
+        src_workload: snap.workload_by_ip(client.addr().ip()).map(Peer::of),
+        dst_workload: Some(Peer::of(dst_w)),
+        service: None,
+    });
+    Ok((app, guard))
+}
+
+/// Relays between a client stream and the app. On failure the app side is reset here and
+/// `true` returned so the caller resets the client side (an HBONE stream resets itself when
+/// dropped unfinished).
+async fn pump<C>(
+    client: &mut C,
+    mut app: TcpStream,
+    mut guard: ConnGuard,
+    extra: Option<&ConnGuard>,
+) -> bool
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let conns: Vec<_> = std::iter::once(guard.conn().clone())
+        .chain(extra.map(|g| g.conn().clone()))
+        .collect();
+    let outcome = match relay(client, &mut app, &conns).await {
+        Ok(()) => Outcome::Closed,
+        Err(RelayEnd::Io(e)) => Outcome::Failed(e.to_string()),
+        Err(RelayEnd::Killed) => Outcome::Killed("closed by weft".into()),
+    };
+    let failed = !matches!(outcome, Outcome::Closed);
+    if failed {
+        socket::reset_on_close(&app);
+    }
+    guard.set_outcome(outcome);
+    failed
+}
+
+// === plaintext :15006 ===
+
+/// Handles one connection accepted on the plaintext inbound listener.
+pub async fn serve_plaintext(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
+    let Ok(dst) = client.local_addr() else { return };
+    let snap = ctx.store.snapshot();
+    let who = Client::Plaintext { addr: peer };
+    match connect_app(&ctx, &snap, &who, dst, Protocol::Plain).await {
+        Ok((app, guard)) => {
+            let mut client = client;
+            if pump(&mut client, app, guard, None).await {
+                socket::reset_on_close(&client);
+            }
+        }
+        Err(r) => {
+            tracing::info!(src = %peer, dst = %dst, reason = %r.reason, "plaintext inbound refused");
+            socket::reset_on_close(&client);
+        }
+    }
+}
+
+// === same-node ===
+
+/// Delivers same-node mesh traffic exactly as if it had arrived over HBONE.
+pub async fn serve_local(
+    ctx: Arc<ProxyCtx>,
+    mut client: TcpStream,
+    who: Client,
+    dst: SocketAddr,
+    outbound: ConnGuard,
+) -> Result<(), Refusal> {
+    let snap = ctx.store.snapshot();
+    let protocol = match who {
+        Client::Mesh { .. } => Protocol::Local,
+        Client::Plaintext { .. } => Protocol::Plain,
+    };
+    let (app, guard) = match connect_app(&ctx, &snap, &who, dst, protocol).await {
+        Ok(x) => x,
+        Err(r) => {
+            socket::reset_on_close(&client);
+            let mut outbound = outbound;
+            outbound.set_outcome(Outcome::Failed(r.reason.clone()));
+            return Err(r);
+        }
+    };
+    drop(snap);
+    let mut outbound = outbound;
+    if pump(&mut client, app, guard, Some(&outbound)).await {
+        socket::reset_on_close(&client);
+        outbound.set_outcome(Outcome::Failed("inbound side failed".into()));
+    } else {
+        outbound.set_outcome(Outcome::Closed);
+    }
+    Ok(())
+}
+
+// === HBONE :15008 ===
+
+/// Handles one TCP connection accepted on the HBONE listener: TLS as the destination
+/// workload, then HTTP/2 CONNECT streams.
+pub async fn serve_hbone(ctx: Arc<ProxyCtx>, tcp: TcpStream, peer: SocketAddr) {
+    let Ok(local) = tcp.local_addr() else { return };
+    let snap = ctx.store.snapshot();
+    let server_cert = match local_destination(&ctx, &snap, local.ip())
+        .ok()
+        .and_then(|w| ctx.identity_of(w))
+        .and_then(|id| ctx.certs.get(&id))
+    {
+        Some(c) => c,
+        None => {
+            tracing::info!(peer = %peer, local = %local, "HBONE connection to an address with no local workload certificate");
+            socket::reset_on_close(&tcp);
+            return;
+        }
+    };
+    drop(snap);
+    let cfg = match ctx.tls.server(&server_cert) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build TLS server config");
+            return;
+        }
+    };
+    let tls = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(cfg).accept(tcp),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::info!(peer = %peer, error = %e, "HBONE TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(peer = %peer, "HBONE TLS handshake timed out");
+            return;
+        }
+    };
+    let peer_id = match tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(crate::tls::identity_of)
+    {
+        Some(Ok(id)) => id,
+        Some(Err(e)) => {
+            tracing::info!(peer = %peer, error = %e, "HBONE client identity refused");
+            return;
+        }
+        None => {
+            tracing::info!(peer = %peer, "HBONE client presented no certificate");
+            return;
+        }
+    };
+    let span = tracing::debug_span!("hbone", peer = %peer, src.identity = %peer_id, dst.identity = %server_cert.identity);
+    let service = {
+        let ctx = ctx.clone();
+        let peer_id = peer_id.clone();
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let ctx = ctx.clone();
+            let peer_id = peer_id.clone();
+            async move { Ok::<_, Infallible>(handle_connect(ctx, req, peer_id, peer, local.ip()).await) }
+        })
+    };
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .initial_stream_window_size(super::pool::STREAM_WINDOW)
+        .initial_connection_window_size(super::pool::CONN_WINDOW)
+        .max_frame_size(super::pool::MAX_FRAME)
+        .max_concurrent_streams(super::pool::MAX_STREAMS as u32)
+        .serve_connection(TokioIo::new(tls), service);
+    if let Err(e) = conn.instrument(span).await {
+        tracing::debug!(peer = %peer, error = %e, "HBONE connection ended");
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+/// The address in `forwarded: for="ip:port"` (RFC 7239, as ztunnel sends it).
+fn forwarded_for(req: &Request<Incoming>) -> Option<SocketAddr> {
+    let v = req.headers().get("forwarded")?.to_str().ok()?;
+    v.split([';', ','])
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
+        .and_then(|(_, v)| v.trim().trim_matches('"').parse().ok())
+}
+
+async fn handle_connect(
+    ctx: Arc<ProxyCtx>,
+    mut req: Request<Incoming>,
+    peer_id: Identity,
+    peer: SocketAddr,
+    tunnel_ip: IpAddr,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(dst) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        tracing::info!(peer = %peer, uri = %req.uri(), "HBONE CONNECT without an IP:port authority");
+        return status(StatusCode::BAD_REQUEST);
+    };
+    if dst.ip() != tunnel_ip {
+        tracing::info!(peer = %peer, authority = %dst, tunnel = %tunnel_ip, "HBONE authority does not match the tunnel's destination");
+        return status(StatusCode::BAD_REQUEST);
+    }
+    let snap = ctx.store.snapshot();
+    // Believe the claimed client address only if it belongs to the authenticated identity.
+    let src = match forwarded_for(&req) {
+        Some(addr)
+            if snap
+                .workload_by_ip(addr.ip())
+                .and_then(|w| ctx.identity_of(w))
+                .as_ref()
+                == Some(&peer_id) =>
+        {
+            addr
+        }
+        _ => peer,
+    };
+    let who = Client::Mesh {
+        identity: peer_id,
+        addr: src,
+    };
+    let (app, guard) = match connect_app(&ctx, &snap, &who, dst, Protocol::Hbone).await {
+        Ok(x) => x,
+        Err(r) => {
+            tracing::info!(src = %src, dst = %dst, reason = %r.reason, "HBONE CONNECT refused");
+            return status(r.status);
+        }
+    };
+    drop(snap);
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(up) => {
+                let mut io = TokioIo::new(up);
+                pump(&mut io, app, guard, None).await;
+            }
+            Err(e) => {
+                socket::reset_on_close(&app);
+                let mut guard = guard;
+                guard.set_outcome(Outcome::Failed(format!("upgrade: {e}")));
+            }
+        }
+    });
+    status(StatusCode::OK)
+}

@@ -1,0 +1,171 @@
+//! The data path: the listeners on `:15001` (outbound), `:15006` (plaintext inbound) and
+//! `:15008` (HBONE inbound), the HBONE client pool, and connection tracking.
+//!
+//! Each accepted connection reads the state snapshot once and decides from it; nothing on
+//! the accept path takes a lock shared with the control plane. On shutdown the listeners
+//! stop accepting, live connections get a grace period to finish, then are closed.
+
+pub mod conntrack;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+pub mod relay;
+pub mod socket;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::identity::{CertManager, Identity};
+use crate::model::Workload;
+use crate::state::StateStore;
+use crate::tls::TlsConfigs;
+use conntrack::ConnTable;
+use pool::Pool;
+use socket::SocketMode;
+
+/// Errors starting the data path.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// What every connection handler reads.
+pub struct ProxyCtx {
+    /// This node's name.
+    pub node: String,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Socket mode (transparent when capturing).
+    pub mode: SocketMode,
+    /// The mesh state.
+    pub store: Arc<StateStore>,
+    /// Workload certificates.
+    pub certs: Arc<CertManager>,
+    /// TLS configs.
+    pub tls: Arc<TlsConfigs>,
+    /// HBONE client pool.
+    pub pool: Arc<Pool>,
+    /// Live connections.
+    pub conns: Arc<ConnTable>,
+}
+
+impl ProxyCtx {
+    /// The SPIFFE identity of a workload.
+    pub fn identity_of(&self, w: &Workload) -> Option<Identity> {
+        Identity::new(&self.trust_domain, &w.namespace, &w.service_account).ok()
+    }
+}
+
+/// The three listeners' addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct Listeners {
+    /// Outbound (15001).
+    pub outbound: SocketAddr,
+    /// Plaintext inbound (15006).
+    pub inbound_plaintext: SocketAddr,
+    /// HBONE inbound (15008).
+    pub hbone: SocketAddr,
+}
+
+/// The running data path.
+pub struct Proxy {
+    ctx: Arc<ProxyCtx>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Binds the listeners (a taken port fails here) and starts accepting until `shutdown`.
+    pub fn start(
+        ctx: Arc<ProxyCtx>,
+        listeners: Listeners,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Proxy, ProxyError> {
+        let bind = |what, addr| {
+            socket::listen(addr, ctx.mode).map_err(|source| ProxyError::Bind { what, addr, source })
+        };
+        let out = bind("outbound", listeners.outbound)?;
+        let plain = bind("inboundPlaintext", listeners.inbound_plaintext)?;
+        let hbone = bind("hbone", listeners.hbone)?;
+        let tasks = vec![
+            accept_loop(out, ctx.clone(), shutdown.clone(), outbound::serve_outbound),
+            accept_loop(
+                plain,
+                ctx.clone(),
+                shutdown.clone(),
+                inbound::serve_plaintext,
+            ),
+            accept_loop(hbone, ctx.clone(), shutdown.clone(), inbound::serve_hbone),
+            ctx.pool.spawn_reaper(shutdown),
+        ];
+        Ok(Proxy { ctx, tasks })
+    }
+
+    /// After shutdown was signalled: waits for the listeners to close, gives live
+    /// connections up to `grace` to finish, then closes the rest.
+    pub async fn drain(self, grace: Duration) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let conns = self.ctx.conns.clone();
+        let deadline = tokio::time::Instant::now() + grace;
+        while !conns.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !conns.is_empty() {
+            tracing::info!(
+                open = conns.len(),
+                "drain grace period over; closing connections"
+            );
+            conns.close_all();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            while !conns.is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        self.ctx.pool.clear();
+    }
+}
+
+fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    ctx: Arc<ProxyCtx>,
+    mut shutdown: watch::Receiver<bool>,
+    handler: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Arc<ProxyCtx>, tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        socket::tune_accepted(&stream);
+                        tokio::spawn(handler(ctx.clone(), stream, peer));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+            }
+        }
+    })
+}

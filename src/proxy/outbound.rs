@@ -1,0 +1,212 @@
+//! Traffic leaving local enrolled pods (`:15001`): find where it really goes, then tunnel it
+//! (HBONE to another node), hand it to the inbound side (same node), or pass it through.
+//!
+//! The original destination is the accepted socket's local address (TPROXY). A Service VIP
+//! is resolved here to one of its endpoints and the target port, since nothing else on a
+//! captured path will do it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::net::TcpStream;
+
+use super::conntrack::{ConnMeta, Direction, Outcome, Peer, Protocol, ServiceRef};
+use super::inbound::{self, Client};
+use super::pool::PoolKey;
+use super::relay::{relay, RelayEnd};
+use super::socket;
+use super::ProxyCtx;
+use crate::model::{Service, TargetPort, Workload};
+use crate::state::{Address, Snapshot};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a captured connection goes.
+#[derive(Debug)]
+pub struct Target<'a> {
+    /// The address to reach (an endpoint's for a VIP).
+    pub addr: SocketAddr,
+    /// The workload owning `addr`, if known.
+    pub workload: Option<&'a Workload>,
+    /// The Service reached through its VIP, if any.
+    pub service: Option<&'a Service>,
+}
+
+/// Why a connection has nowhere to go.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NoRoute(pub String);
+
+/// Resolves the original destination: a pod, a Service VIP (to an endpoint and target
+/// port), or something outside the mesh state (passed through as is).
+pub fn resolve(snap: &Snapshot, dst: SocketAddr) -> Result<Target<'_>, NoRoute> {
+    match snap.address(dst.ip()) {
+        Some(Address::Workload(w)) => Ok(Target {
+            addr: dst,
+            workload: Some(w),
+            service: None,
+        }),
+        Some(Address::Service(svc)) => {
+            let Some(port) = svc.ports.iter().find(|p| p.port == dst.port()) else {
+                return Err(NoRoute(format!(
+                    "service {}/{} has no port {}",
+                    svc.namespace,
+                    svc.name,
+                    dst.port()
+                )));
+            };
+            let candidates: Vec<(&Workload, SocketAddr)> = snap
+                .endpoints(svc)
+                .filter_map(|w| {
+                    let ip = *w.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4())?;
+                    let p = match &port.target_port {
+                        TargetPort::Number(p) => *p,
+                        TargetPort::Named(n) => *w.named_ports.get(n)?,
+                    };
+                    Some((w, SocketAddr::new(ip, p)))
+                })
+                .collect();
+            if candidates.is_empty() {
+                return Err(NoRoute(format!(
+                    "service {}/{} has no ready endpoint for port {}",
+                    svc.namespace,
+                    svc.name,
+                    dst.port()
+                )));
+            }
+            let (w, addr) = candidates[rand::rng().random_range(0..candidates.len())];
+            Ok(Target {
+                addr,
+                workload: Some(w),
+                service: Some(svc),
+            })
+        }
+        None => Ok(Target {
+            addr: dst,
+            workload: None,
+            service: None,
+        }),
+    }
+}
+
+/// Handles one connection accepted on the outbound listener.
+pub async fn serve_outbound(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
+    let Ok(dst) = client.local_addr() else { return };
+    let snap = ctx.store.snapshot();
+    let target = match resolve(&snap, dst) {
+        Ok(t) => t,
+        Err(NoRoute(why)) => {
+            tracing::info!(src = %peer, dst = %dst, reason = %why, "outbound refused");
+            socket::reset_on_close(&client);
+            return;
+        }
+    };
+    let src_w = snap
+        .workload_by_ip(peer.ip())
+        .filter(|w| w.node == ctx.node && w.enrollment.is_enrolled());
+    let src_id = src_w.and_then(|w| ctx.identity_of(w));
+    let dst_mesh = target.workload.filter(|w| w.enrollment.is_enrolled());
+    let meta = |protocol, dst_identity| ConnMeta {
+        direction: Direction::Outbound,
+        protocol,
+        src: peer,
+        dst: target.addr,
+        src_identity: src_id.clone(),
+        dst_identity,
+        src_workload: src_w.map(Peer::of),
+        dst_workload: target.workload.map(Peer::of),
+        service: target.service.map(|s| ServiceRef {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+        }),
+    };
+
+    // Same node, destination in the mesh: the inbound side takes it, as if via HBONE.
+    if let Some(w) = dst_mesh.filter(|w| w.node == ctx.node) {
+        let who = match &src_id {
+            Some(id) => Client::Mesh {
+                identity: id.clone(),
+                addr: peer,
+            },
+            None => Client::Plaintext { addr: peer },
+        };
+        let guard = ctx.conns.open(meta(Protocol::Local, ctx.identity_of(w)));
+        let addr = target.addr;
+        drop(snap);
+        if let Err(r) = inbound::serve_local(ctx.clone(), client, who, addr, guard).await {
+            tracing::info!(src = %peer, dst = %addr, reason = %r.reason, "same-node connection refused");
+        }
+        return;
+    }
+
+    // Another node, both ends in the mesh: HBONE.
+    if let (Some(src_id), Some(w)) = (&src_id, dst_mesh) {
+        let Some(dst_id) = ctx.identity_of(w) else {
+            socket::reset_on_close(&client);
+            return;
+        };
+        let Some(cert) = ctx.certs.get(src_id) else {
+            tracing::warn!(src = %peer, identity = %src_id, "no certificate yet for the source; refusing");
+            socket::reset_on_close(&client);
+            return;
+        };
+        let key = PoolKey {
+            src: src_id.clone(),
+            dst: dst_id.clone(),
+            dst_ip: target.addr.ip(),
+        };
+        let mut guard = ctx.conns.open(meta(Protocol::Hbone, Some(dst_id)));
+        let addr = target.addr;
+        drop(snap);
+        let mut client = client;
+        match ctx.pool.tunnel(&key, &cert, addr, peer).await {
+            Ok(mut tunnel) => {
+                let conns = [guard.conn().clone()];
+                match relay(&mut client, &mut tunnel.io, &conns).await {
+                    Ok(()) => guard.set_outcome(Outcome::Closed),
+                    Err(e) => {
+                        socket::reset_on_close(&client);
+                        guard.set_outcome(match e {
+                            RelayEnd::Io(e) => Outcome::Failed(e.to_string()),
+                            RelayEnd::Killed => Outcome::Killed("closed by weft".into()),
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::info!(src = %peer, dst = %addr, error = %e, "HBONE tunnel failed");
+                socket::reset_on_close(&client);
+                guard.set_outcome(Outcome::Failed(e.to_string()));
+            }
+        }
+        return;
+    }
+
+    // Anything else: plain TCP, from the client's own address.
+    let mut guard = ctx.conns.open(meta(Protocol::Plain, None));
+    let addr = target.addr;
+    drop(snap);
+    let mut client = client;
+    match socket::connect(addr, Some(peer.ip()), ctx.mode, CONNECT_TIMEOUT).await {
+        Ok(mut upstream) => {
+            let conns = [guard.conn().clone()];
+            match relay(&mut client, &mut upstream, &conns).await {
+                Ok(()) => guard.set_outcome(Outcome::Closed),
+                Err(e) => {
+                    socket::reset_on_close(&client);
+                    socket::reset_on_close(&upstream);
+                    guard.set_outcome(match e {
+                        RelayEnd::Io(e) => Outcome::Failed(e.to_string()),
+                        RelayEnd::Killed => Outcome::Killed("closed by weft".into()),
+                    });
+                }
+            }
+        }
+        Err(e) => {
+            tracing::info!(src = %peer, dst = %addr, error = %e, "passthrough connect failed");
+            socket::reset_on_close(&client);
+            guard.set_outcome(Outcome::Failed(e.to_string()));
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! The HBONE client: mTLS + HTTP/2 connections to other nodes' `:15008`, pooled, and the
+//! CONNECT streams opened on them.
+//!
+//! Invariants:
+//! - A pooled connection carries streams of one (source identity, destination identity,
+//!   destination IP) only: its TLS handshake proved exactly that pair, so a stream can never
+//!   ride on a connection authenticated as someone else.
+//! - At most [`MAX_STREAMS`] streams are open on one connection; a new connection is opened
+//!   when every pooled one is full, and only one task connects per key at a time, so a burst
+//!   of N streams opens about N / MAX_STREAMS connections, not N.
+//! - A connection with no streams for [`IDLE_TIMEOUT`] is dropped, which closes it.
+//! - A closed connection (peer gone, GOAWAY) is never handed out again.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+
+use super::socket::{self, SocketMode};
+use crate::identity::{Identity, IssuedCert};
+use crate::tls::TlsConfigs;
+
+/// Streams per pooled connection before another is opened.
+pub const MAX_STREAMS: usize = 100;
+/// Idle pooled connections are closed after this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// HTTP/2 flow-control window per stream: large enough for one stream to fill a fast link.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 flow-control window per connection.
+pub const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest HTTP/2 frame we accept (and so send, as the peer does the same).
+pub const MAX_FRAME: u32 = 256 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors opening a tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// TCP connect to the peer's HBONE port failed.
+    #[error("connect {addr}: {source}")]
+    Connect {
+        /// Peer HBONE address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (including a wrong server identity).
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls {
+        /// Peer HBONE address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// No TLS config could be built.
+    #[error(transparent)]
+    Config(#[from] crate::tls::TlsError),
+    /// HTTP/2 failed.
+    #[error("HTTP/2 with {addr}: {source}")]
+    Http {
+        /// Peer HBONE address.
+        addr: SocketAddr,
+        /// Why.
+        source: hyper::Error,
+    },
+    /// The peer answered the CONNECT with an error status.
+    #[error("CONNECT {authority} refused by {addr}: {status}")]
+    Refused {
+        /// Peer HBONE address.
+        addr: SocketAddr,
+        /// Requested destination.
+        authority: SocketAddr,
+        /// Its answer.
+        status: StatusCode,
+    },
+}
+
+/// What identifies a poolable connection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// Whose certificate the client presents.
+    pub src: Identity,
+    /// Whom the server must prove to be.
+    pub dst: Identity,
+    /// The destination workload's IP (the tunnel goes to `dst_ip:15008`).
+    pub dst_ip: IpAddr,
+}
+
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    active: AtomicUsize,
+    /// When `active` last dropped to zero.
+    idle_since: Mutex<Instant>,
+    created: Instant,
+    local: Option<SocketAddr>,
+}
+
+/// A CONNECT stream through a pooled connection; holding it keeps its stream slot.
+pub struct Tunnel {
+    /// The byte stream to the destination.
+    pub io: TokioIo<hyper::upgrade::Upgraded>,
+    _slot: Slot,
+}
+
+struct Slot(Arc<Pooled>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
+}
+
+/// `/connections` view of one pooled connection.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolView {
+    /// Source identity.
+    pub src_identity: String,
+    /// Destination identity.
+    pub dst_identity: String,
+    /// Peer HBONE address.
+    pub peer: SocketAddr,
+    /// Our end.
+    pub local: Option<SocketAddr>,
+    /// Open streams.
+    pub streams: usize,
+    /// Age in seconds.
+    pub age_secs: f64,
+}
+
+/// The pool of HBONE client connections.
+pub struct Pool {
+    tls: Arc<TlsConfigs>,
+    mode: SocketMode,
+    hbone_port: u16,
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+    connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pool {
+    /// A pool connecting to `<ip>:hbone_port`.
+    pub fn new(tls: Arc<TlsConfigs>, mode: SocketMode, hbone_port: u16) -> Arc<Pool> {
+        Arc::new(Pool {
+            tls,
+            mode,
+            hbone_port,
+            conns: Mutex::new(HashMap::new()),
+            connecting: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes a slot on a live pooled connection with room, if any.
+    fn pick(&self, key: &PoolKey) -> Option<Slot> {
+        let mut conns = lock(&self.conns);
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.sender.is_closed());
+        for c in list.iter() {
+            let n = c.active.load(Ordering::Acquire);
+            if n < MAX_STREAMS
+                && c.active
+                    .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Some(Slot(c.clone()));
+            }
+        }
+        None
+    }
+
+    /// Opens a CONNECT stream to `authority` (the original destination) through a pooled
+    /// connection for `key`, presenting `cert`; `forwarded_for` is the original client.
+    pub async fn tunnel(
+        &self,
+        key: &PoolKey,
+        cert: &IssuedCert,
+        authority: SocketAddr,
+        forwarded_for: SocketAddr,
+    ) -> Result<Tunnel, TunnelError> {
+        let slot = match self.pick(key) {
+            Some(s) => s,
+            None => {
+                let gate = lock(&self.connecting)
+                    .entry(key.clone())
+                    .or_default()
+                    .clone();
+                let _one_at_a_time = gate.lock().await;
+                match self.pick(key) {
+                    Some(s) => s,
+                    None => {
+                        let pooled = Arc::new(self.connect(key, cert).await?);
+                        pooled.active.store(1, Ordering::Release);
+                        lock(&self.conns)
+                            .entry(key.clone())
+                            .or_default()
+                            .push(pooled.clone());
+                        Slot(pooled)
+                    }
+                }
+            }
+        };
+        let addr = SocketAddr::new(key.dst_ip, self.hbone_port);
+        let mut sender = slot.0.sender.clone();
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .header("forwarded", format!("for=\"{forwarded_for}\""))
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| TunnelError::Connect {
+                addr,
+                source: std::io::Error::other(e),
+            })?;
+        sender
+            .ready()
+            .await
+            .map_err(|source| TunnelError::Http { addr, source })?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| TunnelError::Http { addr, source })?;
+        if resp.status() != StatusCode::OK {
+            return Err(TunnelError::Refused {
+                addr,
+                authority,
+                status: resp.status(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|source| TunnelError::Http { addr, source })?;
+        Ok(Tunnel {
+            io: TokioIo::new(upgraded),
+            _slot: slot,
+        })
+    }
+
+    async fn connect(&self, key: &PoolKey, cert: &IssuedCert) -> Result<Pooled, TunnelError> {
+        let addr = SocketAddr::new(key.dst_ip, self.hbone_port);
+        let tcp = socket::connect(addr, None, self.mode, CONNECT_TIMEOUT)
+            .await
+            .map_err(|source| TunnelError::Connect { addr, source })?;
+        let local = tcp.local_addr().ok();
+        let cfg = self.tls.client(cert, &key.dst)?;
+        let tls = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio_rustls::TlsConnector::from(cfg)
+                .connect(ServerName::IpAddress(key.dst_ip.into()), tcp),
+        )
+        .await
+        .map_err(|_| TunnelError::Tls {
+            addr,
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
+        })?
+        .map_err(|source| TunnelError::Tls { addr, source })?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| TunnelError::Http { addr, source })?;
+        let (src, dst) = (key.src.clone(), key.dst.clone());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %addr, src = %src, dst = %dst, error = %e, "HBONE connection ended");
+            }
+        });
+        tracing::debug!(peer = %addr, src = %key.src, dst = %key.dst, "HBONE connection opened");
+        Ok(Pooled {
+            sender,
+            active: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            created: Instant::now(),
+            local,
+        })
+    }
+
+    /// Drops connections idle for longer than `idle` and closed ones; returns how many remain.
+    pub fn reap(&self, idle: Duration) -> usize {
+        let mut conns = lock(&self.conns);
+        conns.retain(|_, list| {
+            list.retain(|c| {
+                let idle_for = lock(&c.idle_since).elapsed();
+                !c.sender.is_closed() && (c.active.load(Ordering::Acquire) > 0 || idle_for < idle)
+            });
+            !list.is_empty()
+        });
+        lock(&self.connecting).retain(|k, _| conns.contains_key(k));
+        conns.values().map(Vec::len).sum()
+    }
+
+    /// Runs [`Pool::reap`] periodically until `shutdown`.
+    pub fn spawn_reaper(
+        self: &Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { pool.reap(IDLE_TIMEOUT); }
+                    _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                }
+            }
+        })
+    }
+
+    /// Closes every pooled connection (streams in flight keep their connection alive until
+    /// they end).
+    pub fn clear(&self) {
+        lock(&self.conns).clear();
+    }
+
+    /// The pooled connections.
+    pub fn view(&self) -> Vec<PoolView> {
+        let conns = lock(&self.conns);
+        let mut out = Vec::new();
+        for (k, list) in conns.iter() {
+            for c in list {
+                if c.sender.is_closed() {
+                    continue;
+                }
+                out.push(PoolView {
+                    src_identity: k.src.to_string(),
+                    dst_identity: k.dst.to_string(),
+                    peer: SocketAddr::new(k.dst_ip, self.hbone_port),
+                    local: c.local,
+                    streams: c.active.load(Ordering::Acquire),
+                    age_secs: c.created.elapsed().as_secs_f64(),
+                });
+            }
+        }
+        out
+    }
+}

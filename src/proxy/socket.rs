@@ -1,0 +1,94 @@
+//! Sockets of the data path: transparent listeners, upstream connections that keep the
+//! original source address, and the mark that keeps weft's own traffic out of the capture.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// `SO_MARK` on every socket weft opens, so no rule can capture weft's own traffic (the
+/// value ztunnel uses, 1337, so rules written for either agree).
+pub const WEFT_MARK: u32 = 0x539;
+
+/// How the data path uses sockets: transparently (captured traffic, needs `CAP_NET_ADMIN`)
+/// or plainly (loopback tests and benches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketMode {
+    /// `IP_TRANSPARENT` listeners and source-preserving upstream connections.
+    Transparent,
+    /// Ordinary sockets.
+    Plain,
+}
+
+/// Binds a listener; in transparent mode it accepts connections for any destination that
+/// TPROXY sends it, and the accepted socket's local address is the original destination.
+pub fn listen(addr: SocketAddr, mode: SocketMode) -> io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if mode == SocketMode::Transparent {
+        set_transparent(&s, addr.ip())?;
+        s.set_mark(WEFT_MARK)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+fn set_transparent(s: &Socket, ip: IpAddr) -> io::Result<()> {
+    match ip {
+        IpAddr::V4(_) => s.set_ip_transparent_v4(true),
+        IpAddr::V6(_) => s.set_ip_transparent_v6(true),
+    }
+}
+
+/// Connects to `dst`; in transparent mode from `src_ip` (the original client's address, so
+/// the app sees who really connected), always with [`WEFT_MARK`].
+pub async fn connect(
+    dst: SocketAddr,
+    src_ip: Option<IpAddr>,
+    mode: SocketMode,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let s = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    {
+        let r = SockRef::from(&s);
+        if mode == SocketMode::Transparent {
+            r.set_mark(WEFT_MARK)?;
+            if let Some(ip) = src_ip.filter(|ip| ip.is_ipv4() == dst.is_ipv4()) {
+                set_transparent(&r, ip)?;
+                s.bind(SocketAddr::new(ip, 0))?;
+            }
+        }
+        r.set_tcp_nodelay(true)?;
+    }
+    match tokio::time::timeout(timeout, s.connect(dst)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {dst} timed out after {timeout:?}"),
+        )),
+    }
+}
+
+/// Makes the next close of `s` send a TCP RST instead of a FIN: used when the other side
+/// failed, so the client learns at once rather than seeing a clean end of stream.
+pub fn reset_on_close(s: &TcpStream) {
+    let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+/// Socket options for accepted data-path connections.
+pub fn tune_accepted(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+}

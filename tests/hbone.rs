@@ -1,0 +1,327 @@
+//! HBONE between a test client (weft's own pool) and a weft daemon on loopback: real TLS 1.3,
+//! real HTTP/2 CONNECT, real sockets; no root needed.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use support::*;
+use weft::identity::{BuiltinCa, CertificateAuthority, Identity, IssuedCert};
+use weft::proxy::pool::{Pool, PoolKey, TunnelError};
+use weft::proxy::socket::SocketMode;
+use weft::tls::TlsConfigs;
+
+struct Setup {
+    _node: NodeDir,
+    daemon: weft::daemon::Daemon,
+    server_ip: std::net::IpAddr,
+    client_ip: std::net::IpAddr,
+    ca: BuiltinCa,
+    pool: Arc<Pool>,
+}
+
+fn id(sa: &str) -> Identity {
+    Identity::new("cluster.local", "mesh", sa).unwrap()
+}
+
+fn mesh(server_ip: std::net::IpAddr, client_ip: std::net::IpAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: mesh, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: server, namespace: mesh}}\nspec: {{nodeName: node-b, serviceAccountName: server}}\nstatus: {{podIP: {server_ip}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: mesh}}\nspec: {{nodeName: node-a, serviceAccountName: client}}\nstatus: {{podIP: {client_ip}}}\n"
+    )
+}
+
+async fn setup() -> Setup {
+    let client_ip = unique_loopback();
+    let node = NodeDir::new("");
+    let server_ip = node.ip;
+    std::fs::write(node.mesh_path(), mesh(server_ip, client_ip)).unwrap();
+    let daemon = start(&node, "node-b").await;
+    assert!(wait_ready(node.readiness(), Duration::from_secs(10)).await);
+    let ca = BuiltinCa::load(&node.path("ca")).unwrap();
+    let tls = Arc::new(TlsConfigs::new(ca.roots_der()).unwrap());
+    let pool = Pool::new(tls, SocketMode::Plain, 15008);
+    Setup {
+        _node: node,
+        daemon,
+        server_ip,
+        client_ip,
+        ca,
+        pool,
+    }
+}
+
+impl Setup {
+    fn client_cert(&self) -> IssuedCert {
+        self.ca
+            .issue(&id("client"), Duration::from_secs(3600))
+            .unwrap()
+    }
+    fn key(&self, dst: &str) -> PoolKey {
+        PoolKey {
+            src: id("client"),
+            dst: id(dst),
+            dst_ip: self.server_ip,
+        }
+    }
+    fn app_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.server_ip, port)
+    }
+    fn from(&self) -> SocketAddr {
+        SocketAddr::new(self.client_ip, 40000)
+    }
+}
+
+/// An app that reads everything, then answers with `reply` bytes and closes.
+async fn sink_then_reply(listener: TcpListener, reply: usize) -> (usize, u64) {
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut n, mut sum) = (0usize, 0u64);
+    loop {
+        let r = s.read(&mut buf).await.unwrap();
+        if r == 0 {
+            break;
+        }
+        n += r;
+        sum = buf[..r]
+            .iter()
+            .fold(sum, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64));
+    }
+    let chunk = vec![7u8; 64 * 1024];
+    let mut left = reply;
+    while left > 0 {
+        let k = left.min(chunk.len());
+        s.write_all(&chunk[..k]).await.unwrap();
+        left -= k;
+    }
+    s.shutdown().await.unwrap();
+    (n, sum)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_carries_bytes_both_ways_and_honours_half_close() {
+    let s = setup().await;
+    let app = TcpListener::bind(s.app_addr(8080)).await.unwrap();
+    let server = tokio::spawn(sink_then_reply(app, 3 * 1024 * 1024 + 17));
+    let cert = s.client_cert();
+    let mut t = s
+        .pool
+        .tunnel(&s.key("server"), &cert, s.app_addr(8080), s.from())
+        .await
+        .unwrap();
+    let data: Vec<u8> = (0..8 * 1024 * 1024 + 3)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let expect = data
+        .iter()
+        .fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64));
+    t.io.write_all(&data).await.unwrap();
+    t.io.shutdown().await.unwrap(); // half-close: the app sees EOF, then replies
+    let mut back = Vec::new();
+    t.io.read_to_end(&mut back).await.unwrap();
+    let (n, sum) = server.await.unwrap();
+    assert_eq!((n, sum), (data.len(), expect));
+    assert_eq!(back.len(), 3 * 1024 * 1024 + 17);
+    assert!(back.iter().all(|&b| b == 7));
+    s.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_share_a_handful_of_connections() {
+    let s = setup().await;
+    let app = TcpListener::bind(s.app_addr(8081)).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut c, _) = app.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut b = [0u8; 4];
+                c.read_exact(&mut b).await.unwrap();
+                c.write_all(&b).await.unwrap();
+            });
+        }
+    });
+    let cert = Arc::new(s.client_cert());
+    let s = Arc::new(s);
+    let mut tunnels = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..150u32 {
+        let (s, cert) = (s.clone(), cert.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut t = s
+                .pool
+                .tunnel(&s.key("server"), &cert, s.app_addr(8081), s.from())
+                .await
+                .unwrap();
+            t.io.write_all(&i.to_be_bytes()).await.unwrap();
+            let mut b = [0u8; 4];
+            t.io.read_exact(&mut b).await.unwrap();
+            assert_eq!(u32::from_be_bytes(b), i);
+            t
+        }));
+    }
+    for t in tasks {
+        tunnels.push(t.await.unwrap());
+    }
+    let view = s.pool.view();
+    let streams: usize = view.iter().map(|c| c.streams).sum();
+    assert_eq!(streams, 150);
+    assert_eq!(view.len(), 2, "150 streams at 100 per connection: {view:?}");
+    drop(tunnels);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_refuses_a_server_that_is_not_the_expected_identity() {
+    let s = setup().await;
+    let cert = s.client_cert();
+    let err = match s
+        .pool
+        .tunnel(&s.key("someone-else"), &cert, s.app_addr(8082), s.from())
+        .await
+    {
+        Ok(_) => panic!("tunnel to an impostor succeeded"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, TunnelError::Tls { .. }), "{err}");
+    assert!(err.to_string().contains("secure naming: server is spiffe://cluster.local/ns/mesh/sa/server, expected spiffe://cluster.local/ns/mesh/sa/someone-else"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_a_client_from_another_trust_root() {
+    let s = setup().await;
+    let other = tempfile::tempdir().unwrap();
+    weft::identity::ca::init_dir(other.path(), "cluster.local").unwrap();
+    let rogue = BuiltinCa::load(other.path())
+        .unwrap()
+        .issue(&id("client"), Duration::from_secs(600))
+        .unwrap();
+    let err = match s
+        .pool
+        .tunnel(&s.key("server"), &rogue, s.app_addr(8083), s.from())
+        .await
+    {
+        Ok(_) => panic!("a client from another CA got through"),
+        Err(e) => e.to_string(),
+    };
+    // TLS 1.3: the client learns of the rejection on its first read after the handshake.
+    assert!(err.contains("TLS") || err.contains("HTTP/2"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_without_a_listening_app_answers_503() {
+    let s = setup().await;
+    let cert = s.client_cert();
+    let err = match s
+        .pool
+        .tunnel(&s.key("server"), &cert, s.app_addr(1), s.from())
+        .await
+    {
+        Ok(_) => panic!("tunnel to a closed port succeeded"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(
+            err,
+            TunnelError::Refused {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// A raw HTTP/2 client over the real mTLS, to send requests weft's own pool never sends.
+async fn raw(s: &Setup) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let cert = s.client_cert();
+    let tls = TlsConfigs::new(s.ca.roots_der()).unwrap();
+    let cfg = tls.client(&cert, &id("server")).unwrap();
+    let tcp = tokio::net::TcpStream::connect(SocketAddr::new(s.server_ip, 15008))
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::IpAddress(s.server_ip.into()), tcp)
+        .await
+        .unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_hbone_requests_get_clear_statuses() {
+    let s = setup().await;
+    let mut h2 = raw(&s).await;
+    let send = |method: Method, uri: String| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+
+    let r = h2
+        .send_request(send(Method::GET, format!("http://{}/", s.app_addr(8080))))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    // The authority must be the tunnel's own destination.
+    let r = h2
+        .send_request(send(Method::CONNECT, format!("{}:80", s.client_ip)))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // And a well-formed request still works on the same connection.
+    let app = TcpListener::bind(s.app_addr(8084)).await.unwrap();
+    tokio::spawn(async move { app.accept().await.unwrap() });
+    let r = h2
+        .send_request(send(Method::CONNECT, s.app_addr(8084).to_string()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_reset_reaches_the_client_promptly() {
+    let s = setup().await;
+    let app = TcpListener::bind(s.app_addr(8085)).await.unwrap();
+    tokio::spawn(async move {
+        let (c, _) = app.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Close with RST.
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(c);
+    });
+    let cert = s.client_cert();
+    let mut t = s
+        .pool
+        .tunnel(&s.key("server"), &cert, s.app_addr(8085), s.from())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(5), t.io.read(&mut buf))
+        .await
+        .expect("client not told within 5 s");
+    assert!(r.is_err() || r.unwrap() == 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+}
