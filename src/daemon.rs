@@ -23,6 +23,7 @@ use crate::proxy::conntrack::ConnTable;
 use crate::proxy::pool::Pool;
 use crate::proxy::socket::SocketMode;
 use crate::proxy::{Listeners, Proxy, ProxyCtx};
+use crate::redirect::{Ports as RedirectPorts, Redirector};
 use crate::source;
 use crate::state::StateStore;
 use crate::tls::TlsConfigs;
@@ -42,6 +43,9 @@ pub enum DaemonError {
     /// A data-path listener could not be started.
     #[error(transparent)]
     Proxy(#[from] crate::proxy::ProxyError),
+    /// The capture rules could not be installed.
+    #[error("traffic capture: {0}")]
+    Redirect(#[from] crate::redirect::RedirectError),
     /// A start-up task failed unexpectedly.
     #[error("internal error: {0}")]
     Internal(String),
@@ -59,6 +63,7 @@ pub struct Daemon {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     admin: admin::AdminServers,
     proxy: Proxy,
+    redirector: Option<Arc<Redirector>>,
 }
 
 /// How long live connections may take to finish after SIGTERM.
@@ -131,10 +136,47 @@ impl Daemon {
                 }
             }
         };
+        // Capture: rules first (a missing iptables or a refused rule fails start-up), kept
+        // in step with the state by a task.
+        let redirector = match config.redirect {
+            Redirect::None => None,
+            Redirect::Tproxy => {
+                let r = Arc::new(Redirector::new(RedirectPorts {
+                    outbound: listeners.outbound,
+                    inbound_plaintext: listeners.inbound_plaintext,
+                    hbone: listeners.hbone,
+                }));
+                let installer = r.clone();
+                let installed = tokio::task::spawn_blocking(move || installer.install())
+                    .await
+                    .map_err(|e| DaemonError::Internal(format!("redirect task: {e}")));
+                match installed {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        r.remove();
+                        stop_tasks(&shutdown, tasks).await;
+                        return Err(e.into());
+                    }
+                    Err(e) => {
+                        stop_tasks(&shutdown, tasks).await;
+                        return Err(e);
+                    }
+                }
+                tasks.push(r.clone().follow(
+                    store.clone(),
+                    config.node_name.clone(),
+                    shutdown_rx.clone(),
+                ));
+                Some(r)
+            }
+        };
         let proxy = match Proxy::start(proxy_ctx, listeners, shutdown_rx.clone()) {
             Ok(p) => p,
             Err(e) => {
                 stop_tasks(&shutdown, tasks).await;
+                if let Some(r) = redirector {
+                    r.remove();
+                }
                 return Err(e.into());
             }
         };
@@ -153,6 +195,9 @@ impl Daemon {
             Err(e) => {
                 stop_tasks(&shutdown, tasks).await;
                 proxy.drain(Duration::ZERO).await;
+                if let Some(r) = redirector {
+                    r.remove();
+                }
                 return Err(e.into());
             }
         };
@@ -171,6 +216,7 @@ impl Daemon {
             tasks,
             admin,
             proxy,
+            redirector,
         })
     }
 
@@ -193,6 +239,10 @@ impl Daemon {
         }
         let admin = self.admin;
         let _ = tokio::task::spawn_blocking(move || admin.join()).await;
+        if let Some(r) = self.redirector {
+            let _ = tokio::task::spawn_blocking(move || r.remove()).await;
+            tracing::info!("capture rules removed");
+        }
         tracing::info!("weft stopped");
     }
 }

@@ -17,6 +17,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod proxy;
+pub mod redirect;
 pub mod source;
 pub mod state;
 pub mod tls;

@@ -8,9 +8,11 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-/// `SO_MARK` on every socket weft opens, so no rule can capture weft's own traffic (the
-/// value ztunnel uses, 1337, so rules written for either agree).
-pub const WEFT_MARK: u32 = 0x539;
+/// `SO_MARK` on every socket weft opens, so rules can tell weft's own traffic apart. Bit 0
+/// must stay clear: it is the TPROXY mark, and a socket carrying it would have its own
+/// packets routed back to itself by the `fwmark 0x1/0x1 lookup 100` rule (ztunnel's 0x539
+/// has that bit set, which is why weft does not reuse it).
+pub const WEFT_MARK: u32 = 0x100;
 
 /// How the data path uses sockets: transparently (captured traffic, needs `CAP_NET_ADMIN`)
 /// or plainly (loopback tests and benches).

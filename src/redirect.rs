@@ -1,0 +1,383 @@
+//! Capture of local enrolled pods' traffic with iptables TPROXY (DESIGN §7).
+//!
+//! Owns the `WEFT_PRE` chain in the mangle table, the jump to it from `PREROUTING`, and the
+//! policy-routing rule that delivers marked packets locally. The whole chain is rewritten in
+//! one `iptables-restore --noflush` transaction whenever the set of local enrolled pods
+//! changes: declaring the chain in the restore input flushes it first, so a restart after a
+//! crash (or `kill -9`) never duplicates rules. Everything is removed on clean exit. IPv4
+//! only for now: pods' IPv6 addresses are not captured.
+//!
+//! Rule order matters: every pod's *outbound* rule (traffic coming from its veth) comes
+//! before any *inbound* rule (traffic to its IP), so pod-to-pod traffic on one node is taken
+//! by the sender's outbound rule, as it would be across nodes.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::state::StateStore;
+
+/// The mark TPROXY sets and the policy routing keys on.
+pub const TPROXY_MARK: &str = "0x1/0x1";
+/// The routing table holding the `local 0.0.0.0/0 dev lo` route.
+pub const ROUTE_TABLE: &str = "100";
+/// weft's chain in the mangle table.
+pub const CHAIN: &str = "WEFT_PRE";
+
+/// Errors programming the capture.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    /// A tool is missing or could not be run.
+    #[error("cannot run `{command}`: {source} (is iptables installed and is weft running with CAP_NET_ADMIN?)")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A command failed; its stderr says why.
+    #[error("`{command}` failed: {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its error output.
+        stderr: String,
+    },
+}
+
+/// Where TPROXY sends captured packets.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    /// Outbound listener.
+    pub outbound: SocketAddr,
+    /// Plaintext inbound listener.
+    pub inbound_plaintext: SocketAddr,
+    /// HBONE listener (its port is also the HBONE port on the wire).
+    pub hbone: SocketAddr,
+}
+
+/// One local enrolled pod: its address and the node-side interface its traffic enters by.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodRule {
+    /// The pod's IPv4 address.
+    pub ip: Ipv4Addr,
+    /// The host-side interface (found from the route to the pod).
+    pub veth: String,
+}
+
+fn on(addr: SocketAddr) -> String {
+    match addr.ip() {
+        IpAddr::V4(ip) if !ip.is_unspecified() => {
+            format!("--on-ip {ip} --on-port {}", addr.port())
+        }
+        _ => format!("--on-port {}", addr.port()),
+    }
+}
+
+/// The `iptables-restore` input for exactly these pods.
+pub fn rules(pods: &[PodRule], ports: &Ports) -> String {
+    let mut out = String::new();
+    out.push_str("*mangle\n");
+    out.push_str(&format!(":{CHAIN} - [0:0]\n"));
+    // Replies to weft's own transparent sockets: never re-captured, delivered locally.
+    out.push_str(&format!(
+        "-A {CHAIN} -p tcp -m socket --transparent -j MARK --set-mark {TPROXY_MARK}\n"
+    ));
+    out.push_str(&format!(
+        "-A {CHAIN} -m mark --mark {TPROXY_MARK} -j RETURN\n"
+    ));
+    for p in pods {
+        out.push_str(&format!(
+            "-A {CHAIN} -p tcp -i {} -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
+            p.veth,
+            on(ports.outbound)
+        ));
+    }
+    for p in pods {
+        out.push_str(&format!(
+            "-A {CHAIN} -p tcp -d {}/32 --dport {} ! -i {} -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
+            p.ip,
+            ports.hbone.port(),
+            p.veth,
+            on(ports.hbone)
+        ));
+        out.push_str(&format!(
+            "-A {CHAIN} -p tcp -d {}/32 ! -i {} -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
+            p.ip,
+            p.veth,
+            on(ports.inbound_plaintext)
+        ));
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, RedirectError> {
+    use std::io::Write;
+    let command = format!("{program} {}", args.join(" "));
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        });
+    let mut child = cmd.spawn().map_err(|source| RedirectError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|source| RedirectError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| RedirectError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(RedirectError::Failed {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The host-side interface towards `ip`, from the routing table (`ip route get`); the CNI
+/// names interfaces, so no naming scheme is assumed.
+pub fn interface_to(ip: Ipv4Addr) -> Option<String> {
+    let out = run("ip", &["-o", "route", "get", &ip.to_string()], None).ok()?;
+    if out.contains(" via ") {
+        // Routed elsewhere: not a pod on this node.
+        return None;
+    }
+    let mut words = out.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "dev" {
+            return words.next().map(str::to_string);
+        }
+    }
+    None
+}
+
+/// Programs and removes the capture rules.
+pub struct Redirector {
+    ports: Ports,
+}
+
+impl Redirector {
+    /// A redirector sending captured traffic to `ports`.
+    pub fn new(ports: Ports) -> Redirector {
+        Redirector { ports }
+    }
+
+    /// Installs the chain (with no pods yet), the jump to it and the policy routing; checks
+    /// on the way that the tools exist and the kernel takes the rules.
+    pub fn install(&self) -> Result<(), RedirectError> {
+        self.apply(&[])?;
+        if run(
+            "iptables",
+            &["-w", "-t", "mangle", "-C", "PREROUTING", "-j", CHAIN],
+            None,
+        )
+        .is_err()
+        {
+            run(
+                "iptables",
+                &["-w", "-t", "mangle", "-I", "PREROUTING", "1", "-j", CHAIN],
+                None,
+            )?;
+        }
+        let rules = run("ip", &["-4", "rule", "show"], None)?;
+        if !rules.contains(&format!("fwmark {TPROXY_MARK} lookup {ROUTE_TABLE}")) {
+            run(
+                "ip",
+                &[
+                    "-4",
+                    "rule",
+                    "add",
+                    "fwmark",
+                    TPROXY_MARK,
+                    "lookup",
+                    ROUTE_TABLE,
+                ],
+                None,
+            )?;
+        }
+        run(
+            "ip",
+            &[
+                "-4",
+                "route",
+                "replace",
+                "local",
+                "0.0.0.0/0",
+                "dev",
+                "lo",
+                "table",
+                ROUTE_TABLE,
+            ],
+            None,
+        )?;
+        Ok(())
+    }
+
+    /// Rewrites the chain for exactly `pods`, in one transaction.
+    pub fn apply(&self, pods: &[PodRule]) -> Result<(), RedirectError> {
+        run(
+            "iptables-restore",
+            &["-w", "5", "--noflush"],
+            Some(&rules(pods, &self.ports)),
+        )?;
+        Ok(())
+    }
+
+    /// Removes everything [`Redirector::install`] added; missing pieces are not an error.
+    pub fn remove(&self) {
+        while run(
+            "iptables",
+            &["-w", "-t", "mangle", "-D", "PREROUTING", "-j", CHAIN],
+            None,
+        )
+        .is_ok()
+        {}
+        let _ = run("iptables", &["-w", "-t", "mangle", "-F", CHAIN], None);
+        let _ = run("iptables", &["-w", "-t", "mangle", "-X", CHAIN], None);
+        while run(
+            "ip",
+            &[
+                "-4",
+                "rule",
+                "del",
+                "fwmark",
+                TPROXY_MARK,
+                "lookup",
+                ROUTE_TABLE,
+            ],
+            None,
+        )
+        .is_ok()
+        {}
+        let _ = run("ip", &["-4", "route", "flush", "table", ROUTE_TABLE], None);
+    }
+
+    /// Keeps the rules equal to the local enrolled pods of the state in force, until
+    /// `shutdown`. Pods whose interface is not there yet are retried.
+    pub fn follow(
+        self: Arc<Self>,
+        store: Arc<StateStore>,
+        node: String,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut changes = store.subscribe();
+        tokio::spawn(async move {
+            let mut applied: Option<Vec<PodRule>> = None;
+            loop {
+                let snap = store.snapshot();
+                let ips: Vec<Ipv4Addr> = snap
+                    .local_enrolled(&node)
+                    .flat_map(|w| w.ips.iter())
+                    .filter_map(|ip| match ip {
+                        IpAddr::V4(v4) => Some(*v4),
+                        IpAddr::V6(_) => None,
+                    })
+                    .collect();
+                drop(snap);
+                let me = self.clone();
+                let (desired, missing) = tokio::task::spawn_blocking(move || {
+                    let mut found = BTreeMap::new();
+                    let mut missing = Vec::new();
+                    for ip in ips {
+                        match interface_to(ip) {
+                            Some(veth) => {
+                                found.insert(ip, veth);
+                            }
+                            None => missing.push(ip),
+                        }
+                    }
+                    let desired: Vec<PodRule> = found
+                        .into_iter()
+                        .map(|(ip, veth)| PodRule { ip, veth })
+                        .collect();
+                    (desired, missing)
+                })
+                .await
+                .unwrap_or_default();
+                if !missing.is_empty() {
+                    tracing::warn!(pods = ?missing, "no local interface for these enrolled pods yet; retrying");
+                }
+                if applied.as_ref() != Some(&desired) {
+                    let rules = desired.clone();
+                    let result = tokio::task::spawn_blocking(move || me.apply(&rules)).await;
+                    match result {
+                        Ok(Ok(())) => {
+                            tracing::info!(pods = desired.len(), "capture rules updated");
+                            applied = Some(desired);
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "capture rules rejected; previous rules stay")
+                        }
+                        Err(e) => tracing::error!(error = %e, "capture rule task failed"),
+                    }
+                }
+                let retry = if missing.is_empty() {
+                    Duration::from_secs(30)
+                } else {
+                    Duration::from_secs(1)
+                };
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbound_rules_come_before_inbound_rules_and_target_the_listeners() {
+        let ports = Ports {
+            outbound: "0.0.0.0:15001".parse().unwrap(),
+            inbound_plaintext: "0.0.0.0:15006".parse().unwrap(),
+            hbone: "127.0.0.1:15008".parse().unwrap(),
+        };
+        let pods = [
+            PodRule {
+                ip: "10.0.0.1".parse().unwrap(),
+                veth: "va".into(),
+            },
+            PodRule {
+                ip: "10.0.0.2".parse().unwrap(),
+                veth: "vb".into(),
+            },
+        ];
+        let text = rules(&pods, &ports);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "*mangle");
+        assert_eq!(lines[1], ":WEFT_PRE - [0:0]");
+        assert!(lines[2].contains("-m socket --transparent -j MARK --set-mark 0x1/0x1"));
+        assert!(lines[3].contains("--mark 0x1/0x1 -j RETURN"));
+        assert_eq!(lines[4], "-A WEFT_PRE -p tcp -i va -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15001 --tproxy-mark 0x1/0x1");
+        assert!(lines[5].contains("-i vb "));
+        assert_eq!(lines[6], "-A WEFT_PRE -p tcp -d 10.0.0.1/32 --dport 15008 ! -i va -m conntrack --ctdir ORIGINAL -j TPROXY --on-ip 127.0.0.1 --on-port 15008 --tproxy-mark 0x1/0x1");
+        assert_eq!(lines[7], "-A WEFT_PRE -p tcp -d 10.0.0.1/32 ! -i va -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15006 --tproxy-mark 0x1/0x1");
+        assert_eq!(*lines.last().unwrap(), "COMMIT");
+        assert_eq!(lines.len(), 11);
+    }
+}
