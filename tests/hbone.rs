@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -242,7 +240,7 @@ async fn a_destination_without_a_listening_app_answers_503() {
 }
 
 /// A raw HTTP/2 client over the real mTLS, to send requests weft's own pool never sends.
-async fn raw(s: &Setup) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+async fn raw(s: &Setup) -> h2::client::SendRequest<Bytes> {
     let cert = s.client_cert();
     let tls = TlsConfigs::new(s.ca.roots_der()).unwrap();
     let cfg = tls.client(&cert, &id("server")).unwrap();
@@ -253,45 +251,40 @@ async fn raw(s: &Setup) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>>
         .connect(ServerName::IpAddress(s.server_ip.into()), tcp)
         .await
         .unwrap();
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
+    let (sender, conn) = h2::client::handshake(stream).await.unwrap();
     tokio::spawn(conn);
     sender
+}
+
+async fn status_of(
+    h2: &mut h2::client::SendRequest<Bytes>,
+    method: Method,
+    uri: String,
+) -> StatusCode {
+    let req = Request::builder().method(method).uri(uri).body(()).unwrap();
+    let (resp, _send) = h2.send_request(req, false).unwrap();
+    resp.await.unwrap().status()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_hbone_requests_get_clear_statuses() {
     let s = setup().await;
     let mut h2 = raw(&s).await;
-    let send = |method: Method, uri: String| {
-        Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(Empty::<Bytes>::new())
-            .unwrap()
-    };
-
-    let r = h2
-        .send_request(send(Method::GET, format!("http://{}/", s.app_addr(8080))))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let st = status_of(
+        &mut h2,
+        Method::GET,
+        format!("http://{}/", s.app_addr(8080)),
+    )
+    .await;
+    assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
     // The authority must be the tunnel's own destination.
-    let r = h2
-        .send_request(send(Method::CONNECT, format!("{}:80", s.client_ip)))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let st = status_of(&mut h2, Method::CONNECT, format!("{}:80", s.client_ip)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
     // And a well-formed request still works on the same connection.
     let app = TcpListener::bind(s.app_addr(8084)).await.unwrap();
     tokio::spawn(async move { app.accept().await.unwrap() });
-    let r = h2
-        .send_request(send(Method::CONNECT, s.app_addr(8084).to_string()))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    let st = status_of(&mut h2, Method::CONNECT, s.app_addr(8084).to_string()).await;
+    assert_eq!(st, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,21 +6,20 @@
 //! and relays. HBONE learns the client from its certificate; the `forwarded` header's address
 //! is believed only when it belongs to a workload with that same identity.
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::conntrack::{ConnGuard, ConnMeta, Direction, Outcome, Peer, Protocol};
+use super::h2io::H2Io;
 use super::relay::{relay, RelayEnd};
 use super::socket;
 use super::ProxyCtx;
@@ -279,37 +278,63 @@ pub async fn serve_hbone(ctx: Arc<ProxyCtx>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     let span = tracing::debug_span!("hbone", peer = %peer, src.identity = %peer_id, dst.identity = %server_cert.identity);
-    let service = {
-        let ctx = ctx.clone();
-        let peer_id = peer_id.clone();
-        hyper::service::service_fn(move |req: Request<Incoming>| {
-            let ctx = ctx.clone();
-            let peer_id = peer_id.clone();
-            async move { Ok::<_, Infallible>(handle_connect(ctx, req, peer_id, peer, local.ip()).await) }
-        })
-    };
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(hyper_util::rt::TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .initial_stream_window_size(super::pool::STREAM_WINDOW)
+    serve_h2(ctx, tls, peer_id, peer, local.ip())
+        .instrument(span)
+        .await;
+}
+
+async fn serve_h2<T>(
+    ctx: Arc<ProxyCtx>,
+    io: T,
+    peer_id: Identity,
+    peer: SocketAddr,
+    tunnel_ip: IpAddr,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = match h2::server::Builder::new()
+        .initial_window_size(super::pool::STREAM_WINDOW)
         .initial_connection_window_size(super::pool::CONN_WINDOW)
         .max_frame_size(super::pool::MAX_FRAME)
         .max_concurrent_streams(super::pool::MAX_STREAMS as u32)
-        .serve_connection(TokioIo::new(tls), service);
-    if let Err(e) = conn.instrument(span).await {
-        tracing::debug!(peer = %peer, error = %e, "HBONE connection ended");
+        .handshake::<_, Bytes>(io)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(error = %e, "HBONE HTTP/2 handshake failed");
+            return;
+        }
+    };
+    while let Some(next) = conn.accept().await {
+        match next {
+            Ok((req, respond)) => {
+                let ctx = ctx.clone();
+                let peer_id = peer_id.clone();
+                tokio::spawn(
+                    handle_connect(ctx, req, respond, peer_id, peer, tunnel_ip).in_current_span(),
+                );
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "HBONE connection ended");
+                return;
+            }
+        }
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn reply(
+    respond: &mut SendResponse<Bytes>,
+    code: StatusCode,
+    end: bool,
+) -> Option<SendStream<Bytes>> {
+    let mut r = Response::new(());
     *r.status_mut() = code;
-    r
+    respond.send_response(r, end).ok()
 }
 
 /// The address in `forwarded: for="ip:port"` (RFC 7239, as ztunnel sends it).
-fn forwarded_for(req: &Request<Incoming>) -> Option<SocketAddr> {
+fn forwarded_for(req: &Request<RecvStream>) -> Option<SocketAddr> {
     let v = req.headers().get("forwarded")?.to_str().ok()?;
     v.split([';', ','])
         .filter_map(|kv| kv.trim().split_once('='))
@@ -319,13 +344,15 @@ fn forwarded_for(req: &Request<Incoming>) -> Option<SocketAddr> {
 
 async fn handle_connect(
     ctx: Arc<ProxyCtx>,
-    mut req: Request<Incoming>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     peer_id: Identity,
     peer: SocketAddr,
     tunnel_ip: IpAddr,
-) -> Response<Empty<Bytes>> {
+) {
     if req.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+        reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED, true);
+        return;
     }
     let Some(dst) = req
         .uri()
@@ -333,11 +360,13 @@ async fn handle_connect(
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
     else {
         tracing::info!(peer = %peer, uri = %req.uri(), "HBONE CONNECT without an IP:port authority");
-        return status(StatusCode::BAD_REQUEST);
+        reply(&mut respond, StatusCode::BAD_REQUEST, true);
+        return;
     };
     if dst.ip() != tunnel_ip {
         tracing::info!(peer = %peer, authority = %dst, tunnel = %tunnel_ip, "HBONE authority does not match the tunnel's destination");
-        return status(StatusCode::BAD_REQUEST);
+        reply(&mut respond, StatusCode::BAD_REQUEST, true);
+        return;
     }
     let snap = ctx.store.snapshot();
     // Believe the claimed client address only if it belongs to the authenticated identity.
@@ -361,23 +390,17 @@ async fn handle_connect(
         Ok(x) => x,
         Err(r) => {
             tracing::info!(src = %src, dst = %dst, reason = %r.reason, "HBONE CONNECT refused");
-            return status(r.status);
+            reply(&mut respond, r.status, true);
+            return;
         }
     };
     drop(snap);
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match upgrade.await {
-            Ok(up) => {
-                let mut io = TokioIo::new(up);
-                pump(&mut io, app, guard, None).await;
-            }
-            Err(e) => {
-                socket::reset_on_close(&app);
-                let mut guard = guard;
-                guard.set_outcome(Outcome::Failed(format!("upgrade: {e}")));
-            }
-        }
-    });
-    status(StatusCode::OK)
+    let Some(send) = reply(&mut respond, StatusCode::OK, false) else {
+        socket::reset_on_close(&app);
+        return;
+    };
+    let mut io = H2Io::new(send, req.into_body());
+    if pump(&mut io, app, guard, None).await {
+        io.reset();
+    }
 }

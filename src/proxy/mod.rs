@@ -6,6 +6,7 @@
 //! stop accepting, live connections get a grace period to finish, then are closed.
 
 pub mod conntrack;
+pub mod h2io;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;

@@ -167,6 +167,7 @@ pub async fn serve_outbound(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketA
                     Ok(()) => guard.set_outcome(Outcome::Closed),
                     Err(e) => {
                         socket::reset_on_close(&client);
+                        tunnel.io.reset();
                         guard.set_outcome(match e {
                             RelayEnd::Io(e) => Outcome::Failed(e.to_string()),
                             RelayEnd::Killed => Outcome::Killed("closed by weft".into()),

@@ -17,13 +17,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::AtomicBool;
+
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use serde::Serialize;
+
+use super::h2io::H2Io;
 
 use super::socket::{self, SocketMode};
 use crate::identity::{Identity, IssuedCert};
@@ -69,7 +71,7 @@ pub enum TunnelError {
         /// Peer HBONE address.
         addr: SocketAddr,
         /// Why.
-        source: hyper::Error,
+        source: h2::Error,
     },
     /// The peer answered the CONNECT with an error status.
     #[error("CONNECT {authority} refused by {addr}: {status}")]
@@ -95,7 +97,9 @@ pub struct PoolKey {
 }
 
 struct Pooled {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Set by the connection task when the connection ended.
+    closed: Arc<AtomicBool>,
     active: AtomicUsize,
     /// When `active` last dropped to zero.
     idle_since: Mutex<Instant>,
@@ -103,10 +107,16 @@ struct Pooled {
     local: Option<SocketAddr>,
 }
 
+impl Pooled {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
 /// A CONNECT stream through a pooled connection; holding it keeps its stream slot.
 pub struct Tunnel {
     /// The byte stream to the destination.
-    pub io: TokioIo<hyper::upgrade::Upgraded>,
+    pub io: H2Io,
     _slot: Slot,
 }
 
@@ -167,7 +177,7 @@ impl Pool {
     fn pick(&self, key: &PoolKey) -> Option<Slot> {
         let mut conns = lock(&self.conns);
         let list = conns.get_mut(key)?;
-        list.retain(|c| !c.sender.is_closed());
+        list.retain(|c| !c.is_closed());
         for c in list.iter() {
             let n = c.active.load(Ordering::Acquire);
             if n < MAX_STREAMS
@@ -213,22 +223,26 @@ impl Pool {
             }
         };
         let addr = SocketAddr::new(key.dst_ip, self.hbone_port);
-        let mut sender = slot.0.sender.clone();
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(authority.to_string())
             .header("forwarded", format!("for=\"{forwarded_for}\""))
-            .body(Empty::<Bytes>::new())
+            .body(())
             .map_err(|e| TunnelError::Connect {
                 addr,
                 source: std::io::Error::other(e),
             })?;
-        sender
+        let mut sender = slot
+            .0
+            .sender
+            .clone()
             .ready()
             .await
             .map_err(|source| TunnelError::Http { addr, source })?;
-        let resp = sender
-            .send_request(req)
+        let (response, send) = sender
+            .send_request(req, false)
+            .map_err(|source| TunnelError::Http { addr, source })?;
+        let resp = response
             .await
             .map_err(|source| TunnelError::Http { addr, source })?;
         if resp.status() != StatusCode::OK {
@@ -238,11 +252,8 @@ impl Pool {
                 status: resp.status(),
             });
         }
-        let upgraded = hyper::upgrade::on(resp)
-            .await
-            .map_err(|source| TunnelError::Http { addr, source })?;
         Ok(Tunnel {
-            io: TokioIo::new(upgraded),
+            io: H2Io::new(send, resp.into_body()),
             _slot: slot,
         })
     }
@@ -265,26 +276,26 @@ impl Pool {
             source: std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
         })?
         .map_err(|source| TunnelError::Tls { addr, source })?;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tls))
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| TunnelError::Http { addr, source })?;
-        let (src, dst) = (key.src.clone(), key.dst.clone());
+        let closed = Arc::new(AtomicBool::new(false));
+        let (src, dst, done) = (key.src.clone(), key.dst.clone(), closed.clone());
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(peer = %addr, src = %src, dst = %dst, error = %e, "HBONE connection ended");
             }
+            done.store(true, Ordering::Release);
         });
         tracing::debug!(peer = %addr, src = %key.src, dst = %key.dst, "HBONE connection opened");
         Ok(Pooled {
             sender,
+            closed,
             active: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
             created: Instant::now(),
@@ -298,7 +309,7 @@ impl Pool {
         conns.retain(|_, list| {
             list.retain(|c| {
                 let idle_for = lock(&c.idle_since).elapsed();
-                !c.sender.is_closed() && (c.active.load(Ordering::Acquire) > 0 || idle_for < idle)
+                !c.is_closed() && (c.active.load(Ordering::Acquire) > 0 || idle_for < idle)
             });
             !list.is_empty()
         });
@@ -335,7 +346,7 @@ impl Pool {
         let mut out = Vec::new();
         for (k, list) in conns.iter() {
             for c in list {
-                if c.sender.is_closed() {
+                if c.is_closed() {
                     continue;
                 }
                 out.push(PoolView {

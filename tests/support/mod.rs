@@ -2,6 +2,8 @@
 //! daemon started in-process on a temporary directory.
 #![allow(dead_code)]
 
+pub mod mesh;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,435 @@
+//! The data path in network namespaces: two nodes, routed pods, one weft per node with real
+//! iptables/TPROXY capture, HBONE across the underlay. Needs root (skipped with a reason
+//! outside CI; required in CI).
+
+mod support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use support::mesh::*;
+
+const MIB: usize = 1024 * 1024;
+
+fn standard() -> Option<MeshEnv> {
+    MeshEnv::start(
+        2,
+        &[("shop", true), ("legacy", false)],
+        &[
+            pod("a", 1, "shop"),
+            pod("b", 1, "shop"),
+            pod("c", 2, "shop"),
+            pod("x", 1, "legacy"),
+            pod("y", 2, "legacy"),
+        ],
+        &[SvcSpec {
+            name: "c-svc",
+            namespace: "shop",
+            vip: "10.96.0.10",
+            port: 80,
+            target_port: 8080,
+            app: "c",
+        }],
+    )
+}
+
+fn addr(env: &MeshEnv, pod: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(env.pod(pod).ip), port)
+}
+
+/// One exchange of `len` bytes each way; checks both hashes and the peer address the server saw.
+fn check_path(
+    env: &MeshEnv,
+    from: &str,
+    to: &str,
+    dst: SocketAddr,
+    port: u16,
+    len: usize,
+    seed: u64,
+) {
+    let up = pattern(seed, len);
+    let down = pattern(seed + 1, len);
+    let server = serve_once(env.pod(to), port, down.clone());
+    let started = Instant::now();
+    let back = exchange(env.pod(from), dst, up.clone()).unwrap_or_else(|e| {
+        panic!(
+            "{from} -> {to} via {dst}: {e}\nnode-1 log:\n{}\nnode-2 log:\n{}",
+            env.log(1),
+            env.log(2)
+        )
+    });
+    let served = server.join().unwrap();
+    eprintln!(
+        "{from} -> {to} via {dst}: {} MiB each way in {:?}",
+        len / MIB,
+        started.elapsed()
+    );
+    assert_eq!(
+        (served.received_len, served.received_hash),
+        (up.len(), hash(&up)),
+        "{from} -> {to}: request bytes"
+    );
+    assert_eq!(
+        (back.len(), hash(&back)),
+        (down.len(), hash(&down)),
+        "{from} -> {to}: response bytes"
+    );
+    assert_eq!(
+        served.peer.ip(),
+        IpAddr::V4(env.pod(from).ip),
+        "{from} -> {to}: the app must see the client pod's IP"
+    );
+}
+
+#[test]
+fn traffic_arrives_intact_on_every_path() {
+    let Some(env) = standard() else { return };
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    check_path(&env, "a", "c", addr(&env, "c", 8080), 8080, 64 * MIB, 1); // across nodes, HBONE
+    check_path(&env, "a", "b", addr(&env, "b", 8081), 8081, 64 * MIB, 3); // same node, mesh
+    check_path(&env, "a", "c", vip, 8080, 64 * MIB, 5); // Service VIP → endpoint, HBONE
+    check_path(&env, "a", "y", addr(&env, "y", 8082), 8082, 64 * MIB, 7); // enrolled → outside the mesh
+    check_path(&env, "y", "a", addr(&env, "a", 8083), 8083, 64 * MIB, 9); // outside → enrolled (plaintext inbound)
+    check_path(&env, "x", "b", addr(&env, "b", 8084), 8084, 64 * MIB, 11); // same node, outside → enrolled
+
+    // Both nodes reported the HBONE connections with Istio's metric names and labels.
+    let (_, m1) = env
+        .bed
+        .node(1)
+        .ns
+        .http_get("127.0.0.1:15020".parse().unwrap(), "/metrics")
+        .unwrap();
+    let (_, m2) = env
+        .bed
+        .node(2)
+        .ns
+        .http_get("127.0.0.1:15020".parse().unwrap(), "/metrics")
+        .unwrap();
+    for (m, reporter) in [(&m1, "source"), (&m2, "destination")] {
+        let total: u64 = m
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains(&format!("reporter=\"{reporter}\""))
+                    && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/a\"")
+                    && l.contains("destination_principal=\"spiffe://cluster.local/ns/shop/sa/c\"")
+                    && l.contains("connection_security_policy=\"mutual_tls\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(
+            total, 2,
+            "two connections a -> c (direct and via the VIP), {reporter} side:\n{m}"
+        );
+    }
+    assert!(m1.contains("istio_tcp_sent_bytes_total{"), "{m1}");
+    assert!(
+        m1.contains("destination_service=\"c-svc.shop.svc.cluster.local\""),
+        "{m1}"
+    );
+    // One access log line per closed connection.
+    assert!(env.log(1).contains("connection closed"), "{}", env.log(1));
+}
+
+#[test]
+fn mesh_traffic_is_encrypted_on_the_underlay_and_other_traffic_is_not() {
+    let Some(env) = standard() else { return };
+    let capture = env.bed.capture_underlay(1, "underlay.pcap").unwrap();
+    let secret = b"MESH-SECRET-0123456789-do-not-leak".repeat(64);
+    let open = b"PLAIN-MARKER-9876543210-visible".repeat(64);
+    let s = serve_once(env.pod("c"), 9000, secret.clone());
+    exchange(env.pod("a"), addr(&env, "c", 9000), secret.clone()).unwrap();
+    s.join().unwrap();
+    let s = serve_once(env.pod("y"), 9001, open.clone());
+    exchange(env.pod("a"), addr(&env, "y", 9001), open.clone()).unwrap();
+    s.join().unwrap();
+    let pcap = capture.stop().unwrap();
+    assert!(
+        pcap.len() > 10_000,
+        "the capture saw the traffic ({} bytes)",
+        pcap.len()
+    );
+    assert!(
+        !weft_testbed::contains(&pcap, b"MESH-SECRET-0123456789"),
+        "plaintext of mesh traffic on the underlay"
+    );
+    assert!(
+        weft_testbed::contains(&pcap, b"PLAIN-MARKER-9876543210"),
+        "the check can fail: plain traffic is visible"
+    );
+}
+
+#[test]
+fn two_hundred_connections_share_a_handful_of_tunnels() {
+    let Some(env) = standard() else { return };
+    let c = env.pod("c");
+    let listener =
+        c.ns.tcp_listen(SocketAddr::new(IpAddr::V4(c.ip), 9100))
+            .unwrap();
+    let server = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for _ in 0..200 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).unwrap();
+            s.write_all(&b).unwrap();
+            held.push(s);
+        }
+        held
+    });
+    let mut clients = Vec::new();
+    let dst = addr(&env, "c", 9100);
+    let a = env.pod("a").ns.clone();
+    let handles: Vec<_> = (0..200u64)
+        .map(|i| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let mut s = a.tcp_connect(dst, Duration::from_secs(10)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                s.write_all(&i.to_be_bytes()).unwrap();
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b).unwrap();
+                assert_eq!(u64::from_be_bytes(b), i);
+                s
+            })
+        })
+        .collect();
+    for h in handles {
+        clients.push(h.join().unwrap());
+    }
+    let held = server.join().unwrap();
+    let v = env.admin_json(1, "/connections");
+    let pool = v["pool"].as_array().unwrap();
+    let streams: u64 = pool.iter().map(|p| p["streams"].as_u64().unwrap()).sum();
+    assert_eq!(streams, 200, "{v}");
+    assert!(
+        (2..=4).contains(&pool.len()),
+        "200 streams over {} connections: {v:#}",
+        pool.len()
+    );
+    let outbound = v["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["protocol"] == "hbone")
+        .count();
+    assert_eq!(outbound, 200);
+    drop(clients);
+    drop(held);
+}
+
+#[test]
+fn the_node_and_pods_outside_the_mesh_are_not_captured() {
+    let Some(env) = standard() else { return };
+    // node-1 itself → enrolled pod a (kubelet probes): works, weft does not see it.
+    let a = env.pod("a");
+    let listener =
+        a.ns.tcp_listen(SocketAddr::new(IpAddr::V4(a.ip), 9200))
+            .unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).unwrap();
+        s.write_all(b"pong!").unwrap();
+        (peer, s)
+    });
+    let mut s = env
+        .bed
+        .node(1)
+        .ns
+        .tcp_connect(addr(&env, "a", 9200), Duration::from_secs(5))
+        .unwrap();
+    s.write_all(b"ping!").unwrap();
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong!");
+    let (peer, _held) = t.join().unwrap();
+    assert_eq!(
+        peer.ip(),
+        IpAddr::V4(env.bed.node(1).underlay_ip),
+        "the node's own address"
+    );
+    let v = env.admin_json(1, "/connections");
+    assert_eq!(
+        v["connections"].as_array().unwrap().len(),
+        0,
+        "node traffic was captured: {v}"
+    );
+
+    // x (node-1) → y (node-2), both outside the mesh: plain routing, no weft.
+    let y = env.pod("y");
+    let listener =
+        y.ns.tcp_listen(SocketAddr::new(IpAddr::V4(y.ip), 9201))
+            .unwrap();
+    let t = std::thread::spawn(move || listener.accept().unwrap());
+    let _c = env
+        .pod("x")
+        .ns
+        .tcp_connect(addr(&env, "y", 9201), Duration::from_secs(5))
+        .unwrap();
+    let (_s, peer) = t.join().unwrap();
+    assert_eq!(peer.ip(), IpAddr::V4(env.pod("x").ip));
+    for node in [1, 2] {
+        let v = env.admin_json(node, "/connections");
+        assert_eq!(
+            v["connections"].as_array().unwrap().len(),
+            0,
+            "node-{node} captured traffic between pods outside the mesh: {v}"
+        );
+    }
+}
+
+fn rules_for(rules: &[String], veth: &str, ip: std::net::Ipv4Addr) -> usize {
+    rules
+        .iter()
+        .filter(|r| r.contains(&format!("-i {veth} ")) || r.contains(&format!("-d {ip}/32 ")))
+        .count()
+}
+
+#[test]
+fn capture_rules_follow_the_enrolled_pods_and_survive_restarts() {
+    let Some(mut env) = standard() else { return };
+    let veth = |env: &MeshEnv, p: &str| env.pod(p).host_veth.clone();
+    let rules = env.weft_rules(1);
+    // a and b: one outbound rule and two inbound rules each; x (not enrolled): none.
+    assert_eq!(
+        rules_for(&rules, &veth(&env, "a"), env.pod("a").ip),
+        3,
+        "{rules:#?}"
+    );
+    assert_eq!(
+        rules_for(&rules, &veth(&env, "b"), env.pod("b").ip),
+        3,
+        "{rules:#?}"
+    );
+    assert_eq!(
+        rules_for(&rules, &veth(&env, "x"), env.pod("x").ip),
+        0,
+        "{rules:#?}"
+    );
+    let jumps = |env: &MeshEnv| {
+        env.weft_rules(1)
+            .iter()
+            .filter(|r| r.starts_with("-A PREROUTING"))
+            .count()
+    };
+    assert_eq!(jumps(&env), 1);
+
+    // b opts out: its rules go.
+    env.pods
+        .iter_mut()
+        .find(|p| p.name == "b")
+        .unwrap()
+        .labels
+        .push(("istio.io/dataplane-mode", "none"));
+    env.write_mesh();
+    env.wait_generation(1, 2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rules_for(&env.weft_rules(1), &veth(&env, "b"), env.pod("b").ip) != 0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rules = env.weft_rules(1);
+    assert_eq!(
+        rules_for(&rules, &veth(&env, "b"), env.pod("b").ip),
+        0,
+        "{rules:#?}"
+    );
+    assert_eq!(
+        rules_for(&rules, &veth(&env, "a"), env.pod("a").ip),
+        3,
+        "{rules:#?}"
+    );
+
+    // kill -9 leaves the rules; a restart rewrites them without duplicates.
+    env.daemon(1).kill().unwrap();
+    env.daemon(1).wait_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        !env.weft_rules(1).is_empty(),
+        "rules stay after kill -9 (fail closed)"
+    );
+    env.start_daemon(1);
+    env.wait_ready(1);
+    std::thread::sleep(Duration::from_millis(300));
+    let after = env.weft_rules(1);
+    assert_eq!(
+        after, rules,
+        "restart after kill -9 must converge to the same rules"
+    );
+    assert_eq!(jumps(&env), 1);
+    // Traffic still works after the restart.
+    check_path(&env, "a", "c", addr(&env, "c", 8090), 8090, MIB, 21);
+
+    // A clean exit removes everything.
+    let status = env.daemon(1).stop(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{status:?}\n{}", env.log(1));
+    assert!(env.weft_rules(1).is_empty(), "{:#?}", env.weft_rules(1));
+    let ip_rules = env.bed.node(1).ns.ip(["rule", "show"]).unwrap();
+    assert!(!ip_rules.contains("lookup 100"), "{ip_rules}");
+}
+
+fn expect_reset(mut s: std::net::TcpStream, what: &str) -> Duration {
+    let started = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => panic!("{what}: clean EOF instead of a reset"),
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return started.elapsed(),
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_dying_server_side_resets_the_client_within_a_second() {
+    let Some(mut env) = standard() else { return };
+    // 1. The app in pod c resets its connection.
+    let c = env.pod("c");
+    let listener =
+        c.ns.tcp_listen(SocketAddr::new(IpAddr::V4(c.ip), 9300))
+            .unwrap();
+    let t = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    });
+    let mut s = env
+        .pod("a")
+        .ns
+        .tcp_connect(addr(&env, "c", 9300), Duration::from_secs(5))
+        .unwrap();
+    s.write_all(b"hello").unwrap();
+    t.join().unwrap();
+    let took = expect_reset(s, "app reset");
+    assert!(
+        took < Duration::from_secs(1),
+        "app reset reached the client after {took:?}"
+    );
+
+    // 2. The whole weft on node-2 dies (SIGKILL) mid-stream.
+    let c = env.pod("c");
+    let listener =
+        c.ns.tcp_listen(SocketAddr::new(IpAddr::V4(c.ip), 9301))
+            .unwrap();
+    let t = std::thread::spawn(move || listener.accept().unwrap());
+    let mut s = env
+        .pod("a")
+        .ns
+        .tcp_connect(addr(&env, "c", 9301), Duration::from_secs(5))
+        .unwrap();
+    s.write_all(b"hello").unwrap();
+    let _app = t.join().unwrap();
+    env.daemon(2).kill().unwrap();
+    let took = expect_reset(s, "weft on node-2 killed");
+    assert!(
+        took < Duration::from_secs(1),
+        "node-2's death reached the client after {took:?}"
+    );
+}

@@ -1,0 +1,300 @@
+//! A weft mesh in network namespaces: the testbed's nodes and pods, a mesh file describing
+//! them, one CA, and one weft daemon per node with real TPROXY capture.
+#![allow(dead_code)]
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::Hasher;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use weft_testbed::{ChildGuard, Pod, Testbed};
+
+/// A pod to create: name, node (1-based), namespace, service account, labels.
+#[derive(Clone)]
+pub struct PodSpec {
+    pub name: &'static str,
+    pub node: usize,
+    pub namespace: &'static str,
+    pub sa: &'static str,
+    pub labels: Vec<(&'static str, &'static str)>,
+}
+
+pub fn pod(name: &'static str, node: usize, namespace: &'static str) -> PodSpec {
+    PodSpec {
+        name,
+        node,
+        namespace,
+        sa: name,
+        labels: vec![("app", name)],
+    }
+}
+
+/// A Service: name, namespace, VIP, port → target port, selector app label.
+#[derive(Clone)]
+pub struct SvcSpec {
+    pub name: &'static str,
+    pub namespace: &'static str,
+    pub vip: &'static str,
+    pub port: u16,
+    pub target_port: u16,
+    pub app: &'static str,
+}
+
+pub struct MeshEnv {
+    pub bed: Testbed,
+    pub namespaces: Vec<(&'static str, bool)>,
+    pub pods: Vec<PodSpec>,
+    pub services: Vec<SvcSpec>,
+    pub daemons: Vec<Option<ChildGuard>>,
+    pub extra_yaml: String,
+}
+
+impl MeshEnv {
+    /// Builds the namespaces, writes CA, mesh and configs, starts one weft per node and
+    /// waits until all are ready. `None` when mesh tests are skipped (not root, outside CI).
+    pub fn start(
+        nodes: usize,
+        namespaces: &[(&'static str, bool)],
+        pods: &[PodSpec],
+        services: &[SvcSpec],
+    ) -> Option<MeshEnv> {
+        weft_testbed::require()?;
+        let mut bed = Testbed::new(nodes).expect("testbed");
+        for p in pods {
+            bed.add_pod(p.node, p.name).expect("pod");
+        }
+        weft::identity::ca::init_dir(&bed.temp_dir().join("ca"), "cluster.local").unwrap();
+        let mut env = MeshEnv {
+            bed,
+            namespaces: namespaces.to_vec(),
+            pods: pods.to_vec(),
+            services: services.to_vec(),
+            daemons: Vec::new(),
+            extra_yaml: String::new(),
+        };
+        std::fs::write(env.mesh_path(), env.mesh_yaml()).unwrap();
+        for i in 1..=nodes {
+            std::fs::write(
+                env.config_path(i),
+                format!(
+                    "nodeName: node-{i}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\n",
+                    env.mesh_path().display(),
+                    env.bed.temp_dir().join("ca").display()
+                ),
+            )
+            .unwrap();
+            env.daemons.push(None);
+        }
+        for i in 1..=nodes {
+            env.start_daemon(i);
+        }
+        for i in 1..=nodes {
+            env.wait_ready(i);
+        }
+        Some(env)
+    }
+
+    pub fn mesh_path(&self) -> PathBuf {
+        self.bed.temp_dir().join("mesh.yaml")
+    }
+
+    pub fn config_path(&self, node: usize) -> PathBuf {
+        self.bed.temp_dir().join(format!("weft-{node}.yaml"))
+    }
+
+    /// The mesh file for the current pods, namespaces and services.
+    pub fn mesh_yaml(&self) -> String {
+        let mut y = String::new();
+        for (ns, enrolled) in &self.namespaces {
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"
+            ));
+            if *enrolled {
+                y.push_str("  labels: {istio.io/dataplane-mode: ambient}\n");
+            }
+        }
+        for p in &self.pods {
+            let ip = self.bed.pod(p.name).ip;
+            let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\nspec:\n  nodeName: node-{}\n  serviceAccountName: {}\n  containers: [{{name: app, image: app, ports: [{{name: http, containerPort: 8080}}]}}]\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs: [{{ip: {ip}}}]\n",
+                p.name, p.namespace, labels.join(", "), p.node, p.sa
+            ));
+        }
+        for s in &self.services {
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  clusterIP: {}\n  selector: {{app: {}}}\n  ports: [{{name: tcp, port: {}, targetPort: {}}}]\n",
+                s.name, s.namespace, s.vip, s.app, s.port, s.target_port
+            ));
+        }
+        y.push_str(&self.extra_yaml);
+        y
+    }
+
+    /// Rewrites the mesh file (write aside, rename over) from the current description.
+    pub fn write_mesh(&self) {
+        let tmp = self.bed.temp_dir().join(".mesh.tmp");
+        std::fs::write(&tmp, self.mesh_yaml()).unwrap();
+        std::fs::rename(&tmp, self.mesh_path()).unwrap();
+    }
+
+    pub fn start_daemon(&mut self, node: usize) {
+        let ns = &self.bed.node(node).ns;
+        let mut cmd = ns.command(env!("CARGO_BIN_EXE_weft"), ["run", "--config"]);
+        cmd.arg(self.config_path(node))
+            .env("RUST_LOG", "info,access=info");
+        let child = self
+            .bed
+            .spawn(&format!("weft-{node}"), cmd)
+            .expect("spawn weft");
+        self.daemons[node - 1] = Some(child);
+    }
+
+    pub fn daemon(&mut self, node: usize) -> &mut ChildGuard {
+        self.daemons[node - 1].as_mut().expect("daemon running")
+    }
+
+    pub fn log(&self, node: usize) -> String {
+        self.daemons[node - 1]
+            .as_ref()
+            .map(|d| d.log())
+            .unwrap_or_default()
+    }
+
+    /// GET on a node's admin endpoint (127.0.0.1:15000 inside the node namespace).
+    pub fn admin(&self, node: usize, path: &str) -> (u16, String) {
+        self.bed
+            .node(node)
+            .ns
+            .http_get("127.0.0.1:15000".parse().unwrap(), path)
+            .unwrap_or((0, String::new()))
+    }
+
+    pub fn admin_json(&self, node: usize, path: &str) -> serde_json::Value {
+        let (s, body) = self.admin(node, path);
+        assert_eq!(s, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub fn wait_ready(&self, node: usize) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            let r = self
+                .bed
+                .node(node)
+                .ns
+                .http_get("127.0.0.1:15021".parse().unwrap(), "/healthz/ready");
+            if matches!(r, Ok((200, _))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("weft on node-{node} not ready; log:\n{}", self.log(node));
+    }
+
+    /// Waits until the node's state is at least `generation`.
+    pub fn wait_generation(&self, node: usize, generation: u64) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let (s, body) = self.admin(node, "/config_dump");
+            if s == 200 {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                if v["generation"].as_u64().unwrap_or(0) >= generation {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "node-{node} never reached generation {generation}; log:\n{}",
+            self.log(node)
+        );
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.bed.pod(name)
+    }
+
+    /// The mangle-table rules of weft's chain on a node.
+    pub fn weft_rules(&self, node: usize) -> Vec<String> {
+        let out = self
+            .bed
+            .node(node)
+            .ns
+            .exec("iptables-save", ["-t", "mangle"])
+            .unwrap();
+        out.lines()
+            .filter(|l| l.contains("WEFT_PRE"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+// === traffic ===
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn hash(data: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write(data);
+    h.finish()
+}
+
+/// What the server side of an exchange saw.
+#[derive(Debug)]
+pub struct Served {
+    pub peer: SocketAddr,
+    pub received_len: usize,
+    pub received_hash: u64,
+}
+
+/// A server in `server` pod on `port`: accepts one connection, reads to EOF, then writes
+/// `reply` and closes. Returns a join handle with what it saw.
+pub fn serve_once(server: &Pod, port: u16, reply: Vec<u8>) -> std::thread::JoinHandle<Served> {
+    let listener = server
+        .ns
+        .tcp_listen(SocketAddr::new(server.ip.into(), port))
+        .unwrap();
+    std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        s.write_all(&reply).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        Served {
+            peer,
+            received_len: got.len(),
+            received_hash: hash(&got),
+        }
+    })
+}
+
+/// From `client` pod: connect to `dst`, send `data`, half-close, read the reply to EOF.
+pub fn exchange(client: &Pod, dst: SocketAddr, data: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let s = client.ns.tcp_connect(dst, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut w = s.try_clone()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        w.write_all(&data)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut r = s;
+    let mut back = Vec::new();
+    r.read_to_end(&mut back)?;
+    writer.join().unwrap()?;
+    Ok(back)
+}
