@@ -20,11 +20,36 @@ struct PodDef {
 }
 
 const PODS: &[PodDef] = &[
-    PodDef { name: "frontend", node: 1, namespace: "shop", sa: "frontend" },
-    PodDef { name: "cart", node: 1, namespace: "shop", sa: "cart" },
-    PodDef { name: "payments", node: 2, namespace: "shop", sa: "payments" },
-    PodDef { name: "billing", node: 2, namespace: "legacy", sa: "billing" },
-    PodDef { name: "batch", node: 1, namespace: "legacy", sa: "batch" },
+    PodDef {
+        name: "frontend",
+        node: 1,
+        namespace: "shop",
+        sa: "frontend",
+    },
+    PodDef {
+        name: "cart",
+        node: 1,
+        namespace: "shop",
+        sa: "cart",
+    },
+    PodDef {
+        name: "payments",
+        node: 2,
+        namespace: "shop",
+        sa: "payments",
+    },
+    PodDef {
+        name: "billing",
+        node: 2,
+        namespace: "legacy",
+        sa: "billing",
+    },
+    PodDef {
+        name: "batch",
+        node: 1,
+        namespace: "legacy",
+        sa: "batch",
+    },
 ];
 const VIP: &str = "10.96.0.20";
 
@@ -52,22 +77,37 @@ fn run() -> Result<(), String> {
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/debug/weft"));
-    let weft = weft.canonicalize().map_err(|e| format!("{}: {e}", weft.display()))?;
-    weft_testbed::Prereqs::check().map_err(|e| format!("the demo needs root and iproute2/iptables/tcpdump: {e}"))?;
+    let weft = weft
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", weft.display()))?;
+    weft_testbed::Prereqs::check()
+        .map_err(|e| format!("the demo needs root and iproute2/iptables/tcpdump: {e}"))?;
     let _ = weft_testbed::cleanup_stale();
 
     let demo = build(&weft)?;
-    println!("mesh up: 2 nodes, namespaces shop (enrolled) and legacy (not enrolled), prefix {}\n", demo.bed.prefix());
+    println!(
+        "mesh up: 2 nodes, namespaces shop (enrolled) and legacy (not enrolled), prefix {}\n",
+        demo.bed.prefix()
+    );
     let rows = vec![
         path(&demo, "same node", "frontend", "cart", None, 8080)?,
         path(&demo, "across nodes", "frontend", "payments", None, 8080)?,
-        path(&demo, "Service VIP", "frontend", "payments", Some(SocketAddr::new(VIP.parse().unwrap(), 80)), 8080)?,
+        path(
+            &demo,
+            "Service VIP",
+            "frontend",
+            "payments",
+            Some(SocketAddr::new(VIP.parse().unwrap(), 80)),
+            8080,
+        )?,
         path(&demo, "mesh -> outside", "frontend", "billing", None, 8081)?,
         path(&demo, "outside -> mesh", "billing", "cart", None, 8082)?,
         path(&demo, "outside -> outside", "batch", "billing", None, 8083)?,
     ];
     print_table(&rows);
-    let ok = rows.iter().all(|r| r.ok && r.expected_protocol == r.protocol);
+    let ok = rows
+        .iter()
+        .all(|r| r.ok && r.expected_protocol == r.protocol);
     if keep {
         print_keep(&demo);
         loop {
@@ -97,7 +137,10 @@ fn build(weft: &std::path::Path) -> Result<Demo, String> {
         .output()
         .map_err(e)?;
     if !out.status.success() {
-        return Err(format!("weft ca init: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "weft ca init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let mut mesh = String::from(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n",
@@ -118,7 +161,11 @@ fn build(weft: &std::path::Path) -> Result<Demo, String> {
         let cfg = dir.join(format!("weft-{n}.yaml"));
         std::fs::write(
             &cfg,
-            format!("nodeName: node-{n}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\n", dir.join("mesh.yaml").display(), ca.display()),
+            format!(
+                "nodeName: node-{n}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\n",
+                dir.join("mesh.yaml").display(),
+                ca.display()
+            ),
         )
         .map_err(e)?;
         let mut cmd = bed.node(n).ns.command(weft, ["run", "--config"]);
@@ -129,12 +176,19 @@ fn build(weft: &std::path::Path) -> Result<Demo, String> {
     for n in 1..=2 {
         let start = Instant::now();
         loop {
-            let r = demo.bed.node(n).ns.http_get("127.0.0.1:15021".parse().unwrap(), "/healthz/ready");
+            let r = demo
+                .bed
+                .node(n)
+                .ns
+                .http_get("127.0.0.1:15021".parse().unwrap(), "/healthz/ready");
             if matches!(r, Ok((200, _))) {
                 break;
             }
             if start.elapsed() > Duration::from_secs(20) {
-                return Err(format!("weft on node-{n} not ready:\n{}", demo.daemons[n - 1].log()));
+                return Err(format!(
+                    "weft on node-{n} not ready:\n{}",
+                    demo.daemons[n - 1].log()
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -155,16 +209,27 @@ struct Row {
 }
 
 fn pod_def(name: &str) -> &'static PodDef {
-    PODS.iter().find(|p| p.name == name).expect("pod in the demo")
+    PODS.iter()
+        .find(|p| p.name == name)
+        .expect("pod in the demo")
 }
 
 /// Sends 1 MiB each way from `client` to `server` (directly or through `via`), reading both
 /// wefts' `/connections` while the connection is open.
-fn path(demo: &Demo, name: &'static str, client: &str, server: &str, via: Option<SocketAddr>, port: u16) -> Result<Row, String> {
+fn path(
+    demo: &Demo,
+    name: &'static str,
+    client: &str,
+    server: &str,
+    via: Option<SocketAddr>,
+    port: u16,
+) -> Result<Row, String> {
     let len = 1024 * 1024;
     let s = demo.bed.pod(server);
     let c = demo.bed.pod(client);
-    let listener = s.ns.tcp_listen(SocketAddr::new(IpAddr::V4(s.ip), port)).map_err(|e| e.to_string())?;
+    let listener =
+        s.ns.tcp_listen(SocketAddr::new(IpAddr::V4(s.ip), port))
+            .map_err(|e| e.to_string())?;
     let dst = via.unwrap_or(SocketAddr::new(IpAddr::V4(s.ip), port));
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let srv = std::thread::spawn(move || -> std::io::Result<(SocketAddr, usize)> {
@@ -177,19 +242,27 @@ fn path(demo: &Demo, name: &'static str, client: &str, server: &str, via: Option
         conn.shutdown(Shutdown::Write)?;
         Ok((peer, got.len()))
     });
-    let mut conn = c.ns.tcp_connect(dst, Duration::from_secs(5)).map_err(|e| format!("{name}: connect: {e}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    let mut conn =
+        c.ns.tcp_connect(dst, Duration::from_secs(5))
+            .map_err(|e| format!("{name}: connect: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
     let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    conn.write_all(&data).map_err(|e| format!("{name}: send: {e}"))?;
+    conn.write_all(&data)
+        .map_err(|e| format!("{name}: send: {e}"))?;
     std::thread::sleep(Duration::from_millis(100));
     let (protocol, seen) = observe(demo, c.node, s.node, s.ip);
     let _ = go_tx.send(());
     conn.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
     let mut back = Vec::new();
     let read = conn.read_to_end(&mut back);
-    let served = srv.join().map_err(|_| "server thread panicked".to_string())?;
+    let served = srv
+        .join()
+        .map_err(|_| "server thread panicked".to_string())?;
     let (ok, note) = match (&read, &served) {
-        (Ok(_), Ok((peer, n))) if back == data && *n == len => (true, format!("app saw {}", peer.ip())),
+        (Ok(_), Ok((peer, n))) if back == data && *n == len => {
+            (true, format!("app saw {}", peer.ip()))
+        }
         (Err(e), _) => (false, e.to_string()),
         (_, Err(e)) => (false, e.to_string()),
         _ => (false, "bytes differ".into()),
@@ -215,7 +288,12 @@ fn path(demo: &Demo, name: &'static str, client: &str, server: &str, via: Option
 }
 
 /// The protocol the source side used and the identity the destination side saw.
-fn observe(demo: &Demo, client_node: usize, server_node: usize, server_ip: std::net::Ipv4Addr) -> (String, String) {
+fn observe(
+    demo: &Demo,
+    client_node: usize,
+    server_node: usize,
+    server_ip: std::net::Ipv4Addr,
+) -> (String, String) {
     let conns = |n: usize| -> Vec<serde_json::Value> {
         demo.bed
             .node(n)
@@ -226,9 +304,17 @@ fn observe(demo: &Demo, client_node: usize, server_node: usize, server_ip: std::
             .and_then(|v| v["connections"].as_array().cloned())
             .unwrap_or_default()
     };
-    let to_server = |c: &serde_json::Value| c["dst"].as_str().is_some_and(|d| d.starts_with(&format!("{server_ip}:")));
-    let outbound = conns(client_node).into_iter().find(|c| c["direction"] == "outbound" && to_server(c));
-    let inbound = conns(server_node).into_iter().find(|c| c["direction"] == "inbound" && to_server(c));
+    let to_server = |c: &serde_json::Value| {
+        c["dst"]
+            .as_str()
+            .is_some_and(|d| d.starts_with(&format!("{server_ip}:")))
+    };
+    let outbound = conns(client_node)
+        .into_iter()
+        .find(|c| c["direction"] == "outbound" && to_server(c));
+    let inbound = conns(server_node)
+        .into_iter()
+        .find(|c| c["direction"] == "inbound" && to_server(c));
     let protocol = match (&outbound, &inbound) {
         (Some(o), _) if o["protocol"] == "hbone" => "HBONE".to_string(),
         (Some(o), _) if o["protocol"] == "local" => "in-node".to_string(),
@@ -236,7 +322,10 @@ fn observe(demo: &Demo, client_node: usize, server_node: usize, server_ip: std::
         (None, None) => "not captured".to_string(),
     };
     let seen = match inbound {
-        Some(i) => i["srcIdentity"].as_str().map(str::to_string).unwrap_or_else(|| "none (plaintext)".into()),
+        Some(i) => i["srcIdentity"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| "none (plaintext)".into()),
         None => "- (no weft on the server side)".into(),
     };
     (protocol, seen)
@@ -265,12 +354,23 @@ fn print_table(rows: &[Row]) {
 
 fn print_keep(demo: &Demo) {
     println!("\nThe mesh stays up until Ctrl-C (everything is removed then).");
-    println!("  files (CA, mesh.yaml, configs, logs): {}", demo.dir.display());
+    println!(
+        "  files (CA, mesh.yaml, configs, logs): {}",
+        demo.dir.display()
+    );
     for n in demo.bed.nodes() {
         println!("  {}: ip netns exec {} curl -s 127.0.0.1:15000/config_dump | less   (also /connections, :15020/metrics)", n.name, n.ns.name());
     }
     for p in demo.bed.pods() {
-        println!("  pod {:<9} {:<13} ip netns exec {} bash", p.name, p.ip.to_string(), p.ns.name());
+        println!(
+            "  pod {:<9} {:<13} ip netns exec {} bash",
+            p.name,
+            p.ip.to_string(),
+            p.ns.name()
+        );
     }
-    println!("  edit {}/mesh.yaml to change the mesh live", demo.dir.display());
+    println!(
+        "  edit {}/mesh.yaml to change the mesh live",
+        demo.dir.display()
+    );
 }
