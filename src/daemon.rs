@@ -220,6 +220,11 @@ impl Daemon {
         })
     }
 
+    /// The data path's shared context (benches drive the outbound handler with it).
+    pub fn proxy_ctx(&self) -> Arc<ProxyCtx> {
+        self.proxy.ctx()
+    }
+
     /// A receiver that turns true when shutdown was requested (signal or `/quitquitquit`).
     pub fn shutdown_requested(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()

@@ -115,6 +115,11 @@ impl Proxy {
         Ok(Proxy { ctx, tasks })
     }
 
+    /// The shared context.
+    pub fn ctx(&self) -> Arc<ProxyCtx> {
+        self.ctx.clone()
+    }
+
     /// After shutdown was signalled: waits for the listeners to close, gives live
     /// connections up to `grace` to finish, then closes the rest.
     pub async fn drain(self, grace: Duration) {

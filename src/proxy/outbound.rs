@@ -90,9 +90,16 @@ pub fn resolve(snap: &Snapshot, dst: SocketAddr) -> Result<Target<'_>, NoRoute> 
     }
 }
 
-/// Handles one connection accepted on the outbound listener.
+/// Handles one connection accepted on the outbound listener; the original destination is
+/// the accepted socket's local address (TPROXY).
 pub async fn serve_outbound(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
     let Ok(dst) = client.local_addr() else { return };
+    serve_outbound_to(ctx, client, peer, dst).await
+}
+
+/// Handles one outbound connection from `peer` whose original destination is `dst` (for
+/// callers that learned the destination another way than TPROXY, e.g. benches on loopback).
+pub async fn serve_outbound_to(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
     let snap = ctx.store.snapshot();
     let target = match resolve(&snap, dst) {
         Ok(t) => t,

@@ -1,0 +1,707 @@
+//! weft's benchmarks: what the tunnel costs against plain TCP on the same path, measured in
+//! the same run, on loopback (two daemons in this process, no root) and across the
+//! network-namespace mesh (two weft processes with real TPROXY capture; needs root).
+//!
+//! `cargo bench --bench weft` runs everything (`-- --json FILE` also writes JSON; `-- --only
+//! loopback|mesh|micro` narrows it). Run any other way (as `cargo test --all-targets` does)
+//! it does one tiny iteration of every case, so CI proves the harness works without timing
+//! anything. Numbers are never asserted: the machines are shared and noisy.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+// === sizes ===
+
+#[derive(Clone, Copy)]
+struct Sizes {
+    stream_bytes: u64,
+    pings: usize,
+    conns: usize,
+    idle: [usize; 2],
+    workloads: [usize; 2],
+    crypto_bytes: u64,
+}
+
+const FULL: Sizes = Sizes {
+    stream_bytes: 2 << 30,
+    pings: 20_000,
+    conns: 2_000,
+    idle: [1_000, 10_000],
+    workloads: [10_000, 100_000],
+    crypto_bytes: 2 << 30,
+};
+
+const SMOKE: Sizes = Sizes {
+    stream_bytes: 1 << 20,
+    pings: 20,
+    conns: 10,
+    idle: [5, 10],
+    workloads: [100, 200],
+    crypto_bytes: 1 << 20,
+};
+
+// === results ===
+
+#[derive(Clone, serde::Serialize)]
+struct Row {
+    case: String,
+    place: &'static str,
+    weft: f64,
+    baseline: Option<f64>,
+    unit: &'static str,
+    /// weft / baseline (for "higher is better" units) or baseline / weft otherwise.
+    ratio: Option<f64>,
+    note: String,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn add(&mut self, case: impl Into<String>, place: &'static str, weft: f64, baseline: Option<f64>, unit: &'static str, note: impl Into<String>) {
+        let higher_better = matches!(unit, "Gbit/s" | "conn/s" | "decisions/s");
+        let ratio = baseline.filter(|b| *b > 0.0 && weft > 0.0).map(|b| if higher_better { weft / b } else { b / weft });
+        let row = Row { case: case.into(), place, weft, baseline, unit, ratio, note: note.into() };
+        println!("{}", fmt_row(&row));
+        self.rows.push(row);
+    }
+}
+
+fn fmt_row(r: &Row) -> String {
+    let num = |v: f64| if v >= 100.0 { format!("{v:.0}") } else if v >= 1.0 { format!("{v:.2}") } else { format!("{v:.3}") };
+    format!(
+        "{:<44} {:<9} {:>12} {:>12} {:<12} {:>7}  {}",
+        r.case,
+        r.place,
+        num(r.weft),
+        r.baseline.map(num).unwrap_or_else(|| "-".into()),
+        r.unit,
+        r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into()),
+        r.note
+    )
+}
+
+// === the app: one server protocol for every case ===
+//
+// The client's first byte picks the mode: 'S' sink (read to EOF, answer with the byte count),
+// 'E' echo 1 KiB messages until EOF, 'P' one-byte ping then close, 'H' hold until EOF.
+
+async fn serve_app(listener: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else { return };
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut mode = [0u8; 1];
+            if s.read_exact(&mut mode).await.is_err() {
+                return;
+            }
+            match mode[0] {
+                b'S' => {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    let mut n = 0u64;
+                    while let Ok(k) = s.read(&mut buf).await {
+                        if k == 0 {
+                            break;
+                        }
+                        n += k as u64;
+                    }
+                    let _ = s.write_all(&n.to_be_bytes()).await;
+                }
+                b'E' => {
+                    let mut buf = [0u8; 1024];
+                    while s.read_exact(&mut buf).await.is_ok() {
+                        if s.write_all(&buf).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                b'P' => {
+                    let _ = s.write_all(b"p").await;
+                }
+                _ => {
+                    let mut buf = [0u8; 64];
+                    while let Ok(k) = s.read(&mut buf).await {
+                        if k == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// How a client reaches the app: through weft or directly.
+trait Route: Send + Sync {
+    fn connect(&self) -> std::io::Result<std::net::TcpStream>;
+}
+
+async fn dial(route: &Arc<dyn Route>) -> std::io::Result<TcpStream> {
+    let r = route.clone();
+    let s = tokio::task::spawn_blocking(move || r.connect()).await.map_err(std::io::Error::other)??;
+    s.set_nonblocking(true)?;
+    s.set_nodelay(true)?;
+    TcpStream::from_std(s)
+}
+
+async fn stream_once(route: Arc<dyn Route>, bytes: u64) -> u64 {
+    let mut s = dial(&route).await.expect("connect");
+    s.write_all(b"S").await.unwrap();
+    let buf = vec![0x5au8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..k]).await.unwrap();
+        left -= k as u64;
+    }
+    s.shutdown().await.unwrap();
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n).await.unwrap();
+    u64::from_be_bytes(n)
+}
+
+/// Gbit/s over `streams` parallel connections carrying `bytes` in total.
+async fn throughput(route: Arc<dyn Route>, bytes: u64, streams: usize) -> f64 {
+    let per = bytes / streams as u64;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..streams).map(|_| tokio::spawn(stream_once(route.clone(), per))).collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, per * streams as u64, "bytes lost");
+    total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// Round-trip times of 1 KiB ping-pong on one connection, sorted, in µs.
+async fn latencies(route: Arc<dyn Route>, n: usize) -> Vec<f64> {
+    let mut s = dial(&route).await.expect("connect");
+    s.write_all(b"E").await.unwrap();
+    let msg = [7u8; 1024];
+    let mut back = [0u8; 1024];
+    for _ in 0..n.min(200) {
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Connections per second: connect, one round trip, close.
+async fn conn_rate(route: Arc<dyn Route>, n: usize) -> f64 {
+    let start = Instant::now();
+    for _ in 0..n {
+        let mut s = dial(&route).await.expect("connect");
+        s.write_all(b"P").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn first_byte_ms(route: Arc<dyn Route>) -> f64 {
+    let t = Instant::now();
+    let mut s = dial(&route).await.expect("connect");
+    s.write_all(b"P").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Opens `n` idle connections (held until the returned vector drops).
+async fn hold(route: Arc<dyn Route>, n: usize) -> Vec<TcpStream> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = dial(&route).await.expect("connect");
+        s.write_all(b"H").await.unwrap();
+        v.push(s);
+    }
+    // Let the far side finish accepting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    v
+}
+
+// === process accounting ===
+
+fn ticks() -> f64 {
+    procfs::ticks_per_second() as f64
+}
+
+/// CPU seconds of the threads of this process whose name starts with `prefix`.
+fn thread_cpu(prefix: &str) -> f64 {
+    let Ok(me) = procfs::process::Process::myself() else { return 0.0 };
+    let Ok(tasks) = me.tasks() else { return 0.0 };
+    tasks
+        .flatten()
+        .filter_map(|t| t.stat().ok())
+        .filter(|s| s.comm.starts_with(prefix))
+        .map(|s| (s.utime + s.stime) as f64 / ticks())
+        .sum()
+}
+
+fn process_cpu(pid: u32) -> f64 {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map(|s| (s.utime + s.stime) as f64 / ticks())
+        .unwrap_or(0.0)
+}
+
+fn process_rss(pid: u32) -> u64 {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map(|s| s.rss * procfs::page_size())
+        .unwrap_or(0)
+}
+
+fn self_rss() -> u64 {
+    process_rss(std::process::id())
+}
+
+// === the shared measurement of one place (loopback or mesh) ===
+
+struct Place {
+    name: &'static str,
+    weft: Arc<dyn Route>,
+    plain: Arc<dyn Route>,
+    /// CPU seconds used so far by both daemons.
+    cpu: Box<dyn Fn() -> f64 + Send + Sync>,
+    /// RSS of both daemons, when they are separate processes.
+    rss: Option<Box<dyn Fn() -> u64 + Send + Sync>>,
+    /// Makes the next weft connection pay the TLS handshake.
+    cold: Box<dyn Fn() -> Arc<dyn Route> + Send + Sync>,
+}
+
+async fn measure(place: &Place, sz: Sizes, report: &mut Report) {
+    let p = place.name;
+    let (w, b) = (place.weft.clone(), place.plain.clone());
+    // Warm up the pool and the app.
+    let _ = stream_once(w.clone(), 1 << 16).await;
+
+    let base = throughput(b.clone(), sz.stream_bytes, 1).await;
+    let cpu0 = (place.cpu)();
+    let t0 = Instant::now();
+    let wt = throughput(w.clone(), sz.stream_bytes, 1).await;
+    let cpu = (place.cpu)() - cpu0;
+    let gib = sz.stream_bytes as f64 / (1u64 << 30) as f64;
+    report.add("throughput, 1 stream", p, wt, Some(base), "Gbit/s", format!("{} MiB", sz.stream_bytes >> 20));
+    report.add("CPU per GiB carried (both daemons)", p, cpu / gib, None, "cpu-s/GiB", format!("{:.2} cpu-s over {:.2} s", cpu, t0.elapsed().as_secs_f64()));
+    let base8 = throughput(b.clone(), sz.stream_bytes, 8).await;
+    let wt8 = throughput(w.clone(), sz.stream_bytes, 8).await;
+    report.add("throughput, 8 streams", p, wt8, Some(base8), "Gbit/s", "");
+
+    let lb = latencies(b.clone(), sz.pings).await;
+    let lw = latencies(w.clone(), sz.pings).await;
+    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)] {
+        let (x, y) = (pct(&lw, q), pct(&lb, q));
+        report.add(format!("latency 1 KiB ping-pong {name}"), p, x, Some(y), "µs", format!("+{:.1} µs", x - y));
+    }
+
+    let rb = conn_rate(b.clone(), sz.conns).await;
+    let rw = conn_rate(w.clone(), sz.conns).await;
+    report.add("connection rate (warm pool)", p, rw, Some(rb), "conn/s", "connect + 1 round trip + close");
+    let mut cold = Vec::new();
+    for _ in 0..5 {
+        cold.push(first_byte_ms((place.cold)()).await);
+    }
+    cold.sort_by(f64::total_cmp);
+    let warm = first_byte_ms(w.clone()).await;
+    report.add("first connection, cold (TLS handshake)", p, cold[2], Some(warm), "ms", "median of 5, baseline = warm");
+
+    if let Some(rss) = &place.rss {
+        let idle = rss();
+        report.add("daemon RSS idle (both)", p, idle as f64 / 1024.0, None, "KiB", "");
+        for n in sz.idle {
+            let before = rss();
+            let held = hold(w.clone(), n).await;
+            let after = rss();
+            report.add(format!("memory per idle tunnelled connection, {n}"), p, after.saturating_sub(before) as f64 / n as f64 / 1024.0, None, "KiB", "both daemons, RSS delta / connections");
+            drop(held);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+// === loopback: two daemons in this process ===
+
+struct Loop {
+    _dir: tempfile::TempDir,
+    daemons: Vec<weft::daemon::Daemon>,
+    client_ip: IpAddr,
+    capture: SocketAddr,
+    server: SocketAddr,
+}
+
+struct ViaWeft {
+    client_ip: IpAddr,
+    capture: SocketAddr,
+}
+
+impl Route for ViaWeft {
+    fn connect(&self) -> std::io::Result<std::net::TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.bind(&SocketAddr::new(self.client_ip, 0).into())?;
+        s.connect(&self.capture.into())?;
+        Ok(s.into())
+    }
+}
+
+struct Direct(SocketAddr);
+
+impl Route for Direct {
+    fn connect(&self) -> std::io::Result<std::net::TcpStream> {
+        std::net::TcpStream::connect(self.0)
+    }
+}
+
+fn loop_config(dir: &Path, node: &str, ip: IpAddr) -> weft::config::Config {
+    let text = format!(
+        "nodeName: {node}\nmesh: {{file: mesh.yaml}}\nca: {{builtin: {{dir: ca}}}}\nlisten:\n  outbound: {ip}:15001\n  inboundPlaintext: {ip}:15006\n  hbone: {ip}:15008\n  admin: {ip}:15000\n  metrics: {ip}:15020\n  readiness: {ip}:15021\nredirect: none\n"
+    );
+    let path = dir.join(format!("{node}.yaml"));
+    std::fs::write(&path, &text).unwrap();
+    weft::config::Config::load(&path, None).unwrap()
+}
+
+async fn loopback() -> Loop {
+    let pid = std::process::id();
+    let base = Ipv4Addr::new(127, 100 + (pid % 100) as u8, (pid >> 8) as u8, 0).octets();
+    let ip = |last: u8| IpAddr::V4(Ipv4Addr::new(base[0], base[1], base[2], last));
+    let (client_ip, server_ip) = (ip(1), ip(2));
+    let dir = tempfile::tempdir().unwrap();
+    weft::identity::ca::init_dir(&dir.path().join("ca"), "cluster.local").unwrap();
+    let mut mesh = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: bench}}\nspec: {{nodeName: node-a, serviceAccountName: client}}\nstatus: {{podIP: {client_ip}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: server, namespace: bench}}\nspec: {{nodeName: node-b, serviceAccountName: server}}\nstatus: {{podIP: {server_ip}}}\n"
+    );
+    for i in 0..5u8 {
+        mesh.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: cold-{i}, namespace: bench}}\nspec: {{nodeName: node-a, serviceAccountName: cold-{i}}}\nstatus: {{podIP: {}}}\n",
+            ip(10 + i)
+        ));
+    }
+    std::fs::write(dir.path().join("mesh.yaml"), mesh).unwrap();
+    let log = || Arc::new(weft::logging::LogControl::new("off", Box::new(|_| Ok(()))));
+    // The daemons run on their own runtime (threads `weft-worker`), apart from the app and
+    // the clients, so their CPU time can be read per thread.
+    let (ca, cb) = (loop_config(dir.path(), "node-a", client_ip), loop_config(dir.path(), "node-b", server_ip));
+    let a = weft_rt().spawn(weft::daemon::Daemon::start(ca, log())).await.unwrap().unwrap();
+    let b = weft_rt().spawn(weft::daemon::Daemon::start(cb, log())).await.unwrap().unwrap();
+    for d in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(d.store.loaded() && d.certs.certs().len() >= 1) {
+            assert!(Instant::now() < deadline, "daemon not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The app.
+    let server = SocketAddr::new(server_ip, 18080);
+    tokio::spawn(serve_app(TcpListener::bind(server).await.unwrap()));
+    // The capture stand-in: what TPROXY does in a cluster, hand the connection to weft's
+    // outbound handler with its original destination.
+    let capture = SocketAddr::new(client_ip, 16001);
+    let listener = TcpListener::bind(capture).await.unwrap();
+    let ctx = a.proxy_ctx();
+    let listener = listener.into_std().unwrap();
+    weft_rt().spawn(async move {
+        let listener = TcpListener::from_std(listener).unwrap();
+        loop {
+            let Ok((s, peer)) = listener.accept().await else { return };
+            let _ = s.set_nodelay(true);
+            tokio::spawn(weft::proxy::outbound::serve_outbound_to(ctx.clone(), s, peer, server));
+        }
+    });
+    // Wait for the cold-client certificates too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.certs.certs().len() < 6 {
+        assert!(Instant::now() < deadline, "cold-client certificates");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Loop { _dir: dir, daemons: vec![a, b], client_ip, capture, server }
+}
+
+async fn run_loopback(sz: Sizes, report: &mut Report) {
+    let l = loopback().await;
+    let base_ip = l.client_ip;
+    let capture = l.capture;
+    let ctx = l.daemons[0].proxy_ctx();
+    let cold_next = std::sync::atomic::AtomicU8::new(0);
+    let place = Place {
+        name: "loopback",
+        weft: Arc::new(ViaWeft { client_ip: l.client_ip, capture: l.capture }),
+        plain: Arc::new(Direct(l.server)),
+        cpu: Box::new(|| thread_cpu("weft-")),
+        rss: None,
+        cold: Box::new(move || {
+            // A client with an identity that has no pooled connection yet.
+            ctx.pool.clear();
+            let i = cold_next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5;
+            let o = match base_ip {
+                IpAddr::V4(v) => v.octets(),
+                IpAddr::V6(_) => unreachable!("loopback bench is IPv4"),
+            };
+            Arc::new(ViaWeft { client_ip: IpAddr::V4(Ipv4Addr::new(o[0], o[1], o[2], 10 + i)), capture })
+        }),
+    };
+    measure(&place, sz, report).await;
+    for d in l.daemons {
+        let _ = weft_rt().spawn(d.stop()).await;
+    }
+}
+
+/// The runtime the in-process daemons run on.
+fn weft_rt() -> &'static tokio::runtime::Handle {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("weft-worker")
+            .enable_all()
+            .build()
+            .expect("weft runtime")
+    })
+    .handle()
+}
+
+// === the namespace mesh: two weft processes with TPROXY ===
+
+struct PodRoute {
+    ns: weft_testbed::Netns,
+    dst: SocketAddr,
+}
+
+impl Route for PodRoute {
+    fn connect(&self) -> std::io::Result<std::net::TcpStream> {
+        self.ns.tcp_connect(self.dst, Duration::from_secs(5))
+    }
+}
+
+async fn run_mesh(weft_bin: &Path, sz: Sizes, report: &mut Report) {
+    if weft_testbed::require().is_none() {
+        println!("(mesh cases skipped: prerequisites missing)");
+        return;
+    }
+    let mut bed = weft_testbed::Testbed::new(2).expect("testbed");
+    let pods = [("client", 1, "bench"), ("server", 2, "bench"), ("pclient", 1, "plain"), ("pserver", 2, "plain")];
+    for (name, node, _) in pods {
+        bed.add_pod(node, name).unwrap();
+    }
+    let colds: Vec<String> = (0..5).map(|i| format!("cold{i}")).collect();
+    for c in &colds {
+        bed.add_pod(1, c).unwrap();
+    }
+    let dir = bed.temp_dir().to_path_buf();
+    weft::identity::ca::init_dir(&dir.join("ca"), "cluster.local").unwrap();
+    let mut mesh = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: bench, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n");
+    let mut all: Vec<(String, usize, &str)> = pods.iter().map(|(n, node, ns)| (n.to_string(), *node, *ns)).collect();
+    all.extend(colds.iter().map(|c| (c.clone(), 1, "bench")));
+    for (name, node, ns) in &all {
+        mesh.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{nodeName: node-{node}, serviceAccountName: {name}}}\nstatus: {{podIP: {}}}\n",
+            bed.pod(name).ip
+        ));
+    }
+    std::fs::write(dir.join("mesh.yaml"), mesh).unwrap();
+    let mut daemons = Vec::new();
+    for n in 1..=2 {
+        let cfg = dir.join(format!("w{n}.yaml"));
+        std::fs::write(&cfg, format!("nodeName: node-{n}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\n", dir.join("mesh.yaml").display(), dir.join("ca").display())).unwrap();
+        let mut cmd = bed.node(n).ns.command(weft_bin, ["run", "--config"]);
+        cmd.arg(&cfg).env("RUST_LOG", "warn");
+        daemons.push(bed.spawn(&format!("weft-{n}"), cmd).unwrap());
+    }
+    for n in 1..=2 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(bed.node(n).ns.http_get("127.0.0.1:15021".parse().unwrap(), "/healthz/ready"), Ok((200, _))) {
+            assert!(Instant::now() < deadline, "weft-{n} not ready:\n{}", daemons[n - 1].log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    for server in ["server", "pserver"] {
+        let p = bed.pod(server);
+        let l = p.ns.tcp_listen(SocketAddr::new(IpAddr::V4(p.ip), 18080)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        tokio::spawn(serve_app(TcpListener::from_std(l).unwrap()));
+    }
+    let route = |from: &str, to: &str| -> Arc<dyn Route> {
+        Arc::new(PodRoute { ns: bed.pod(from).ns.clone(), dst: SocketAddr::new(IpAddr::V4(bed.pod(to).ip), 18080) })
+    };
+    let pids: Vec<u32> = daemons.iter().map(|d| d.pid()).collect();
+    let (p1, p2) = (pids[0], pids[1]);
+    let cold_routes: Vec<Arc<dyn Route>> = colds.iter().map(|c| route(c, "server")).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let place = Place {
+        name: "netns",
+        weft: route("client", "server"),
+        plain: route("pclient", "pserver"),
+        cpu: Box::new(move || process_cpu(p1) + process_cpu(p2)),
+        rss: Some(Box::new(move || process_rss(p1) + process_rss(p2))),
+        cold: Box::new(move || cold_routes[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5].clone()),
+    };
+    measure(&place, sz, report).await;
+    drop(daemons);
+    drop(bed);
+}
+
+// === micro: state and crypto ===
+
+fn mesh_text(workloads: usize) -> String {
+    let mut y = String::with_capacity(workloads * 220);
+    y.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: big, labels: {istio.io/dataplane-mode: ambient}}\n");
+    for i in 0..workloads {
+        let ip = Ipv4Addr::from(0x0a00_0000u32 + i as u32 + 1);
+        y.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: big, labels: {{app: a{}}}}}\nspec: {{nodeName: node-{}, serviceAccountName: sa{}}}\nstatus: {{podIP: {ip}}}\n",
+            i % 100,
+            i % 50,
+            i % 100
+        ));
+    }
+    y
+}
+
+fn run_state(sz: Sizes, report: &mut Report) {
+    for n in sz.workloads {
+        let text = mesh_text(n);
+        let t = Instant::now();
+        let parsed = weft::k8s::parse_mesh("bench.yaml", &text).unwrap();
+        let parse = t.elapsed();
+        let before = self_rss();
+        let store = weft::state::StateStore::new("bench");
+        store.publish(parsed.mesh.clone(), vec![]);
+        let after = self_rss();
+        drop(parsed);
+        report.add(format!("state memory per workload, {n}"), "in-proc", after.saturating_sub(before) as f64 / n as f64, None, "bytes", "RSS delta of one indexed snapshot");
+        // One change: a pod's labels, applied the way a source applies it.
+        let t = Instant::now();
+        let mut mesh = store.snapshot().mesh.clone();
+        mesh.workloads[n / 2].labels.insert("version".into(), "v2".into());
+        store.publish(mesh, vec![]);
+        report.add(format!("apply one change, {n} workloads"), "in-proc", t.elapsed().as_secs_f64() * 1e3, None, "ms", format!("full file parse: {:.0} ms", parse.as_secs_f64() * 1e3));
+    }
+}
+
+fn run_crypto(sz: Sizes, report: &mut Report) {
+    use rustls::pki_types::ServerName;
+    let dir = tempfile::tempdir().unwrap();
+    weft::identity::ca::init_dir(dir.path(), "cluster.local").unwrap();
+    let ca = weft::identity::BuiltinCa::load(dir.path()).unwrap();
+    use weft::identity::CertificateAuthority;
+    let id = |sa: &str| weft::identity::Identity::new("cluster.local", "b", sa).unwrap();
+    let server_cert = ca.issue(&id("server"), Duration::from_secs(3600)).unwrap();
+    let client_cert = ca.issue(&id("client"), Duration::from_secs(3600)).unwrap();
+    let tls = weft::tls::TlsConfigs::new(ca.roots_der()).unwrap();
+    let mut client = rustls::ClientConnection::new(tls.client(&client_cert, &id("server")).unwrap(), ServerName::IpAddress(Ipv4Addr::LOCALHOST.into())).unwrap();
+    let mut server = rustls::ServerConnection::new(tls.server(&server_cert).unwrap()).unwrap();
+    let mut wire = Vec::new();
+    // Handshake in memory.
+    for _ in 0..10 {
+        wire.clear();
+        client.write_tls(&mut wire).unwrap();
+        server.read_tls(&mut &wire[..]).unwrap();
+        server.process_new_packets().unwrap();
+        wire.clear();
+        server.write_tls(&mut wire).unwrap();
+        client.read_tls(&mut &wire[..]).unwrap();
+        client.process_new_packets().unwrap();
+    }
+    assert!(!client.is_handshaking() && !server.is_handshaking());
+    let suite = format!("{:?}", client.negotiated_cipher_suite().map(|s| s.suite()));
+    client.set_buffer_limit(None);
+    server.set_buffer_limit(None);
+    let chunk = vec![0x42u8; 16 * 1024];
+    let mut plain = vec![0u8; 64 * 1024];
+    let start = Instant::now();
+    let mut moved = 0u64;
+    while moved < sz.crypto_bytes {
+        for _ in 0..4 {
+            client.writer().write_all(&chunk).unwrap();
+        }
+        wire.clear();
+        while client.wants_write() {
+            client.write_tls(&mut wire).unwrap();
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            server.read_tls(&mut rd).unwrap();
+            server.process_new_packets().unwrap();
+        }
+        loop {
+            match server.reader().read(&mut plain) {
+                Ok(0) => break,
+                Ok(k) => moved += k as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    let gbps = moved as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9;
+    report.add("rustls encrypt+decrypt in memory", "in-proc", gbps, None, "Gbit/s", format!("{suite}, one core: the tunnel's ceiling"));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let full = args.iter().any(|a| a == "--bench");
+    let sz = if full { FULL } else { SMOKE };
+    let json = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let want = |what: &str| only.as_deref().is_none_or(|o| o == what);
+    let weft_bin = PathBuf::from(env!("CARGO_BIN_EXE_weft"));
+    let _ = rlimit::increase_nofile_limit(1 << 20);
+
+    println!("weft benchmarks ({}), {}", if full { "full" } else { "smoke run: one tiny iteration each, numbers meaningless" }, machine());
+    println!("{:<44} {:<9} {:>12} {:>12} {:<12} {:>7}  note", "case", "where", "weft", "baseline", "unit", "ratio");
+    let mut report = Report::default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-app")
+        .enable_all()
+        .build()
+        .unwrap();
+    if want("loopback") {
+        rt.block_on(run_loopback(sz, &mut report));
+    }
+    if want("mesh") {
+        rt.block_on(run_mesh(&weft_bin, sz, &mut report));
+    }
+    if want("micro") {
+        run_state(sz, &mut report);
+        run_crypto(sz, &mut report);
+    }
+    if let Some(path) = json {
+        let mut doc = BTreeMap::new();
+        doc.insert("machine", serde_json::Value::String(machine()));
+        doc.insert("full", serde_json::Value::Bool(full));
+        doc.insert("rows", serde_json::to_value(&report.rows).unwrap());
+        std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+        println!("written {}", path.display());
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    format!("{} cores, {cpu}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0))
+}
