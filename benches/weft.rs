@@ -645,13 +645,13 @@ fn run_crypto(sz: Sizes, report: &mut Report) {
         while !rd.is_empty() {
             server.read_tls(&mut rd).unwrap();
             server.process_new_packets().unwrap();
-        }
-        loop {
-            match server.reader().read(&mut plain) {
-                Ok(0) => break,
-                Ok(k) => moved += k as u64,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => panic!("{e}"),
+            loop {
+                match server.reader().read(&mut plain) {
+                    Ok(0) => break,
+                    Ok(k) => moved += k as u64,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
             }
         }
     }
