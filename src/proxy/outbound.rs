@@ -99,7 +99,12 @@ pub async fn serve_outbound(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketA
 
 /// Handles one outbound connection from `peer` whose original destination is `dst` (for
 /// callers that learned the destination another way than TPROXY, e.g. benches on loopback).
-pub async fn serve_outbound_to(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+pub async fn serve_outbound_to(
+    ctx: Arc<ProxyCtx>,
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) {
     let snap = ctx.store.snapshot();
     let target = match resolve(&snap, dst) {
         Ok(t) => t,
