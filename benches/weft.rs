@@ -509,7 +509,7 @@ async fn loopback() -> Loop {
         .unwrap();
     for d in [&a, &b] {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !(d.store.loaded() && !d.certs.certs().is_empty()) {
+        while !d.store.loaded() || d.certs.certs().is_empty() {
             assert!(Instant::now() < deadline, "daemon not ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
