@@ -82,6 +82,11 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
         Command::Run { config, log_format } => {
             let log = logging::init(log_format);
+            // Every tunnelled connection costs descriptors on both sides: use what we may.
+            match rlimit::increase_nofile_limit(u64::MAX) {
+                Ok(n) => tracing::debug!(limit = n, "open file limit"),
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+            }
             let cfg = weft::config::Config::load(&config, std::env::var("NODE_NAME").ok())?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
