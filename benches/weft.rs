@@ -681,13 +681,30 @@ async fn run_mesh(weft_bin: &Path, sz: Sizes, report: &mut Report) {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    // The apps run as separate processes (this bench binary with `--app`), so 10,000 idle
+    // connections do not put 20,000 sockets into one process's descriptor limit.
+    let mut apps = Vec::new();
     for server in ["server", "pserver"] {
         let p = bed.pod(server);
-        let l =
-            p.ns.tcp_listen(SocketAddr::new(IpAddr::V4(p.ip), 18080))
-                .unwrap();
-        l.set_nonblocking(true).unwrap();
-        tokio::spawn(serve_app(TcpListener::from_std(l).unwrap()));
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = p.ns.command(exe, ["--app"]);
+        cmd.arg(SocketAddr::new(IpAddr::V4(p.ip), 18080).to_string());
+        apps.push(bed.spawn(&format!("app-{server}"), cmd).unwrap());
+    }
+    for server in ["server", "pserver"] {
+        let p = bed.pod(server);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p
+            .ns
+            .tcp_connect(
+                SocketAddr::new(IpAddr::V4(p.ip), 18080),
+                Duration::from_secs(1),
+            )
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "app in {server} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     let route = |from: &str, to: &str| -> Arc<dyn Route> {
         Arc::new(PodRoute {
@@ -710,6 +727,7 @@ async fn run_mesh(weft_bin: &Path, sz: Sizes, report: &mut Report) {
         }),
     };
     measure(&place, sz, report).await;
+    drop(apps);
     drop(daemons);
     drop(bed);
 }
@@ -848,6 +866,24 @@ fn run_crypto(sz: Sizes, report: &mut Report) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(addr) = args
+        .iter()
+        .position(|a| a == "--app")
+        .and_then(|i| args.get(i + 1))
+    {
+        // The app server of the mesh cases, run inside a pod namespace.
+        let addr: SocketAddr = addr.parse().expect("--app ADDR");
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(
+            async move { serve_app(TcpListener::bind(addr).await.expect("app bind")).await },
+        );
+        return;
+    }
     let full = args.iter().any(|a| a == "--bench");
     let sz = if full { FULL } else { SMOKE };
     let json = args
@@ -864,8 +900,12 @@ fn main() {
     let weft_bin = PathBuf::from(env!("CARGO_BIN_EXE_weft"));
     // 10,000 tunnelled connections are 20,000 sockets in this process alone; as root, lift
     // the hard limit too (the daemons inherit it).
-    if rlimit::setrlimit(rlimit::Resource::NOFILE, 200_000, 200_000).is_err() {
+    if let Err(e) = rlimit::setrlimit(rlimit::Resource::NOFILE, 200_000, 200_000) {
+        eprintln!("cannot lift the open-file limit ({e}); large connection counts may fail");
         let _ = rlimit::increase_nofile_limit(u64::MAX);
+    }
+    if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        eprintln!("open-file limit: {soft}");
     }
 
     println!(

@@ -433,3 +433,39 @@ fn a_dying_server_side_resets_the_client_within_a_second() {
         "node-2's death reached the client after {took:?}"
     );
 }
+
+#[test]
+fn a_missing_iptables_is_a_clear_start_up_error() {
+    let Some(mut env) = MeshEnv::start(1, &[("shop", true)], &[pod("a", 1, "shop")], &[]) else {
+        return;
+    };
+    env.daemon(1).stop(Duration::from_secs(10)).unwrap();
+    // The same daemon with no iptables on its PATH must refuse to start, not run uncaptured.
+    // A PATH with `ip` (so `ip netns exec` and weft's routing setup work) but no iptables.
+    let bin = env.bed.temp_dir().join("bin-without-iptables");
+    std::fs::create_dir_all(&bin).unwrap();
+    let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap();
+    std::os::unix::fs::symlink(ip, bin.join("ip")).unwrap();
+    let ns = &env.bed.node(1).ns;
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_weft"), ["run", "--config"]);
+    cmd.arg(env.config_path(1)).env("PATH", &bin);
+    let mut child = env.bed.spawn("weft-no-iptables", cmd).unwrap();
+    let status = child
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("weft kept running without iptables");
+    assert!(!status.success());
+    let log = child.log();
+    assert!(
+        log.contains("traffic capture: cannot run `iptables-restore"),
+        "{log}"
+    );
+    assert!(
+        env.weft_rules(1).is_empty(),
+        "nothing half-installed: {:?}",
+        env.weft_rules(1)
+    );
+}

@@ -167,7 +167,11 @@ impl Dir {
 /// error occurs, or a close token of `conns` fires. Bytes read from `client` count as
 /// received, bytes read from `server` as sent, on every connection record in `conns` (the
 /// same-node path records both the outbound and the inbound view).
-pub async fn relay<A, B>(client: &mut A, server: &mut B, conns: &[Arc<Conn>]) -> Result<(), RelayEnd>
+pub async fn relay<A, B>(
+    client: &mut A,
+    server: &mut B,
+    conns: &[Arc<Conn>],
+) -> Result<(), RelayEnd>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
