@@ -8,7 +8,7 @@
 //!   built eagerly for every workload of the mesh so a decision is a hash lookup plus the rule
 //!   tests ([`Authz::check`]);
 //! - PeerAuthentication resolution (`peer`): the effective mTLS mode of a workload port;
-//! - [`Authz::explain`], which says why,.
+//! - [`Authz::explain`], which says why, and [`lint`] for `weft check`.
 //!
 //! Must not touch: sockets, files, the state store, logging of decisions. It is pure: the proxy
 //! builds an [`Authz`] when a snapshot is published, asks it per connection, and enforces
@@ -24,6 +24,7 @@
 
 mod compile;
 mod explain;
+mod lint;
 mod peer;
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,7 @@ use peer::{PeerAuthChoice, PeerAuths};
 
 pub use crate::model::policy::Action;
 pub use explain::{Explanation, PolicyExplanation, RuleExplanation};
+pub use lint::{lint, lint_findings};
 pub use peer::{MtlsDecision, MtlsLevel, MtlsMode, PeerAuthRef};
 
 /// Istio's default root namespace: policies here without a selector apply mesh-wide.

@@ -82,6 +82,17 @@ pub struct MtlsDecision {
     pub policy: Option<PeerAuthRef>,
 }
 
+/// A mode one policy sets, for `weft check`.
+#[derive(Clone, Debug)]
+pub(crate) struct ModeSetting {
+    pub policy: PeerAuthRef,
+    /// `None`: the policy's own mode; else a `portLevelMtls` entry.
+    pub port: Option<u16>,
+    pub mode: MtlsMode,
+    /// Where the policy applies, in words.
+    pub scope: String,
+}
+
 #[derive(Clone, Debug)]
 struct Compiled {
     reference: PeerAuthRef,
@@ -245,5 +256,58 @@ impl PeerAuths {
             }
         }
         decision
+    }
+
+    /// Every mode set by a policy in force (not ignored). For `weft check`.
+    pub fn modes(&self) -> Vec<ModeSetting> {
+        let mut in_force: Vec<usize> = self.mesh.into_iter().collect();
+        let mut ns: Vec<usize> = self.namespace.values().copied().collect();
+        ns.sort_unstable();
+        in_force.extend(ns);
+        let mut wl: Vec<usize> = self.workload.values().flatten().copied().collect();
+        wl.sort_unstable();
+        in_force.extend(wl);
+        let mut out = Vec::new();
+        for i in in_force {
+            let c = &self.all[i];
+            let scope = if Some(i) == self.mesh {
+                "mesh-wide".to_string()
+            } else if c.selector.is_empty() {
+                format!("namespace {}", c.reference.namespace)
+            } else {
+                let labels: Vec<String> =
+                    c.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!(
+                    "workloads in {} with {}",
+                    c.reference.namespace,
+                    labels.join(",")
+                )
+            };
+            if let Some(m) = MtlsMode::from_spec(c.mode) {
+                out.push(ModeSetting {
+                    policy: c.reference.clone(),
+                    port: None,
+                    mode: m,
+                    scope: scope.clone(),
+                });
+            }
+            for (port, mode) in &c.ports {
+                if let Some(m) = MtlsMode::from_spec(*mode) {
+                    out.push(ModeSetting {
+                        policy: c.reference.clone(),
+                        port: Some(*port),
+                        mode: m,
+                        scope: scope.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// True when a mesh-wide policy sets a mode.
+    pub fn has_mesh_mode(&self) -> bool {
+        self.mesh
+            .is_some_and(|i| MtlsMode::from_spec(self.all[i].mode).is_some())
     }
 }

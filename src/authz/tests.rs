@@ -526,6 +526,59 @@ fn each_policy_with_l7_attributes_is_named_once() {
     );
 }
 
+// === lint ===
+
+#[test]
+fn lint_flags_risky_policy() {
+    let (mesh, _) = build(
+        "foo",
+        "app=web",
+        &[
+            ("PA", "foo", "perm", PERMISSIVE),
+            ("PA", "foo", "wl", "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}, portLevelMtls: {9090: {mode: DISABLE}}}"),
+            ("AP", "foo", "open", ALLOW_ALL),
+            ("AP", "foo", "any-peer", "{rules: [{from: [{source: {principals: [\"*\"]}}]}]}"),
+            ("AP", "foo", "everyone", "{rules: [{from: [{source: {ipBlocks: [0.0.0.0/0, \"::/0\"]}}]}]}"),
+            ("AP", "foo", "never-ns", "{action: DENY, rules: [{from: [{source: {namespaces: [bar], notNamespaces: [bar]}}]}]}"),
+            ("AP", "foo", "never-port", "{action: DENY, rules: [{to: [{operation: {ports: [\"22\"], notPorts: [\"22\"]}}]}]}"),
+            ("AP", "foo", "never-when", "{action: DENY, rules: [{from: [{source: {namespaces: [a]}}], when: [{key: source.namespace, values: [b]}]}]}"),
+            ("AP", "foo", "never-principal", "{action: DENY, rules: [{from: [{source: {principals: [\"cluster.local/ns/a/sa/x\"], namespaces: [b]}}]}]}"),
+            ("AP", "foo", "maybe", "{action: DENY, rules: [{from: [{source: {namespaces: [\"a*\"], notNamespaces: [ab]}}]}]}"),
+            ("AP", "bar", "deny-all", DENY_ALL),
+            ("AP", "bar", "shadowed", "{selector: {matchLabels: {app: web}}, rules: [{from: [{source: {namespaces: [foo]}}]}]}"),
+            ("AP", "bar", "l7", "{rules: [{to: [{operation: {paths: [\"/x\"]}}]}]}"),
+        ],
+    );
+    let l = lint(&mesh, ROOT);
+    let has = |needle: &str| {
+        assert!(
+            l.iter().any(|x| x.contains(needle)),
+            "missing {needle:?} in\n{l:#?}"
+        );
+    };
+    has("no mesh-wide PeerAuthentication (namespace istio-system, no selector) sets an mTLS mode");
+    has("PeerAuthentication foo/perm: mTLS mode PERMISSIVE: plaintext connections are accepted (namespace foo)");
+    has("PeerAuthentication foo/wl: port 9090: mTLS mode DISABLE");
+    has("AuthorizationPolicy foo/open: rule 0 matches every connection");
+    has("AuthorizationPolicy foo/any-peer: rule 0 allows any mTLS peer");
+    has("AuthorizationPolicy foo/everyone: rule 0 matches every connection");
+    has("AuthorizationPolicy foo/never-ns: rule 0 can never match (every value of from[0].source.namespaces is excluded by from[0].source.notNamespaces)");
+    has("AuthorizationPolicy foo/never-port: rule 0 can never match");
+    has("AuthorizationPolicy foo/never-when: rule 0 can never match (from[0].source.namespaces and when[0](source.namespace).values share no value)");
+    has("AuthorizationPolicy foo/never-principal: rule 0 can never match (the namespaces of from[0].source.principals are not in from[0].source.namespaces)");
+    has("AuthorizationPolicy bar/shadowed: fully shadowed by DENY bar/deny-all");
+    has("AuthorizationPolicy bar/l7: uses attributes only a waypoint (L7) can evaluate");
+    assert!(!l.iter().any(|x| x.contains("foo/maybe")), "{l:#?}");
+    assert!(!l
+        .iter()
+        .any(|x| x.contains("PeerAuthentication foo/wl: mTLS mode STRICT")));
+
+    // A mesh-wide STRICT silences the default warning.
+    let (mesh, _) = build("foo", "app=web", &[("PA", ROOT, "default", STRICT)]);
+    let l = lint(&mesh, ROOT);
+    assert!(l.is_empty(), "{l:#?}");
+}
+
 #[test]
 fn authz_can_be_shared_across_tasks() {
     fn shared<T: Send + Sync + 'static>() {}
