@@ -1,9 +1,16 @@
 //! `weft check --mesh FILE`: the mesh parser, offline. Prints `file:line: message` for each
-//! error and each warning; the exit status says whether the file would be accepted.
+//! error and each warning; the exit status says whether the file would be accepted (warnings
+//! alone never fail it).
+//!
+//! Warnings are the parser's (skipped objects) and the policy engine's risky-policy findings
+//! ([`crate::authz::lint_findings`], evaluated with Istio's default root namespace), each
+//! located at its policy's `metadata.name` when the file can be read again.
 
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
+
+use crate::authz::{self, Finding};
 
 /// Checks `path`, writing findings to `out`; success when the file would be accepted.
 pub fn run(path: &Path, out: &mut impl Write) -> ExitCode {
@@ -11,6 +18,10 @@ pub fn run(path: &Path, out: &mut impl Write) -> ExitCode {
         Ok(parsed) => {
             for w in &parsed.warnings {
                 let _ = writeln!(out, "{w} (warning)");
+            }
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            for f in authz::lint_findings(&parsed.mesh, authz::DEFAULT_ROOT_NAMESPACE) {
+                let _ = writeln!(out, "{} (warning)", locate(path, &text, &f));
             }
             let m = &parsed.mesh;
             let _ = writeln!(
@@ -32,5 +43,16 @@ pub fn run(path: &Path, out: &mut impl Write) -> ExitCode {
             let _ = writeln!(out, "{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `file:line: finding`, or `file: finding` when the policy cannot be located.
+fn locate(path: &Path, text: &str, f: &Finding) -> String {
+    let line = f.policy.as_ref().and_then(|(kind, ns, name)| {
+        crate::k8s::locate_object(text, &format!("{kind:?}"), ns, name)
+    });
+    match line {
+        Some(l) => format!("{}:{l}: {f}", path.display()),
+        None => format!("{}: {f}", path.display()),
     }
 }

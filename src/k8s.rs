@@ -296,6 +296,57 @@ fn locate(text: &str, doc: usize, path: &[Seg<'_>]) -> Option<usize> {
     }
 }
 
+/// The 1-based line of `metadata.name` of the object of `kind` named `namespace/name` (an
+/// object without a namespace is in `default`), searching documents and `kind: List` items.
+/// For messages about objects found after parsing, such as `weft check`'s policy warnings.
+pub fn locate_object(text: &str, kind: &str, namespace: &str, name: &str) -> Option<usize> {
+    #[derive(Deserialize)]
+    struct Named {
+        #[serde(default)]
+        kind: Option<String>,
+        #[serde(default)]
+        metadata: Option<NamedMeta>,
+        #[serde(default)]
+        items: Option<Vec<Named>>,
+    }
+    #[derive(Deserialize)]
+    struct NamedMeta {
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        namespace: Option<String>,
+    }
+    let is = |o: &Named| {
+        o.kind.as_deref() == Some(kind)
+            && o.metadata.as_ref().is_some_and(|m| {
+                m.name.as_deref() == Some(name)
+                    && m.namespace
+                        .as_deref()
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or("default")
+                        == namespace
+            })
+    };
+    for (doc, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        // Stop at an error: after a syntax error the iterator would repeat it. Files that
+        // `parse_mesh` accepted have none.
+        let Ok(head) = Option::<Named>::deserialize(de) else {
+            return None;
+        };
+        let Some(head) = head else { continue };
+        let mut path: Vec<Seg<'_>> = if is(&head) {
+            Vec::new()
+        } else if let Some(i) = head.items.iter().flatten().position(is) {
+            vec![Seg::Key("items"), Seg::Index(i)]
+        } else {
+            continue;
+        };
+        path.extend([Seg::Key("metadata"), Seg::Key("name")]);
+        return locate(text, doc, &path);
+    }
+    None
+}
+
 struct LocateSeed<'p, 'a> {
     path: &'p [Seg<'a>],
 }
@@ -1134,6 +1185,28 @@ mod tests {
                 "list.yaml:{line}: skipping unsupported object Deployment"
             )),
             "{w}"
+        );
+    }
+
+    #[test]
+    fn objects_are_located_by_kind_namespace_and_name() {
+        let at = line_of(LIST, "name: web-allow-frontend", 0);
+        assert_eq!(
+            locate_object(LIST, "AuthorizationPolicy", "shop", "web-allow-frontend"),
+            Some(at)
+        );
+        assert_eq!(
+            locate_object(LIST, "PeerAuthentication", "shop", "web-allow-frontend"),
+            None
+        );
+        assert_eq!(
+            locate_object(LIST, "AuthorizationPolicy", "other", "web-allow-frontend"),
+            None
+        );
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n";
+        assert_eq!(
+            locate_object(text, "AuthorizationPolicy", "default", "p"),
+            Some(8)
         );
     }
 

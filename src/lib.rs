@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod authz;
 pub mod check;
 pub mod config;
 pub mod daemon;

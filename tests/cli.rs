@@ -55,6 +55,55 @@ fn check_accepts_the_example_and_prints_file_line_for_each_error() {
 }
 
 #[test]
+fn check_warns_about_risky_policy_at_its_line_and_still_succeeds() {
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/risky-policies.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let out = weft()
+        .args(["check", "--mesh"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "warnings alone must not fail the check"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let name = file.display().to_string();
+    // The line of `name: <policy>` in the file.
+    let line_of = |policy: &str| {
+        text.lines()
+            .position(|l| l.trim() == format!("name: {policy}"))
+            .map(|i| i + 1)
+            .unwrap_or_else(|| panic!("{policy} not in the file"))
+    };
+    let expect = [
+        ("shop-permissive", "PeerAuthentication shop/shop-permissive: mTLS mode PERMISSIVE"),
+        ("web-metrics-plaintext", "PeerAuthentication shop/web-metrics-plaintext: port 9090: mTLS mode DISABLE"),
+        ("allow-everything", "AuthorizationPolicy shop/allow-everything: rule 0 matches every connection"),
+        ("deny-nothing", "AuthorizationPolicy shop/deny-nothing: rule 0 can never match"),
+        ("web-allow-frontend", "AuthorizationPolicy shop/web-allow-frontend: fully shadowed by DENY shop/web-lockdown"),
+        ("web-get-only", "AuthorizationPolicy shop/web-get-only: uses attributes only a waypoint (L7) can evaluate (rule 0: methods)"),
+    ];
+    for (policy, message) in expect {
+        let prefix = format!("{name}:{}: {message}", line_of(policy));
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&prefix) && l.ends_with("(warning)")),
+            "missing {prefix:?} in\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.lines().any(|l| l.starts_with(&format!(
+            "{name}: no mesh-wide PeerAuthentication (namespace istio-system, no selector)"
+        ))),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ok: 1 namespaces, 1 pods (1 enrolled), 0 services, 7 policies"));
+}
+
+#[test]
 fn ca_init_refuses_to_overwrite_an_existing_ca() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
