@@ -56,10 +56,8 @@ pub struct AdminContext {
     pub log: Arc<LogControl>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
-    /// Live connections.
-    pub conns: Arc<crate::proxy::conntrack::ConnTable>,
-    /// The HBONE client pool.
-    pub pool: Arc<crate::proxy::pool::Pool>,
+    /// The data path (read-only use: connections, pool, compiled policies).
+    pub proxy: Arc<crate::proxy::ProxyCtx>,
     /// Set to `true` to shut the daemon down (`/quitquitquit`).
     pub shutdown: watch::Sender<bool>,
 }
@@ -192,7 +190,82 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
         .collect()
 }
 
-const ADMIN_INDEX: &str = "weft admin endpoints:\n  GET  /config_dump\n  GET  /connections\n  GET  /healthz/ready\n  GET  /logging            show the log filter\n  POST /logging?level=L    set it (GET with level= also sets)\n  POST /quitquitquit       drain and exit\n";
+const EXPLAIN_USAGE: &str =
+    "usage: GET /debug/explain?src=IP&dst=IP&port=N  (dst=IP:PORT also works; \
+optional identity=spiffe://... to set the client identity, or plaintext=true for a client \
+without mTLS; by default a client that is an enrolled workload is taken as authenticated with \
+its own identity)";
+
+/// `/debug/explain`: what the policies in force would decide, without sending traffic.
+fn explain(ctx: &AdminContext, q: &BTreeMap<String, String>) -> Result<serde_json::Value, String> {
+    let get = |k: &str| q.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let src_ip: std::net::IpAddr = match get("src") {
+        None => return Err("missing src".into()),
+        Some(s) => s
+            .parse::<std::net::IpAddr>()
+            .or_else(|_| s.parse::<SocketAddr>().map(|a| a.ip()))
+            .map_err(|_| format!("src {s:?} is not an IP address"))?,
+    };
+    let dst_raw = get("dst").ok_or("missing dst")?;
+    let (dst_ip, port_in_dst) = match dst_raw.parse::<SocketAddr>() {
+        Ok(a) => (a.ip(), Some(a.port())),
+        Err(_) => (
+            dst_raw
+                .parse::<std::net::IpAddr>()
+                .map_err(|_| format!("dst {dst_raw:?} is not an IP address or IP:port"))?,
+            None,
+        ),
+    };
+    let port = match (get("port"), port_in_dst) {
+        (Some(p), _) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("port {p:?} is not a port (1-65535)"))?,
+        (None, Some(p)) => p,
+        (None, None) => return Err("missing port".into()),
+    };
+    let snap = ctx.store.snapshot();
+    let dst = snap
+        .workload_by_ip(dst_ip)
+        .ok_or_else(|| format!("dst {dst_ip} is not a workload in the mesh"))?;
+    let plaintext = matches!(get("plaintext"), Some("true" | "1" | "yes"));
+    let identity: Option<crate::identity::Identity> = match (get("identity"), plaintext) {
+        (Some(_), true) => return Err("identity and plaintext=true contradict each other".into()),
+        (Some(id), false) => Some(id.parse().map_err(|e| format!("identity {id:?}: {e}"))?),
+        (None, true) => None,
+        (None, false) => snap
+            .workload_by_ip(src_ip)
+            .filter(|w| w.enrollment.is_enrolled())
+            .and_then(|w| ctx.proxy.identity_of(w)),
+    };
+    let authz = ctx.proxy.authz(&snap);
+    let explanation = authz.explain(&crate::authz::Connection {
+        src_ip,
+        src_identity: identity.as_ref(),
+        dst,
+        dst_ip,
+        dst_port: port,
+    });
+    let mut v = serde_json::to_value(&explanation).map_err(|e| e.to_string())?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("source".into(), json!({
+            "ip": src_ip,
+            "identity": identity.as_ref().map(|i| i.to_string()),
+            "workload": snap.workload_by_ip(src_ip).map(|w| format!("{}/{}", w.namespace, w.name)),
+        }));
+        obj.insert(
+            "destination".into(),
+            json!({
+                "ip": dst_ip, "port": port, "workload": format!("{}/{}", dst.namespace, dst.name),
+            }),
+        );
+        obj.insert("generation".into(), json!(snap.generation));
+    }
+    Ok(v)
+}
+
+const ADMIN_INDEX: &str = "weft admin endpoints:\n  GET  /config_dump\n  GET  /connections\n  GET  /debug/explain?src=IP&dst=IP&port=N\n  GET  /healthz/ready\n  GET  /logging            show the log filter\n  POST /logging?level=L    set it (GET with level= also sets)\n  POST /quitquitquit       drain and exit\n";
 
 fn method_not_allowed(allowed: &str) -> Response<Body> {
     let mut r = text(
@@ -218,11 +291,11 @@ fn admin(ctx: &AdminContext, req: &Request<Incoming>) -> Response<Body> {
         "/healthz/ready" => ready(ctx, method),
         "/connections" => match *method {
             Method::GET => {
-                let conns = ctx.conns.list();
+                let conns = ctx.proxy.conns.list();
                 let views: Vec<_> = conns.iter().map(|c| c.view()).collect();
                 json_response(
                     StatusCode::OK,
-                    &json!({ "connections": views, "pool": ctx.pool.view() }),
+                    &json!({ "connections": views, "pool": ctx.proxy.pool.view() }),
                 )
             }
             _ => method_not_allowed("GET"),
@@ -250,6 +323,13 @@ fn admin(ctx: &AdminContext, req: &Request<Incoming>) -> Response<Body> {
                 _ => method_not_allowed("GET, POST"),
             }
         }
+        "/debug/explain" => match *method {
+            Method::GET => match explain(ctx, &query(req)) {
+                Ok(v) => json_response(StatusCode::OK, &v),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n\n{EXPLAIN_USAGE}")),
+            },
+            _ => method_not_allowed("GET"),
+        },
         "/quitquitquit" => match *method {
             Method::POST => {
                 tracing::info!("shutdown requested through /quitquitquit");

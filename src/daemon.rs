@@ -115,6 +115,9 @@ impl Daemon {
         let proxy_ctx = Arc::new(ProxyCtx {
             node: config.node_name.clone(),
             trust_domain: config.trust_domain.clone(),
+            root_namespace: config.root_namespace.clone(),
+            authz_cache: arc_swap::ArcSwapOption::empty(),
+            denials: metrics.denials.clone(),
             mode,
             store: store.clone(),
             certs: certs.clone(),
@@ -170,7 +173,7 @@ impl Daemon {
                 Some(r)
             }
         };
-        let proxy = match Proxy::start(proxy_ctx, listeners, shutdown_rx.clone()) {
+        let proxy = match Proxy::start(proxy_ctx.clone(), listeners, shutdown_rx.clone()) {
             Ok(p) => p,
             Err(e) => {
                 stop_tasks(&shutdown, tasks).await;
@@ -186,8 +189,7 @@ impl Daemon {
             certs: certs.clone(),
             log,
             metrics,
-            conns,
-            pool,
+            proxy: proxy_ctx,
             shutdown: shutdown.clone(),
         });
         let admin = match admin::start(ctx, shutdown_rx) {

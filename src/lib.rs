@@ -11,6 +11,7 @@ pub mod admin;
 pub mod authz;
 pub mod check;
 pub mod config;
+pub mod ctl;
 pub mod daemon;
 pub mod identity;
 pub mod k8s;

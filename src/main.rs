@@ -36,6 +36,14 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
     },
+    /// Read a running daemon's admin endpoint.
+    Ctl {
+        /// The admin endpoint.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        #[command(subcommand)]
+        command: weft::ctl::CtlCommand,
+    },
     /// Validate a mesh file offline: `file:line: message` per error, warnings for risky policy.
     Check {
         /// The mesh file (Kubernetes-style YAML).
@@ -97,5 +105,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { mesh } => Ok(weft::check::run(&mesh, &mut std::io::stdout())),
+        Command::Ctl { admin, command } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            let out = rt.block_on(weft::ctl::run(admin, command))?;
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

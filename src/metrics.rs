@@ -26,6 +26,8 @@ pub struct Metrics {
     registry: Registry,
     /// Istio's TCP metrics.
     pub tcp: TcpMetrics,
+    /// Policy denials.
+    pub denials: DenialMetrics,
 }
 
 /// Istio's labels on TCP metrics (the subset weft knows; values are `unknown` when a side is
@@ -70,6 +72,28 @@ pub struct TcpLabels {
     pub response_flags: &'static str,
     /// `mutual_tls` for HBONE, `unknown` for plaintext.
     pub connection_security_policy: &'static str,
+}
+
+/// Labels of denied connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    /// Destination workload.
+    pub destination_workload: String,
+    /// Destination namespace.
+    pub destination_workload_namespace: String,
+    /// `hbone`, `plaintext` or `local`.
+    pub transport: &'static str,
+    /// Why: `policy` (an AuthorizationPolicy), `mtls` (PeerAuthentication STRICT).
+    pub reason: &'static str,
+    /// The deciding policy (`namespace/name`), or `default` (no ALLOW matched).
+    pub policy: String,
+}
+
+/// `weft_tcp_connections_denied_total`.
+#[derive(Clone, Default)]
+pub struct DenialMetrics {
+    /// The counter family.
+    pub denied: Family<DenialLabels, Counter>,
 }
 
 /// The counters of Istio's TCP telemetry.
@@ -119,7 +143,17 @@ impl Metrics {
             "Total bytes received during request in case of a TCP connection",
             tcp.received_bytes.clone(),
         );
-        Metrics { registry, tcp }
+        let denials = DenialMetrics::default();
+        registry.register(
+            "weft_tcp_connections_denied",
+            "Connections refused by policy (AuthorizationPolicy or PeerAuthentication)",
+            denials.denied.clone(),
+        );
+        Metrics {
+            registry,
+            tcp,
+            denials,
+        }
     }
 
     /// Prometheus text exposition of every metric.

@@ -104,6 +104,10 @@ pub struct ConnMeta {
     pub dst_workload: Option<Peer>,
     /// Service reached by VIP, if any.
     pub service: Option<ServiceRef>,
+    /// The policy decision that let it in (inbound side).
+    pub decision: Option<String>,
+    /// AUDIT policies that matched.
+    pub audits: Vec<String>,
 }
 
 /// One live connection.
@@ -316,6 +320,8 @@ impl Drop for ConnGuard {
             dst.workload = %name(&m.dst_workload),
             dst.identity = %id(&m.dst_identity),
             dst.service = %m.service.as_ref().map(|s| format!("{}/{}", s.namespace, s.name)).unwrap_or_default(),
+            decision = m.decision.as_deref().unwrap_or(""),
+            audit = %m.audits.join(","),
             bytes_received = received,
             bytes_sent = sent,
             duration_ms = c.started.elapsed().as_millis() as u64,

@@ -68,13 +68,132 @@ pub struct Refusal {
     pub status: StatusCode,
     /// For logs.
     pub reason: String,
+    /// Set when policy refused it: (`policy` or `mtls`, the deciding policy or `default`).
+    pub denial: Option<(&'static str, String)>,
 }
 
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Refusal {
     Refusal {
         status,
         reason: reason.into(),
+        denial: None,
     }
+}
+
+/// What let a connection in: the deciding policy, for the access log.
+#[derive(Debug)]
+pub struct Admitted {
+    /// `allow by <ns>/<name>` or `allow (no policy applies)`.
+    pub decision: String,
+    /// AUDIT policies that matched.
+    pub audits: Vec<String>,
+}
+
+/// The policy decision for a connection from `src` (with `src_identity` when authenticated)
+/// to `dst`, a local enrolled workload: PeerAuthentication first (plaintext to a STRICT port
+/// is refused), then AuthorizationPolicy.
+pub fn decide(
+    ctx: &ProxyCtx,
+    snap: &Snapshot,
+    authz: &crate::authz::Authz,
+    src: SocketAddr,
+    src_identity: Option<&Identity>,
+    dst: SocketAddr,
+) -> Result<Admitted, Refusal> {
+    let dst_w = local_destination(ctx, snap, dst.ip())?;
+    if src_identity.is_none() {
+        let m = authz.mtls(dst_w, dst.port());
+        if m.mode == crate::authz::MtlsMode::Strict {
+            let by = m
+                .policy
+                .as_ref()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .unwrap_or_else(|| "default".into());
+            return Err(Refusal {
+                status: StatusCode::FORBIDDEN,
+                reason: format!(
+                    "plaintext refused: PeerAuthentication {by} is STRICT for port {}",
+                    dst.port()
+                ),
+                denial: Some(("mtls", by)),
+            });
+        }
+    }
+    let verdict = authz.check(&crate::authz::Connection {
+        src_ip: src.ip(),
+        src_identity,
+        dst: dst_w,
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    });
+    let audits = verdict
+        .audits
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect();
+    match verdict.decision {
+        crate::authz::Decision::Allow { by } => Ok(Admitted {
+            decision: match by {
+                Some(p) => format!("allow by {}/{}", p.namespace, p.name),
+                None => "allow (no ALLOW policy applies)".into(),
+            },
+            audits,
+        }),
+        d @ crate::authz::Decision::Deny { .. } => {
+            let by = d
+                .policy()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .unwrap_or_else(|| "default".into());
+            Err(Refusal {
+                status: StatusCode::FORBIDDEN,
+                reason: format!("denied by policy: {d}"),
+                denial: Some(("policy", by)),
+            })
+        }
+    }
+}
+
+/// Logs and counts a refused connection.
+fn log_refusal(
+    ctx: &ProxyCtx,
+    snap: &Snapshot,
+    client: &Client,
+    dst: SocketAddr,
+    protocol: Protocol,
+    r: &Refusal,
+) {
+    let Some((reason, policy)) = &r.denial else {
+        tracing::info!(src = %client.addr(), dst = %dst, reason = %r.reason, "inbound connection refused");
+        return;
+    };
+    let dst_w = snap.workload_by_ip(dst.ip());
+    ctx.denials
+        .denied
+        .get_or_create(&crate::metrics::DenialLabels {
+            destination_workload: dst_w.map(|w| w.workload_name.clone()).unwrap_or_default(),
+            destination_workload_namespace: dst_w.map(|w| w.namespace.clone()).unwrap_or_default(),
+            transport: match protocol {
+                Protocol::Hbone => "hbone",
+                Protocol::Plain => "plaintext",
+                Protocol::Local => "local",
+            },
+            reason,
+            policy: policy.clone(),
+        })
+        .inc();
+    tracing::info!(
+        target: "access",
+        direction = "Inbound",
+        protocol = ?protocol,
+        src.addr = %client.addr(),
+        src.identity = %client.identity().map(|i| i.to_string()).unwrap_or_default(),
+        dst.addr = %dst,
+        dst.workload = %dst_w.map(|w| format!("{}/{}", w.namespace, w.name)).unwrap_or_default(),
+        action = "deny",
+        policy = %policy,
+        reason = %r.reason,
+        "connection denied"
+    );
 }
 
 /// The destination workload if `ip` is a local enrolled pod.
@@ -108,9 +227,16 @@ async fn connect_app(
     dst: SocketAddr,
     protocol: Protocol,
 ) -> Result<(TcpStream, ConnGuard), Refusal> {
+    let authz = ctx.authz(snap);
+    let admitted = match decide(ctx, snap, &authz, client.addr(), client.identity(), dst) {
+        Ok(a) => a,
+        Err(r) => {
+            log_refusal(ctx, snap, client, dst, protocol, &r);
+            return Err(r);
+        }
+    };
     let dst_w = local_destination(ctx, snap, dst.ip())?;
     let dst_identity = ctx.identity_of(dst_w);
-    // (PeerAuthentication and AuthorizationPolicy are enforced here by the policy module.)
     let app = socket::connect(dst, Some(client.addr().ip()), ctx.mode, APP_CONNECT_TIMEOUT)
         .await
         .map_err(|e| {
@@ -129,6 +255,8 @@ async fn connect_app(
         src_workload: snap.workload_by_ip(client.addr().ip()).map(Peer::of),
         dst_workload: Some(Peer::of(dst_w)),
         service: None,
+        decision: Some(admitted.decision),
+        audits: admitted.audits,
     });
     Ok((app, guard))
 }

@@ -21,9 +21,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::authz::Authz;
 use crate::identity::{CertManager, Identity};
 use crate::model::Workload;
-use crate::state::StateStore;
+use crate::state::{Snapshot, StateStore};
 use crate::tls::TlsConfigs;
 use conntrack::ConnTable;
 use pool::Pool;
@@ -50,6 +51,12 @@ pub struct ProxyCtx {
     pub node: String,
     /// SPIFFE trust domain.
     pub trust_domain: String,
+    /// Namespace whose policies apply mesh-wide.
+    pub root_namespace: String,
+    /// Compiled policies of the latest snapshot seen, with its generation.
+    pub authz_cache: arc_swap::ArcSwapOption<(u64, Arc<Authz>)>,
+    /// Denied connections, for metrics.
+    pub denials: crate::metrics::DenialMetrics,
     /// Socket mode (transparent when capturing).
     pub mode: SocketMode,
     /// The mesh state.
@@ -69,6 +76,54 @@ impl ProxyCtx {
     pub fn identity_of(&self, w: &Workload) -> Option<Identity> {
         Identity::new(&self.trust_domain, &w.namespace, &w.service_account).ok()
     }
+
+    /// The compiled policies of `snap` (compiled once per generation, on first use).
+    pub fn authz(&self, snap: &Snapshot) -> Arc<Authz> {
+        if let Some(c) = self.authz_cache.load().as_ref() {
+            if c.0 == snap.generation {
+                return c.1.clone();
+            }
+        }
+        let authz = Arc::new(Authz::new(&snap.mesh, &self.root_namespace));
+        for w in authz.warnings() {
+            tracing::warn!(target: "weft::authz", "{w}");
+        }
+        self.authz_cache
+            .store(Some(Arc::new((snap.generation, authz.clone()))));
+        authz
+    }
+}
+
+/// Re-evaluates live inbound connections whenever the state changes and closes those the new
+/// policies deny (a plaintext connection to a port now STRICT included).
+pub fn spawn_policy_follower(
+    ctx: Arc<ProxyCtx>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let mut changes = ctx.store.subscribe();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+            }
+            let snap = ctx.store.snapshot();
+            let authz = ctx.authz(&snap);
+            for conn in ctx.conns.list() {
+                let m = &conn.meta;
+                if m.direction != conntrack::Direction::Inbound {
+                    continue;
+                }
+                let verdict =
+                    inbound::decide(&ctx, &snap, &authz, m.src, m.src_identity.as_ref(), m.dst);
+                if let Err(refusal) = verdict {
+                    let (src, dst, reason) = (m.src, m.dst, &refusal.reason);
+                    tracing::info!(target: "access", %src, %dst, %reason, "live connection closed: no longer allowed");
+                    conn.close.cancel();
+                }
+            }
+        }
+    })
 }
 
 /// The three listeners' addresses.
@@ -110,7 +165,8 @@ impl Proxy {
                 inbound::serve_plaintext,
             ),
             accept_loop(hbone, ctx.clone(), shutdown.clone(), inbound::serve_hbone),
-            ctx.pool.spawn_reaper(shutdown),
+            ctx.pool.spawn_reaper(shutdown.clone()),
+            spawn_policy_follower(ctx.clone(), shutdown),
         ];
         Ok(Proxy { ctx, tasks })
     }

@@ -132,6 +132,8 @@ pub async fn serve_outbound_to(
             name: s.name.clone(),
             namespace: s.namespace.clone(),
         }),
+        decision: None,
+        audits: Vec::new(),
     };
 
     // Same node, destination in the mesh: the inbound side takes it, as if via HBONE.

@@ -222,6 +222,8 @@ mod tests {
             src_workload: None,
             dst_workload: None,
             service: None,
+            decision: None,
+            audits: Vec::new(),
         });
         (t, g)
     }
