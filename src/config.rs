@@ -63,15 +63,34 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawMesh {
-    file: PathBuf,
+    #[serde(default)]
+    file: Option<PathBuf>,
+    #[serde(default)]
+    xds: Option<RawControlPlane>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawCa {
-    builtin: RawBuiltinCa,
+    #[serde(default)]
+    builtin: Option<RawBuiltinCa>,
+    #[serde(default)]
+    istio: Option<RawControlPlane>,
     #[serde(default)]
     cert_ttl: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawControlPlane {
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    root_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    #[serde(default)]
+    cluster_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -140,6 +159,8 @@ pub enum Redirect {
 pub enum MeshSource {
     /// A Kubernetes-style YAML file, watched for changes.
     File(PathBuf),
+    /// Istio's control plane: delta ADS (`mesh.xds`).
+    Xds(ControlPlane),
 }
 
 /// Where certificates come from.
@@ -150,6 +171,80 @@ pub enum CaSource {
         /// The directory with `root-cert.pem`, `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`.
         dir: PathBuf,
     },
+    /// Istio's CA: a CSR per identity over gRPC (`ca.istio`).
+    Istio(ControlPlane),
+}
+
+/// How to reach an Istio control plane (istiod) over gRPC: `mesh.xds` and `ca.istio`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlPlane {
+    /// `https://host:port`, e.g. `https://istiod.istio-system.svc:15012`.
+    pub address: String,
+    /// PEM trust root(s) that istiod's serving certificate must chain to (Istio's
+    /// `istio-ca-root-cert` ConfigMap). For the CA these are also the data path's roots.
+    pub root_cert_file: PathBuf,
+    /// A Kubernetes ServiceAccount token (audience `istio-ca`), sent as a bearer token; read
+    /// again on every connection, so a rotated token is picked up.
+    pub token_file: PathBuf,
+    /// The cluster id (header `clusterid`, node metadata `CLUSTER_ID`); default `Kubernetes`.
+    pub cluster_id: String,
+}
+
+/// Istio's default cluster id (ztunnel's `CLUSTER_ID` default).
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
+impl ControlPlane {
+    /// Validates a raw section; problems are pushed as `<path>.<field>: ...` lines.
+    fn from_raw(
+        raw: RawControlPlane,
+        path: &str,
+        base: &Path,
+        problems: &mut Vec<String>,
+    ) -> Option<ControlPlane> {
+        let before = problems.len();
+        let address = raw.address.unwrap_or_default();
+        if address.is_empty() {
+            problems.push(format!("{path}.address: required (https://host:port)"));
+        } else {
+            match address.parse::<http::Uri>() {
+                Ok(uri) if uri.scheme_str() != Some("https") => problems.push(format!(
+                    "{path}.address: {address:?} must start with https:// (istiod is always reached over TLS)"
+                )),
+                Ok(uri) if uri.host().is_none_or(str::is_empty) => {
+                    problems.push(format!("{path}.address: {address:?} has no host"))
+                }
+                Ok(uri) if !matches!(uri.path(), "" | "/") || uri.query().is_some() => problems
+                    .push(format!(
+                        "{path}.address: {address:?} must be just https://host:port"
+                    )),
+                Ok(_) => {}
+                Err(e) => problems.push(format!("{path}.address: {address:?} is not a URL ({e})")),
+            }
+        }
+        let mut file = |name: &str, v: Option<PathBuf>| match v {
+            Some(p) if !p.as_os_str().is_empty() => base.join(p),
+            _ => {
+                problems.push(format!("{path}.{name}: required"));
+                PathBuf::new()
+            }
+        };
+        let root_cert_file = file("rootCertFile", raw.root_cert_file);
+        let token_file = file("tokenFile", raw.token_file);
+        let cluster_id = raw
+            .cluster_id
+            .unwrap_or_else(|| DEFAULT_CLUSTER_ID.to_string());
+        if cluster_id.is_empty() || http::HeaderValue::from_str(&cluster_id).is_err() {
+            problems.push(format!(
+                "{path}.clusterId: {cluster_id:?} must be non-empty printable ASCII"
+            ));
+        }
+        (problems.len() == before).then(|| ControlPlane {
+            address: address.trim_end_matches('/').to_string(),
+            root_cert_file,
+            token_file,
+            cluster_id,
+        })
+    }
 }
 
 /// The addresses weft listens on.
@@ -309,20 +404,40 @@ impl Config {
                 }
             }
         }
-        if !problems.is_empty() {
+        let mesh = match (raw.mesh.file, raw.mesh.xds) {
+            (Some(f), None) => Some(MeshSource::File(base.join(f))),
+            (None, Some(x)) => {
+                ControlPlane::from_raw(x, "mesh.xds", base, &mut problems).map(MeshSource::Xds)
+            }
+            _ => {
+                problems.push("mesh: exactly one of file, xds is required".to_string());
+                None
+            }
+        };
+        let ca = match (raw.ca.builtin, raw.ca.istio) {
+            (Some(b), None) => Some(CaSource::Builtin {
+                dir: base.join(b.dir),
+            }),
+            (None, Some(i)) => {
+                ControlPlane::from_raw(i, "ca.istio", base, &mut problems).map(CaSource::Istio)
+            }
+            _ => {
+                problems.push("ca: exactly one of builtin, istio is required".to_string());
+                None
+            }
+        };
+        let (Some(mesh), Some(ca), true) = (mesh, ca, problems.is_empty()) else {
             return Err(ConfigError::Invalid {
                 file: file.to_path_buf(),
                 problems,
             });
-        }
+        };
         Ok(Config {
             node_name,
             trust_domain,
             root_namespace,
-            mesh: MeshSource::File(base.join(raw.mesh.file)),
-            ca: CaSource::Builtin {
-                dir: base.join(raw.ca.builtin.dir),
-            },
+            mesh,
+            ca,
             cert_ttl,
             listen,
             redirect: raw.redirect.unwrap_or(Redirect::Tproxy),
@@ -387,6 +502,67 @@ mod tests {
                 .to_string();
         assert!(e.starts_with("/etc/weft/weft.yaml:5: "), "{e}");
         assert!(e.contains("unknown field `hbon`"), "{e}");
+    }
+
+    #[test]
+    fn istiod_sections_resolve_paths_and_default_the_cluster_id() {
+        let c = parse(
+            "nodeName: n1\n\
+             mesh:\n  xds: {address: 'https://istiod.istio-system.svc:15012', rootCertFile: /var/run/secrets/istio/root-cert.pem, tokenFile: token}\n\
+             ca:\n  istio: {address: 'https://istiod.istio-system.svc:15012/', rootCertFile: root.pem, tokenFile: token, clusterId: c1}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.mesh,
+            MeshSource::Xds(ControlPlane {
+                address: "https://istiod.istio-system.svc:15012".into(),
+                root_cert_file: "/var/run/secrets/istio/root-cert.pem".into(),
+                token_file: "/etc/weft/token".into(),
+                cluster_id: "Kubernetes".into(),
+            })
+        );
+        let CaSource::Istio(ca) = c.ca else {
+            panic!("not the Istio CA: {:?}", c.ca)
+        };
+        assert_eq!(ca.address, "https://istiod.istio-system.svc:15012");
+        assert_eq!(ca.root_cert_file, Path::new("/etc/weft/root.pem"));
+        assert_eq!(ca.cluster_id, "c1");
+    }
+
+    #[test]
+    fn istiod_section_problems_are_reported_with_their_path() {
+        let e = parse(
+            "nodeName: n1\nmesh: {xds: {address: 'http://istiod:15012', tokenFile: t}}\n\
+             ca: {istio: {address: 'https://:15012', rootCertFile: r, clusterId: ''}}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "mesh.xds.address: \"http://istiod:15012\" must start with https://",
+            "mesh.xds.rootCertFile: required",
+            "ca.istio.tokenFile: required",
+            "ca.istio.clusterId: \"\" must be non-empty",
+        ] {
+            assert!(e.contains(needle), "{needle:?} missing in:\n{e}");
+        }
+        assert!(e.contains("ca.istio.address"), "{e}");
+    }
+
+    #[test]
+    fn exactly_one_mesh_source_and_one_ca_are_required() {
+        let e = parse(
+            "nodeName: n1\nmesh: {file: m, xds: {address: 'https://i:1', rootCertFile: r, tokenFile: t}}\nca: {}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("mesh: exactly one of file, xds is required"),
+            "{e}"
+        );
+        assert!(
+            e.contains("ca: exactly one of builtin, istio is required"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -14,7 +14,8 @@ use tokio::sync::watch;
 
 use crate::admin::{self, AdminContext};
 use crate::config::{CaSource, Config, MeshSource, Redirect};
-use crate::identity::ca::BuiltinCa;
+use crate::identity::ca::{BuiltinCa, CertificateAuthority};
+use crate::identity::istio::IstioCa;
 use crate::identity::manager::CertManager;
 use crate::identity::{Identity, IdentityError};
 use crate::logging::LogControl;
@@ -75,18 +76,11 @@ impl Daemon {
         let config = Arc::new(config);
         let (shutdown, shutdown_rx) = watch::channel(false);
 
-        let ca = match &config.ca {
-            CaSource::Builtin { dir } => {
-                let dir = dir.clone();
-                tokio::task::spawn_blocking(move || BuiltinCa::load(&dir))
-                    .await
-                    .map_err(|e| DaemonError::Internal(format!("CA load task: {e}")))??
-            }
-        };
-        let certs = CertManager::new(Arc::new(ca), config.cert_ttl);
-
-        let MeshSource::File(mesh_path) = &config.mesh;
-        let store = StateStore::new(mesh_path.display().to_string());
+        let certs = CertManager::new(ca(&config).await?, config.cert_ttl);
+        let store = StateStore::new(match &config.mesh {
+            MeshSource::File(path) => path.display().to_string(),
+            MeshSource::Xds(cp) => format!("xds {}", cp.address),
+        });
         let mut tasks = Vec::new();
 
         // Certificates follow the local enrolled ServiceAccounts of the state in force.
@@ -98,11 +92,7 @@ impl Daemon {
             shutdown_rx.clone(),
         ));
         tasks.push(certs.run(wanted_rx, shutdown_rx.clone()));
-        tasks.push(source::file::spawn(
-            mesh_path.clone(),
-            store.clone(),
-            shutdown_rx.clone(),
-        ));
+        tasks.push(mesh_source(&config, store.clone(), shutdown_rx.clone()));
 
         let metrics = Arc::new(Metrics::new(store.clone(), certs.clone()));
         let mode = match config.redirect {
@@ -251,6 +241,39 @@ impl Daemon {
             tracing::info!("capture rules removed");
         }
         tracing::info!("weft stopped");
+    }
+}
+
+/// The certificate authority the config names: the built-in CA (its files are checked now)
+/// or Istio's (its root file is read now; istiod itself may come up later).
+async fn ca(config: &Config) -> Result<Arc<dyn CertificateAuthority>, DaemonError> {
+    let source = config.ca.clone();
+    tokio::task::spawn_blocking(
+        move || -> Result<Arc<dyn CertificateAuthority>, IdentityError> {
+            Ok(match source {
+                CaSource::Builtin { dir } => Arc::new(BuiltinCa::load(&dir)?),
+                CaSource::Istio(cp) => Arc::new(IstioCa::new(cp)?),
+            })
+        },
+    )
+    .await
+    .map_err(|e| DaemonError::Internal(format!("CA load task: {e}")))?
+    .map_err(DaemonError::Ca)
+}
+
+/// Starts the mesh source the config names: the watched file, or the xDS client of istiod.
+fn mesh_source(
+    config: &Config,
+    store: Arc<StateStore>,
+    shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    match &config.mesh {
+        MeshSource::File(path) => source::file::spawn(path.clone(), store, shutdown),
+        MeshSource::Xds(cp) => {
+            let node = source::xds::NodeInfo::from_env(&config.node_name, &cp.cluster_id);
+            source::xds::XdsClient::new(cp.clone(), node, &config.trust_domain, store)
+                .spawn(shutdown)
+        }
     }
 }
 

@@ -65,8 +65,8 @@ const LEAF_BACKDATE: Duration = Duration::from_secs(60);
 
 // === CertificateAuthority ===
 
-/// A source of workload certificates. The built-in CA is one; Istio's CA (a CSR over gRPC)
-/// will be another. [`CertManager`](super::CertManager) only talks to this trait.
+/// A source of workload certificates: the built-in CA, or Istio's CA (a CSR over gRPC,
+/// [`IstioCa`](super::istio::IstioCa)). [`CertManager`](super::CertManager) only talks to this trait.
 pub trait CertificateAuthority: Send + Sync + 'static {
     /// Issues a fresh key pair and a leaf certificate for `id`, valid for about `ttl` (a CA
     /// may shorten it, e.g. so it does not outlive the CA itself).
@@ -107,6 +107,28 @@ pub struct IssuedCert {
 }
 
 impl IssuedCert {
+    /// Assembles a certificate from parts another backend of this module obtained; the
+    /// caller upholds the type's invariants (checked chain, one URI SAN, matching key).
+    pub(super) fn from_parts(
+        identity: Identity,
+        key: &KeyPair,
+        chain_der: Vec<CertificateDer<'static>>,
+        serial_hex: String,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> IssuedCert {
+        IssuedCert {
+            identity,
+            key_pem: key.serialize_pem(),
+            chain_pem: chain_der.iter().map(|c| pem_encode_cert(c)).collect(),
+            chain_der,
+            serial_hex,
+            not_before,
+            not_after,
+            key_pkcs8: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        }
+    }
+
     /// The private key as DER, in the form rustls takes.
     pub fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key_pkcs8.clone_key())
@@ -628,7 +650,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
 }
 
 /// Reads every certificate of a PEM file, each checked to parse as X.509. Never empty.
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+pub(super) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
     let bytes = read_file(path)?;
     let mut certs = Vec::new();
     for item in rustls_pemfile::read_all(&mut bytes.as_slice()) {
@@ -760,7 +782,7 @@ mod der {
 // === Small helpers of this module ===
 
 /// Validates `leaf` up to one of `roots` through `intermediates` (webpki, at the current time).
-fn verify_leaf(
+pub(super) fn verify_leaf(
     leaf: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     roots: &[CertificateDer<'_>],
@@ -794,7 +816,7 @@ fn random_serial() -> [u8; 16] {
     serial
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -3,8 +3,9 @@
 //! Owns:
 //! - [`Identity`], the parsed form of `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`;
 //!   once one exists it is valid (parse, don't validate).
-//! - [`ca`]: certificate authority backends behind [`ca::CertificateAuthority`]; today the
-//!   built-in CA that reads Istio's plugin-CA files ([`ca::BuiltinCa`]).
+//! - [`ca`]: certificate authority backends behind [`ca::CertificateAuthority`]: the
+//!   built-in CA that reads Istio's plugin-CA files ([`ca::BuiltinCa`]), and
+//!   [`istio`]: Istio's CA over gRPC ([`istio::IstioCa`]).
 //! - [`manager`]: [`manager::CertManager`], which keeps one leaf certificate per wanted identity
 //!   and renews it before it expires.
 //!
@@ -12,6 +13,7 @@
 //! feeds a `watch` channel), nor building TLS configs or verifying peers (`tls`).
 
 pub mod ca;
+pub mod istio;
 pub mod manager;
 
 use std::fmt;
@@ -19,6 +21,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 pub use ca::{BuiltinCa, CertificateAuthority, IssuedCert};
+pub use istio::IstioCa;
 pub use manager::CertManager;
 
 /// Everything that can go wrong in this module, each with the file or identity it concerns.

@@ -116,6 +116,80 @@ pub struct AuthorizationPolicySpec {
     /// The external authorizer for `CUSTOM`.
     #[serde(default)]
     pub provider: Option<ExtensionProvider>,
+    /// Which workloads the policy applies to when its source resolved that itself (xDS);
+    /// [`PolicyScope::Selector`] (the default, and the only value a mesh file can give)
+    /// means namespace and `selector` decide, as for the CRD. Not a CRD field: refused in
+    /// a mesh file. See [`AuthorizationPolicy::applies_to`].
+    #[serde(
+        default,
+        skip_deserializing,
+        skip_serializing_if = "PolicyScope::is_selector"
+    )]
+    pub scope: PolicyScope,
+    /// Evaluated and logged but never enforced (Istio's `istio.io/dry-run` annotation, which
+    /// istiod passes on as `dry_run`). Not a CRD field: refused in a mesh file.
+    #[serde(
+        default,
+        skip_deserializing,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub dry_run: bool,
+}
+
+/// Which workloads an [`AuthorizationPolicy`] applies to.
+///
+/// An extension of the CRD shape for sources that resolve selection themselves: istiod sends
+/// ztunnel a scope (`GLOBAL`, `NAMESPACE`, `WORKLOAD_SELECTOR`) instead of the selector, and
+/// lists on each workload the selector policies that select it (workloads carry no labels
+/// in xDS).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PolicyScope {
+    /// As for the CRD: a policy of the root namespace without selector applies mesh-wide,
+    /// otherwise to its namespace's workloads that `selector` matches (all without one).
+    #[default]
+    Selector,
+    /// Every workload of the mesh (xDS `GLOBAL`).
+    Mesh,
+    /// Every workload of the policy's namespace (xDS `NAMESPACE`).
+    Namespace,
+    /// Exactly these workloads, by uid (xDS `WORKLOAD_SELECTOR`).
+    Workloads(std::collections::BTreeSet<String>),
+}
+
+impl PolicyScope {
+    /// True for the CRD behaviour.
+    pub fn is_selector(&self) -> bool {
+        *self == PolicyScope::Selector
+    }
+}
+
+impl AuthorizationPolicy {
+    /// Whether the policy applies to `workload`, with `root_namespace` the namespace whose
+    /// selector-less policies apply mesh-wide. (`targetRef(s)` policies attach to waypoints
+    /// and gateways, never to a workload directly, so they do not apply here.)
+    pub fn applies_to(&self, workload: &crate::model::Workload, root_namespace: &str) -> bool {
+        match &self.spec.scope {
+            PolicyScope::Mesh => true,
+            PolicyScope::Namespace => workload.namespace == self.namespace,
+            PolicyScope::Workloads(uids) => uids.contains(&workload.uid),
+            PolicyScope::Selector => {
+                if self.spec.target_ref.is_some() || !self.spec.target_refs.is_empty() {
+                    return false;
+                }
+                match &self.spec.selector {
+                    None => {
+                        self.namespace == root_namespace || self.namespace == workload.namespace
+                    }
+                    // In the root namespace a selector picks workloads of every namespace.
+                    Some(sel) => {
+                        (self.namespace == root_namespace || self.namespace == workload.namespace)
+                            && crate::model::selector_matches(&sel.match_labels, &workload.labels)
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `spec.provider` of a CUSTOM policy.

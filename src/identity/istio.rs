@@ -1,0 +1,390 @@
+//! [`IstioCa`]: workload certificates from Istio's CA (istiod's `IstioCertificateService`),
+//! asked for the way ztunnel asks: one CSR per identity, on behalf of the workload.
+//!
+//! Owns: key and CSR generation (ECDSA P-256, with rcgen; the private key never leaves the
+//! process), the `CreateCertificate` call with `ImpersonatedIdentity` in the request metadata
+//! and istiod's credentials (`istiod`), and the validation of every chain that comes back
+//! before anyone may use it. Does not own retries: a failed or refused issuance is an error,
+//! and the [`CertManager`](super::CertManager) keeps the old certificate and retries with
+//! backoff.
+//!
+//! A returned chain is used only if all of these hold:
+//! - it holds at least one PEM certificate, each valid X.509, leaf first;
+//! - the leaf's public key is the key generated for this request;
+//! - the leaf has exactly one URI SAN, equal to the requested SPIFFE id;
+//! - the leaf validates (webpki, client and server auth) through the rest of the chain to a
+//!   root of `rootCertFile`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
+use rustls::pki_types::CertificateDer;
+use tonic::transport::Channel;
+
+use super::ca::{hex, read_certs, verify_leaf, CertificateAuthority, IssuedCert};
+use super::{Identity, IdentityError};
+use crate::config::ControlPlane;
+use crate::istiod::Istiod;
+use crate::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use crate::proto::istio::v1::auth::IstioCertificateRequest;
+
+/// How long one `CreateCertificate` call may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The request-metadata key ztunnel uses to ask for a workload's identity (caclient.rs).
+const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+/// Istio's CA as a [`CertificateAuthority`].
+pub struct IstioCa {
+    istiod: Istiod,
+    root_cert_file: PathBuf,
+    /// The roots of `rootCertFile`, read once at start (they also seed the data path's
+    /// trust), plus any self-signed root a validated chain ended with.
+    roots: Mutex<Vec<CertificateDer<'static>>>,
+    /// The connected channel, dropped after a transport failure so the next call reconnects
+    /// (and re-reads `rootCertFile`).
+    channel: tokio::sync::Mutex<Option<Channel>>,
+}
+
+impl std::fmt::Debug for IstioCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IstioCa")
+            .field("address", &self.istiod.address())
+            .field("root_cert_file", &self.root_cert_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IstioCa {
+    /// Reads the trust roots of `config.root_cert_file` (a missing or malformed file fails
+    /// start-up, naming it); connects nothing yet: istiod may come up later. Reads a file
+    /// synchronously: call it at start-up or from `spawn_blocking`.
+    pub fn new(config: ControlPlane) -> Result<IstioCa, IdentityError> {
+        let roots = read_certs(&config.root_cert_file)?;
+        for root in &roots {
+            webpki::anchor_from_trusted_cert(root).map_err(|e| IdentityError::InvalidFile {
+                path: config.root_cert_file.clone(),
+                reason: format!("holds a certificate that cannot be a trust anchor: {e}"),
+            })?;
+        }
+        tracing::info!(
+            address = %config.address,
+            root_cert_file = %config.root_cert_file.display(),
+            roots = roots.len(),
+            "using Istio's CA"
+        );
+        Ok(IstioCa {
+            root_cert_file: config.root_cert_file.clone(),
+            istiod: Istiod::new(config),
+            roots: Mutex::new(roots),
+            channel: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// Generates a key, asks istiod to sign a CSR for `id`, and validates what comes back.
+    pub async fn issue(&self, id: &Identity, ttl: Duration) -> Result<IssuedCert, IdentityError> {
+        let fail = |reason: String| IdentityError::Issue {
+            identity: id.clone(),
+            reason,
+        };
+        let (key, csr) = csr_for(id).map_err(fail)?;
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr,
+            validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            metadata: Some(prost_types::Struct {
+                fields: BTreeMap::from([(
+                    IMPERSONATED_IDENTITY.to_string(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue(id.to_string())),
+                    },
+                )]),
+            }),
+        });
+        request.set_timeout(REQUEST_TIMEOUT);
+        self.istiod
+            .authorize(request.metadata_mut())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let channel = self.channel().await.map_err(fail)?;
+        let response = match IstioCertificateServiceClient::new(channel)
+            .create_certificate(request)
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) {
+                    *self.channel.lock().await = None;
+                }
+                return Err(fail(format!(
+                    "{} refused: {}: {}",
+                    self.istiod.address(),
+                    status.code(),
+                    status.message()
+                )));
+            }
+        };
+        let roots = self.roots_der();
+        let checked = check_chain(id, &key, &response.cert_chain, &roots)
+            .map_err(|e| fail(format!("istiod returned an unusable chain: {e}")))?;
+        if let Some(root) = checked.self_signed_root.clone() {
+            let mut roots = self.roots.lock().unwrap_or_else(|p| p.into_inner());
+            if !roots.contains(&root) {
+                roots.push(root);
+            }
+        }
+        tracing::debug!(identity = %id, serial = %checked.serial_hex, "certificate from Istio's CA");
+        Ok(IssuedCert::from_parts(
+            id.clone(),
+            &key,
+            checked.chain,
+            checked.serial_hex,
+            checked.not_before,
+            checked.not_after,
+        ))
+    }
+
+    async fn channel(&self) -> Result<Channel, String> {
+        let mut guard = self.channel.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self.istiod.connect().await.map_err(|e| e.to_string())?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    /// The file the trust roots come from.
+    pub fn root_cert_file(&self) -> &Path {
+        &self.root_cert_file
+    }
+}
+
+impl CertificateAuthority for IstioCa {
+    fn sign(
+        &self,
+        id: &Identity,
+        ttl: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<IssuedCert, IdentityError>> + Send + '_>> {
+        let id = id.clone();
+        Box::pin(async move { self.issue(&id, ttl).await })
+    }
+
+    fn roots_der(&self) -> Vec<CertificateDer<'static>> {
+        self.roots.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A fresh P-256 key and a PEM CSR for `id`: empty subject, the SPIFFE id as the only
+/// (URI) SAN, like ztunnel's.
+fn csr_for(id: &Identity) -> Result<(KeyPair, String), String> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| format!("generating a key: {e}"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    // An Identity's URI is ASCII (see `Identity::new`), so this cannot fail in practice.
+    let uri =
+        rcgen::string::Ia5String::try_from(id.to_string()).map_err(|e| format!("URI SAN: {e}"))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| format!("building the CSR: {e}"))?;
+    Ok((key, csr))
+}
+
+/// A chain that passed every check of the module doc.
+#[derive(Debug)]
+struct CheckedChain {
+    chain: Vec<CertificateDer<'static>>,
+    serial_hex: String,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    /// The chain's last certificate, when it is self-signed.
+    self_signed_root: Option<CertificateDer<'static>>,
+}
+
+/// Checks a `cert_chain` from istiod for `id` and `key` against `roots`.
+fn check_chain(
+    id: &Identity,
+    key: &KeyPair,
+    pem_chain: &[String],
+    roots: &[CertificateDer<'static>],
+) -> Result<CheckedChain, String> {
+    let mut chain = Vec::new();
+    for (i, pem) in pem_chain.iter().enumerate() {
+        let before = chain.len();
+        for item in rustls_pemfile::certs(&mut pem.as_bytes()) {
+            chain.push(item.map_err(|e| format!("cert_chain[{i}] is not valid PEM: {e}"))?);
+        }
+        if chain.len() == before {
+            return Err(format!("cert_chain[{i}] holds no PEM certificate"));
+        }
+    }
+    let (leaf_der, rest) = chain
+        .split_first()
+        .ok_or_else(|| "cert_chain is empty".to_string())?;
+    let parsed = chain
+        .iter()
+        .enumerate()
+        .map(|(i, der)| {
+            x509_parser::parse_x509_certificate(der)
+                .map(|(_, c)| c)
+                .map_err(|e| format!("certificate #{} is not valid X.509: {e}", i + 1))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let leaf = &parsed[0];
+    if leaf.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err("the leaf's public key is not the key of our CSR".into());
+    }
+    let san = leaf
+        .subject_alternative_name()
+        .map_err(|e| format!("the leaf's subjectAltName is malformed: {e}"))?
+        .ok_or("the leaf has no subjectAltName")?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    let wanted = id.to_string();
+    match uris.as_slice() {
+        [uri] if *uri == wanted => {}
+        [uri] => return Err(format!("the leaf is for {uri:?}, not {wanted:?}")),
+        _ => {
+            return Err(format!(
+                "the leaf has {} URI SANs {uris:?}; exactly one ({wanted:?}) is required",
+                uris.len()
+            ))
+        }
+    }
+    for usage in [
+        webpki::KeyUsage::client_auth(),
+        webpki::KeyUsage::server_auth(),
+    ] {
+        verify_leaf(leaf_der, rest, roots, usage)
+            .map_err(|e| format!("the chain does not lead to a trusted root: {e}"))?;
+    }
+    let validity = leaf.validity();
+    let at = |t: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
+    let last = parsed.len() - 1;
+    let self_signed_root = (last > 0
+        && parsed[last].subject() == parsed[last].issuer()
+        && parsed[last].verify_signature(None).is_ok())
+    .then(|| chain[last].clone());
+    Ok(CheckedChain {
+        serial_hex: hex(leaf.raw_serial()),
+        not_before: at(validity.not_before.timestamp()),
+        not_after: at(validity.not_after.timestamp()),
+        self_signed_root,
+        chain,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ca::tests::test_ca;
+    use rcgen::{CertificateSigningRequestParams, Issuer};
+
+    fn id(sa: &str) -> Identity {
+        Identity::new("cluster.local", "ns1", sa).unwrap()
+    }
+
+    /// Signs `csr` with a throwaway CA that keeps its issuer; returns (chain PEMs, root DER).
+    fn sign_with_new_ca(csr: &str, uri: &str) -> (Vec<String>, CertificateDer<'static>) {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "other root");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let mut req = CertificateSigningRequestParams::from_pem(csr).unwrap();
+        req.params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        let leaf = req.signed_by(&issuer).unwrap();
+        (vec![leaf.pem(), ca_cert.pem()], ca_cert.der().clone())
+    }
+
+    #[test]
+    fn the_csr_carries_only_the_spiffe_uri_and_our_key() {
+        let (key, csr) = csr_for(&id("a")).unwrap();
+        let req = CertificateSigningRequestParams::from_pem(&csr).unwrap();
+        assert_eq!(
+            req.params.subject_alt_names,
+            vec![SanType::URI(
+                "spiffe://cluster.local/ns/ns1/sa/a".try_into().unwrap()
+            )]
+        );
+        assert_eq!(
+            rcgen::PublicKeyData::der_bytes(&req.public_key),
+            key.public_key_raw()
+        );
+    }
+
+    #[test]
+    fn a_chain_for_another_identity_is_refused() {
+        let (key, csr) = csr_for(&id("a")).unwrap();
+        let (chain, root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/b");
+        let e = check_chain(&id("a"), &key, &chain, &[root]).unwrap_err();
+        assert!(
+            e.contains("not \"spiffe://cluster.local/ns/ns1/sa/a\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_chain_from_an_untrusted_root_is_refused() {
+        let (key, csr) = csr_for(&id("a")).unwrap();
+        let (chain, _root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/a");
+        let (_dir, trusted) = test_ca();
+        let e = check_chain(&id("a"), &key, &chain, &trusted.roots_der()).unwrap_err();
+        assert!(e.contains("does not lead to a trusted root"), "{e}");
+    }
+
+    #[test]
+    fn a_chain_for_another_key_is_refused() {
+        let (_key, csr) = csr_for(&id("a")).unwrap();
+        let (other_key, _) = csr_for(&id("a")).unwrap();
+        let (chain, root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/a");
+        let e = check_chain(&id("a"), &other_key, &chain, &[root]).unwrap_err();
+        assert!(e.contains("public key"), "{e}");
+    }
+
+    #[test]
+    fn garbage_and_empty_chains_are_refused() {
+        let (key, _) = csr_for(&id("a")).unwrap();
+        let (_dir, ca) = test_ca();
+        let roots = ca.roots_der();
+        assert!(check_chain(&id("a"), &key, &[], &roots)
+            .unwrap_err()
+            .contains("empty"));
+        assert!(check_chain(&id("a"), &key, &["hello".into()], &roots)
+            .unwrap_err()
+            .contains("no PEM certificate"));
+        let junk = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(check_chain(&id("a"), &key, &[junk.into()], &roots)
+            .unwrap_err()
+            .contains("not valid X.509"));
+    }
+
+    #[test]
+    fn a_good_chain_passes_and_reports_its_root() {
+        let (key, csr) = csr_for(&id("a")).unwrap();
+        let (chain, root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/a");
+        let checked = check_chain(&id("a"), &key, &chain, std::slice::from_ref(&root)).unwrap();
+        assert_eq!(checked.chain.len(), 2);
+        assert_eq!(checked.self_signed_root, Some(root));
+        assert!(checked.not_after > checked.not_before);
+    }
+}

@@ -1,0 +1,276 @@
+//! The Kubernetes manifests in `deploy/kubernetes/` are valid Kubernetes objects (typed with
+//! k8s-openapi, with no field the types do not know) and reference only what exists: the
+//! ServiceAccount, the ConfigMap and its key, volumes, ports, and the paths weft's config
+//! reads.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, ServiceAccount};
+use serde::de::DeserializeOwned;
+use weft::config::{CaSource, Config, MeshSource};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes")
+}
+
+/// Every YAML document of `file` as (kind, value).
+fn docs(file: &str) -> Vec<(String, serde_yaml_ng::Value)> {
+    let text = std::fs::read_to_string(dir().join(file)).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| {
+            let v = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(d)
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+            let kind = v["kind"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{file}: no kind"))
+                .to_string();
+            (kind, v)
+        })
+        .filter(|(_, v)| !v.is_null())
+        .collect()
+}
+
+/// Parses `v` as `T` and checks that nothing was dropped: a misspelt field would parse and
+/// be silently ignored otherwise.
+fn typed<T: DeserializeOwned + serde::Serialize>(file: &str, v: &serde_yaml_ng::Value) -> T {
+    let t: T = serde_yaml_ng::from_value(v.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let original = serde_json::to_value(v).unwrap();
+    let back = serde_json::to_value(&t).unwrap();
+    assert_eq!(
+        back, original,
+        "{file}: fields lost in parsing (unknown or misspelt?)"
+    );
+    t
+}
+
+fn one<T: DeserializeOwned + serde::Serialize>(file: &str, kind: &str) -> T {
+    let all = docs(file);
+    let matching: Vec<_> = all.iter().filter(|(k, _)| k == kind).collect();
+    assert_eq!(matching.len(), 1, "{file}: expected one {kind}");
+    typed(file, &matching[0].1)
+}
+
+fn container(spec: &PodSpec) -> &Container {
+    assert_eq!(spec.containers.len(), 1);
+    &spec.containers[0]
+}
+
+#[test]
+fn every_manifest_parses_as_kubernetes_objects_and_kustomize_lists_them_all() {
+    let kustomization = docs("kustomization.yaml");
+    let listed: BTreeSet<String> = kustomization[0].1["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    let present: BTreeSet<String> = std::fs::read_dir(dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    assert_eq!(listed, present);
+    for file in &present {
+        for (kind, v) in docs(file) {
+            match kind.as_str() {
+                "DaemonSet" => drop(typed::<DaemonSet>(file, &v)),
+                "ServiceAccount" => drop(typed::<ServiceAccount>(file, &v)),
+                "ConfigMap" => drop(typed::<ConfigMap>(file, &v)),
+                other => panic!("{file}: unexpected kind {other}"),
+            }
+            assert_eq!(v["metadata"]["namespace"], "istio-system", "{file}");
+        }
+    }
+}
+
+#[test]
+fn the_daemonset_references_only_what_exists() {
+    let ds: DaemonSet = one("daemonset.yaml", "DaemonSet");
+    let sa: ServiceAccount = one("rbac.yaml", "ServiceAccount");
+    let cm: ConfigMap = one("configmap.yaml", "ConfigMap");
+    let spec = ds.spec.unwrap();
+    let selector = spec.selector.match_labels.unwrap();
+    let template_labels = spec.template.metadata.unwrap().labels.unwrap();
+    assert!(selector
+        .iter()
+        .all(|(k, v)| template_labels.get(k) == Some(v)));
+    let pod = spec.template.spec.unwrap();
+
+    assert_eq!(pod.service_account_name, sa.metadata.name);
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert!(pod.termination_grace_period_seconds.unwrap() >= 10);
+    let tolerations = pod.tolerations.clone().unwrap();
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "tolerates every taint"
+    );
+
+    let c = container(&pod);
+    let caps = c
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert_eq!(
+        caps.add
+            .clone()
+            .unwrap()
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from(["NET_ADMIN".to_string(), "NET_RAW".to_string()])
+    );
+    assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(false));
+    let node_name = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME");
+    assert_eq!(
+        node_name
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "spec.nodeName"
+    );
+
+    // Volumes: every mount names a volume; the config volume names the ConfigMap and a key
+    // it has; the token is projected for istiod's audience.
+    let volumes = pod.volumes.clone().unwrap();
+    let volume = |name: &str| volumes.iter().find(|v| v.name == name);
+    for m in c.volume_mounts.as_ref().unwrap() {
+        assert!(
+            volume(&m.name).is_some(),
+            "mount of missing volume {}",
+            m.name
+        );
+    }
+    let config_volume = volumes
+        .iter()
+        .find_map(|v| {
+            v.config_map
+                .as_ref()
+                .filter(|c| c.name == cm.metadata.name.clone().unwrap())
+        })
+        .expect("a volume of the weft ConfigMap");
+    let data = cm.data.clone().unwrap();
+    for item in config_volume.items.as_ref().unwrap() {
+        assert!(
+            data.contains_key(&item.key),
+            "ConfigMap has no key {}",
+            item.key
+        );
+    }
+    let token = volumes
+        .iter()
+        .find_map(|v| v.projected.as_ref())
+        .and_then(|p| p.sources.as_ref())
+        .and_then(|s| s.iter().find_map(|s| s.service_account_token.clone()))
+        .expect("a projected ServiceAccount token");
+    assert_eq!(token.audience.as_deref(), Some("istio-ca"));
+
+    // The config in the ConfigMap is valid and reads exactly the files the pod mounts.
+    let mount_of = |volume_name: &str| {
+        c.volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == volume_name)
+            .map(|m| PathBuf::from(&m.mount_path))
+            .unwrap_or_else(|| panic!("volume {volume_name} not mounted"))
+    };
+    let config_path = mount_of(
+        &volumes
+            .iter()
+            .find(|v| {
+                v.config_map
+                    .as_ref()
+                    .is_some_and(|c| c.name == "weft-config")
+            })
+            .unwrap()
+            .name,
+    )
+    .join("weft.yaml");
+    let args = c.args.clone().unwrap();
+    assert!(args
+        .windows(2)
+        .any(|w| w[0] == "--config" && Path::new(&w[1]) == config_path));
+    let config = Config::parse(&config_path, &data["weft.yaml"], Some("node-1".into()))
+        .expect("the ConfigMap's weft.yaml is a valid config");
+    let MeshSource::Xds(xds) = &config.mesh else {
+        panic!("not in istiod mode")
+    };
+    let CaSource::Istio(ca) = &config.ca else {
+        panic!("not Istio's CA")
+    };
+    let token_path = mount_of("istio-token").join(&token.path);
+    let root_volume = volumes
+        .iter()
+        .find(|v| {
+            v.config_map
+                .as_ref()
+                .is_some_and(|c| c.name == "istio-ca-root-cert")
+        })
+        .expect("istiod's root ConfigMap");
+    let root_path = mount_of(&root_volume.name).join("root-cert.pem");
+    for cp in [xds, ca] {
+        assert_eq!(cp.token_file, token_path);
+        assert_eq!(cp.root_cert_file, root_path);
+    }
+
+    // Ports: the probe hits the readiness listener, and every listener is a declared port.
+    let probe = c
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
+    let probe_port = match &probe.port {
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => *p,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name) => {
+            c.ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name))
+                .unwrap()
+                .container_port
+        }
+    };
+    assert_eq!(probe_port, i32::from(config.listen.readiness.port()));
+    let declared: BTreeSet<i32> = c
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| p.container_port)
+        .collect();
+    for l in [
+        config.listen.outbound,
+        config.listen.inbound_plaintext,
+        config.listen.hbone,
+        config.listen.metrics,
+        config.listen.readiness,
+    ] {
+        assert!(
+            declared.contains(&i32::from(l.port())),
+            "port {} not declared",
+            l.port()
+        );
+    }
+}

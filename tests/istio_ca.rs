@@ -1,0 +1,246 @@
+//! The Istio CA client against an in-process istiod stand-in over TLS on loopback: what it
+//! sends, which chains it refuses (the old certificate stays), and a daemon whose CA is down
+//! at start becoming ready once it comes up.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::istiod::{CaMode, FakeIstiod, CLUSTER_ID, TOKEN};
+use support::*;
+use tokio::sync::watch;
+use weft::identity::{CertManager, CertificateAuthority, Identity, IstioCa};
+
+fn id(sa: &str) -> Identity {
+    Identity::new("cluster.local", "shop", sa).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_is_issued_for_the_impersonated_identity_with_istiods_credentials() {
+    let istiod = FakeIstiod::start().await;
+    let ca = IstioCa::new(istiod.control_plane()).unwrap();
+    let cert = ca
+        .issue(&id("cart"), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(cert.identity, id("cart"));
+    assert_eq!(cert.chain_der.len(), 2, "leaf and root");
+    assert_eq!(
+        weft::tls::identity_of(&cert.chain_der[0]).unwrap(),
+        id("cart")
+    );
+    let lifetime = cert.not_after.duration_since(cert.not_before).unwrap();
+    assert!(lifetime >= Duration::from_secs(3600), "{lifetime:?}");
+    // The key we hold is the leaf's: rustls accepts the pair.
+    rustls::sign::CertifiedKey::from_der(
+        cert.chain_der.clone(),
+        cert.key_der(),
+        &weft::tls::provider(),
+    )
+    .expect("key matches the leaf");
+
+    let calls = istiod.ca.calls();
+    assert_eq!(calls.len(), 1);
+    let call = &calls[0];
+    assert_eq!(
+        call.impersonated.as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/cart")
+    );
+    assert_eq!(call.validity_seconds, 3600);
+    assert_eq!(
+        call.authorization.as_deref(),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+    assert_eq!(call.cluster_id.as_deref(), Some(CLUSTER_ID));
+    // The data path trusts the root of rootCertFile.
+    assert_eq!(ca.roots_der().len(), 1);
+    assert_eq!(ca.roots_der()[0], cert.chain_der[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_untrusted_and_garbage_chains_are_each_refused() {
+    let istiod = FakeIstiod::start().await;
+    let ca = IstioCa::new(istiod.control_plane()).unwrap();
+    for (mode, needle) in [
+        (
+            CaMode::WrongIdentity,
+            "spiffe://cluster.local/ns/evil/sa/impostor",
+        ),
+        (CaMode::UntrustedRoot, "does not lead to a trusted root"),
+        (CaMode::Garbage, "not valid X.509"),
+    ] {
+        istiod.ca.set_mode(mode);
+        let e = ca
+            .issue(&id("cart"), Duration::from_secs(600))
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("unusable chain"), "{mode:?}: {e}");
+        assert!(e.contains(needle), "{mode:?}: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_renewals_keep_the_old_certificate_until_a_good_one_arrives() {
+    let istiod = FakeIstiod::start().await;
+    let ca = Arc::new(IstioCa::new(istiod.control_plane()).unwrap());
+    // 4 s certificates: the first renewal is due after about 2 s.
+    let manager = CertManager::new(ca, Duration::from_secs(4));
+    let (_wanted, wanted_rx) = watch::channel(BTreeSet::from([id("cart")]));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let driver = manager.run(wanted_rx, shutdown_rx);
+    let first = eventually(Duration::from_secs(10), || manager.get(&id("cart")))
+        .await
+        .expect("first certificate");
+
+    let mut calls = 1;
+    for mode in [
+        CaMode::WrongIdentity,
+        CaMode::UntrustedRoot,
+        CaMode::Garbage,
+    ] {
+        istiod.ca.set_mode(mode);
+        calls += 1;
+        istiod
+            .ca
+            .wait_for_calls(calls, Duration::from_secs(15))
+            .await;
+        // The refusal is counted once the call returns (the first call was the good one).
+        let refused = (calls - 1) as u64;
+        eventually(Duration::from_secs(5), || {
+            (manager.renewals_failed() >= refused).then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("{mode:?} was not refused"));
+        let serving = manager.get(&id("cart")).expect("still has a certificate");
+        assert_eq!(
+            serving.serial_hex, first.serial_hex,
+            "{mode:?} replaced the certificate"
+        );
+    }
+    eventually(Duration::from_secs(5), || {
+        (manager.renewals_failed() >= 3).then_some(())
+    })
+    .await
+    .expect("three refusals counted");
+    istiod.ca.set_mode(CaMode::Good);
+    let renewed = eventually(Duration::from_secs(15), || {
+        manager
+            .get(&id("cart"))
+            .filter(|c| c.serial_hex != first.serial_hex)
+    })
+    .await
+    .expect("renewed once the CA behaves");
+    assert_eq!(renewed.identity, id("cart"));
+    shutdown.send_replace(true);
+    driver.await.unwrap();
+}
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-0, namespace: shop, labels: {app: cart}}
+spec: {serviceAccountName: cart, nodeName: node-1}
+status: {podIP: 10.1.0.5}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_ca_is_down_at_start_becomes_ready_when_it_comes_up() {
+    let mut istiod = FakeIstiod::new();
+    let node = NodeDir::new(MESH);
+    let ip = node.ip;
+    let text = format!(
+        "nodeName: node-1\nmesh: {{file: mesh.yaml}}\nca: {{istio: {}, certTtl: 1h}}\n\
+         listen:\n  outbound: {ip}:15001\n  inboundPlaintext: {ip}:15006\n  hbone: {ip}:15008\n  \
+         admin: {ip}:15000\n  metrics: {ip}:15020\n  readiness: {ip}:15021\nredirect: none\n",
+        istiod.control_plane_yaml()
+    );
+    let path = node.path("weft.yaml");
+    std::fs::write(&path, text).unwrap();
+    let config = weft::config::Config::load(&path, None).unwrap();
+    let daemon = weft::daemon::Daemon::start(config, quiet_log())
+        .await
+        .unwrap();
+
+    // The mesh loads, but the one local identity has no certificate: not ready.
+    assert!(!wait_ready(node.readiness(), Duration::from_secs(2)).await);
+    assert!(daemon.store.loaded());
+    assert!(
+        daemon.certs.renewals_failed() >= 1,
+        "issuance was attempted and failed"
+    );
+    let (status, body) = tokio::task::spawn_blocking({
+        let a = node.readiness();
+        move || http(a, "GET", "/healthz/ready")
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 503, "{body}");
+
+    istiod.serve().await;
+    assert!(
+        wait_ready(node.readiness(), Duration::from_secs(20)).await,
+        "not ready after the CA came up"
+    );
+    let cert = daemon.certs.get(&id("cart")).expect("certificate");
+    assert_eq!(cert.chain_der.len(), 2);
+    assert!(!istiod.ca.calls().is_empty());
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_in_istiod_mode_syncs_over_xds_and_gets_its_certificates_from_istio() {
+    use support::istiod::ADDRESS_TYPE;
+    use weft::proto::istio::workload as xw;
+    let istiod = FakeIstiod::start().await;
+    let uid = "Kubernetes//Pod/shop/cart-0";
+    istiod.xds.put(
+        ADDRESS_TYPE,
+        uid,
+        &xw::Address {
+            r#type: Some(xw::address::Type::Workload(xw::Workload {
+                uid: uid.into(),
+                name: "cart-0".into(),
+                namespace: "shop".into(),
+                addresses: vec![vec![10, 1, 0, 5]],
+                tunnel_protocol: xw::TunnelProtocol::Hbone as i32,
+                service_account: "cart".into(),
+                node: "node-1".into(),
+                ..Default::default()
+            })),
+        },
+    );
+    let node = NodeDir::new(MESH);
+    let ip = node.ip;
+    let cp = istiod.control_plane_yaml();
+    let text = format!(
+        "nodeName: node-1\nmesh: {{xds: {cp}}}\nca: {{istio: {cp}, certTtl: 1h}}\n\
+         listen:\n  outbound: {ip}:15001\n  inboundPlaintext: {ip}:15006\n  hbone: {ip}:15008\n  \
+         admin: {ip}:15000\n  metrics: {ip}:15020\n  readiness: {ip}:15021\nredirect: none\n"
+    );
+    let path = node.path("weft.yaml");
+    std::fs::write(&path, text).unwrap();
+    let config = weft::config::Config::load(&path, None).unwrap();
+    let daemon = weft::daemon::Daemon::start(config, quiet_log())
+        .await
+        .unwrap();
+    assert!(wait_ready(node.readiness(), Duration::from_secs(15)).await);
+    let dump = tokio::task::spawn_blocking({
+        let a = node.admin();
+        move || get_json(a, "/config_dump")
+    })
+    .await
+    .unwrap();
+    assert_eq!(dump["workloads"][0]["uid"], uid);
+    assert_eq!(
+        dump["certificates"][0]["identity"],
+        "spiffe://cluster.local/ns/shop/sa/cart"
+    );
+    daemon.stop().await;
+}
