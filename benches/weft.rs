@@ -26,6 +26,8 @@ struct Sizes {
     conns: usize,
     idle: [usize; 2],
     workloads: [usize; 2],
+    policies: [usize; 2],
+    decisions: usize,
     crypto_bytes: u64,
 }
 
@@ -35,6 +37,8 @@ const FULL: Sizes = Sizes {
     conns: 2_000,
     idle: [1_000, 10_000],
     workloads: [10_000, 100_000],
+    policies: [10, 1_000],
+    decisions: 1_000_000,
     crypto_bytes: 2 << 30,
 };
 
@@ -44,6 +48,8 @@ const SMOKE: Sizes = Sizes {
     conns: 10,
     idle: [5, 10],
     workloads: [100, 200],
+    policies: [10, 20],
+    decisions: 100,
     crypto_bytes: 1 << 20,
 };
 
@@ -786,6 +792,54 @@ fn run_state(sz: Sizes, report: &mut Report) {
     }
 }
 
+/// Policy decision cost: `n` AuthorizationPolicies spread over 100 namespaces, the
+/// destination's namespace holding its share plus mesh-wide ones.
+fn run_policy(sz: Sizes, report: &mut Report) {
+    for n in sz.policies {
+        let mut y = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: ns0, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: dst, namespace: ns0, labels: {app: web}}\nspec: {nodeName: n1, serviceAccountName: web}\nstatus: {podIP: 10.0.0.1}\n");
+        for i in 0..n {
+            let (ns, action) = (
+                if i % 10 == 0 {
+                    "istio-system".to_string()
+                } else {
+                    format!("ns{}", i % 100)
+                },
+                if i % 3 == 0 { "DENY" } else { "ALLOW" },
+            );
+            y.push_str(&format!(
+                "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p{i}, namespace: {ns}}}\nspec:\n  action: {action}\n  selector: {{matchLabels: {{app: web}}}}\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/x{i}/sa/y], namespaces: [\"n{i}*\"], ipBlocks: [10.{}.0.0/16]}}}}]\n    to: [{{operation: {{ports: [\"{}\"]}}}}]\n    when: [{{key: source.ip, notValues: [192.168.0.1]}}]\n",
+                i % 250,
+                1000 + i % 5000
+            ));
+        }
+        let mesh = weft::k8s::parse_mesh("p.yaml", &y).unwrap().mesh;
+        let authz = weft::authz::Authz::new(&mesh, "istio-system");
+        let dst = mesh.workloads[0].clone();
+        let id = weft::identity::Identity::new("cluster.local", "x7", "y").unwrap();
+        let start = Instant::now();
+        let mut allowed = 0usize;
+        for i in 0..sz.decisions {
+            let conn = weft::authz::Connection {
+                src_ip: IpAddr::V4(Ipv4Addr::new(10, (i % 250) as u8, 1, 1)),
+                src_identity: Some(&id),
+                dst: &dst,
+                dst_ip: "10.0.0.1".parse().unwrap(),
+                dst_port: 1000 + (i % 5000) as u16,
+            };
+            allowed += usize::from(authz.check(&conn).decision.is_allow());
+        }
+        let ns = start.elapsed().as_nanos() as f64 / sz.decisions as f64;
+        report.add(
+            format!("policy decision, {n} policies"),
+            "in-proc",
+            ns / 1000.0,
+            None,
+            "µs",
+            format!("{} of {} allowed", allowed, sz.decisions),
+        );
+    }
+}
+
 fn run_crypto(sz: Sizes, report: &mut Report) {
     use rustls::pki_types::ServerName;
     let dir = tempfile::tempdir().unwrap();
@@ -936,6 +990,7 @@ fn main() {
     }
     if want("micro") {
         run_state(sz, &mut report);
+        run_policy(sz, &mut report);
         run_crypto(sz, &mut report);
     }
     if let Some(path) = json {

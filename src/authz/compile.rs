@@ -91,6 +91,9 @@ pub(crate) enum Scope {
     /// Selector in the root namespace: matching workloads of every namespace (istiod attaches
     /// selector policies from the workload's namespace and from the root namespace).
     MeshWorkloads(BTreeMap<String, String>),
+    /// Exactly these workloads, by uid: istiod resolved the selector itself (xDS
+    /// `WORKLOAD_SELECTOR`; xDS workloads carry no labels).
+    Uids(std::collections::BTreeSet<String>),
 }
 
 /// A compiled AuthorizationPolicy.
@@ -104,9 +107,15 @@ pub(crate) struct CompiledPolicy {
 }
 
 impl CompiledPolicy {
-    /// True when this policy applies to a workload with these namespace and labels.
-    pub fn applies_to(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+    /// True when this policy applies to a workload with this uid, namespace and labels.
+    pub fn applies_to(
+        &self,
+        uid: &str,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> bool {
         match &self.scope {
+            Scope::Uids(uids) => uids.contains(uid),
             Scope::Mesh => true,
             Scope::Namespace => self.reference.namespace == namespace,
             Scope::Workloads(sel) => {
@@ -139,6 +148,9 @@ impl CompiledPolicy {
                 "workloads in every namespace with {} (root namespace selector)",
                 labels(sel)
             ),
+            Scope::Uids(uids) => {
+                format!("{} workload(s) selected by the control plane", uids.len())
+            }
         }
     }
 }
@@ -169,7 +181,17 @@ pub(crate) fn compile(
         );
         return None;
     }
-    let action = spec.action;
+    // A dry-run policy (istiod passes Istio's `istio.io/dry-run` annotation on) is evaluated
+    // and reported like AUDIT, never enforced.
+    let action = if spec.dry_run {
+        warn(format!(
+            "dry-run: evaluated and logged as AUDIT, not enforced (action {:?})",
+            spec.action
+        ));
+        Action::Audit
+    } else {
+        spec.action
+    };
     let reference = PolicyRef {
         namespace: p.namespace.clone(),
         name: p.name.clone(),
@@ -180,11 +202,18 @@ pub(crate) fn compile(
         .as_ref()
         .map(|s| s.match_labels.clone())
         .filter(|l| !l.is_empty());
-    let scope = match (selector, p.namespace == root_namespace) {
-        (None, true) => Scope::Mesh,
-        (None, false) => Scope::Namespace,
-        (Some(l), true) => Scope::MeshWorkloads(l),
-        (Some(l), false) => Scope::Workloads(l),
+    let scope = match &spec.scope {
+        crate::model::policy::PolicyScope::Mesh => Scope::Mesh,
+        crate::model::policy::PolicyScope::Namespace => Scope::Namespace,
+        crate::model::policy::PolicyScope::Workloads(uids) => Scope::Uids(uids.clone()),
+        crate::model::policy::PolicyScope::Selector => {
+            match (selector, p.namespace == root_namespace) {
+                (None, true) => Scope::Mesh,
+                (None, false) => Scope::Namespace,
+                (Some(l), true) => Scope::MeshWorkloads(l),
+                (Some(l), false) => Scope::Workloads(l),
+            }
+        }
     };
     if action == Action::Custom {
         let provider = spec

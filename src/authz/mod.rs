@@ -234,7 +234,7 @@ fn scope_rank(s: &Scope) -> u8 {
         Scope::Mesh => 0,
         Scope::MeshWorkloads(_) => 1,
         Scope::Namespace => 2,
-        Scope::Workloads(_) => 3,
+        Scope::Workloads(_) | Scope::Uids(_) => 3,
     }
 }
 
@@ -274,7 +274,7 @@ impl Authz {
             // Invariant: a mesh holds far fewer than 2^32 policies.
             let i = i as u32;
             match p.scope {
-                Scope::Mesh | Scope::MeshWorkloads(_) => index_mesh.push(i),
+                Scope::Mesh | Scope::MeshWorkloads(_) | Scope::Uids(_) => index_mesh.push(i),
                 Scope::Namespace | Scope::Workloads(_) => by_namespace
                     .entry(p.reference.namespace.clone())
                     .or_default()
@@ -294,7 +294,7 @@ impl Authz {
         };
         let mut conflicts = BTreeSet::new();
         for w in &mesh.workloads {
-            let applicable = authz.applicable(&w.namespace, &w.labels, &mut |a, b| {
+            let applicable = authz.applicable(&w.uid, &w.namespace, &w.labels, &mut |a, b| {
                 conflicts.insert((a.clone(), b.clone()));
             });
             authz.by_uid.insert(
@@ -343,6 +343,7 @@ impl Authz {
 
     fn applicable(
         &self,
+        uid: &str,
         namespace: &str,
         labels: &BTreeMap<String, String>,
         conflict: &mut dyn FnMut(&PeerAuthRef, &PeerAuthRef),
@@ -358,7 +359,7 @@ impl Authz {
             .chain(self.by_namespace.get(namespace).into_iter().flatten());
         for &i in candidates {
             let p = &self.policies[i as usize];
-            if !p.applies_to(namespace, labels) {
+            if !p.applies_to(uid, namespace, labels) {
                 continue;
             }
             out.l7 |= p.uses_l7;
@@ -378,7 +379,7 @@ impl Authz {
             Some(e) if e.namespace == w.namespace && e.labels == w.labels => {
                 Cow::Borrowed(&e.applicable)
             }
-            _ => Cow::Owned(self.applicable(&w.namespace, &w.labels, &mut |_, _| {})),
+            _ => Cow::Owned(self.applicable(&w.uid, &w.namespace, &w.labels, &mut |_, _| {})),
         }
     }
 

@@ -626,3 +626,79 @@ fn decisions_are_cheap_with_many_policies() {
         "{per:?} per decision"
     );
 }
+
+#[test]
+fn control_plane_scopes_and_dry_run_are_honoured() {
+    use crate::model::policy::PolicyScope;
+    // A DENY-all written in namespace foo, re-scoped the ways istiod sends policies.
+    let (mut mesh, _) = build(
+        "foo",
+        "app=web",
+        &[("AP", "foo", "deny-all", "{action: DENY, rules: [{}]}")],
+    );
+    let dst = mesh.workloads[0].clone();
+    let a = identity(A);
+    fn conn<'a>(dst: &'a Workload, a: &'a Option<Identity>) -> Connection<'a> {
+        Connection {
+            src_ip: SRC_IP.parse().unwrap(),
+            src_identity: a.as_ref(),
+            dst,
+            dst_ip: DST_IP.parse().unwrap(),
+            dst_port: 80,
+        }
+    }
+    let set = |mesh: &mut Mesh, scope: PolicyScope, dry_run: bool| {
+        if let Policy::AuthorizationPolicy(p) = &mut mesh.policies[0] {
+            p.spec.scope = scope;
+            p.spec.dry_run = dry_run;
+        }
+    };
+    // Selected by uid: applies to exactly that workload, whatever its labels.
+    set(
+        &mut mesh,
+        PolicyScope::Workloads([dst.uid.clone()].into()),
+        false,
+    );
+    assert!(!Authz::new(&mesh, ROOT)
+        .check(&conn(&dst, &a))
+        .decision
+        .is_allow());
+    set(
+        &mut mesh,
+        PolicyScope::Workloads(["Kubernetes//Pod/foo/other".to_string()].into()),
+        false,
+    );
+    assert!(Authz::new(&mesh, ROOT)
+        .check(&conn(&dst, &a))
+        .decision
+        .is_allow());
+    // Namespace and mesh scope.
+    set(&mut mesh, PolicyScope::Namespace, false);
+    assert!(!Authz::new(&mesh, ROOT)
+        .check(&conn(&dst, &a))
+        .decision
+        .is_allow());
+    let mut other_ns = dst.clone();
+    other_ns.namespace = "bar".into();
+    other_ns.uid = "Kubernetes//Pod/bar/dst".into();
+    assert!(Authz::new(&mesh, ROOT)
+        .check(&conn(&other_ns, &a))
+        .decision
+        .is_allow());
+    set(&mut mesh, PolicyScope::Mesh, false);
+    assert!(!Authz::new(&mesh, ROOT)
+        .check(&conn(&other_ns, &a))
+        .decision
+        .is_allow());
+    // Dry run: reported as an audit, never enforced.
+    set(&mut mesh, PolicyScope::Mesh, true);
+    let authz = Authz::new(&mesh, ROOT);
+    let v = authz.check(&conn(&dst, &a));
+    assert!(v.decision.is_allow());
+    assert_eq!(v.audits.len(), 1);
+    assert!(
+        authz.warnings().iter().any(|w| w.contains("dry-run")),
+        "{:?}",
+        authz.warnings()
+    );
+}
