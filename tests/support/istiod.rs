@@ -446,7 +446,11 @@ impl FakeIstiod {
     /// A stand-in on a fresh loopback address, not yet serving; its root certificate and
     /// token are written to files.
     pub fn new() -> FakeIstiod {
-        let ip = super::unique_loopback();
+        FakeIstiod::new_at(super::unique_loopback())
+    }
+
+    /// A stand-in that will serve on `ip` (its certificate names that address).
+    pub fn new_at(ip: std::net::IpAddr) -> FakeIstiod {
         let addr = SocketAddr::new(ip, 15012);
         let root = Arc::new(TestCa::new("istiod test root"));
         let key = KeyPair::generate().unwrap();
@@ -512,6 +516,13 @@ impl FakeIstiod {
         )
     }
 
+    /// Starts serving on a listener made elsewhere (e.g. inside a network namespace).
+    pub async fn serve_on(&mut self, listener: std::net::TcpListener) {
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        self.serve_listener(listener).await;
+    }
+
     /// Starts serving (again) on the same address.
     pub async fn serve(&mut self) {
         assert!(self.running.is_none(), "already serving");
@@ -529,6 +540,10 @@ impl FakeIstiod {
                 }
             }
         };
+        self.serve_listener(listener).await;
+    }
+
+    async fn serve_listener(&mut self, listener: tokio::net::TcpListener) {
         let tls = tonic::transport::ServerTlsConfig::new().identity(
             tonic::transport::Identity::from_pem(&self.identity.0, &self.identity.1),
         );
