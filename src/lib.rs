@@ -22,3 +22,4 @@ pub mod redirect;
 pub mod source;
 pub mod state;
 pub mod tls;
+pub mod waypoint;
