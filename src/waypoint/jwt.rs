@@ -1456,3 +1456,5 @@ impl JwksCache {
     }
 }
 
+#[cfg(test)]
+mod tests;
