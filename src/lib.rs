@@ -25,3 +25,4 @@ pub mod redirect;
 pub mod source;
 pub mod state;
 pub mod tls;
+pub mod waypoint;
