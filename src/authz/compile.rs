@@ -13,6 +13,12 @@
 //! whole rule never match; in a DENY, CUSTOM or AUDIT rule the part is dropped and the rule is
 //! evaluated on what remains (so it matches at least as often as written).
 //!
+//! Every policy is compiled twice: for L4 (`rules`, [`Authz::check`](super::Authz::check)), as
+//! above, and for L7 (`http_rules`, [`Authz::check_http`](super::Authz::check_http)), where the
+//! HTTP attributes become tests ([`HttpCheck`], evaluated in `http`) and only what weft's
+//! waypoint cannot evaluate either (`connection.sni`, `experimental.*` keys) or Istio refuses is
+//! resolved fail closed, the same way.
+//!
 //! The evaluator is generic over a [`Trace`] so that `check` (which records nothing and
 //! short-circuits) and `explain` (which records every test) run the very same code.
 
@@ -30,6 +36,7 @@ use crate::model::policy::{
 
 use crate::model::PolicyKind;
 
+use super::http::{HttpAttributes, HttpCheck};
 use super::{Finding, PolicyRef};
 
 // === compiled types ===
@@ -47,6 +54,17 @@ pub(crate) enum Check {
     DestinationIp(Vec<IpNet>),
     /// The destination port.
     DestinationPort(Vec<u16>),
+    /// An attribute of the HTTP request: only in L7 rules.
+    Http(HttpCheck),
+}
+
+/// Which proxy a compiled rule is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layer {
+    /// A connection: HTTP attributes are unknown.
+    L4,
+    /// An HTTP request (the waypoint): HTTP attributes are evaluated.
+    Http,
 }
 
 /// One field of a rule: `values` (any must match) or, when `negated`, `notValues` (none may).
@@ -73,7 +91,7 @@ pub(crate) struct Clause {
 /// A compiled rule.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum RuleBody {
-    /// An ALLOW rule L4 cannot evaluate: never matches. `why` says what was in the way.
+    /// An ALLOW rule its layer cannot evaluate: never matches. `why` says what was in the way.
     Never { why: String },
     /// All clauses must match.
     Clauses(Vec<Clause>),
@@ -102,11 +120,21 @@ pub(crate) struct CompiledPolicy {
     pub reference: PolicyRef,
     pub scope: Scope,
     pub rules: Vec<RuleBody>,
+    /// The same rules compiled for L7.
+    pub http_rules: Vec<RuleBody>,
     /// Some rule mentions an attribute only an HTTP-aware proxy can evaluate.
     pub uses_l7: bool,
 }
 
 impl CompiledPolicy {
+    /// The rules compiled for `layer`.
+    pub fn rules_at(&self, layer: Layer) -> &[RuleBody] {
+        match layer {
+            Layer::L4 => &self.rules,
+            Layer::Http => &self.http_rules,
+        }
+    }
+
     /// True when this policy applies to a workload with this uid, namespace and labels.
     pub fn applies_to(
         &self,
@@ -242,7 +270,7 @@ pub(crate) fn compile(
         .enumerate()
         .map(|(i, r)| {
             let mut found = RuleProblems::default();
-            let body = compile_rule(r, action, &mut found);
+            let body = compile_rule(r, action, Layer::L4, &mut found);
             if !found.l7.is_empty() {
                 l7.push(format!("rule {i}: {}", found.l7.join(", ")));
             }
@@ -270,10 +298,40 @@ pub(crate) fn compile(
             unenforceable.join("; ")
         ));
     }
+    // L7: report only what the L4 pass did not already.
+    let mut l7_problems: Vec<String> = Vec::new();
+    let http_rules = spec
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut found = RuleProblems::default();
+            let body = compile_rule(r, action, Layer::Http, &mut found);
+            for u in found.unenforceable {
+                let u = format!("rule {i}: {u}");
+                if !unenforceable.contains(&u) {
+                    l7_problems.push(u);
+                }
+            }
+            body
+        })
+        .collect::<Vec<_>>();
+    if !l7_problems.is_empty() {
+        let consequence = if action == Action::Allow {
+            "an ALLOW rule using them never matches"
+        } else {
+            "the rule is enforced without them (matches more than written)"
+        };
+        warn(format!(
+            "at L7 (waypoint): {}; fail closed: {consequence}",
+            l7_problems.join("; ")
+        ));
+    }
     Some(CompiledPolicy {
         reference,
         scope,
         rules,
+        http_rules,
         uses_l7,
     })
 }
@@ -305,14 +363,14 @@ impl RuleProblems {
     }
 }
 
-fn compile_rule(rule: &Rule, action: Action, found: &mut RuleProblems) -> RuleBody {
+fn compile_rule(rule: &Rule, action: Action, layer: Layer, found: &mut RuleProblems) -> RuleBody {
     let mut clauses = Vec::new();
     if !rule.from.is_empty() {
         let alternatives = rule
             .from
             .iter()
             .enumerate()
-            .map(|(j, f)| compile_source(&f.source, &format!("from[{j}].source"), found))
+            .map(|(j, f)| compile_source(&f.source, &format!("from[{j}].source"), layer, found))
             .collect();
         clauses.push(Clause { alternatives });
     }
@@ -321,12 +379,14 @@ fn compile_rule(rule: &Rule, action: Action, found: &mut RuleProblems) -> RuleBo
             .to
             .iter()
             .enumerate()
-            .map(|(j, t)| compile_operation(&t.operation, &format!("to[{j}].operation"), found))
+            .map(|(j, t)| {
+                compile_operation(&t.operation, &format!("to[{j}].operation"), layer, found)
+            })
             .collect();
         clauses.push(Clause { alternatives });
     }
     for (k, c) in rule.when.iter().enumerate() {
-        if let Some(alt) = compile_condition(c, &format!("when[{k}]"), found) {
+        if let Some(alt) = compile_condition(c, &format!("when[{k}]"), layer, found) {
             clauses.push(Clause {
                 alternatives: vec![alt],
             });
@@ -348,12 +408,12 @@ fn compile_rule(rule: &Rule, action: Action, found: &mut RuleProblems) -> RuleBo
     RuleBody::Clauses(clauses)
 }
 
-fn push_strings(
+fn push_strings<M: Clone>(
     tests: &mut Vec<Test>,
-    values: &[StringMatch],
+    values: &[M],
     negated: bool,
     field: String,
-    make: fn(Vec<StringMatch>) -> Check,
+    make: impl Fn(Vec<M>) -> Check,
 ) {
     if !values.is_empty() {
         tests.push(Test {
@@ -364,7 +424,7 @@ fn push_strings(
     }
 }
 
-fn compile_source(s: &Source, at: &str, found: &mut RuleProblems) -> Alternative {
+fn compile_source(s: &Source, at: &str, layer: Layer, found: &mut RuleProblems) -> Alternative {
     let mut tests = Vec::new();
     push_strings(
         &mut tests,
@@ -412,10 +472,15 @@ fn compile_source(s: &Source, at: &str, found: &mut RuleProblems) -> Alternative
         (!s.remote_ip_blocks.is_empty(), "remoteIpBlocks"),
         (!s.not_remote_ip_blocks.is_empty(), "notRemoteIpBlocks"),
     ];
-    for (set, name) in l7 {
-        if set {
-            found.l7(name);
+    match layer {
+        Layer::L4 => {
+            for (set, name) in l7 {
+                if set {
+                    found.l7(name);
+                }
+            }
         }
+        Layer::Http => super::http::compile_source(s, at, &mut tests),
     }
     if tests.is_empty() && !l7.iter().any(|(set, _)| *set) {
         found
@@ -425,7 +490,12 @@ fn compile_source(s: &Source, at: &str, found: &mut RuleProblems) -> Alternative
     Alternative { tests }
 }
 
-fn compile_operation(o: &Operation, at: &str, found: &mut RuleProblems) -> Alternative {
+fn compile_operation(
+    o: &Operation,
+    at: &str,
+    layer: Layer,
+    found: &mut RuleProblems,
+) -> Alternative {
     let mut tests = Vec::new();
     for (ports, negated, name) in [(&o.ports, false, "ports"), (&o.not_ports, true, "notPorts")] {
         if !ports.is_empty() {
@@ -444,10 +514,15 @@ fn compile_operation(o: &Operation, at: &str, found: &mut RuleProblems) -> Alter
         (!o.paths.is_empty(), "paths"),
         (!o.not_paths.is_empty(), "notPaths"),
     ];
-    for (set, name) in l7 {
-        if set {
-            found.l7(name);
+    match layer {
+        Layer::L4 => {
+            for (set, name) in l7 {
+                if set {
+                    found.l7(name);
+                }
+            }
         }
+        Layer::Http => super::http::compile_operation(o, at, &mut tests),
     }
     if tests.is_empty() && !l7.iter().any(|(set, _)| *set) {
         found
@@ -469,12 +544,26 @@ pub(crate) fn is_l4_key(k: &ConditionKey) -> bool {
     )
 }
 
-/// One condition as an alternative of one or two tests; `None` when dropped (L7 or
+/// One condition as an alternative of one or two tests; `None` when dropped (L7 at L4, or
 /// unenforceable, already recorded in `found`).
-fn compile_condition(c: &Condition, at: &str, found: &mut RuleProblems) -> Option<Alternative> {
-    if !is_l4_key(&c.key) {
-        found.l7(c.key.to_string());
-        return None;
+fn compile_condition(
+    c: &Condition,
+    at: &str,
+    layer: Layer,
+    found: &mut RuleProblems,
+) -> Option<Alternative> {
+    match layer {
+        Layer::L4 if !is_l4_key(&c.key) => {
+            found.l7(c.key.to_string());
+            return None;
+        }
+        Layer::L4 => {}
+        Layer::Http => {
+            if let Err(why) = super::http::supported_key(&c.key) {
+                found.unenforceable.push(format!("{at}({}) {why}", c.key));
+                return None;
+            }
+        }
     }
     let field = |neg: bool| {
         format!(
@@ -512,6 +601,7 @@ fn compile_condition(c: &Condition, at: &str, found: &mut RuleProblems) -> Optio
 }
 
 /// Parses a condition's values for its key; the first value that does not parse on error.
+/// HTTP keys are handed to `http` (callers only pass those for L7 rules).
 fn parse_values(key: &ConditionKey, values: &[StringMatch]) -> Result<Check, String> {
     let exact = |m: &StringMatch| match m {
         StringMatch::Exact(s) => Ok(s.clone()),
@@ -521,15 +611,7 @@ fn parse_values(key: &ConditionKey, values: &[StringMatch]) -> Result<Check, Str
         ConditionKey::SourcePrincipal => Check::Principal(values.to_vec()),
         ConditionKey::SourceNamespace => Check::Namespace(values.to_vec()),
         ConditionKey::SourceIp | ConditionKey::DestinationIp => {
-            let nets = values
-                .iter()
-                .map(|m| {
-                    let s = exact(m)?;
-                    s.parse::<crate::model::policy::IpBlock>()
-                        .map(|b| b.0)
-                        .map_err(|_| s)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let nets = parse_nets(values)?;
             if *key == ConditionKey::SourceIp {
                 Check::SourceIp(nets)
             } else {
@@ -548,9 +630,23 @@ fn parse_values(key: &ConditionKey, values: &[StringMatch]) -> Result<Check, Str
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         ),
-        // Callers only pass L4 keys.
-        other => return Err(other.to_string()),
+        ConditionKey::RemoteIp => Check::Http(HttpCheck::RemoteIp(parse_nets(values)?)),
+        other => Check::Http(super::http::parse_values(other, values)?),
     })
+}
+
+/// Condition values that must be addresses or CIDRs.
+fn parse_nets(values: &[StringMatch]) -> Result<Vec<IpNet>, String> {
+    values
+        .iter()
+        .map(|m| match m {
+            StringMatch::Exact(s) => s
+                .parse::<crate::model::policy::IpBlock>()
+                .map(|b| b.0)
+                .map_err(|_| s.clone()),
+            other => Err(other.to_string()),
+        })
+        .collect()
 }
 
 // === evaluation ===
@@ -562,6 +658,8 @@ pub(crate) struct Peer<'a> {
     pub src_ip: IpAddr,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
+    /// The request, for L7 rules; `None` at L4.
+    pub http: Option<&'a HttpAttributes<'a>>,
 }
 
 impl<'a> Peer<'a> {
@@ -574,6 +672,24 @@ impl<'a> Peer<'a> {
             src_ip: src_ip.to_canonical(),
             dst_ip: dst_ip.to_canonical(),
             dst_port: port,
+            http: None,
+        }
+    }
+
+    /// The same peer making `request`: rules are evaluated at L7.
+    pub fn with_http(self, request: &'a HttpAttributes<'a>) -> Self {
+        Peer {
+            http: Some(request),
+            ..self
+        }
+    }
+
+    /// Which rules apply: L7 once a request is known.
+    pub fn layer(&self) -> Layer {
+        if self.http.is_some() {
+            Layer::Http
+        } else {
+            Layer::L4
         }
     }
 
@@ -624,7 +740,8 @@ impl Trace for Record {
     }
 }
 
-fn list<T: std::fmt::Display>(values: &[T]) -> String {
+/// `[a, b]`.
+pub(crate) fn list<T: std::fmt::Display>(values: &[T]) -> String {
     let mut s = String::from("[");
     for (i, v) in values.iter().enumerate() {
         if i > 0 {
@@ -645,6 +762,9 @@ fn eval_test<T: Trace>(test: &Test, peer: &Peer<'_>, t: &mut T) -> bool {
         Check::SourceIp(v) => Some(v.iter().any(|n| n.contains(&peer.src_ip))),
         Check::DestinationIp(v) => Some(v.iter().any(|n| n.contains(&peer.dst_ip))),
         Check::DestinationPort(v) => Some(v.contains(&peer.dst_port)),
+        // L4 rules hold no HTTP test; were one evaluated without a request, the attribute
+        // is absent.
+        Check::Http(h) => peer.http.and_then(|r| h.hit(r, peer.src_ip)),
     };
     let ok = match hit {
         Some(h) => h != test.negated,
@@ -655,19 +775,22 @@ fn eval_test<T: Trace>(test: &Test, peer: &Peer<'_>, t: &mut T) -> bool {
 }
 
 fn describe_test(test: &Test, peer: &Peer<'_>, hit: Option<bool>, ok: bool) -> String {
+    let mut absent = "plaintext connection has no peer identity";
     let (value, values) = match &test.check {
         Check::Principal(v) => (peer.principal().unwrap_or_default().to_string(), list(v)),
         Check::Namespace(v) => (peer.namespace().unwrap_or_default().to_string(), list(v)),
         Check::SourceIp(v) => (peer.src_ip.to_string(), list(v)),
         Check::DestinationIp(v) => (peer.dst_ip.to_string(), list(v)),
         Check::DestinationPort(v) => (peer.dst_port.to_string(), list(v)),
+        Check::Http(h) => {
+            let d = h.describe(peer.http, peer.src_ip);
+            absent = d.absent;
+            (d.value, d.values)
+        }
     };
     let verdict = if ok { "ok" } else { "no match" };
     match hit {
-        None => format!(
-            "{}: {verdict}: plaintext connection has no peer identity (values {values})",
-            test.field
-        ),
+        None => format!("{}: {verdict}: {absent} (values {values})", test.field),
         Some(true) => format!("{}: {verdict}: {value} in {values}", test.field),
         Some(false) => format!("{}: {verdict}: {value} not in {values}", test.field),
     }
@@ -699,7 +822,11 @@ fn eval_clause<T: Trace>(clause: &Clause, peer: &Peer<'_>, t: &mut T) -> bool {
 pub(crate) fn eval_rule<T: Trace>(rule: &RuleBody, peer: &Peer<'_>, t: &mut T) -> bool {
     match rule {
         RuleBody::Never { why } => {
-            t.test(|| format!("never matches at L4: {why}"));
+            let layer = match peer.layer() {
+                Layer::L4 => "L4",
+                Layer::Http => "L7",
+            };
+            t.test(|| format!("never matches at {layer}: {why}"));
             false
         }
         RuleBody::Clauses(clauses) => {
@@ -718,7 +845,10 @@ pub(crate) fn eval_rule<T: Trace>(rule: &RuleBody, peer: &Peer<'_>, t: &mut T) -
     }
 }
 
-/// Does any rule of the policy match (a policy without rules matches nothing).
+/// Does any rule of the policy match (a policy without rules matches nothing), at the peer's
+/// layer.
 pub(crate) fn eval_policy(p: &CompiledPolicy, peer: &Peer<'_>) -> bool {
-    p.rules.iter().any(|r| eval_rule(r, peer, &mut Silent))
+    p.rules_at(peer.layer())
+        .iter()
+        .any(|r| eval_rule(r, peer, &mut Silent))
 }

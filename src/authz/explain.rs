@@ -1,5 +1,6 @@
-//! [`Authz::explain`]: the decision for one connection with the reasons, policy by policy and
-//! rule by rule, for `weft ctl explain` and `/debug/explain`.
+//! [`Authz::explain`]: the decision for one connection (and, through `http`,
+//! [`Authz::explain_http`] for one request) with the reasons, policy by policy and rule by
+//! rule, for `weft ctl explain` and `/debug/explain`.
 //!
 //! It runs the same evaluator as [`Authz::check`] in its recording mode, which evaluates every
 //! rule instead of stopping at the first answer, and derives the decision from those results by
@@ -8,7 +9,9 @@
 use serde::Serialize;
 
 use super::compile::{eval_rule, Peer, Record};
-use super::{Action, Authz, Connection, Decision, MtlsDecision, MtlsMode, PolicyRef};
+use super::{
+    Action, Authz, Connection, Decision, MtlsDecision, MtlsMode, PolicyRef, RequestExplanation,
+};
 
 /// Why a connection is allowed or denied.
 #[derive(Clone, Debug, Serialize)]
@@ -27,8 +30,11 @@ pub struct Explanation {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mtls_note: Option<String>,
     /// Every AuthorizationPolicy that applies to the destination, in evaluation order (DENY and
-    /// CUSTOM, then AUDIT, then ALLOW).
+    /// CUSTOM, then AUDIT, then ALLOW); empty when an HTTP request was refused before policy.
     pub policies: Vec<PolicyExplanation>,
+    /// The HTTP request, for [`Authz::explain_http`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestExplanation>,
 }
 
 /// One applicable AuthorizationPolicy and whether it matched.
@@ -61,20 +67,30 @@ pub struct RuleExplanation {
 impl Authz {
     /// Explains the decision [`Authz::check`] makes for `conn`.
     pub fn explain(&self, conn: &Connection<'_>) -> Explanation {
-        let app = self.lookup(conn.dst);
         let peer = Peer::new(conn.src_identity, conn.src_ip, conn.dst_ip, conn.dst_port);
+        self.explain_peer(conn, &peer, None)
+    }
+
+    /// The explanation for `peer` (at L4, or at L7 when it carries a request).
+    pub(crate) fn explain_peer(
+        &self,
+        conn: &Connection<'_>,
+        peer: &Peer<'_>,
+        request: Option<RequestExplanation>,
+    ) -> Explanation {
+        let app = self.lookup(conn.dst);
         let order = app.deny.iter().chain(&app.audit).chain(&app.allow);
         let mut policies = Vec::new();
         let mut matched_policies = Vec::new();
         for &i in order {
             let p = &self.policies[i as usize];
             let rules: Vec<RuleExplanation> = p
-                .rules
+                .rules_at(peer.layer())
                 .iter()
                 .enumerate()
                 .map(|(index, r)| {
                     let mut rec = Record::default();
-                    let matched = eval_rule(r, &peer, &mut rec);
+                    let matched = eval_rule(r, peer, &mut rec);
                     RuleExplanation {
                         index,
                         matched,
@@ -104,6 +120,27 @@ impl Authz {
             .filter(|e| e.matched && e.policy.action == Action::Audit)
             .map(|e| e.policy.clone())
             .collect();
+        self.explanation(conn, decision, audits, policies, request)
+    }
+
+    /// The explanation for a request refused before any policy was evaluated.
+    pub(crate) fn explain_refused(
+        &self,
+        conn: &Connection<'_>,
+        decision: Decision,
+        request: RequestExplanation,
+    ) -> Explanation {
+        self.explanation(conn, decision, Vec::new(), Vec::new(), Some(request))
+    }
+
+    fn explanation(
+        &self,
+        conn: &Connection<'_>,
+        decision: Decision,
+        audits: Vec<PolicyRef>,
+        policies: Vec<PolicyExplanation>,
+        request: Option<RequestExplanation>,
+    ) -> Explanation {
         let mtls = self.mtls(conn.dst, conn.dst_port);
         let mtls_note = (conn.src_identity.is_none() && mtls.mode == MtlsMode::Strict).then(|| {
             let by = mtls
@@ -120,6 +157,7 @@ impl Authz {
             mtls,
             mtls_note,
             policies,
+            request,
         }
     }
 }

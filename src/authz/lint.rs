@@ -354,7 +354,8 @@ fn covered(p: &Check, negs: &[&Test]) -> bool {
                 Check::DestinationPort(ns) => ns.contains(v),
                 _ => false,
             })
-        }),
+        }), // L4 rules, which lint reads, hold no HTTP test.
+        Check::Http(_) => false,
     }
 }
 

@@ -1,5 +1,5 @@
-//! The L4 policy engine: Istio's AuthorizationPolicy and PeerAuthentication, compiled once per
-//! mesh snapshot and evaluated per connection.
+//! The policy engine: Istio's AuthorizationPolicy and PeerAuthentication, compiled once per
+//! mesh snapshot and evaluated per connection (L4) or per HTTP request (L7, the waypoint).
 //!
 //! Owns:
 //! - compiling AuthorizationPolicies (`compile`) into a form the evaluator walks without
@@ -8,7 +8,10 @@
 //!   built eagerly for every workload of the mesh so a decision is a hash lookup plus the rule
 //!   tests ([`Authz::check`]);
 //! - PeerAuthentication resolution (`peer`): the effective mTLS mode of a workload port;
-//! - [`Authz::explain`], which says why, and [`lint`] for `weft check`.
+//! - [`Authz::explain`], which says why, and [`lint`] for `weft check`;
+//! - L7 evaluation for the in-binary waypoint (`http`: [`Authz::check_http`],
+//!   [`Authz::explain_http`]) and the request path normalization it matches on (`path`:
+//!   [`normalize_path`]).
 //!
 //! Must not touch: sockets, files, the state store, logging of decisions. It is pure: the proxy
 //! builds an [`Authz`] when a snapshot is published, asks it per connection, and enforces
@@ -24,7 +27,11 @@
 
 mod compile;
 mod explain;
+mod http;
+#[cfg(test)]
+mod http_tests;
 mod lint;
+mod path;
 mod peer;
 #[cfg(test)]
 mod tests;
@@ -44,7 +51,9 @@ use peer::{PeerAuthChoice, PeerAuths};
 
 pub use crate::model::policy::Action;
 pub use explain::{Explanation, PolicyExplanation, RuleExplanation};
+pub use http::{HttpRequest, RequestAuth, RequestError, RequestExplanation};
 pub use lint::{lint, lint_findings};
+pub use path::{normalize_path, PathError};
 pub use peer::{MtlsDecision, MtlsLevel, MtlsMode, PeerAuthRef};
 
 /// Istio's default root namespace: policies here without a selector apply mesh-wide.
@@ -98,6 +107,9 @@ pub enum DenyReason {
     CustomUnsupported,
     /// ALLOW policies apply to the workload and none matched.
     NotAllowed,
+    /// The HTTP request cannot be evaluated safely (its path cannot be normalized, its method
+    /// is not upper case): the proxy answers 400.
+    BadRequest,
 }
 
 /// The authorization decision for a connection.
@@ -145,6 +157,10 @@ impl fmt::Display for Decision {
                 reason: DenyReason::CustomUnsupported,
             } => write!(f, "denied by {p} (no external authorizer: fail closed)"),
             Decision::Deny { by: Some(p), .. } => write!(f, "denied by {p}"),
+            Decision::Deny {
+                by: None,
+                reason: DenyReason::BadRequest,
+            } => f.write_str("denied: the request cannot be evaluated safely (answer 400)"),
             Decision::Deny { by: None, .. } => {
                 f.write_str("denied: ALLOW policies apply and none matched (default deny)")
             }
@@ -385,16 +401,21 @@ impl Authz {
 
     /// Decides a connection by the AuthorizationPolicies that apply to its destination.
     pub fn check(&self, conn: &Connection<'_>) -> Verdict {
-        let app = self.lookup(conn.dst);
         let peer = Peer::new(conn.src_identity, conn.src_ip, conn.dst_ip, conn.dst_port);
+        self.verdict(conn.dst, &peer)
+    }
+
+    /// The verdict for `peer` (at L4, or at L7 when it carries a request) reaching `dst`.
+    fn verdict(&self, dst: &Workload, peer: &Peer<'_>) -> Verdict {
+        let app = self.lookup(dst);
         let audits = app
             .audit
             .iter()
             .map(|&i| &self.policies[i as usize])
-            .filter(|p| eval_policy(p, &peer))
+            .filter(|p| eval_policy(p, peer))
             .map(|p| p.reference.clone())
             .collect();
-        let decision = self.decide(&app, |p| eval_policy(p, &peer));
+        let decision = self.decide(&app, |p| eval_policy(p, peer));
         Verdict { decision, audits }
     }
 

@@ -7,18 +7,18 @@ use std::net::IpAddr;
 use super::*;
 use crate::k8s::parse_mesh;
 
-const ROOT: &str = "istio-system";
+pub(super) const ROOT: &str = "istio-system";
 /// `spiffe://cluster.local/ns/bar/sa/client`.
-const A: &str = "spiffe://cluster.local/ns/bar/sa/client";
+pub(super) const A: &str = "spiffe://cluster.local/ns/bar/sa/client";
 /// `spiffe://cluster.local/ns/foo/sa/admin`.
-const B: &str = "spiffe://cluster.local/ns/foo/sa/admin";
+pub(super) const B: &str = "spiffe://cluster.local/ns/foo/sa/admin";
 /// Same namespace and account as [`A`], another trust domain.
 const A_OTHER_TD: &str = "spiffe://other.td/ns/bar/sa/client";
-const DST_IP: &str = "10.1.0.10";
-const SRC_IP: &str = "10.2.0.20";
+pub(super) const DST_IP: &str = "10.1.0.10";
+pub(super) const SRC_IP: &str = "10.2.0.20";
 
 /// `(kind, namespace, name, spec as YAML flow)`; kind `AP` or `PA`.
-type Doc = (&'static str, &'static str, &'static str, &'static str);
+pub(super) type Doc = (&'static str, &'static str, &'static str, &'static str);
 
 /// The mesh file for a case: namespaces foo, bar and the root namespace (all ambient), the
 /// destination pod `dst` (10.1.0.10 and fd00::10) and the policies.
@@ -51,14 +51,14 @@ fn mesh_yaml(dst_ns: &str, labels: &str, docs: &[Doc]) -> String {
     y
 }
 
-fn build(dst_ns: &str, labels: &str, docs: &[Doc]) -> (Mesh, Authz) {
+pub(super) fn build(dst_ns: &str, labels: &str, docs: &[Doc]) -> (Mesh, Authz) {
     let text = mesh_yaml(dst_ns, labels, docs);
     let parsed = parse_mesh("case.yaml", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let authz = Authz::new(&parsed.mesh, ROOT);
     (parsed.mesh, authz)
 }
 
-fn identity(s: &str) -> Option<Identity> {
+pub(super) fn identity(s: &str) -> Option<Identity> {
     (!s.is_empty()).then(|| s.parse().unwrap())
 }
 
@@ -90,7 +90,7 @@ const BASE: Case = Case {
     audits: &[],
 };
 
-fn expected(expect: &str) -> Decision {
+pub(super) fn expected(expect: &str) -> Decision {
     let policy = |s: &str, action| {
         let (ns, name) = s.split_once('/').unwrap();
         PolicyRef {

@@ -306,12 +306,12 @@ pub struct Operation {
     /// Negated methods: L7.
     #[serde(default)]
     pub not_methods: Vec<StringMatch>,
-    /// HTTP paths: L7.
+    /// HTTP paths (matched against the normalized path without its query): L7.
     #[serde(default)]
-    pub paths: Vec<StringMatch>,
+    pub paths: Vec<PathMatch>,
     /// Negated paths: L7.
     #[serde(default)]
-    pub not_paths: Vec<StringMatch>,
+    pub not_paths: Vec<PathMatch>,
 }
 
 /// `rules[].when[]`: a key with values (any may match) and notValues (none may match).
@@ -553,6 +553,175 @@ impl<'de> Deserialize<'de> for StringMatch {
 impl Serialize for StringMatch {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+/// A `paths`/`notPaths` entry: an Istio string match, or a path template when it contains
+/// the `{*}` or `{**}` operator (as Istio decides).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PathMatch {
+    /// Exact, prefix (`/api/*`), suffix (`*.png`) or presence (`*`).
+    String(StringMatch),
+    /// A path template such as `/api/{*}/items/{**}`.
+    Template(PathTemplate),
+}
+
+impl PathMatch {
+    /// Tests a (normalized, query-less) path.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::String(m) => m.matches(path),
+            PathMatch::Template(t) => t.matches(path),
+        }
+    }
+}
+
+impl FromStr for PathMatch {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.contains("{*}") || s.contains("{**}") {
+            s.parse().map(PathMatch::Template)
+        } else {
+            s.parse().map(PathMatch::String)
+        }
+    }
+}
+
+impl fmt::Display for PathMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathMatch::String(m) => m.fmt(f),
+            PathMatch::Template(t) => f.write_str(&t.text),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PathMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Parse::<PathMatch>::new("a path match"))
+    }
+}
+
+impl Serialize for PathMatch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// An Istio path template, which istiod hands to Envoy's URI template matcher
+/// (`envoy.path.match.uri_template`): `/` then `/`-separated segments, each
+///
+/// - `{*}`: one segment, one or more path characters and no `/` (Envoy's `[pchar]+`);
+/// - `{**}`: zero or more path characters *including* `/` (Envoy's `[pchar/]*`); it must be
+///   the last operator (literal segments may follow);
+/// - a literal of path characters, matched exactly.
+///
+/// Path characters are RFC 3986 `pchar` less `*` and `=` (Envoy's `kLiteral`):
+/// `A-Z a-z 0-9 - . _ ~ % ! $ & ' ( ) + , ; : @`. Istio's validation refuses `*`, `{`, `}` outside
+/// an operator and any other character in a segment that holds an operator (`/a/{*}.txt`).
+/// A trailing `/` is a literal: `/foo/{**}/` needs the path to end in `/`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PathTemplate {
+    text: String,
+    /// `/`-joined pieces, adjacent literals merged (the separators are literals).
+    pieces: Vec<TemplatePiece>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum TemplatePiece {
+    Literal(String),
+    /// `{*}`.
+    Segment,
+    /// `{**}`.
+    Segments,
+}
+
+/// Envoy's `kLiteral`: the characters a template literal (and a glob) may hold.
+fn is_template_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~%!$&'()+,;:@".contains(&b)
+}
+
+impl PathTemplate {
+    /// The template as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Tests a (normalized, query-less) path against the whole template.
+    pub fn matches(&self, path: &str) -> bool {
+        fn go(pieces: &[TemplatePiece], s: &[u8]) -> bool {
+            let Some((first, rest)) = pieces.split_first() else {
+                return s.is_empty();
+            };
+            match first {
+                TemplatePiece::Literal(l) => s.starts_with(l.as_bytes()) && go(rest, &s[l.len()..]),
+                TemplatePiece::Segment => {
+                    let run = s.iter().take_while(|&&b| is_template_char(b)).count();
+                    (1..=run).rev().any(|k| go(rest, &s[k..]))
+                }
+                TemplatePiece::Segments => {
+                    let run = s
+                        .iter()
+                        .take_while(|&&b| b == b'/' || is_template_char(b))
+                        .count();
+                    (0..=run).rev().any(|k| go(rest, &s[k..]))
+                }
+            }
+        }
+        go(&self.pieces, path.as_bytes())
+    }
+}
+
+impl FromStr for PathTemplate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| Err(format!("invalid path template {s:?}: {why}"));
+        let Some(rest) = s.strip_prefix('/') else {
+            return bad("it must start with '/'");
+        };
+        let mut pieces = Vec::new();
+        let mut literal = String::from("/");
+        let mut seen_segments = false;
+        let segments: Vec<&str> = rest.split('/').collect();
+        for (i, seg) in segments.iter().enumerate() {
+            if i > 0 {
+                literal.push('/');
+            }
+            let op =
+                match *seg {
+                    "{*}" => Some(TemplatePiece::Segment),
+                    "{**}" => Some(TemplatePiece::Segments),
+                    "" if i + 1 == segments.len() => None,
+                    "" => return bad("empty segment"),
+                    lit if lit.bytes().all(is_template_char) => {
+                        literal.push_str(lit);
+                        None
+                    }
+                    _ => return bad(
+                        "a segment is either {*}, {**} or a literal without '*', '{', '}', '=', \
+                         '/' or characters outside RFC 3986 pchar",
+                    ),
+                };
+            if let Some(op) = op {
+                if seen_segments {
+                    return bad("{**} must be the last operator");
+                }
+                seen_segments = op == TemplatePiece::Segments;
+                if !literal.is_empty() {
+                    pieces.push(TemplatePiece::Literal(std::mem::take(&mut literal)));
+                }
+                pieces.push(op);
+            }
+        }
+        if !literal.is_empty() {
+            pieces.push(TemplatePiece::Literal(literal));
+        }
+        Ok(PathTemplate {
+            text: s.to_string(),
+            pieces,
+        })
     }
 }
 
@@ -812,6 +981,41 @@ mod tests {
         assert!(m("*").matches("x") && !m("*").matches(""));
         assert!("a*b".parse::<StringMatch>().is_err());
         assert!("".parse::<StringMatch>().is_err());
+    }
+
+    #[test]
+    fn path_templates_follow_envoy_uri_templates() {
+        let t = |p: &str| p.parse::<PathMatch>().unwrap();
+        assert!(matches!(
+            t("/api/*"),
+            PathMatch::String(StringMatch::Prefix(_))
+        ));
+        assert!(matches!(t("/foo/{*}"), PathMatch::Template(_)));
+        // The examples of Istio's `Operation.paths` documentation.
+        assert!(t("/foo/{*}").matches("/foo/bar"));
+        assert!(!t("/foo/{*}").matches("/foo/bar/baz"));
+        assert!(t("/foo/{**}/").matches("/foo/bar/"));
+        assert!(t("/foo/{**}/").matches("/foo//"));
+        assert!(!t("/foo/{**}/").matches("/foo/bar"));
+        assert!(t("/foo/{*}/bar/{**}").matches("/foo/buzz/bar/"));
+        assert!(t("/foo/{*}/bar/{**}").matches("/foo/buzz/bar/baz"));
+        // `{*}` needs one or more path characters; `=` is not one (Envoy's `kLiteral`).
+        assert!(!t("/foo/{*}").matches("/foo/"));
+        assert!(!t("/foo/{*}").matches("/foo/a=b"));
+        assert!(t("/foo/{*}").matches("/foo/a%2Fb"));
+        assert!(t("/{**}").matches("/"));
+        assert!(t("/a/{**}/z").matches("/a/b/c/z"));
+        assert_eq!(t("/a/{*}/b").to_string(), "/a/{*}/b");
+        for bad in [
+            "/*/baz/{*}",
+            "/**/baz/{*}",
+            "/{**}/foo/{*}",
+            "/foo/{*}.txt",
+            "foo/{*}",
+            "/a//{*}",
+        ] {
+            assert!(bad.parse::<PathMatch>().is_err(), "{bad}");
+        }
     }
 
     #[test]
