@@ -58,6 +58,15 @@ struct RawConfig {
     listen: RawListen,
     #[serde(default)]
     redirect: Option<Redirect>,
+    #[serde(default)]
+    waypoint: RawWaypoint,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawWaypoint {
+    #[serde(default)]
+    jwks_ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -283,6 +292,15 @@ pub struct Config {
     pub listen: Listeners,
     /// Capture mode.
     pub redirect: Redirect,
+    /// The in-binary waypoint's settings.
+    pub waypoint: WaypointConfig,
+}
+
+/// Settings of the in-binary waypoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WaypointConfig {
+    /// Extra CA certificates (PEM) trusted when fetching `jwksUri`, besides the system roots.
+    pub jwks_ca_file: Option<PathBuf>,
 }
 
 const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
@@ -441,6 +459,9 @@ impl Config {
             cert_ttl,
             listen,
             redirect: raw.redirect.unwrap_or(Redirect::Tproxy),
+            waypoint: WaypointConfig {
+                jwks_ca_file: raw.waypoint.jwks_ca_file.map(|f| base.join(f)),
+            },
         })
     }
 }

@@ -102,7 +102,33 @@ impl Daemon {
         let tls = Arc::new(TlsConfigs::new(certs.roots_der())?);
         let pool = Pool::new(tls.clone(), mode, config.listen.hbone.port());
         let conns = ConnTable::new(metrics.tcp.clone());
+        let jwks_config = crate::waypoint::jwt::JwksConfig {
+            extra_ca_file: config.waypoint.jwks_ca_file.clone(),
+            ..Default::default()
+        };
+        let jwks =
+            tokio::task::spawn_blocking(move || crate::waypoint::jwt::JwksCache::new(jwks_config))
+                .await
+                .map_err(|e| DaemonError::Internal(format!("JWKS client: {e}")))?
+                .map_err(|e| DaemonError::Internal(format!("JWKS client: {e}")))?;
+        let jwks = Arc::new(jwks);
+        let jwks_stop = tokio_util::sync::CancellationToken::new();
+        tasks.push(jwks.spawn_refresher(jwks_stop.clone()));
+        {
+            let stop = jwks_stop.clone();
+            let mut rx = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let _ = rx.wait_for(|s| *s).await;
+                stop.cancel();
+            }));
+        }
+        let waypoint = Arc::new(crate::waypoint::Waypoint::new(
+            jwks,
+            metrics.http.clone(),
+            &config.root_namespace,
+        ));
         let proxy_ctx = Arc::new(ProxyCtx {
+            waypoint,
             node: config.node_name.clone(),
             trust_domain: config.trust_domain.clone(),
             root_namespace: config.root_namespace.clone(),

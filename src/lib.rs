@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod backoff;
 pub mod check;
 pub mod config;
 pub mod ctl;

@@ -15,6 +15,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
@@ -28,6 +29,8 @@ pub struct Metrics {
     pub tcp: TcpMetrics,
     /// Policy denials.
     pub denials: DenialMetrics,
+    /// Request metrics of the waypoint.
+    pub http: HttpMetrics,
 }
 
 /// Istio's labels on TCP metrics (the subset weft knows; values are `unknown` when a side is
@@ -96,6 +99,58 @@ pub struct DenialMetrics {
     pub denied: Family<DenialLabels, Counter>,
 }
 
+/// Istio's labels on request metrics (the waypoint reports as `destination`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Always `destination`.
+    pub reporter: &'static str,
+    /// Source workload name.
+    pub source_workload: String,
+    /// Source workload namespace.
+    pub source_workload_namespace: String,
+    /// Source SPIFFE principal.
+    pub source_principal: String,
+    /// Source canonical service.
+    pub source_canonical_service: String,
+    /// Destination workload name.
+    pub destination_workload: String,
+    /// Destination workload namespace.
+    pub destination_workload_namespace: String,
+    /// Destination SPIFFE principal.
+    pub destination_principal: String,
+    /// Destination canonical service.
+    pub destination_canonical_service: String,
+    /// `http`.
+    pub request_protocol: &'static str,
+    /// The HTTP status.
+    pub response_code: u16,
+    /// `mutual_tls` or `unknown`.
+    pub connection_security_policy: &'static str,
+}
+
+/// Istio's request metrics.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    /// `istio_requests_total`.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `istio_request_duration_milliseconds`.
+    pub duration: Family<RequestLabels, Histogram>,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        HttpMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+                    10000.0, 30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+                ])
+            }),
+        }
+    }
+}
+
 /// The counters of Istio's TCP telemetry.
 #[derive(Clone, Default)]
 pub struct TcpMetrics {
@@ -149,10 +204,19 @@ impl Metrics {
             "Connections refused by policy (AuthorizationPolicy or PeerAuthentication)",
             denials.denied.clone(),
         );
+        let http = HttpMetrics::default();
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register("requests", "Total requests", http.requests.clone());
+        istio.register(
+            "request_duration_milliseconds",
+            "Request duration in milliseconds",
+            http.duration.clone(),
+        );
         Metrics {
             registry,
             tcp,
             denials,
+            http,
         }
     }
 

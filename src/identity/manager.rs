@@ -385,12 +385,13 @@ fn renew_delay(cert: &IssuedCert) -> Duration {
         .max(MIN_RENEW_DELAY)
 }
 
-/// Capped exponential backoff with "equal jitter": uniformly between half and all of
-/// `BACKOFF_MIN * 2^(failures-1)`, capped at `BACKOFF_MAX`.
+/// This client's retry schedule.
 fn backoff(failures: u32) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    let ceiling = BACKOFF_MIN.saturating_mul(1 << doublings).min(BACKOFF_MAX);
-    ceiling.mul_f64(rand::rng().random_range(0.5..=1.0))
+    crate::backoff::Backoff {
+        min: BACKOFF_MIN,
+        max: BACKOFF_MAX,
+    }
+    .delay(failures)
 }
 
 #[cfg(test)]

@@ -101,6 +101,22 @@ pub fn decide(
     dst: SocketAddr,
 ) -> Result<Admitted, Refusal> {
     let dst_w = local_destination(ctx, snap, dst.ip())?;
+    let l7 = crate::waypoint::applies(snap, authz, dst_w);
+    decide_at(ctx, snap, authz, src, src_identity, dst, !l7)
+}
+
+/// [`decide`], with AuthorizationPolicy checked here only when `l4_authz` (the waypoint
+/// decides per request otherwise).
+fn decide_at(
+    ctx: &ProxyCtx,
+    snap: &Snapshot,
+    authz: &crate::authz::Authz,
+    src: SocketAddr,
+    src_identity: Option<&Identity>,
+    dst: SocketAddr,
+    l4_authz: bool,
+) -> Result<Admitted, Refusal> {
+    let dst_w = local_destination(ctx, snap, dst.ip())?;
     if src_identity.is_none() {
         let m = authz.mtls(dst_w, dst.port());
         if m.mode == crate::authz::MtlsMode::Strict {
@@ -118,6 +134,12 @@ pub fn decide(
                 denial: Some(("mtls", by)),
             });
         }
+    }
+    if !l4_authz {
+        return Ok(Admitted {
+            decision: "to the waypoint (L7 policy decides per request)".into(),
+            audits: Vec::new(),
+        });
     }
     let verdict = authz.check(&crate::authz::Connection {
         src_ip: src.ip(),
@@ -218,25 +240,58 @@ pub fn local_destination<'a>(
     }
 }
 
-/// Connects to the app at `dst` from the client's address and registers the connection;
-/// the caller relays.
-async fn connect_app(
+/// Where an admitted inbound connection goes.
+enum Route {
+    /// Straight to the app (L4): the app connection is open.
+    App(TcpStream, ConnGuard),
+    /// Through the waypoint, which connects to the app per request.
+    Waypoint(ConnGuard),
+}
+
+/// Applies PeerAuthentication and (for L4 destinations) AuthorizationPolicy, registers the
+/// connection, and connects to the app from the client's address unless the waypoint takes
+/// it.
+async fn route(
     ctx: &ProxyCtx,
     snap: &Snapshot,
     client: &Client,
     dst: SocketAddr,
     protocol: Protocol,
-) -> Result<(TcpStream, ConnGuard), Refusal> {
+) -> Result<Route, Refusal> {
     let authz = ctx.authz(snap);
-    let admitted = match decide(ctx, snap, &authz, client.addr(), client.identity(), dst) {
+    let dst_w = local_destination(ctx, snap, dst.ip())?;
+    let l7 = crate::waypoint::applies(snap, &authz, dst_w);
+    let admitted = match decide_at(
+        ctx,
+        snap,
+        &authz,
+        client.addr(),
+        client.identity(),
+        dst,
+        !l7,
+    ) {
         Ok(a) => a,
         Err(r) => {
             log_refusal(ctx, snap, client, dst, protocol, &r);
             return Err(r);
         }
     };
-    let dst_w = local_destination(ctx, snap, dst.ip())?;
-    let dst_identity = ctx.identity_of(dst_w);
+    let meta = ConnMeta {
+        direction: Direction::Inbound,
+        protocol,
+        src: client.addr(),
+        dst,
+        src_identity: client.identity().cloned(),
+        dst_identity: ctx.identity_of(dst_w),
+        src_workload: snap.workload_by_ip(client.addr().ip()).map(Peer::of),
+        dst_workload: Some(Peer::of(dst_w)),
+        service: None,
+        decision: Some(admitted.decision),
+        audits: admitted.audits,
+    };
+    if l7 {
+        return Ok(Route::Waypoint(ctx.conns.open(meta)));
+    }
     let app = socket::connect(dst, Some(client.addr().ip()), ctx.mode, APP_CONNECT_TIMEOUT)
         .await
         .map_err(|e| {
@@ -245,20 +300,14 @@ async fn connect_app(
                 format!("connect to app {dst}: {e}"),
             )
         })?;
-    let guard = ctx.conns.open(ConnMeta {
-        direction: Direction::Inbound,
-        protocol,
-        src: client.addr(),
-        dst,
-        src_identity: client.identity().cloned(),
-        dst_identity,
-        src_workload: snap.workload_by_ip(client.addr().ip()).map(Peer::of),
-        dst_workload: Some(Peer::of(dst_w)),
-        service: None,
-        decision: Some(admitted.decision),
-        audits: admitted.audits,
-    });
-    Ok((app, guard))
+    Ok(Route::App(app, ctx.conns.open(meta)))
+}
+
+fn downstream(client: &Client) -> crate::waypoint::http::Downstream {
+    crate::waypoint::http::Downstream {
+        addr: client.addr(),
+        identity: client.identity().cloned(),
+    }
 }
 
 /// Relays between a client stream and the app. On failure the app side is reset here and
@@ -296,12 +345,18 @@ pub async fn serve_plaintext(ctx: Arc<ProxyCtx>, client: TcpStream, peer: Socket
     let Ok(dst) = client.local_addr() else { return };
     let snap = ctx.store.snapshot();
     let who = Client::Plaintext { addr: peer };
-    match connect_app(&ctx, &snap, &who, dst, Protocol::Plain).await {
-        Ok((app, guard)) => {
+    match route(&ctx, &snap, &who, dst, Protocol::Plain).await {
+        Ok(Route::App(app, guard)) => {
+            drop(snap);
             let mut client = client;
             if pump(&mut client, app, guard, None).await {
                 socket::reset_on_close(&client);
             }
+        }
+        Ok(Route::Waypoint(guard)) => {
+            drop(snap);
+            let wp = ctx.waypoint.clone();
+            crate::waypoint::http::serve(ctx, wp, client, downstream(&who), dst, guard).await;
         }
         Err(r) => {
             tracing::info!(src = %peer, dst = %dst, reason = %r.reason, "plaintext inbound refused");
@@ -325,8 +380,21 @@ pub async fn serve_local(
         Client::Mesh { .. } => Protocol::Local,
         Client::Plaintext { .. } => Protocol::Plain,
     };
-    let (app, guard) = match connect_app(&ctx, &snap, &who, dst, protocol).await {
-        Ok(x) => x,
+    let (app, guard) = match route(&ctx, &snap, &who, dst, protocol).await {
+        Ok(Route::App(app, guard)) => (app, guard),
+        Ok(Route::Waypoint(guard)) => {
+            drop(snap);
+            let wp = ctx.waypoint.clone();
+            let mut outbound = outbound;
+            let failed =
+                crate::waypoint::http::serve(ctx, wp, client, downstream(&who), dst, guard).await;
+            outbound.set_outcome(if failed {
+                Outcome::Failed("waypoint connection failed".into())
+            } else {
+                Outcome::Closed
+            });
+            return Ok(());
+        }
         Err(r) => {
             socket::reset_on_close(&client);
             let mut outbound = outbound;
@@ -514,7 +582,7 @@ async fn handle_connect(
         identity: peer_id,
         addr: src,
     };
-    let (app, guard) = match connect_app(&ctx, &snap, &who, dst, Protocol::Hbone).await {
+    let routed = match route(&ctx, &snap, &who, dst, Protocol::Hbone).await {
         Ok(x) => x,
         Err(r) => {
             tracing::info!(src = %src, dst = %dst, reason = %r.reason, "HBONE CONNECT refused");
@@ -524,11 +592,22 @@ async fn handle_connect(
     };
     drop(snap);
     let Some(send) = reply(&mut respond, StatusCode::OK, false) else {
-        socket::reset_on_close(&app);
+        if let Route::App(app, _) = &routed {
+            socket::reset_on_close(app);
+        }
         return;
     };
     let mut io = H2Io::new(send, req.into_body());
-    if pump(&mut io, app, guard, None).await {
-        io.reset();
+    match routed {
+        Route::App(app, guard) => {
+            if pump(&mut io, app, guard, None).await {
+                io.reset();
+            }
+        }
+        Route::Waypoint(guard) => {
+            let wp = ctx.waypoint.clone();
+            // An unfinished stream resets itself when dropped.
+            crate::waypoint::http::serve(ctx, wp, io, downstream(&who), dst, guard).await;
+        }
     }
 }

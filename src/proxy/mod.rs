@@ -57,6 +57,8 @@ pub struct ProxyCtx {
     pub authz_cache: arc_swap::ArcSwapOption<(u64, Arc<Authz>)>,
     /// Denied connections, for metrics.
     pub denials: crate::metrics::DenialMetrics,
+    /// The in-binary waypoint for destinations that need L7.
+    pub waypoint: Arc<crate::waypoint::Waypoint>,
     /// Socket mode (transparent when capturing).
     pub mode: SocketMode,
     /// The mesh state.
@@ -109,6 +111,7 @@ pub fn spawn_policy_follower(
             }
             let snap = ctx.store.snapshot();
             let authz = ctx.authz(&snap);
+            ctx.waypoint.update(&snap);
             for conn in ctx.conns.list() {
                 let m = &conn.meta;
                 if m.direction != conntrack::Direction::Inbound {

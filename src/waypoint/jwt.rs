@@ -505,25 +505,28 @@ impl JwtAuthenticator {
         let mut verified = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
             // Envoy's provider `Pi`: every token at the rule's locations must verify.
-            let mut at_rule = found
+            // Collected before any await: a lazy iterator held across `.await` would make this
+            // future's Send-ness depend on a higher-ranked closure the compiler cannot prove.
+            let at_rule: Vec<(usize, &str)> = found
                 .iter()
                 .filter(|(loc, _)| self.locations[*loc].1.contains(&i))
-                .peekable();
-            if at_rule.peek().is_none() {
+                .map(|(loc, raw)| (*loc, raw.as_str()))
+                .collect();
+            if at_rule.is_empty() {
                 continue;
             }
             let mut all_ok = true;
             for (loc, raw) in at_rule {
-                let outcome = match &parsed[raw.as_str()] {
+                let outcome = match &parsed[raw] {
                     Ok(token) => self.verify(rule, token, now).await,
                     Err(e) => Err(e.clone()),
                 };
                 match outcome {
                     Ok(()) => {
-                        if let Ok(token) = &parsed[raw.as_str()] {
+                        if let Ok(token) = &parsed[raw] {
                             verified.push(VerifiedToken {
                                 rule: i,
-                                location: *loc,
+                                location: loc,
                                 payload_b64: token.payload_b64.to_string(),
                                 payload: token.payload.clone(),
                             });

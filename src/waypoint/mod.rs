@@ -5,9 +5,192 @@
 //! - [`jwt`]: `RequestAuthentication` — finding JWTs in a request, verifying them against the
 //!   issuers' key sets (inline or fetched and cached), and the request rewrites the policy asks
 //!   for (token removal, payload and claim headers).
+//! - [`http`]: the HTTP/1.1 and HTTP/2 server on inbound connections that need L7, one policy
+//!   decision per request, forwarding over [`upstream`] pools that keep the client's IP.
 //!
-//! Must not touch: the L4 data path (`proxy`), the snapshot store (`state`), or the decision
-//! of what to answer a request: it computes results (for example
-//! [`jwt::AuthnResult::Invalid`]) and the HTTP listener turns them into responses.
+//! When it runs: for a destination workload whose applicable AuthorizationPolicies use L7
+//! attributes, or whose pod or namespace is labelled `istio.io/use-waypoint` with the value
+//! [`BUILTIN_WAYPOINT`] (`weft`), naming this built-in waypoint. Everything else keeps the L4
+//! byte copy and never pays for HTTP parsing.
+//!
+//! Must not touch: the L4 data path's decisions (`proxy` hands connections over after
+//! PeerAuthentication), the snapshot store (`state`) except reading it.
+
+pub mod counting;
+pub mod framing;
+pub mod http;
 
 pub mod jwt;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::authz::Authz;
+use crate::identity::Identity;
+use crate::metrics::{HttpMetrics, RequestLabels};
+use crate::model::{Policy, RequestAuthentication, Workload};
+use crate::proxy::ProxyCtx;
+use crate::state::Snapshot;
+use jwt::{JwksCache, JwtAuthenticator, JwtError};
+
+/// The label that sends a workload's traffic through a waypoint.
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// The label value naming weft's built-in waypoint.
+pub const BUILTIN_WAYPOINT: &str = "weft";
+
+/// Whether inbound traffic to `w` goes through the waypoint.
+pub fn applies(snap: &Snapshot, authz: &Authz, w: &Workload) -> bool {
+    let named = |labels: &std::collections::BTreeMap<String, String>| {
+        labels
+            .get(USE_WAYPOINT_LABEL)
+            .is_some_and(|v| v == BUILTIN_WAYPOINT)
+    };
+    authz.needs_l7(w)
+        || named(&w.labels)
+        || snap
+            .mesh
+            .namespaces
+            .get(&w.namespace)
+            .is_some_and(|ns| named(&ns.labels))
+}
+
+/// The RequestAuthentications that apply to `w` (mesh-wide from the root namespace, its
+/// namespace's, and those whose selector matches), in a stable order.
+pub fn request_authentications<'a>(
+    snap: &'a Snapshot,
+    root_namespace: &str,
+    w: &Workload,
+) -> Vec<&'a RequestAuthentication> {
+    snap.mesh
+        .policies
+        .iter()
+        .filter_map(|p| match p {
+            Policy::RequestAuthentication(ra) => Some(ra),
+            _ => None,
+        })
+        .filter(|ra| {
+            let in_scope = ra.namespace == w.namespace
+                || (ra.namespace == root_namespace && ra.spec.selector.is_none());
+            let targeted = ra.spec.target_ref.is_some() || !ra.spec.target_refs.is_empty();
+            in_scope
+                && !targeted
+                && ra
+                    .spec
+                    .selector
+                    .as_ref()
+                    .is_none_or(|s| crate::model::selector_matches(&s.match_labels, &w.labels))
+        })
+        .collect()
+}
+
+type AuthnCache = HashMap<String, (u64, Arc<Result<JwtAuthenticator, JwtError>>)>;
+
+/// The waypoint's shared state.
+pub struct Waypoint {
+    /// Issuers' key sets.
+    pub jwks: Arc<JwksCache>,
+    /// Connections to apps.
+    pub upstream: upstream::Upstream,
+    /// Request metrics.
+    pub metrics: HttpMetrics,
+    root_namespace: String,
+    authenticators: Mutex<AuthnCache>,
+}
+
+impl Waypoint {
+    /// A waypoint using `jwks` for token keys and reporting to `metrics`.
+    pub fn new(jwks: Arc<JwksCache>, metrics: HttpMetrics, root_namespace: &str) -> Waypoint {
+        Waypoint {
+            jwks,
+            upstream: upstream::Upstream::default(),
+            metrics,
+            root_namespace: root_namespace.to_string(),
+            authenticators: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The token checks for `w` in `snap` (built once per workload and generation).
+    pub fn authenticator(
+        &self,
+        snap: &Snapshot,
+        w: &Workload,
+    ) -> Arc<Result<JwtAuthenticator, JwtError>> {
+        let mut cache = self
+            .authenticators
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((generation, a)) = cache.get(&w.uid) {
+            if *generation == snap.generation {
+                return a.clone();
+            }
+        }
+        let policies = request_authentications(snap, &self.root_namespace, w);
+        let built = Arc::new(JwtAuthenticator::for_policies(&policies, self.jwks.clone()));
+        cache.retain(|_, (g, _)| *g == snap.generation);
+        cache.insert(w.uid.clone(), (snap.generation, built.clone()));
+        built
+    }
+
+    /// Registers the key sets of every RequestAuthentication of `snap` with the cache.
+    pub fn update(&self, snap: &Snapshot) {
+        let ras: Vec<RequestAuthentication> = snap
+            .mesh
+            .policies
+            .iter()
+            .filter_map(|p| match p {
+                Policy::RequestAuthentication(ra) => Some(ra.clone()),
+                _ => None,
+            })
+            .collect();
+        if let Err(errors) = self.jwks.update(&ras) {
+            for e in errors {
+                tracing::warn!(error = %e, "RequestAuthentication refused");
+            }
+        }
+    }
+}
+
+impl HttpMetrics {
+    /// Counts one request.
+    pub fn record(
+        &self,
+        src_identity: Option<&Identity>,
+        src: Option<&Workload>,
+        dst: Option<&Workload>,
+        ctx: &ProxyCtx,
+        status: u16,
+        ms: f64,
+    ) {
+        let unknown = || "unknown".to_string();
+        let labels = RequestLabels {
+            reporter: "destination",
+            source_workload: src.map(|w| w.workload_name.clone()).unwrap_or_else(unknown),
+            source_workload_namespace: src.map(|w| w.namespace.clone()).unwrap_or_else(unknown),
+            source_principal: src_identity.map(|i| i.to_string()).unwrap_or_else(unknown),
+            source_canonical_service: src
+                .map(|w| w.canonical_name.clone())
+                .unwrap_or_else(unknown),
+            destination_workload: dst.map(|w| w.workload_name.clone()).unwrap_or_else(unknown),
+            destination_workload_namespace: dst
+                .map(|w| w.namespace.clone())
+                .unwrap_or_else(unknown),
+            destination_principal: dst
+                .and_then(|w| ctx.identity_of(w))
+                .map(|i| i.to_string())
+                .unwrap_or_else(unknown),
+            destination_canonical_service: dst
+                .map(|w| w.canonical_name.clone())
+                .unwrap_or_else(unknown),
+            request_protocol: "http",
+            response_code: status,
+            connection_security_policy: if src_identity.is_some() {
+                "mutual_tls"
+            } else {
+                "unknown"
+            },
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.duration.get_or_create(&labels).observe(ms);
+    }
+}

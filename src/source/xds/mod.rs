@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -404,12 +403,13 @@ fn status_text(s: &tonic::Status) -> String {
     text
 }
 
-/// Capped exponential backoff with equal jitter: uniformly between half and all of
-/// `BACKOFF_MIN * 2^(failures-1)`, capped at `BACKOFF_MAX`.
+/// This client's retry schedule.
 fn backoff(failures: u32) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    let ceiling = BACKOFF_MIN.saturating_mul(1 << doublings).min(BACKOFF_MAX);
-    ceiling.mul_f64(rand::rng().random_range(0.5..=1.0))
+    crate::backoff::Backoff {
+        min: BACKOFF_MIN,
+        max: BACKOFF_MAX,
+    }
+    .delay(failures)
 }
 
 #[cfg(test)]

@@ -1,0 +1,354 @@
+//! The in-binary waypoint on real traffic in network namespaces: L7 AuthorizationPolicy per
+//! request on a keep-alive connection, JWTs checked against a JWKS served over HTTPS from
+//! another pod, and malformed or ambiguous requests refused. Needs root.
+
+mod support;
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use bytes::Bytes;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use support::mesh::*;
+
+const ISSUER: &str = "https://issuer.test";
+
+/// An HTTP app in pod `c`: answers `<method> <path> from <peer ip>` and echoes `x-user`.
+fn run_app(env: &MeshEnv, rt: &tokio::runtime::Runtime) {
+    let c = env.pod("c");
+    let l =
+        c.ns.tcp_listen(SocketAddr::new(IpAddr::V4(c.ip), 8080))
+            .unwrap();
+    l.set_nonblocking(true).unwrap();
+    rt.spawn(async move {
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        loop {
+            let Ok((s, peer)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = format!(
+                            "{} {} from {} auth={}",
+                            req.method(),
+                            req.uri().path(),
+                            peer.ip(),
+                            req.headers()
+                                .get("authorization")
+                                .map(|v| v.to_str().unwrap_or("?").to_string())
+                                .unwrap_or_default()
+                        );
+                        Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            Bytes::from(body),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+/// A JWKS over HTTPS in pod `keys` (its certificate is written for the weft config).
+fn run_jwks(env: &MeshEnv, rt: &tokio::runtime::Runtime, jwks: String) -> std::path::PathBuf {
+    let k = env.pod("keys");
+    let ca = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec![k.ip.to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let ca_file = env.bed.temp_dir().join("jwks-ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let l =
+        k.ns.tcp_listen(SocketAddr::new(IpAddr::V4(k.ip), 8443))
+            .unwrap();
+    l.set_nonblocking(true).unwrap();
+    rt.spawn(async move {
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let (acceptor, jwks) = (acceptor.clone(), jwks.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |_req| {
+                    let jwks = jwks.clone();
+                    async move {
+                        Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            Bytes::from(jwks),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    ca_file
+}
+
+struct SigningKey {
+    enc: EncodingKey,
+    jwk: serde_json::Value,
+}
+
+fn es256(kid: &str) -> SigningKey {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = kp.public_key_raw();
+    SigningKey {
+        enc: EncodingKey::from_ec_der(&kp.serialize_der()),
+        jwk: serde_json::json!({"kty": "EC", "kid": kid, "crv": "P-256", "alg": "ES256",
+            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..])}),
+    }
+}
+
+fn token(key: &SigningKey, kid: &str, exp_offset: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some(kid.into());
+    jsonwebtoken::encode(
+        &h,
+        &serde_json::json!({"iss": ISSUER, "sub": "alice", "exp": now + exp_offset, "iat": now}),
+        &key.enc,
+    )
+    .unwrap()
+}
+
+/// One HTTP/1.1 request on a kept-alive connection; returns (status, body, connection kept).
+fn send(s: &mut TcpStream, raw: &str) -> (u16, String, bool) {
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut status_line = String::new();
+    if r.read_line(&mut status_line).unwrap_or(0) == 0 {
+        return (0, String::new(), false);
+    }
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (mut len, mut close) = (0usize, false);
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let l = line.trim_end().to_ascii_lowercase();
+        if l.is_empty() {
+            break;
+        }
+        if let Some(v) = l.strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+        if l == "connection: close" {
+            close = true;
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned(), !close)
+}
+
+fn get(path: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: c.shop\r\n{extra}\r\n")
+}
+
+#[test]
+fn the_waypoint_enforces_l7_policy_and_jwt_per_request() {
+    let Some(mut env) = MeshEnv::start(
+        2,
+        &[("shop", true), ("infra", false)],
+        &[
+            pod("a", 1, "shop"),
+            pod("c", 2, "shop"),
+            pod("keys", 1, "infra"),
+        ],
+        &[],
+    ) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    run_app(&env, &rt);
+    let good = es256("k1");
+    let stranger = es256("k1"); // same kid, another key: signature must fail
+    let jwks = serde_json::json!({"keys": [good.jwk]}).to_string();
+    let ca_file = run_jwks(&env, &rt, jwks);
+    // Trust the JWKS server and restart node-2's weft with it.
+    let cfg = std::fs::read_to_string(env.config_path(2)).unwrap()
+        + &format!("waypoint: {{jwksCaFile: {}}}\n", ca_file.display());
+    std::fs::write(env.config_path(2), cfg).unwrap();
+    env.daemon(2).stop(Duration::from_secs(10)).unwrap();
+    env.start_daemon(2);
+    env.wait_ready(2);
+    let keys_ip = env.pod("keys").ip;
+    env.extra_yaml = format!(
+        "---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: c-jwt, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: c}}}}
+  jwtRules:
+  - issuer: {ISSUER}
+    jwksUri: https://{keys_ip}:8443/jwks.json
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: c-l7, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: c}}}}
+  action: ALLOW
+  rules:
+  - to: [{{operation: {{methods: [GET], paths: [\"/public*\"]}}}}]
+  - from: [{{source: {{requestPrincipals: [\"{ISSUER}/*\"]}}}}]
+    to: [{{operation: {{methods: [GET], paths: [\"/secure*\"]}}}}]
+"
+    );
+    env.write_mesh();
+    env.wait_generation(2, 2);
+
+    let c = SocketAddr::new(IpAddr::V4(env.pod("c").ip), 8080);
+    let mut s = env
+        .pod("a")
+        .ns
+        .tcp_connect(c, Duration::from_secs(5))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // GET allowed, POST denied, on one keep-alive connection.
+    let (st, body, kept) = send(&mut s, &get("/public/x", ""));
+    assert_eq!(st, 200, "{body}\n{}", env.log(2));
+    assert!(
+        body.starts_with(&format!("GET /public/x from {}", env.pod("a").ip)),
+        "the app sees the client pod: {body}"
+    );
+    assert!(kept);
+    let (st, body, kept) = send(
+        &mut s,
+        "POST /public/x HTTP/1.1\r\nHost: c.shop\r\nContent-Length: 2\r\n\r\nhi",
+    );
+    assert_eq!((st, body.as_str()), (403, "RBAC: access denied"));
+    assert!(kept, "a denied request leaves the connection usable");
+    let (st, _, _) = send(&mut s, &get("/public/y", ""));
+    assert_eq!(st, 200);
+    // JWT.
+    let (st, _, _) = send(&mut s, &get("/secure/1", ""));
+    assert_eq!(st, 403, "requestPrincipals makes the token mandatory");
+    let bearer = |t: &str| format!("Authorization: Bearer {t}\r\n");
+    let (st, body, _) = send(&mut s, &get("/secure/1", &bearer(&token(&good, "k1", 300))));
+    assert_eq!(st, 200, "{body}\n{}", env.log(2));
+    assert!(
+        body.ends_with("auth="),
+        "the token is not forwarded by default: {body}"
+    );
+    let (st, _, _) = send(
+        &mut s,
+        &get("/secure/1", &bearer(&token(&good, "k1", -600))),
+    );
+    assert_eq!(st, 401, "expired");
+    let (st, _, _) = send(
+        &mut s,
+        &get("/secure/1", &bearer(&token(&stranger, "k1", 300))),
+    );
+    assert_eq!(st, 401, "signed by an unknown key");
+    let (st, _, _) = send(&mut s, &get("/public/z", &bearer("not.a.jwt")));
+    assert_eq!(
+        st, 401,
+        "a present but invalid token is refused even where not required"
+    );
+
+    // Metrics and per-request access log.
+    let (_, metrics) = env
+        .bed
+        .node(2)
+        .ns
+        .http_get("127.0.0.1:15020".parse().unwrap(), "/metrics")
+        .unwrap();
+    for code in ["200", "403", "401"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("response_code=\"{code}\""))),
+            "{code}: {metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("istio_request_duration_milliseconds_bucket{"),
+        "{metrics}"
+    );
+    let log = env.log(2);
+    assert!(
+        log.contains("method=POST") && log.contains("status=403") && log.contains("policy=default"),
+        "{log}"
+    );
+    assert!(
+        log.contains("jwt_principal=https://issuer.test/alice"),
+        "{log}"
+    );
+
+    // Ambiguous framing: 400, connection closed, nothing reaches the app.
+    let mut s = env
+        .pod("a")
+        .ns
+        .tcp_connect(c, Duration::from_secs(5))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (st, _, kept) = send(&mut s, "POST /public/x HTTP/1.1\r\nHost: c.shop\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    assert_eq!(st, 400);
+    assert!(!kept);
+    // Malformed request line.
+    let mut s = env
+        .pod("a")
+        .ns
+        .tcp_connect(c, Duration::from_secs(5))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (st, _, _) = send(&mut s, "GET\r\n\r\n");
+    assert_eq!(st, 400);
+    // Oversized headers.
+    let mut s = env
+        .pod("a")
+        .ns
+        .tcp_connect(c, Duration::from_secs(5))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let big = format!("X-Big: {}\r\n", "a".repeat(100 * 1024));
+    s.write_all(get("/public/x", &big).as_bytes()).unwrap_or(());
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    assert!(
+        buf.starts_with("HTTP/1.1 431") || buf.starts_with("HTTP/1.1 400"),
+        "{buf}"
+    );
+    drop(rt);
+}
