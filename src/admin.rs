@@ -196,8 +196,16 @@ optional identity=spiffe://... to set the client identity, or plaintext=true for
 without mTLS; by default a client that is an enrolled workload is taken as authenticated with \
 its own identity)";
 
-/// `/debug/explain`: what the policies in force would decide, without sending traffic.
-fn explain(ctx: &AdminContext, q: &BTreeMap<String, String>) -> Result<serde_json::Value, String> {
+/// `/debug/explain`: what the policies in force would decide, without sending traffic. With
+/// `method` or `path` (and optionally `host`, repeated `header=name:value`, `token`) it
+/// explains one HTTP request as the waypoint would decide it.
+async fn explain(ctx: &AdminContext, req: &Request<Incoming>) -> Result<serde_json::Value, String> {
+    let q = query(req);
+    let headers_in: Vec<String> =
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .filter(|(k, _)| k == "header")
+            .map(|(_, v)| v.into_owned())
+            .collect();
     let get = |k: &str| q.get(k).map(String::as_str).filter(|v| !v.is_empty());
     let src_ip: std::net::IpAddr = match get("src") {
         None => return Err("missing src".into()),
@@ -240,14 +248,78 @@ fn explain(ctx: &AdminContext, q: &BTreeMap<String, String>) -> Result<serde_jso
             .and_then(|w| ctx.proxy.identity_of(w)),
     };
     let authz = ctx.proxy.authz(&snap);
-    let explanation = authz.explain(&crate::authz::Connection {
+    let conn = crate::authz::Connection {
         src_ip,
         src_identity: identity.as_ref(),
         dst,
         dst_ip,
         dst_port: port,
-    });
+    };
+    let l7 = get("method").is_some() || get("path").is_some() || get("token").is_some();
+    let (explanation, jwt) = if l7 {
+        let method = get("method").unwrap_or("GET").to_string();
+        let path = get("path").unwrap_or("/").to_string();
+        let host = get("host")
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{dst_ip}:{port}"));
+        let mut builder = http::Request::builder()
+            .method(method.as_str())
+            .uri(path.as_str());
+        for h in &headers_in {
+            let (name, value) = h
+                .split_once(':')
+                .ok_or_else(|| format!("header {h:?} is not name:value"))?;
+            builder = builder.header(name.trim(), value.trim());
+        }
+        if let Some(t) = get("token") {
+            builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let (parts, ()) = builder
+            .body(())
+            .map_err(|e| format!("request: {e}"))?
+            .into_parts();
+        let authn = ctx.proxy.waypoint.authenticator(&snap, dst);
+        let result = match authn.as_ref() {
+            Ok(a) => a.authenticate(&parts).await,
+            Err(e) => crate::waypoint::jwt::AuthnResult::Invalid(e.to_string()),
+        };
+        let jwt = match &result {
+            crate::waypoint::jwt::AuthnResult::NoToken => json!("no token"),
+            crate::waypoint::jwt::AuthnResult::Valid(c) => {
+                json!({"valid": true, "principal": c.principal})
+            }
+            crate::waypoint::jwt::AuthnResult::Invalid(r) => {
+                json!({"valid": false, "reason": r, "answer": 401})
+            }
+        };
+        let auth = result.claims().map(|c| crate::authz::RequestAuth {
+            principal: c.principal.clone().unwrap_or_default(),
+            audiences: c.audiences.clone(),
+            presenter: c.presenter.clone(),
+            claims: c.payload.clone(),
+        });
+        let e = authz.explain_http(
+            &conn,
+            &crate::authz::HttpRequest {
+                method: &method,
+                host: &host,
+                path: &path,
+                headers: &parts.headers,
+                auth: auth.as_ref(),
+            },
+        );
+        (e, Some(jwt))
+    } else {
+        (authz.explain(&conn), None)
+    };
     let mut v = serde_json::to_value(&explanation).map_err(|e| e.to_string())?;
+    if let (Some(obj), Some(jwt)) = (v.as_object_mut(), jwt) {
+        obj.insert("jwt".into(), jwt);
+        obj.insert(
+            "waypoint".into(),
+            json!(crate::waypoint::applies(&snap, &authz, dst)),
+        );
+    }
     if let Some(obj) = v.as_object_mut() {
         obj.insert("source".into(), json!({
             "ip": src_ip,
@@ -323,13 +395,8 @@ fn admin(ctx: &AdminContext, req: &Request<Incoming>) -> Response<Body> {
                 _ => method_not_allowed("GET, POST"),
             }
         }
-        "/debug/explain" => match *method {
-            Method::GET => match explain(ctx, &query(req)) {
-                Ok(v) => json_response(StatusCode::OK, &v),
-                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n\n{EXPLAIN_USAGE}")),
-            },
-            _ => method_not_allowed("GET"),
-        },
+        // GET is answered asynchronously (it may verify a token): see `serve`.
+        "/debug/explain" => method_not_allowed("GET"),
         "/quitquitquit" => match *method {
             Method::POST => {
                 tracing::info!("shutdown requested through /quitquitquit");
@@ -447,14 +514,21 @@ pub fn start(
                 }
             };
             rt.block_on(async move {
-                let servers: [(std::net::TcpListener, Route); 3] =
-                    [(admin_l, admin), (metrics_l, metrics), (ready_l, readiness)];
+                let servers: [(std::net::TcpListener, Route, bool); 3] = [
+                    (admin_l, admin, true),
+                    (metrics_l, metrics, false),
+                    (ready_l, readiness, false),
+                ];
                 let mut tasks = Vec::new();
-                for (listener, route) in servers {
+                for (listener, route, is_admin) in servers {
                     match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => {
-                            tasks.push(tokio::spawn(serve(l, ctx.clone(), route, shutdown.clone())))
-                        }
+                        Ok(l) => tasks.push(tokio::spawn(serve(
+                            l,
+                            ctx.clone(),
+                            route,
+                            is_admin,
+                            shutdown.clone(),
+                        ))),
                         Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
                     }
                 }
@@ -471,6 +545,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     ctx: Arc<AdminContext>,
     route: Route,
+    is_admin: bool,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -489,8 +564,23 @@ async fn serve(
         let mut conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = route(&ctx, &req);
-                async move { Ok::<_, Infallible>(resp) }
+                let ctx = ctx.clone();
+                async move {
+                    let explain_here = is_admin
+                        && req.uri().path() == "/debug/explain"
+                        && req.method() == Method::GET;
+                    let resp = if explain_here {
+                        match explain(&ctx, &req).await {
+                            Ok(v) => json_response(StatusCode::OK, &v),
+                            Err(e) => {
+                                text(StatusCode::BAD_REQUEST, format!("{e}\n\n{EXPLAIN_USAGE}"))
+                            }
+                        }
+                    } else {
+                        route(&ctx, &req)
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);

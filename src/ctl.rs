@@ -39,6 +39,21 @@ pub enum CtlCommand {
         /// Treat the client as plaintext (no mTLS).
         #[arg(long)]
         plaintext: bool,
+        /// L7: the HTTP method of the request to explain.
+        #[arg(long)]
+        method: Option<String>,
+        /// L7: the request path (and query).
+        #[arg(long)]
+        path: Option<String>,
+        /// L7: the Host / :authority.
+        #[arg(long)]
+        host: Option<String>,
+        /// L7: a request header `name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// L7: a JWT sent as `Authorization: Bearer`.
+        #[arg(long)]
+        token: Option<String>,
         /// Print the full JSON.
         #[arg(long)]
         json: bool,
@@ -329,6 +344,11 @@ pub async fn run(addr: SocketAddr, cmd: CtlCommand) -> Result<String, CtlError> 
             identity,
             plaintext,
             json,
+            method,
+            path,
+            host,
+            headers,
+            token,
         } => {
             let mut q = form_urlencoded::Serializer::new(String::new());
             q.append_pair("src", &src).append_pair("dst", &dst);
@@ -340,6 +360,19 @@ pub async fn run(addr: SocketAddr, cmd: CtlCommand) -> Result<String, CtlError> 
             }
             if plaintext {
                 q.append_pair("plaintext", "true");
+            }
+            for (k, v) in [
+                ("method", &method),
+                ("path", &path),
+                ("host", &host),
+                ("token", &token),
+            ] {
+                if let Some(v) = v {
+                    q.append_pair(k, v);
+                }
+            }
+            for h in &headers {
+                q.append_pair("header", h);
             }
             let v = get_json(addr, &format!("/debug/explain?{}", q.finish())).await?;
             if json {
@@ -367,6 +400,19 @@ fn explain_text(v: &Value) -> String {
         s(&v["destination"]["port"]),
         s(&v["destination"]["workload"])
     );
+    if !v["jwt"].is_null() {
+        let _ = writeln!(
+            out,
+            "  request:     {}",
+            serde_json::to_string(&v["request"]).unwrap_or_default()
+        );
+        let _ = writeln!(
+            out,
+            "  JWT:         {}",
+            serde_json::to_string(&v["jwt"]).unwrap_or_default()
+        );
+        let _ = writeln!(out, "  waypoint:    {}", s(&v["waypoint"]));
+    }
     let m = &v["mtls"];
     let _ = writeln!(
         out,

@@ -350,5 +350,47 @@ spec:
         buf.starts_with("HTTP/1.1 431") || buf.starts_with("HTTP/1.1 400"),
         "{buf}"
     );
+    // L7 what-ifs without traffic: the admin endpoint and `weft ctl explain`.
+    let (a_ip, c_ip) = (env.pod("a").ip, env.pod("c").ip);
+    let (st, body) = env.admin(
+        2,
+        &format!("/debug/explain?src={a_ip}&dst={c_ip}&port=8080&method=POST&path=/public/x"),
+    );
+    assert_eq!(st, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["decision"].to_string().to_lowercase().contains("deny"),
+        "{v:#}"
+    );
+    assert_eq!(v["waypoint"], true);
+    let out = env
+        .bed
+        .node(2)
+        .ns
+        .exec(
+            env!("CARGO_BIN_EXE_weft"),
+            [
+                "ctl",
+                "explain",
+                "--src",
+                &a_ip.to_string(),
+                "--dst",
+                &c_ip.to_string(),
+                "--port",
+                "8080",
+                "--method",
+                "GET",
+                "--path",
+                "/secure/1",
+                "--token",
+                &token(&good, "k1", 300),
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.contains("JWT:") && out.contains("https://issuer.test/alice"),
+        "{out}"
+    );
+    assert!(out.to_lowercase().contains("allow"), "{out}");
     drop(rt);
 }
