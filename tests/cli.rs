@@ -174,6 +174,82 @@ fn ca_init_then_run_turns_ready_and_sigterm_exits_cleanly() {
     eprintln!("ready after {:?}", start.elapsed());
     let dump = get_json(std::net::SocketAddr::new(ip, 15000), "/config_dump");
     assert_eq!(dump["certificates"].as_array().unwrap().len(), 2);
+    // `weft ctl` reads the same endpoint and prints tables.
+    let admin = format!("{ip}:15000");
+    let ctl = |args: &[&str]| {
+        let out = weft()
+            .args(["ctl", "--admin", &admin])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let workloads = ctl(&["workloads"]);
+    assert!(workloads.starts_with("NAMESPACE"), "{workloads}");
+    assert!(
+        workloads.lines().any(|l| l.contains("frontend-0")
+            && l.contains("enrolled")
+            && l.contains("spiffe://cluster.local/ns/shop/sa/frontend")),
+        "{workloads}"
+    );
+    let certs = ctl(&["certs"]);
+    assert_eq!(
+        certs.lines().count(),
+        3,
+        "header and two certificates:\n{certs}"
+    );
+    assert!(ctl(&["services"]).contains("10.96.0.20"));
+    assert!(ctl(&["policies"]).contains("cart-from-frontend"));
+    assert!(ctl(&["connections"]).contains("0 pooled HBONE connection(s)"));
+    let explain = ctl(&[
+        "explain",
+        "--src",
+        "10.244.1.12",
+        "--dst",
+        "10.244.1.11",
+        "--port",
+        "8080",
+    ]);
+    assert!(
+        explain.to_lowercase().contains("deny") && explain.contains("cart-from-frontend"),
+        "debug-0 is not frontend:\n{explain}"
+    );
+    let explain = ctl(&[
+        "explain",
+        "--src",
+        "10.244.1.10",
+        "--dst",
+        "10.244.1.11",
+        "--port",
+        "8080",
+    ]);
+    assert!(explain.to_lowercase().contains("allow"), "{explain}");
+    let out = weft()
+        .args([
+            "ctl",
+            "--admin",
+            &admin,
+            "explain",
+            "--src",
+            "x",
+            "--dst",
+            "10.244.1.11",
+            "--port",
+            "8080",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("400"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pid = nix_pid(child.id());
     kill_term(pid);
     let status =
