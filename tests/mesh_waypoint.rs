@@ -33,25 +33,55 @@ fn run_app(env: &MeshEnv, rt: &tokio::runtime::Runtime) {
             };
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                    move |mut req: hyper::Request<hyper::body::Incoming>| async move {
+                        if req.headers().contains_key("upgrade") {
+                            // An echo protocol behind an HTTP/1.1 upgrade.
+                            let up = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(up) = up.await {
+                                    let mut io = hyper_util::rt::TokioIo::new(up);
+                                    let mut b = [0u8; 4];
+                                    if tokio::io::AsyncReadExt::read_exact(&mut io, &mut b)
+                                        .await
+                                        .is_ok()
+                                    {
+                                        let _ =
+                                            tokio::io::AsyncWriteExt::write_all(&mut io, &b).await;
+                                    }
+                                }
+                            });
+                            let mut r =
+                                hyper::Response::new(http_body_util::Full::new(Bytes::new()));
+                            *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+                            r.headers_mut()
+                                .insert("upgrade", hyper::header::HeaderValue::from_static("echo"));
+                            r.headers_mut().insert(
+                                "connection",
+                                hyper::header::HeaderValue::from_static("upgrade"),
+                            );
+                            return Ok::<_, Infallible>(r);
+                        }
                         let body = format!(
-                            "{} {} from {} auth={}",
+                            "{} {} from {} auth={} {:?}",
                             req.method(),
                             req.uri().path(),
                             peer.ip(),
                             req.headers()
                                 .get("authorization")
                                 .map(|v| v.to_str().unwrap_or("?").to_string())
-                                .unwrap_or_default()
+                                .unwrap_or_default(),
+                            req.version()
                         );
                         Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
                             Bytes::from(body),
                         )))
                     },
                 );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
             });
         }
     });
@@ -267,7 +297,7 @@ spec:
     let (st, body, _) = send(&mut s, &get("/secure/1", &bearer(&token(&good, "k1", 300))));
     assert_eq!(st, 200, "{body}\n{}", env.log(2));
     assert!(
-        body.ends_with("auth="),
+        body.contains("auth= "),
         "the token is not forwarded by default: {body}"
     );
     let (st, _, _) = send(
@@ -350,6 +380,70 @@ spec:
         buf.starts_with("HTTP/1.1 431") || buf.starts_with("HTTP/1.1 400"),
         "{buf}"
     );
+    // HTTP/1.1 upgrade passed through once the app accepts it.
+    let mut s = env
+        .pod("a")
+        .ns
+        .tcp_connect(c, Duration::from_secs(5))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (st, body, _) = send(
+        &mut s,
+        "GET /public/ws HTTP/1.1\r\nHost: c.shop\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    );
+    assert_eq!(st, 101, "{body}");
+    s.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+
+    // HTTP/2 with prior knowledge: one decision per request, forwarded as HTTP/2.
+    let s = env
+        .pod("a")
+        .ns
+        .tcp_connect(c, Duration::from_secs(5))
+        .unwrap();
+    s.set_nonblocking(true).unwrap();
+    let statuses = rt.block_on(async move {
+        let s = tokio::net::TcpStream::from_std(s).unwrap();
+        let (mut h2, conn) = h2::client::handshake(s).await.unwrap();
+        tokio::spawn(conn);
+        let mut out = Vec::new();
+        for (method, path) in [
+            ("GET", "/public/h2"),
+            ("POST", "/public/h2"),
+            ("GET", "/public/again"),
+        ] {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(format!("http://c.shop{path}"))
+                .body(())
+                .unwrap();
+            let (resp, _) = h2.send_request(req, true).unwrap();
+            let resp = resp.await.unwrap();
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            let mut text = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                text.extend_from_slice(&chunk);
+            }
+            out.push((status, String::from_utf8_lossy(&text).into_owned()));
+        }
+        out
+    });
+    assert_eq!(statuses[0].0, 200, "{statuses:?}");
+    assert!(
+        statuses[0].1.contains("HTTP/2"),
+        "forwarded as HTTP/2: {statuses:?}"
+    );
+    assert_eq!(statuses[1], (403, "RBAC: access denied".to_string()));
+    assert_eq!(
+        statuses[2].0, 200,
+        "the connection stays usable: {statuses:?}"
+    );
+
     // L7 what-ifs without traffic: the admin endpoint and `weft ctl explain`.
     let (a_ip, c_ip) = (env.pod("a").ip, env.pod("c").ip);
     let (st, body) = env.admin(
