@@ -444,6 +444,9 @@ struct Loop {
     client_ip: IpAddr,
     capture: SocketAddr,
     server: SocketAddr,
+    http_capture: SocketAddr,
+    /// The mesh file's text (the waypoint case edits it).
+    mesh: String,
 }
 
 struct ViaWeft {
@@ -495,7 +498,7 @@ async fn loopback() -> Loop {
             ip(10 + i)
         ));
     }
-    std::fs::write(dir.path().join("mesh.yaml"), mesh).unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), &mesh).unwrap();
     let log = || Arc::new(weft::logging::LogControl::new("off", Box::new(|_| Ok(()))));
     // The daemons run on their own runtime (threads `weft-worker`), apart from the app and
     // the clients, so their CPU time can be read per thread.
@@ -544,6 +547,31 @@ async fn loopback() -> Loop {
             ));
         }
     });
+    // An HTTP app on the same pod, and its own capture stand-in, for the waypoint case.
+    let http_app = SocketAddr::new(server_ip, 18081);
+    tokio::spawn(serve_http(TcpListener::bind(http_app).await.unwrap()));
+    let http_capture = SocketAddr::new(client_ip, 16002);
+    let listener = TcpListener::bind(http_capture)
+        .await
+        .unwrap()
+        .into_std()
+        .unwrap();
+    let ctx = a.proxy_ctx();
+    weft_rt().spawn(async move {
+        let listener = TcpListener::from_std(listener).unwrap();
+        loop {
+            let Ok((s, peer)) = listener.accept().await else {
+                return;
+            };
+            let _ = s.set_nodelay(true);
+            tokio::spawn(weft::proxy::outbound::serve_outbound_to(
+                ctx.clone(),
+                s,
+                peer,
+                http_app,
+            ));
+        }
+    });
     // Wait for the cold-client certificates too.
     let deadline = Instant::now() + Duration::from_secs(10);
     while a.certs.certs().len() < 6 {
@@ -556,7 +584,68 @@ async fn loopback() -> Loop {
         client_ip,
         capture,
         server,
+        http_capture,
+        mesh,
     }
+}
+
+/// A minimal HTTP/1.1 app (keep-alive, fixed body) for the waypoint case.
+async fn serve_http(listener: TcpListener) {
+    loop {
+        let Ok((s, _)) = listener.accept().await else {
+            return;
+        };
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+/// Round trips of `GET /` on one keep-alive connection, sorted, in µs.
+async fn http_latencies(route: Arc<dyn Route>, n: usize) -> Vec<f64> {
+    let mut s = dial(&route).await.expect("connect");
+    let req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
+    let mut buf = [0u8; 4096];
+    let mut one = async |s: &mut TcpStream| {
+        s.write_all(req).await.unwrap();
+        // The response is small and fixed: read until its 2-byte body arrived.
+        let mut got = Vec::new();
+        loop {
+            let k = s.read(&mut buf).await.unwrap();
+            assert!(k > 0, "connection closed");
+            got.extend_from_slice(&buf[..k]);
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                if got.len() >= i + 4 + 2 {
+                    assert!(
+                        got.starts_with(b"HTTP/1.1 200"),
+                        "{}",
+                        String::from_utf8_lossy(&got)
+                    );
+                    return;
+                }
+            }
+        }
+    };
+    for _ in 0..n.min(200) {
+        one(&mut s).await;
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        one(&mut s).await;
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    out.sort_by(f64::total_cmp);
+    out
 }
 
 async fn run_loopback(sz: Sizes, report: &mut Report) {
@@ -589,6 +678,38 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
         }),
     };
     measure(&place, sz, report).await;
+
+    // The same HTTP request over the L4 tunnel, then through the waypoint (the server pod
+    // labelled `istio.io/use-waypoint: weft`): what L7 costs, and that L4 traffic never pays it.
+    let http_route: Arc<dyn Route> = Arc::new(ViaWeft {
+        client_ip: l.client_ip,
+        capture: l.http_capture,
+    });
+    let l4 = http_latencies(http_route.clone(), sz.pings).await;
+    let labelled = l.mesh.replace(
+        "metadata: {name: server, namespace: bench}",
+        "metadata: {name: server, namespace: bench, labels: {istio.io/use-waypoint: weft}}",
+    );
+    let mesh_path = l._dir.path().join("mesh.yaml");
+    let generation = l.daemons[1].store.snapshot().generation;
+    std::fs::write(&mesh_path, labelled).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while l.daemons[1].store.snapshot().generation == generation {
+        assert!(Instant::now() < deadline, "mesh edit not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let l7 = http_latencies(http_route, sz.pings).await;
+    for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+        let (x, y) = (pct(&l7, q), pct(&l4, q));
+        report.add(
+            format!("HTTP GET latency {name}: waypoint vs L4"),
+            "loopback",
+            x,
+            Some(y),
+            "µs",
+            format!("+{:.1} µs for L7 parsing and policy", x - y),
+        );
+    }
     for d in l.daemons {
         let _ = weft_rt().spawn(d.stop()).await;
     }
