@@ -81,6 +81,18 @@ impl Daemon {
             MeshSource::File(path) => path.display().to_string(),
             MeshSource::Xds(cp) => format!("xds {}", cp.address),
         });
+        // Everything that can fail on bad input comes before any task is started.
+        let tls = Arc::new(TlsConfigs::new(certs.roots_der())?);
+        let jwks_config = crate::waypoint::jwt::JwksConfig {
+            extra_ca_file: config.waypoint.jwks_ca_file.clone(),
+            ..Default::default()
+        };
+        let jwks =
+            tokio::task::spawn_blocking(move || crate::waypoint::jwt::JwksCache::new(jwks_config))
+                .await
+                .map_err(|e| DaemonError::Internal(format!("JWKS client: {e}")))?
+                .map_err(|e| DaemonError::Internal(format!("JWKS client: {e}")))?;
+        let jwks = Arc::new(jwks);
         let mut tasks = Vec::new();
 
         // Certificates follow the local enrolled ServiceAccounts of the state in force.
@@ -99,19 +111,8 @@ impl Daemon {
             Redirect::Tproxy => SocketMode::Transparent,
             Redirect::None => SocketMode::Plain,
         };
-        let tls = Arc::new(TlsConfigs::new(certs.roots_der())?);
         let pool = Pool::new(tls.clone(), mode, config.listen.hbone.port());
         let conns = ConnTable::new(metrics.tcp.clone());
-        let jwks_config = crate::waypoint::jwt::JwksConfig {
-            extra_ca_file: config.waypoint.jwks_ca_file.clone(),
-            ..Default::default()
-        };
-        let jwks =
-            tokio::task::spawn_blocking(move || crate::waypoint::jwt::JwksCache::new(jwks_config))
-                .await
-                .map_err(|e| DaemonError::Internal(format!("JWKS client: {e}")))?
-                .map_err(|e| DaemonError::Internal(format!("JWKS client: {e}")))?;
-        let jwks = Arc::new(jwks);
         let jwks_stop = tokio_util::sync::CancellationToken::new();
         tasks.push(jwks.spawn_refresher(jwks_stop.clone()));
         {
