@@ -957,6 +957,7 @@ impl Parser<'_> {
             ports,
             selector: spec.selector.clone().unwrap_or_default(),
             endpoints: Vec::new(),
+            labels: svc.metadata.labels.clone().unwrap_or_default(),
         })
     }
 }

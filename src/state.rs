@@ -43,6 +43,8 @@ pub struct Snapshot {
     by_ip: HashMap<IpAddr, Slot>,
     by_uid: HashMap<String, usize>,
     by_service: HashMap<String, usize>,
+    /// Workload uid → the services it backs (reverse of `Service::endpoints`).
+    services_of: HashMap<String, Vec<usize>>,
 }
 
 impl Snapshot {
@@ -59,7 +61,11 @@ impl Snapshot {
                 }
             }
         }
+        let mut services_of: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, s) in mesh.services.iter().enumerate() {
+            for uid in &s.endpoints {
+                services_of.entry(uid.clone()).or_default().push(i);
+            }
             by_service.insert(s.key(), i);
             for ip in &s.vips {
                 by_ip.entry(*ip).or_insert(Slot::Service(i));
@@ -71,6 +77,7 @@ impl Snapshot {
             by_ip,
             by_uid,
             by_service,
+            services_of,
         }
     }
 
@@ -99,6 +106,15 @@ impl Snapshot {
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
         self.by_service
             .get(&format!("{namespace}/{name}"))
+            .map(|&i| &self.mesh.services[i])
+    }
+
+    /// The services a workload backs.
+    pub fn services_of<'a>(&'a self, uid: &str) -> impl Iterator<Item = &'a Service> + 'a {
+        self.services_of
+            .get(uid)
+            .into_iter()
+            .flatten()
             .map(|&i| &self.mesh.services[i])
     }
 
@@ -277,6 +293,7 @@ mod tests {
             }],
             selector: BTreeMap::from([("app".to_string(), "a".to_string())]),
             endpoints: vec![],
+            labels: BTreeMap::new(),
         }];
         crate::k8s::resolve_endpoints(&mut m);
         m

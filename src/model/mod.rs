@@ -168,6 +168,9 @@ pub struct Service {
     pub selector: BTreeMap<String, String>,
     /// Uids of the workloads behind the service, resolved from the selector.
     pub endpoints: Vec<String>,
+    /// The Service's own labels (e.g. `istio.io/use-waypoint`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Service {

@@ -9,8 +9,8 @@
 //!   decision per request, forwarding over [`upstream`] pools that keep the client's IP.
 //!
 //! When it runs: for a destination workload whose applicable AuthorizationPolicies use L7
-//! attributes, or whose pod or namespace is labelled `istio.io/use-waypoint` with the value
-//! [`BUILTIN_WAYPOINT`] (`weft`), naming this built-in waypoint. Everything else keeps the L4
+//! attributes, or whose pod, namespace or backing Service is labelled `istio.io/use-waypoint`
+//! with the value [`BUILTIN_WAYPOINT`] (`weft`), naming this built-in waypoint. Everything else keeps the L4
 //! byte copy and never pays for HTTP parsing.
 //!
 //! Must not touch: the L4 data path's decisions (`proxy` hands connections over after
@@ -39,7 +39,8 @@ pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
 /// The label value naming weft's built-in waypoint.
 pub const BUILTIN_WAYPOINT: &str = "weft";
 
-/// Whether inbound traffic to `w` goes through the waypoint.
+/// Whether inbound traffic to `w` goes through the waypoint: its policies need L7, or the
+/// pod, its namespace, or a Service it backs names the built-in waypoint.
 pub fn applies(snap: &Snapshot, authz: &Authz, w: &Workload) -> bool {
     let named = |labels: &std::collections::BTreeMap<String, String>| {
         labels
@@ -53,6 +54,7 @@ pub fn applies(snap: &Snapshot, authz: &Authz, w: &Workload) -> bool {
             .namespaces
             .get(&w.namespace)
             .is_some_and(|ns| named(&ns.labels))
+        || snap.services_of(&w.uid).any(|s| named(&s.labels))
 }
 
 /// The RequestAuthentications that apply to `w` (mesh-wide from the root namespace, its
@@ -192,5 +194,42 @@ impl HttpMetrics {
         };
         self.requests.get_or_create(&labels).inc();
         self.duration.get_or_create(&labels).observe(ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(extra: &str) -> Snapshot {
+        let text = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop, labels: {{app: web}}}}\nstatus: {{podIP: 10.0.0.1}}\n{extra}"
+        );
+        Snapshot::new(1, crate::k8s::parse_mesh("m.yaml", &text).unwrap().mesh)
+    }
+
+    #[test]
+    fn the_waypoint_is_chosen_by_l7_policy_or_by_label_on_pod_namespace_or_service() {
+        let check = |extra: &str| {
+            let s = snap(extra);
+            let authz = Authz::new(&s.mesh, "istio-system");
+            applies(&s, &authz, &s.mesh.workloads[0])
+        };
+        assert!(!check(""), "plain L4 workload");
+        assert!(check("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec: {rules: [{to: [{operation: {methods: [GET]}}]}]}\n"));
+        assert!(check("---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: weft}}\nspec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{port: 80}]}\n"));
+        assert!(!check("---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: other}}\nspec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{port: 80}]}\n"), "another waypoint's name");
+        let s = snap("");
+        let mut mesh = s.mesh.clone();
+        mesh.workloads[0]
+            .labels
+            .insert(USE_WAYPOINT_LABEL.into(), BUILTIN_WAYPOINT.into());
+        let s = Snapshot::new(2, mesh);
+        assert!(applies(
+            &s,
+            &Authz::new(&s.mesh, "istio-system"),
+            &s.mesh.workloads[0]
+        ));
     }
 }

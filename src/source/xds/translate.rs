@@ -210,6 +210,7 @@ fn service(s: xw::Service) -> Result<ServiceEntry, String> {
             ports: Vec::new(),
             selector: BTreeMap::new(),
             endpoints: Vec::new(),
+            labels: Default::default(),
         },
         key,
         ports,
