@@ -288,7 +288,9 @@ pub(crate) fn compile(
     };
     if uses_l7 {
         warn(format!(
-            "uses attributes only a waypoint (L7) can evaluate ({}); {consequence}",
+            "uses attributes only a waypoint (L7) can evaluate ({}); traffic to the workloads it \
+             applies to goes through weft's waypoint, which evaluates them per request (at L4 \
+             alone {consequence})",
             l7.join("; ")
         ));
     }

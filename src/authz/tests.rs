@@ -492,7 +492,7 @@ fn each_policy_with_l7_attributes_is_named_once() {
     let w = authz.warnings();
     let about = |name: &str| w.iter().filter(|l| l.starts_with(name)).count();
     assert_eq!(about("AuthorizationPolicy foo/a:"), 1, "{w:#?}");
-    assert!(w.iter().any(|l| l.starts_with("AuthorizationPolicy foo/a: uses attributes only a waypoint (L7) can evaluate (rule 0: methods, paths; rule 1: request.headers[x]); an ALLOW rule")));
+    assert!(w.iter().any(|l| l.starts_with("AuthorizationPolicy foo/a: uses attributes only a waypoint (L7) can evaluate (rule 0: methods, paths; rule 1: request.headers[x]); traffic to the workloads it applies to goes through weft's waypoint")));
     assert!(w.iter().any(|l| l.starts_with("AuthorizationPolicy foo/d:")
         && l.contains("remoteIpBlocks")
         && l.contains("L4 part only")));
