@@ -99,7 +99,7 @@ impl AdminContext {
         let workloads: Vec<_> = snap
             .mesh
             .workloads
-            .iter()
+            .values()
             .map(|w| {
                 let identity = crate::identity::Identity::new(
                     &cfg.trust_domain,
@@ -144,7 +144,7 @@ impl AdminContext {
             "config": *self.store.status(),
             "namespaces": snap.mesh.namespaces.values().collect::<Vec<_>>(),
             "workloads": workloads,
-            "services": snap.mesh.services,
+            "services": snap.mesh.services.values().collect::<Vec<_>>(),
             "policies": snap.mesh.policies,
             "certificates": certificates,
         })

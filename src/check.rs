@@ -31,7 +31,7 @@ pub fn run(path: &Path, out: &mut impl Write) -> ExitCode {
                 m.namespaces.len(),
                 m.workloads.len(),
                 m.workloads
-                    .iter()
+                    .values()
                     .filter(|w| w.enrollment.is_enrolled())
                     .count(),
                 m.services.len(),

@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -683,7 +684,7 @@ impl Parser<'_> {
                             }
                         }
                         pod_origins.push(origin);
-                        mesh.workloads.push(w);
+                        mesh.insert_workload(w);
                     }
                 }
                 Object::Service(svc) => {
@@ -706,7 +707,7 @@ impl Parser<'_> {
                                 );
                             }
                         }
-                        mesh.services.push(s);
+                        mesh.insert_service(s);
                     }
                 }
                 Object::AuthorizationPolicy(crd) => {
@@ -762,14 +763,14 @@ impl Parser<'_> {
             );
             return;
         }
-        mesh.policies.push(p);
+        mesh.policies.push_back(p);
     }
 
     fn workload(
         &mut self,
         origin: Origin,
         pod: &core::Pod,
-        namespaces: &BTreeMap<String, Namespace>,
+        namespaces: &imbl::OrdMap<String, Namespace>,
     ) -> Option<Workload> {
         let (namespace, name) = self.name_of(origin, &pod.metadata, true)?;
         let spec = pod.spec.clone().unwrap_or_default();
@@ -978,21 +979,31 @@ fn owner_workload(meta: &ObjectMeta) -> Option<String> {
 
 /// Fills each Service's endpoints from its selector (same namespace, non-empty selector).
 pub fn resolve_endpoints(mesh: &mut Mesh) {
-    for svc in &mut mesh.services {
-        svc.endpoints = if svc.selector.is_empty() {
-            Vec::new()
-        } else {
-            mesh.workloads
-                .iter()
-                .filter(|w| {
-                    w.namespace == svc.namespace
-                        && !w.ips.is_empty()
-                        && crate::model::selector_matches(&svc.selector, &w.labels)
-                })
-                .map(|w| w.uid.clone())
-                .collect()
-        };
-    }
+    let resolved: Vec<(String, Arc<Service>)> = mesh
+        .services
+        .iter()
+        .filter_map(|(key, svc)| {
+            let endpoints: Vec<String> = if svc.selector.is_empty() {
+                Vec::new()
+            } else {
+                mesh.workloads
+                    .values()
+                    .filter(|w| {
+                        w.namespace == svc.namespace
+                            && !w.ips.is_empty()
+                            && crate::model::selector_matches(&svc.selector, &w.labels)
+                    })
+                    .map(|w| w.uid.clone())
+                    .collect()
+            };
+            (endpoints != svc.endpoints).then(|| {
+                let mut svc = Service::clone(svc);
+                svc.endpoints = endpoints;
+                (key.clone(), Arc::new(svc))
+            })
+        })
+        .collect();
+    mesh.services.extend(resolved);
 }
 
 #[cfg(test)]
@@ -1027,17 +1038,25 @@ mod tests {
         assert_eq!(m.namespaces.len(), 2);
         assert_eq!(m.namespaces["shop"].labels[DATAPLANE_MODE_LABEL], "ambient");
 
-        let names: Vec<_> = m.workloads.iter().map(|w| w.name.as_str()).collect();
+        // Workloads are keyed by uid: `Kubernetes//Pod/<namespace>/<name>`.
+        let names: Vec<_> = m.workloads.values().map(|w| w.name.as_str()).collect();
         assert_eq!(
             names,
             [
+                "old-0",
+                "cart-0",
                 "web-7d9c6b5f4-abcde",
                 "web-7d9c6b5f4-fghij",
-                "cart-0",
-                "old-0"
             ]
         );
-        let web = &m.workloads[0];
+        let pod = |name: &str| {
+            m.workloads
+                .values()
+                .find(|w| w.name == name)
+                .unwrap()
+                .clone()
+        };
+        let web = pod("web-7d9c6b5f4-abcde");
         assert_eq!(web.uid, "Kubernetes//Pod/shop/web-7d9c6b5f4-abcde");
         assert_eq!(web.namespace, "shop");
         assert_eq!(web.service_account, "web");
@@ -1061,16 +1080,17 @@ mod tests {
             ("web", "latest")
         );
         assert_eq!(
-            m.workloads[2].workload_name, "cart-0",
+            pod("cart-0").workload_name,
+            "cart-0",
             "no owner: the pod itself"
         );
-        assert_eq!(m.workloads[1].node, "node-2");
-        assert_eq!(m.workloads[2].enrollment, Enrollment::OptedOut);
-        assert_eq!(m.workloads[3].enrollment, Enrollment::NotEnrolled);
-        assert_eq!(m.workloads[3].service_account, "default");
+        assert_eq!(pod("web-7d9c6b5f4-fghij").node, "node-2");
+        assert_eq!(pod("cart-0").enrollment, Enrollment::OptedOut);
+        assert_eq!(pod("old-0").enrollment, Enrollment::NotEnrolled);
+        assert_eq!(pod("old-0").service_account, "default");
 
         assert_eq!(m.services.len(), 2);
-        let svc = &m.services[0];
+        let svc = &m.services["shop/web"];
         assert_eq!(svc.vips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
         assert_eq!(
             svc.ports,
@@ -1094,8 +1114,9 @@ mod tests {
                 "Kubernetes//Pod/shop/web-7d9c6b5f4-fghij".to_string()
             ]
         );
-        assert!(m.services[1].vips.is_empty(), "headless service has no VIP");
-        assert_eq!(m.services[1].ports[0].target_port, TargetPort::Number(8080));
+        let headless = &m.services["shop/web-headless"];
+        assert!(headless.vips.is_empty(), "headless service has no VIP");
+        assert_eq!(headless.ports[0].target_port, TargetPort::Number(8080));
 
         assert_eq!(m.policies.len(), 7);
         let Policy::AuthorizationPolicy(ap) = &m.policies[0] else {
@@ -1235,7 +1256,7 @@ mod tests {
         let text = "metadata: {name: p, namespace: x}\nspec: {nodeName: n}\nstatus: {podIP: 10.0.0.1}\nkind: Pod\napiVersion: v1\n";
         let m = parse_mesh("c.yaml", text).unwrap().mesh;
         assert_eq!(
-            m.workloads[0].ips,
+            m.workloads["Kubernetes//Pod/x/p"].ips,
             vec!["10.0.0.1".parse::<IpAddr>().unwrap()]
         );
     }

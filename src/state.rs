@@ -2,13 +2,31 @@
 //! [`StateStore`] that swaps snapshots atomically and tells who cares that one changed.
 //!
 //! Readers call [`StateStore::snapshot`] once (an `Arc` load, no lock) and work on that
-//! snapshot; writers build a complete new snapshot and publish it with
-//! [`StateStore::publish`]. A reader never blocks a writer and never sees half an update.
+//! snapshot; writers either publish a whole new mesh ([`StateStore::publish`]: the file
+//! source, where a new file is a new mesh) or apply [`Edit`]s to the snapshot in force
+//! ([`StateStore::apply`]: the xDS source, one edit per changed resource). A reader never
+//! blocks a writer and never sees half an update.
+//!
+//! Every collection of the mesh and every index is persistent (`imbl`): the next snapshot
+//! shares all but the paths an edit touched, so applying a change costs time proportional to
+//! the change (and to the services it touches), not to the size of the mesh.
+//!
+//! Invariants of the indexes (held by [`Snapshot::new`] and every edit alike, so a snapshot
+//! reached by edits equals the one built from scratch from the same mesh):
+//! - an IP claimed by several owners belongs to the least of them, workloads before
+//!   services, then by uid or service key; the others wait in `rivals` and take over when
+//!   it leaves. Every claimant is in the mesh;
+//! - a service with a selector has as endpoints the uids, in order, of the workloads of its
+//!   namespace with an address whose labels match (Kubernetes' semantics, as
+//!   [`crate::k8s::resolve_endpoints`]); a service without one keeps the endpoints its
+//!   source gave;
+//! - `services_of` is exactly the reverse of the services' endpoints.
+//!
 //! This module owns no I/O: sources feed it, the proxy and admin read it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -16,7 +34,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::identity::Identity;
-use crate::model::{Mesh, Service, Workload};
+use crate::model::{Enrollment, Mesh, Namespace, Policy, PolicyKind, Service, Workload};
 
 /// What an IP address belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,71 +45,146 @@ pub enum Address<'a> {
     Service(&'a Service),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Slot {
-    Workload(usize),
-    Service(usize),
+/// One change to the mesh, as a source sees it: [`StateStore::apply`] turns a batch of them
+/// into the next snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Edit {
+    /// Adds or replaces a namespace. Enrollment is decided by the source when it builds a
+    /// workload: a source changing a namespace's labels re-upserts the workloads it affects.
+    UpsertNamespace(Namespace),
+    /// Removes a namespace by name.
+    RemoveNamespace(String),
+    /// Adds or replaces the workload with this uid.
+    UpsertWorkload(Workload),
+    /// Removes the workload with this uid.
+    RemoveWorkload(String),
+    /// Adds or replaces the service under `key` (see [`Mesh::services`] for keys). With a
+    /// selector, its endpoints are the store's to resolve and the given ones are ignored.
+    UpsertService {
+        /// The service's key in [`Mesh::services`].
+        key: String,
+        /// The service.
+        service: Service,
+    },
+    /// Removes the service under this key.
+    RemoveService(String),
+    /// Adds a policy, or replaces the one of the same kind, namespace and name in place.
+    UpsertPolicy(Policy),
+    /// Removes a policy.
+    RemovePolicy {
+        /// Its kind.
+        kind: PolicyKind,
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// Replaces every policy.
+    SetPolicies(Vec<Policy>),
 }
 
-/// One immutable, indexed view of the mesh.
-#[derive(Debug, Default)]
+/// Who claims an IP, in precedence order (the derived `Ord`: workloads first).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Owner {
+    Workload(String),
+    Service(String),
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Workload(uid) => write!(f, "workload {uid}"),
+            Owner::Service(key) => write!(f, "service {key}"),
+        }
+    }
+}
+
+/// The owner of an IP, resolved.
+#[derive(Clone, Debug, PartialEq)]
+enum Slot {
+    Workload(Arc<Workload>),
+    /// The service's key and the service.
+    Service(String, Arc<Service>),
+}
+
+impl Slot {
+    fn is(&self, owner: &Owner) -> bool {
+        match (self, owner) {
+            (Slot::Workload(w), Owner::Workload(uid)) => w.uid == *uid,
+            (Slot::Service(key, _), Owner::Service(k)) => key == k,
+            _ => false,
+        }
+    }
+
+    fn owner(&self) -> Owner {
+        match self {
+            Slot::Workload(w) => Owner::Workload(w.uid.clone()),
+            Slot::Service(key, _) => Owner::Service(key.clone()),
+        }
+    }
+}
+
+/// The indexes of a snapshot; see the module doc for their invariants.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Index {
+    /// Pod addresses (not host-network pods') and service VIPs.
+    by_ip: imbl::HashMap<IpAddr, Slot>,
+    /// Every claimant of each IP claimed more than once (rare: sources reject or warn).
+    rivals: imbl::HashMap<IpAddr, imbl::OrdSet<Owner>>,
+    /// `(<namespace>/<name>, key)` of every service: answers [`Snapshot::service`].
+    by_name: imbl::OrdSet<(String, String)>,
+    /// Workload uid → the keys of the services it backs, sorted (reverse of endpoints).
+    services_of: imbl::HashMap<String, Vec<String>>,
+    /// Namespace → its workloads' uids (selector services resolve within one namespace).
+    ns_workloads: imbl::HashMap<String, imbl::OrdSet<String>>,
+    /// Namespace → its services' keys.
+    ns_services: imbl::HashMap<String, imbl::OrdSet<String>>,
+}
+
+/// One immutable, indexed view of the mesh. Cheap to clone (structurally shared).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    /// Monotonic: 0 means "nothing loaded yet", each publish adds one.
+    /// Monotonic: 0 means "nothing loaded yet", each publish or apply adds one.
     pub generation: u64,
-    /// The mesh as its source gave it.
+    /// The mesh as its source gave it (selector services' endpoints resolved).
     pub mesh: Mesh,
-    by_ip: HashMap<IpAddr, Slot>,
-    by_uid: HashMap<String, usize>,
-    by_service: HashMap<String, usize>,
-    /// Workload uid → the services it backs (reverse of `Service::endpoints`).
-    services_of: HashMap<String, Vec<usize>>,
+    index: Index,
 }
 
 impl Snapshot {
-    /// Indexes a mesh. IP conflicts are the source's job to reject; here the first owner wins.
+    /// Indexes a mesh, resolving the endpoints of services with a selector. IP conflicts
+    /// are the source's job to reject or report; here the least owner wins (module doc).
     pub fn new(generation: u64, mesh: Mesh) -> Snapshot {
-        let mut by_ip = HashMap::with_capacity(mesh.workloads.len() + mesh.services.len());
-        let mut by_uid = HashMap::with_capacity(mesh.workloads.len());
-        let mut by_service = HashMap::with_capacity(mesh.services.len());
-        for (i, w) in mesh.workloads.iter().enumerate() {
-            by_uid.insert(w.uid.clone(), i);
-            if w.enrollment != crate::model::Enrollment::HostNetwork {
-                for ip in &w.ips {
-                    by_ip.entry(*ip).or_insert(Slot::Workload(i));
-                }
-            }
-        }
-        let mut services_of: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, s) in mesh.services.iter().enumerate() {
-            for uid in &s.endpoints {
-                services_of.entry(uid.clone()).or_default().push(i);
-            }
-            by_service.insert(s.key(), i);
-            for ip in &s.vips {
-                by_ip.entry(*ip).or_insert(Slot::Service(i));
-            }
-        }
-        Snapshot {
+        let mut snap = Snapshot {
             generation,
-            mesh,
-            by_ip,
-            by_uid,
-            by_service,
-            services_of,
+            mesh: Mesh {
+                namespaces: mesh.namespaces,
+                policies: mesh.policies,
+                ..Mesh::default()
+            },
+            index: Index::default(),
+        };
+        // Workloads first: services resolve their endpoints against them.
+        for (_, w) in mesh.workloads {
+            snap.upsert_workload(w);
         }
+        for (key, s) in mesh.services {
+            snap.upsert_service(key, s);
+        }
+        snap
     }
 
     /// What owns `ip`: a pod or a Service VIP.
     pub fn address(&self, ip: IpAddr) -> Option<Address<'_>> {
-        Some(match *self.by_ip.get(&ip)? {
-            Slot::Workload(i) => Address::Workload(&self.mesh.workloads[i]),
-            Slot::Service(i) => Address::Service(&self.mesh.services[i]),
+        Some(match self.index.by_ip.get(&ip)? {
+            Slot::Workload(w) => Address::Workload(w),
+            Slot::Service(_, s) => Address::Service(s),
         })
     }
 
     /// The workload with this uid.
     pub fn workload(&self, uid: &str) -> Option<&Workload> {
-        self.by_uid.get(uid).map(|&i| &self.mesh.workloads[i])
+        self.mesh.workloads.get(uid).map(|w| &**w)
     }
 
     /// The workload owning a pod IP (not a Service VIP).
@@ -102,23 +195,31 @@ impl Snapshot {
         }
     }
 
-    /// The service `<namespace>/<name>`.
+    /// The service `<namespace>/<name>` (the least key when several share the name).
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
-        self.by_service
-            .get(&format!("{namespace}/{name}"))
-            .map(|&i| &self.mesh.services[i])
+        let name = format!("{namespace}/{name}");
+        let (found, key) = self
+            .index
+            .by_name
+            .range((name.clone(), String::new())..)
+            .next()?;
+        if *found != name {
+            return None;
+        }
+        self.mesh.services.get(key).map(|s| &**s)
     }
 
     /// The services a workload backs.
     pub fn services_of<'a>(&'a self, uid: &str) -> impl Iterator<Item = &'a Service> + 'a {
-        self.services_of
+        self.index
+            .services_of
             .get(uid)
             .into_iter()
             .flatten()
-            .map(|&i| &self.mesh.services[i])
+            .filter_map(|key| self.mesh.services.get(key).map(|s| &**s))
     }
 
-    /// The endpoints (workloads) behind a service, in source order.
+    /// The endpoints (workloads) behind a service, in the service's order.
     pub fn endpoints<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Workload> + 'a {
         svc.endpoints.iter().filter_map(|uid| self.workload(uid))
     }
@@ -127,8 +228,9 @@ impl Snapshot {
     pub fn local_enrolled<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
         self.mesh
             .workloads
-            .iter()
+            .values()
             .filter(move |w| w.node == node && w.enrollment.is_enrolled())
+            .map(|w| &**w)
     }
 
     /// The identities weft must hold certificates for on `node`: one per ServiceAccount with
@@ -145,6 +247,317 @@ impl Snapshot {
                 }
             })
             .collect()
+    }
+
+    /// IPs claimed more than once, each as a warning naming the claimants and the one that
+    /// keeps it.
+    pub fn ip_conflicts(&self) -> impl Iterator<Item = String> + '_ {
+        self.index.rivals.iter().map(|(ip, owners)| {
+            let names: Vec<String> = owners.iter().map(Owner::to_string).collect();
+            format!(
+                "IP {ip} is claimed by {}; {} keeps it",
+                names.join(", "),
+                names.first().map(String::as_str).unwrap_or_default()
+            )
+        })
+    }
+
+    // === Edits ===
+
+    /// Applies one edit to this snapshot (mesh and indexes).
+    fn edit(&mut self, edit: Edit) {
+        match edit {
+            Edit::UpsertNamespace(ns) => {
+                self.mesh.namespaces.insert(ns.name.clone(), ns);
+            }
+            Edit::RemoveNamespace(name) => {
+                self.mesh.namespaces.remove(&name);
+            }
+            Edit::UpsertWorkload(w) => self.upsert_workload(Arc::new(w)),
+            Edit::RemoveWorkload(uid) => {
+                if let Some(old) = self.mesh.workloads.remove(&uid) {
+                    self.workload_changed(&uid, Some(&old), None);
+                }
+            }
+            Edit::UpsertService { key, service } => self.upsert_service(key, Arc::new(service)),
+            Edit::RemoveService(key) => {
+                if let Some(old) = self.mesh.services.remove(&key) {
+                    self.service_changed(&key, Some(&old), None);
+                }
+            }
+            Edit::UpsertPolicy(p) => {
+                let same = |q: &Policy| q.kind() == p.kind() && q.key() == p.key();
+                match self.mesh.policies.iter().position(same) {
+                    Some(i) => {
+                        self.mesh.policies.set(i, p);
+                    }
+                    None => self.mesh.policies.push_back(p),
+                }
+            }
+            Edit::RemovePolicy {
+                kind,
+                namespace,
+                name,
+            } => self
+                .mesh
+                .policies
+                .retain(|p| !(p.kind() == kind && p.key() == (&namespace, &name))),
+            Edit::SetPolicies(policies) => self.mesh.policies = policies.into_iter().collect(),
+        }
+    }
+
+    fn upsert_workload(&mut self, w: Arc<Workload>) {
+        let uid = w.uid.clone();
+        let old = self.mesh.workloads.insert(uid.clone(), w.clone());
+        self.workload_changed(&uid, old.as_ref(), Some(&w));
+    }
+
+    /// Brings the indexes and the selector services in line with a workload that was `old`
+    /// and is now `new` (already in the mesh, or already gone).
+    fn workload_changed(
+        &mut self,
+        uid: &str,
+        old: Option<&Arc<Workload>>,
+        new: Option<&Arc<Workload>>,
+    ) {
+        let namespace = |w: Option<&Arc<Workload>>| w.map(|w| w.namespace.clone());
+        let (old_ns, new_ns) = (namespace(old), namespace(new));
+        if old_ns != new_ns {
+            if let Some(ns) = &old_ns {
+                remove_from(&mut self.index.ns_workloads, ns, uid);
+            }
+        }
+        if let Some(ns) = &new_ns {
+            self.index
+                .ns_workloads
+                .entry(ns.clone())
+                .or_default()
+                .insert(uid.to_string());
+        }
+        let old_ips = claimed_ips(old);
+        let new_ips = claimed_ips(new);
+        let owner = Owner::Workload(uid.to_string());
+        for ip in old_ips.iter().filter(|ip| !new_ips.contains(ip)) {
+            self.release(*ip, &owner);
+        }
+        for ip in &new_ips {
+            self.claim(*ip, &owner);
+        }
+        // The selector services of the namespaces concerned whose selector matches the old
+        // or the new workload: only their endpoints can change.
+        let mut keys: Vec<String> = Vec::new();
+        for ns in [&old_ns, &new_ns].into_iter().flatten() {
+            if let Some(set) = self.index.ns_services.get(ns) {
+                keys.extend(set.iter().cloned());
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let Some(svc) = self.mesh.services.get(&key) else {
+                continue;
+            };
+            if svc.selector.is_empty() {
+                continue;
+            }
+            let backs = |w: Option<&Arc<Workload>>| w.is_some_and(|w| is_endpoint(svc, w));
+            let (was, is) = (backs(old), backs(new));
+            if !was && !is {
+                continue;
+            }
+            let mut endpoints = svc.endpoints.clone();
+            endpoints.retain(|e| e != uid);
+            if is {
+                let at = endpoints.partition_point(|e| e.as_str() < uid);
+                endpoints.insert(at, uid.to_string());
+            }
+            if endpoints != svc.endpoints {
+                let mut svc = Service::clone(svc);
+                svc.endpoints = endpoints;
+                self.put_service(key, Arc::new(svc));
+            }
+        }
+    }
+
+    /// Puts a service under `key`, resolving its endpoints when it has a selector.
+    fn upsert_service(&mut self, key: String, mut s: Arc<Service>) {
+        if !s.selector.is_empty() {
+            let kept = self
+                .mesh
+                .services
+                .get(&key)
+                .filter(|old| old.namespace == s.namespace && old.selector == s.selector)
+                .map(|old| old.endpoints.clone());
+            let endpoints = kept.unwrap_or_else(|| {
+                self.index
+                    .ns_workloads
+                    .get(&s.namespace)
+                    .into_iter()
+                    .flatten()
+                    .filter(|uid| {
+                        self.mesh
+                            .workloads
+                            .get(*uid)
+                            .is_some_and(|w| is_endpoint(&s, w))
+                    })
+                    .cloned()
+                    .collect()
+            });
+            if endpoints != s.endpoints {
+                Arc::make_mut(&mut s).endpoints = endpoints;
+            }
+        }
+        self.put_service(key, s);
+    }
+
+    /// Puts a service, endpoints as they are, under `key`.
+    fn put_service(&mut self, key: String, s: Arc<Service>) {
+        let old = self.mesh.services.insert(key.clone(), s.clone());
+        self.service_changed(&key, old.as_ref(), Some(&s));
+    }
+
+    /// Brings the indexes in line with a service that was `old` and is now `new` (already
+    /// in the mesh, or already gone).
+    fn service_changed(
+        &mut self,
+        key: &str,
+        old: Option<&Arc<Service>>,
+        new: Option<&Arc<Service>>,
+    ) {
+        let ix = &mut self.index;
+        if let Some(old) = old {
+            if new.is_none_or(|new| new.namespace != old.namespace) {
+                remove_from(&mut ix.ns_services, &old.namespace, key);
+            }
+            ix.by_name.remove(&(old.key(), key.to_string()));
+        }
+        if let Some(new) = new {
+            ix.ns_services
+                .entry(new.namespace.clone())
+                .or_default()
+                .insert(key.to_string());
+            ix.by_name.insert((new.key(), key.to_string()));
+        }
+        let vips = |s: Option<&Arc<Service>>| s.map(|s| s.vips.clone()).unwrap_or_default();
+        let (old_vips, new_vips) = (vips(old), vips(new));
+        let owner = Owner::Service(key.to_string());
+        for ip in old_vips.iter().filter(|ip| !new_vips.contains(ip)) {
+            self.release(*ip, &owner);
+        }
+        for ip in &new_vips {
+            self.claim(*ip, &owner);
+        }
+        let (old_eps, new_eps) = (
+            old.map(|s| s.endpoints.as_slice()).unwrap_or_default(),
+            new.map(|s| s.endpoints.as_slice()).unwrap_or_default(),
+        );
+        if old_eps == new_eps {
+            return;
+        }
+        let old_set: HashSet<&String> = old_eps.iter().collect();
+        let new_set: HashSet<&String> = new_eps.iter().collect();
+        let services_of = &mut self.index.services_of;
+        for uid in old_set.difference(&new_set) {
+            if let Some(keys) = services_of.get_mut(*uid) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    services_of.remove(*uid);
+                }
+            }
+        }
+        for uid in new_set.difference(&old_set) {
+            let keys = services_of.entry((*uid).clone()).or_default();
+            if let Err(at) = keys.binary_search_by(|k| k.as_str().cmp(key)) {
+                keys.insert(at, key.to_string());
+            }
+        }
+    }
+
+    /// The owner as it is in the mesh now.
+    fn resolve(&self, owner: &Owner) -> Option<Slot> {
+        match owner {
+            Owner::Workload(uid) => self.mesh.workloads.get(uid).cloned().map(Slot::Workload),
+            Owner::Service(key) => self
+                .mesh
+                .services
+                .get(key)
+                .cloned()
+                .map(|s| Slot::Service(key.clone(), s)),
+        }
+    }
+
+    /// Records that `owner` (in the mesh, possibly changed) claims `ip`.
+    fn claim(&mut self, ip: IpAddr, owner: &Owner) {
+        let winner = if let Some(rivals) = self.index.rivals.get_mut(&ip) {
+            rivals.insert(owner.clone());
+            rivals.get_min().cloned()
+        } else {
+            match self.index.by_ip.get(&ip) {
+                Some(current) if !current.is(owner) => {
+                    let current = current.owner();
+                    let winner = (&current).min(owner).clone();
+                    self.index
+                        .rivals
+                        .insert(ip, imbl::OrdSet::from(vec![current, owner.clone()]));
+                    Some(winner)
+                }
+                _ => Some(owner.clone()),
+            }
+        };
+        self.point(ip, winner);
+    }
+
+    /// Records that `owner` no longer claims `ip`.
+    fn release(&mut self, ip: IpAddr, owner: &Owner) {
+        let winner = if let Some(rivals) = self.index.rivals.get_mut(&ip) {
+            rivals.remove(owner);
+            let winner = rivals.get_min().cloned();
+            if rivals.len() < 2 {
+                self.index.rivals.remove(&ip);
+            }
+            winner
+        } else if self.index.by_ip.get(&ip).is_some_and(|s| s.is(owner)) {
+            None
+        } else {
+            return;
+        };
+        self.point(ip, winner);
+    }
+
+    fn point(&mut self, ip: IpAddr, winner: Option<Owner>) {
+        match winner.and_then(|o| self.resolve(&o)) {
+            Some(slot) => {
+                self.index.by_ip.insert(ip, slot);
+            }
+            None => {
+                self.index.by_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// The IPs a workload claims in the index: host-network pods share the node's.
+fn claimed_ips(w: Option<&Arc<Workload>>) -> Vec<IpAddr> {
+    match w {
+        Some(w) if w.enrollment != Enrollment::HostNetwork => w.ips.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// Whether `w` is a selector endpoint of `svc` (Kubernetes' rule, as `k8s::resolve_endpoints`).
+fn is_endpoint(svc: &Service, w: &Workload) -> bool {
+    w.namespace == svc.namespace
+        && !w.ips.is_empty()
+        && crate::model::selector_matches(&svc.selector, &w.labels)
+}
+
+/// Removes `item` from the set under `ns`, and the set when it empties.
+fn remove_from(map: &mut imbl::HashMap<String, imbl::OrdSet<String>>, ns: &str, item: &str) {
+    if let Some(set) = map.get_mut(ns) {
+        set.remove(item);
+        if set.is_empty() {
+            map.remove(ns);
+        }
     }
 }
 
@@ -172,6 +585,8 @@ pub struct LoadStatus {
 
 /// Holds the current snapshot and the load status; cheap to share (`Arc`).
 pub struct StateStore {
+    /// Held by writers (never by readers) so two writers cannot build on the same snapshot.
+    write: Mutex<()>,
     current: ArcSwap<Snapshot>,
     status: ArcSwap<LoadStatus>,
     changed: watch::Sender<u64>,
@@ -182,6 +597,7 @@ impl StateStore {
     pub fn new(source: impl Into<String>) -> Arc<StateStore> {
         let (changed, _) = watch::channel(0);
         Arc::new(StateStore {
+            write: Mutex::new(()),
             current: ArcSwap::from_pointee(Snapshot::default()),
             status: ArcSwap::from_pointee(LoadStatus {
                 source: source.into(),
@@ -208,9 +624,46 @@ impl StateStore {
 
     /// Publishes a new mesh as the next generation; returns that generation.
     pub fn publish(&self, mesh: Mesh, warnings: Vec<String>) -> u64 {
+        let _writer = self.writer();
         let generation = self.current.load().generation + 1;
-        self.current
-            .store(Arc::new(Snapshot::new(generation, mesh)));
+        self.commit(Snapshot::new(generation, mesh), warnings)
+    }
+
+    /// Applies `edits`, in order, to the snapshot in force and publishes the result as the
+    /// next generation (the load's warnings stay); returns that generation. Costs time
+    /// proportional to the edits, not to the mesh.
+    pub fn apply(&self, edits: impl IntoIterator<Item = Edit>) -> u64 {
+        let warnings = self.status.load().warnings.clone();
+        self.apply_with_warnings(edits, |_| warnings)
+    }
+
+    /// [`StateStore::apply`], with the load's warnings made from the new snapshot (before
+    /// it is swapped in).
+    pub fn apply_with_warnings(
+        &self,
+        edits: impl IntoIterator<Item = Edit>,
+        warnings: impl FnOnce(&Snapshot) -> Vec<String>,
+    ) -> u64 {
+        let _writer = self.writer();
+        let mut next = Snapshot::clone(&self.current.load());
+        next.generation += 1;
+        for edit in edits {
+            next.edit(edit);
+        }
+        let warnings = warnings(&next);
+        self.commit(next, warnings)
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        // A writer that panicked left no half-built state behind (snapshots are swapped
+        // whole), so a poisoned lock is still good.
+        self.write.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Swaps `snap` in and records the successful load.
+    fn commit(&self, snap: Snapshot, warnings: Vec<String>) -> u64 {
+        let generation = snap.generation;
+        self.current.store(Arc::new(snap));
         let prev = self.status.load();
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -273,16 +726,16 @@ mod tests {
     }
 
     fn mesh() -> Mesh {
-        let mut m = Mesh {
-            workloads: vec![
-                pod("a", "10.0.0.1", "n1", "sa-a", Enrollment::Enrolled),
-                pod("b", "10.0.0.2", "n1", "sa-b", Enrollment::OptedOut),
-                pod("c", "10.0.0.3", "n2", "sa-c", Enrollment::Enrolled),
-                pod("d", "10.0.0.4", "n1", "sa-a", Enrollment::Enrolled),
-            ],
-            ..Mesh::default()
-        };
-        m.services = vec![Service {
+        let mut m = Mesh::default();
+        for w in [
+            pod("a", "10.0.0.1", "n1", "sa-a", Enrollment::Enrolled),
+            pod("b", "10.0.0.2", "n1", "sa-b", Enrollment::OptedOut),
+            pod("c", "10.0.0.3", "n2", "sa-c", Enrollment::Enrolled),
+            pod("d", "10.0.0.4", "n1", "sa-a", Enrollment::Enrolled),
+        ] {
+            m.insert_workload(w);
+        }
+        m.insert_service(Service {
             name: "a".into(),
             namespace: "ns1".into(),
             vips: vec!["10.96.0.1".parse().unwrap()],
@@ -294,7 +747,7 @@ mod tests {
             selector: BTreeMap::from([("app".to_string(), "a".to_string())]),
             endpoints: vec![],
             labels: BTreeMap::new(),
-        }];
+        });
         crate::k8s::resolve_endpoints(&mut m);
         m
     }
@@ -344,5 +797,318 @@ mod tests {
         assert!(!st.last_attempt_ok);
         assert_eq!(st.last_error.as_deref(), Some("boom"));
         assert_eq!((st.loads_ok, st.loads_failed), (1, 1));
+    }
+
+    // === The incremental path against the snapshot built from scratch ===
+
+    use crate::model::{selector_matches, AuthorizationPolicy};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeMap as Map;
+
+    const NAMESPACES: [&str; 3] = ["ns0", "ns1", "ns2"];
+    const APPS: [&str; 3] = ["a", "b", "c"];
+
+    /// An address from a small pool, so that pods and services collide now and then.
+    fn pool_ip(rng: &mut StdRng) -> IpAddr {
+        IpAddr::from([10, 0, 0, rng.random_range(0..40u8)])
+    }
+
+    fn random_labels(rng: &mut StdRng) -> BTreeMap<String, String> {
+        let mut l = BTreeMap::new();
+        if rng.random_bool(0.8) {
+            l.insert("app".into(), APPS[rng.random_range(0..3)].into());
+        }
+        if rng.random_bool(0.5) {
+            l.insert("version".into(), format!("v{}", rng.random_range(1..3)));
+        }
+        l
+    }
+
+    fn random_workload(rng: &mut StdRng) -> Workload {
+        let name = format!("p{}", rng.random_range(0..30));
+        // The namespace is not part of the uid here, so a workload can move between them.
+        let namespace = NAMESPACES[rng.random_range(0..3)];
+        let ips = (0..rng.random_range(0..3)).map(|_| pool_ip(rng)).collect();
+        let enrollment = match rng.random_range(0..10) {
+            0 => Enrollment::HostNetwork,
+            1 => Enrollment::NotEnrolled,
+            _ => Enrollment::Enrolled,
+        };
+        Workload {
+            uid: format!("uid/{name}"),
+            name: name.clone(),
+            namespace: namespace.into(),
+            service_account: "sa".into(),
+            node: format!("n{}", rng.random_range(0..2)),
+            ips,
+            labels: random_labels(rng),
+            named_ports: BTreeMap::new(),
+            enrollment,
+            workload_name: name.clone(),
+            canonical_name: name,
+            canonical_revision: "latest".into(),
+        }
+    }
+
+    fn random_service(rng: &mut StdRng) -> (String, Service) {
+        let i = rng.random_range(0..10);
+        let namespace = NAMESPACES[rng.random_range(0..3)];
+        let selector = if rng.random_bool(0.7) {
+            random_labels(rng).into_iter().take(1).collect()
+        } else {
+            BTreeMap::new()
+        };
+        let vips = (0..rng.random_range(0..2))
+            .map(|_| {
+                if rng.random_bool(0.3) {
+                    pool_ip(rng)
+                } else {
+                    IpAddr::from([10, 96, 0, rng.random_range(0..8u8)])
+                }
+            })
+            .collect();
+        // Given endpoints: kept without a selector, replaced with one.
+        let endpoints = (0..rng.random_range(0..3))
+            .map(|_| format!("uid/p{}", rng.random_range(0..30)))
+            .collect();
+        // Two keys may carry the same name (xDS: one ServiceEntry, several hostnames).
+        let key = format!("{namespace}/svc{i}.host{}", rng.random_range(0..2));
+        let service = Service {
+            name: format!("svc{i}"),
+            namespace: namespace.into(),
+            vips,
+            ports: Vec::new(),
+            selector,
+            endpoints,
+            labels: BTreeMap::new(),
+        };
+        (key, service)
+    }
+
+    fn random_policy(rng: &mut StdRng) -> Policy {
+        Policy::AuthorizationPolicy(AuthorizationPolicy {
+            name: format!("p{}", rng.random_range(0..4)),
+            namespace: NAMESPACES[rng.random_range(0..3)].into(),
+            spec: crate::model::policy::AuthorizationPolicySpec {
+                dry_run: rng.random_bool(0.5),
+                ..Default::default()
+            },
+        })
+    }
+
+    fn random_edit(rng: &mut StdRng) -> Edit {
+        match rng.random_range(0..100) {
+            0..=39 => Edit::UpsertWorkload(random_workload(rng)),
+            40..=54 => Edit::RemoveWorkload(format!("uid/p{}", rng.random_range(0..30))),
+            55..=74 => {
+                let (key, service) = random_service(rng);
+                Edit::UpsertService { key, service }
+            }
+            75..=82 => {
+                let (key, _) = random_service(rng);
+                Edit::RemoveService(key)
+            }
+            83..=88 => Edit::UpsertPolicy(random_policy(rng)),
+            89..=92 => {
+                let Policy::AuthorizationPolicy(p) = random_policy(rng) else {
+                    unreachable!()
+                };
+                Edit::RemovePolicy {
+                    kind: PolicyKind::AuthorizationPolicy,
+                    namespace: p.namespace,
+                    name: p.name,
+                }
+            }
+            93..=94 => Edit::SetPolicies(
+                (0..rng.random_range(0..3))
+                    .map(|_| random_policy(rng))
+                    .collect(),
+            ),
+            95..=97 => Edit::UpsertNamespace(Namespace {
+                name: NAMESPACES[rng.random_range(0..3)].into(),
+                labels: random_labels(rng),
+            }),
+            _ => Edit::RemoveNamespace(NAMESPACES[rng.random_range(0..3)].into()),
+        }
+    }
+
+    /// The mesh the edits describe, kept the plain way.
+    #[derive(Default)]
+    struct Model {
+        namespaces: Map<String, Namespace>,
+        workloads: Map<String, Workload>,
+        services: Map<String, Service>,
+        policies: Vec<Policy>,
+    }
+
+    impl Model {
+        fn apply(&mut self, edit: &Edit) {
+            match edit.clone() {
+                Edit::UpsertNamespace(ns) => {
+                    self.namespaces.insert(ns.name.clone(), ns);
+                }
+                Edit::RemoveNamespace(name) => {
+                    self.namespaces.remove(&name);
+                }
+                Edit::UpsertWorkload(w) => {
+                    self.workloads.insert(w.uid.clone(), w);
+                }
+                Edit::RemoveWorkload(uid) => {
+                    self.workloads.remove(&uid);
+                }
+                Edit::UpsertService { key, service } => {
+                    self.services.insert(key, service);
+                }
+                Edit::RemoveService(key) => {
+                    self.services.remove(&key);
+                }
+                Edit::UpsertPolicy(p) => {
+                    match self
+                        .policies
+                        .iter_mut()
+                        .find(|q| q.kind() == p.kind() && q.key() == p.key())
+                    {
+                        Some(q) => *q = p,
+                        None => self.policies.push(p),
+                    }
+                }
+                Edit::RemovePolicy {
+                    kind,
+                    namespace,
+                    name,
+                } => self
+                    .policies
+                    .retain(|p| !(p.kind() == kind && p.key() == (&namespace, &name))),
+                Edit::SetPolicies(p) => self.policies = p,
+            }
+        }
+
+        fn mesh(&self) -> Mesh {
+            Mesh {
+                namespaces: self.namespaces.clone().into_iter().collect(),
+                workloads: self
+                    .workloads
+                    .iter()
+                    .map(|(k, w)| (k.clone(), Arc::new(w.clone())))
+                    .collect(),
+                services: self
+                    .services
+                    .iter()
+                    .map(|(k, s)| (k.clone(), Arc::new(s.clone())))
+                    .collect(),
+                policies: self.policies.iter().cloned().collect(),
+            }
+        }
+
+        /// The rules of the module doc, checked by brute force.
+        fn check(&self, snap: &Snapshot) {
+            for (key, svc) in &self.services {
+                let got = &snap.mesh.services[key].endpoints;
+                if svc.selector.is_empty() {
+                    assert_eq!(*got, svc.endpoints, "{key}: given endpoints kept");
+                } else {
+                    let want: Vec<String> = self
+                        .workloads
+                        .values()
+                        .filter(|w| {
+                            w.namespace == svc.namespace
+                                && !w.ips.is_empty()
+                                && selector_matches(&svc.selector, &w.labels)
+                        })
+                        .map(|w| w.uid.clone())
+                        .collect();
+                    assert_eq!(*got, want, "{key}: endpoints from the selector");
+                }
+            }
+            for last in 0..40u8 {
+                let ip = IpAddr::from([10, 0, 0, last]);
+                let workload = self
+                    .workloads
+                    .values()
+                    .find(|w| w.enrollment != Enrollment::HostNetwork && w.ips.contains(&ip));
+                let service = self.services.iter().find(|(_, s)| s.vips.contains(&ip));
+                match (snap.address(ip), workload, service) {
+                    (None, None, None) => {}
+                    (Some(Address::Workload(got)), Some(w), _) => assert_eq!(got, w, "{ip}"),
+                    (Some(Address::Service(got)), None, Some((key, _))) => {
+                        assert_eq!(got, &*snap.mesh.services[key], "{ip}")
+                    }
+                    (got, w, s) => panic!("{ip}: {got:?} for {w:?} / {s:?}"),
+                }
+            }
+            for uid in self.workloads.keys() {
+                let got: Vec<&Service> = snap.services_of(uid).collect();
+                let want: Vec<&Service> = snap
+                    .mesh
+                    .services
+                    .values()
+                    .filter(|s| s.endpoints.contains(uid))
+                    .map(|s| &**s)
+                    .collect();
+                assert_eq!(got, want, "services of {uid}");
+            }
+            for (key, svc) in &self.services {
+                let first = self
+                    .services
+                    .iter()
+                    .find(|(_, s)| s.key() == svc.key())
+                    .map(|(k, _)| k);
+                assert_eq!(
+                    snap.service(&svc.namespace, &svc.name),
+                    first.map(|k| &*snap.mesh.services[k]),
+                    "{key}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn any_sequence_of_edits_gives_the_snapshot_built_from_scratch() {
+        for seed in 0..8 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let store = StateStore::new("test");
+            store.publish(Mesh::default(), vec![]);
+            let mut model = Model::default();
+            for _ in 0..400 {
+                let batch: Vec<Edit> = (0..rng.random_range(1..4))
+                    .map(|_| random_edit(&mut rng))
+                    .collect();
+                for e in &batch {
+                    model.apply(e);
+                }
+                let generation = store.apply(batch);
+                let snap = store.snapshot();
+                let scratch = Snapshot::new(generation, model.mesh());
+                assert_eq!(snap.mesh, scratch.mesh, "seed {seed}");
+                assert!(*snap == scratch, "seed {seed}: indexes differ");
+                model.check(&snap);
+            }
+        }
+    }
+
+    #[test]
+    fn an_applied_change_leaves_earlier_snapshots_as_they_were() {
+        let store = StateStore::new("test");
+        store.publish(mesh(), vec![]);
+        let before = store.snapshot();
+        let mut b = Workload::clone(&before.mesh.workloads["Kubernetes//Pod/ns1/b"]);
+        b.labels.insert("app".into(), "a".into());
+        assert_eq!(store.apply([Edit::UpsertWorkload(b)]), 2);
+        let after = store.snapshot();
+        let eps =
+            |s: &Snapshot| -> Vec<String> { s.service("ns1", "a").unwrap().endpoints.clone() };
+        assert_eq!(eps(&before), ["Kubernetes//Pod/ns1/a"]);
+        assert_eq!(
+            eps(&after),
+            ["Kubernetes//Pod/ns1/a", "Kubernetes//Pod/ns1/b"]
+        );
+        assert_eq!(after.services_of("Kubernetes//Pod/ns1/b").count(), 1);
+        assert_eq!(before.services_of("Kubernetes//Pod/ns1/b").count(), 0);
+        store.apply([Edit::RemoveWorkload("Kubernetes//Pod/ns1/a".into())]);
+        let last = store.snapshot();
+        assert_eq!(eps(&last), ["Kubernetes//Pod/ns1/b"]);
+        assert!(last.address("10.0.0.1".parse().unwrap()).is_none());
+        assert!(before.address("10.0.0.1".parse().unwrap()).is_some());
     }
 }

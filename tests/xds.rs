@@ -143,7 +143,7 @@ impl Client {
             .snapshot()
             .mesh
             .workloads
-            .iter()
+            .values()
             .map(|w| w.uid.clone())
             .collect()
     }

@@ -192,7 +192,7 @@ fn expected_http(expect: &str) -> Decision {
 
 fn run_http_case(c: &HttpCase) {
     let (mesh, authz) = build("foo", "app=web,version=v1", c.docs);
-    let dst = &mesh.workloads[0];
+    let dst = mesh.workloads.values().next().unwrap();
     let id = identity(c.src);
     let conn = Connection {
         src_ip: c.src_ip.parse().unwrap(),
@@ -241,7 +241,7 @@ fn run_http_case(c: &HttpCase) {
     serde_json::to_string(&e).unwrap();
 
     // A workload the index was not built with takes the slow path to the same answer.
-    let mut stranger = dst.clone();
+    let mut stranger = crate::model::Workload::clone(dst);
     stranger.uid = "Kubernetes//Pod/elsewhere/x".into();
     let conn2 = Connection {
         dst: &stranger,
@@ -282,7 +282,7 @@ fn l4_check_still_fails_closed_on_the_same_policies() {
     let conn = Connection {
         src_ip: SRC_IP.parse().unwrap(),
         src_identity: id.as_ref(),
-        dst: &mesh.workloads[0],
+        dst: mesh.workloads.values().next().unwrap(),
         dst_ip: DST_IP.parse().unwrap(),
         dst_port: 8080,
     };
@@ -296,7 +296,7 @@ fn l4_check_still_fails_closed_on_the_same_policies() {
         auth: None,
     };
     assert!(authz.check_http(&conn, &req).decision.is_allow());
-    assert!(authz.needs_l7(&mesh.workloads[0]));
+    assert!(authz.needs_l7(mesh.workloads.values().next().unwrap()));
 }
 
 #[test]
@@ -315,7 +315,7 @@ fn explain_http_describes_http_tests() {
     let conn = Connection {
         src_ip: SRC_IP.parse().unwrap(),
         src_identity: id.as_ref(),
-        dst: &mesh.workloads[0],
+        dst: mesh.workloads.values().next().unwrap(),
         dst_ip: DST_IP.parse().unwrap(),
         dst_port: 8080,
     };

@@ -218,6 +218,11 @@ struct Applicable {
     peer: PeerAuthChoice,
 }
 
+/// Up to this many workloads, [`Authz::new`] indexes the policies of every workload (about
+/// 1 ms per thousand); above, each lookup computes them (a walk over the mesh-wide and the
+/// namespace's policies), so that compiling a large mesh after each change stays cheap.
+const EAGER_INDEX_LIMIT: usize = 10_000;
+
 #[derive(Debug)]
 struct Entry {
     namespace: String,
@@ -255,7 +260,8 @@ fn scope_rank(s: &Scope) -> u8 {
 }
 
 impl Authz {
-    /// Compiles the mesh's policies and indexes them for every workload. `root_namespace` is
+    /// Compiles the mesh's policies and, for a mesh of up to `EAGER_INDEX_LIMIT` workloads,
+    /// indexes them for every workload. `root_namespace` is
     /// the namespace whose selector-less policies apply mesh-wide (Istio's `rootNamespace`).
     pub fn new(mesh: &Mesh, root_namespace: &str) -> Authz {
         let mut findings = Vec::new();
@@ -309,18 +315,27 @@ impl Authz {
             warnings: Vec::new(),
         };
         let mut conflicts = BTreeSet::new();
-        for w in &mesh.workloads {
-            let applicable = authz.applicable(&w.uid, &w.namespace, &w.labels, &mut |a, b| {
+        let eager = mesh.workloads.len() <= EAGER_INDEX_LIMIT;
+        for w in mesh.workloads.values() {
+            let mut conflict = |a: &PeerAuthRef, b: &PeerAuthRef| {
                 conflicts.insert((a.clone(), b.clone()));
-            });
-            authz.by_uid.insert(
-                w.uid.clone(),
-                Entry {
-                    namespace: w.namespace.clone(),
-                    labels: w.labels.clone(),
-                    applicable,
-                },
-            );
+            };
+            if eager {
+                let applicable = authz.applicable(&w.uid, &w.namespace, &w.labels, &mut conflict);
+                authz.by_uid.insert(
+                    w.uid.clone(),
+                    Entry {
+                        namespace: w.namespace.clone(),
+                        labels: w.labels.clone(),
+                        applicable,
+                    },
+                );
+            } else if authz.peer_auths.may_conflict(&w.namespace) {
+                // Conflicts are reported for the whole mesh, index or not.
+                authz
+                    .peer_auths
+                    .choose(&w.namespace, &w.labels, &mut conflict);
+            }
         }
         authz
             .findings

@@ -227,6 +227,12 @@ impl PeerAuths {
         }
     }
 
+    /// Whether two selector policies of `namespace` may select one workload (then
+    /// [`PeerAuths::choose`] reports a conflict for it).
+    pub fn may_conflict(&self, namespace: &str) -> bool {
+        self.workload.get(namespace).is_some_and(|v| v.len() > 1)
+    }
+
     /// The effective mode for a port.
     pub fn resolve(&self, choice: PeerAuthChoice, port: u16) -> MtlsDecision {
         let mut decision = MtlsDecision {

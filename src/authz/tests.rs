@@ -240,7 +240,7 @@ const CASES: &[Case] = &[
 
 fn run_case(c: &Case) {
     let (mesh, authz) = build(c.dst.0, c.dst.1, c.docs);
-    let dst = &mesh.workloads[0];
+    let dst = mesh.workloads.values().next().unwrap();
     let id = identity(c.src);
     let conn = Connection {
         src_ip: c.src_ip.parse().unwrap(),
@@ -274,7 +274,7 @@ fn run_case(c: &Case) {
     serde_json::to_string(&e).unwrap();
 
     // A workload the index was not built with takes the slow path to the same answer.
-    let mut stranger = dst.clone();
+    let mut stranger = crate::model::Workload::clone(dst);
     stranger.uid = "Kubernetes//Pod/elsewhere/x".into();
     let conn2 = Connection {
         dst: &stranger,
@@ -314,7 +314,7 @@ fn explain_names_each_failing_field() {
     let conn = Connection {
         src_ip: SRC_IP.parse().unwrap(),
         src_identity: id.as_ref(),
-        dst: &mesh.workloads[0],
+        dst: mesh.workloads.values().next().unwrap(),
         dst_ip: DST_IP.parse().unwrap(),
         dst_port: 8080,
     };
@@ -350,7 +350,7 @@ fn explain_notes_plaintext_refused_under_strict() {
     let conn = Connection {
         src_ip: SRC_IP.parse().unwrap(),
         src_identity: None,
-        dst: &mesh.workloads[0],
+        dst: mesh.workloads.values().next().unwrap(),
         dst_ip: DST_IP.parse().unwrap(),
         dst_port: 8080,
     };
@@ -417,7 +417,7 @@ const PA_CASES: &[PaCase] = &[
 fn peer_authentication_resolves_narrowest_scope_first() {
     for c in PA_CASES {
         let (mesh, authz) = build("foo", c.labels, c.docs);
-        let w = &mesh.workloads[0];
+        let w = mesh.workloads.values().next().unwrap();
         let d = authz.mtls(w, c.port);
         assert_eq!((d.mode, d.level), (c.mode, c.level), "{}", c.name);
         let policy = d
@@ -508,7 +508,7 @@ fn each_policy_with_l7_attributes_is_named_once() {
             && l.contains("\"http\" is not a valid value")));
     assert_eq!(about("AuthorizationPolicy bar/plain:"), 0);
 
-    let web = &mesh.workloads[0];
+    let web = mesh.workloads.values().next().unwrap();
     assert!(authz.needs_l7(web));
     let (mesh, authz) = build(
         "foo",
@@ -521,7 +521,7 @@ fn each_policy_with_l7_attributes_is_named_once() {
         )],
     );
     assert!(
-        !authz.needs_l7(&mesh.workloads[0]),
+        !authz.needs_l7(mesh.workloads.values().next().unwrap()),
         "bar's policy does not apply to foo"
     );
 }
@@ -609,7 +609,7 @@ fn decisions_are_cheap_with_many_policies() {
     let conn = Connection {
         src_ip: SRC_IP.parse().unwrap(),
         src_identity: Some(&id),
-        dst: &mesh.workloads[0],
+        dst: mesh.workloads.values().next().unwrap(),
         dst_ip: IpAddr::from([10, 1, 0, 10]),
         dst_port: 8001,
     };
@@ -636,7 +636,7 @@ fn control_plane_scopes_and_dry_run_are_honoured() {
         "app=web",
         &[("AP", "foo", "deny-all", "{action: DENY, rules: [{}]}")],
     );
-    let dst = mesh.workloads[0].clone();
+    let dst = mesh.workloads.values().next().unwrap().clone();
     let a = identity(A);
     fn conn<'a>(dst: &'a Workload, a: &'a Option<Identity>) -> Connection<'a> {
         Connection {
@@ -678,7 +678,7 @@ fn control_plane_scopes_and_dry_run_are_honoured() {
         .check(&conn(&dst, &a))
         .decision
         .is_allow());
-    let mut other_ns = dst.clone();
+    let mut other_ns = crate::model::Workload::clone(&dst);
     other_ns.namespace = "bar".into();
     other_ns.uid = "Kubernetes//Pod/bar/dst".into();
     assert!(Authz::new(&mesh, ROOT)

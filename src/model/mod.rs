@@ -9,6 +9,7 @@ pub mod policy;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -190,16 +191,35 @@ pub fn selector_matches(
 }
 
 /// Everything one source knows about the mesh, before indexing.
+///
+/// The collections are persistent (structurally shared, `imbl`): cloning a mesh is cheap and
+/// a clone changed in one place shares everything else with the original, which is what lets
+/// [`crate::state::StateStore::apply`] build the next snapshot in time proportional to the
+/// change. Workloads and services sit behind `Arc`, so sharing never copies one.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Mesh {
     /// Namespaces by name.
-    pub namespaces: BTreeMap<String, Namespace>,
-    /// Workloads (pods), in source order.
-    pub workloads: Vec<Workload>,
-    /// Services, in source order.
-    pub services: Vec<Service>,
+    pub namespaces: imbl::OrdMap<String, Namespace>,
+    /// Workloads (pods) by uid.
+    pub workloads: imbl::OrdMap<String, Arc<Workload>>,
+    /// Services by a key their source chooses, unique per service: `<namespace>/<name>` for
+    /// Kubernetes ([`Service::key`]), `<namespace>/<hostname>` for xDS (one ServiceEntry may
+    /// give several services of one name).
+    pub services: imbl::OrdMap<String, Arc<Service>>,
     /// Security policies, in source order.
-    pub policies: Vec<Policy>,
+    pub policies: imbl::Vector<Policy>,
+}
+
+impl Mesh {
+    /// Adds (or replaces) a workload, keyed by its uid.
+    pub fn insert_workload(&mut self, w: Workload) {
+        self.workloads.insert(w.uid.clone(), Arc::new(w));
+    }
+
+    /// Adds (or replaces) a service under [`Service::key`].
+    pub fn insert_service(&mut self, s: Service) {
+        self.services.insert(s.key(), Arc::new(s));
+    }
 }
 
 #[cfg(test)]

@@ -214,7 +214,7 @@ mod tests {
         let check = |extra: &str| {
             let s = snap(extra);
             let authz = Authz::new(&s.mesh, "istio-system");
-            applies(&s, &authz, &s.mesh.workloads[0])
+            applies(&s, &authz, s.workload("Kubernetes//Pod/shop/web").unwrap())
         };
         assert!(!check(""), "plain L4 workload");
         assert!(check("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec: {rules: [{to: [{operation: {methods: [GET]}}]}]}\n"));
@@ -222,14 +222,15 @@ mod tests {
         assert!(!check("---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: other}}\nspec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{port: 80}]}\n"), "another waypoint's name");
         let s = snap("");
         let mut mesh = s.mesh.clone();
-        mesh.workloads[0]
-            .labels
+        let mut web = crate::model::Workload::clone(&mesh.workloads["Kubernetes//Pod/shop/web"]);
+        web.labels
             .insert(USE_WAYPOINT_LABEL.into(), BUILTIN_WAYPOINT.into());
+        mesh.insert_workload(web);
         let s = Snapshot::new(2, mesh);
         assert!(applies(
             &s,
             &Authz::new(&s.mesh, "istio-system"),
-            &s.mesh.workloads[0]
+            s.workload("Kubernetes//Pod/shop/web").unwrap()
         ));
     }
 }

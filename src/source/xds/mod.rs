@@ -8,7 +8,9 @@
 //!   only what changed while it was away (and removals).
 //! - Types: [`ADDRESS_TYPE`] (workloads and services) and [`AUTHORIZATION_TYPE`].
 //! - Each response is applied whole or not at all: every resource is decoded and translated
-//!   ([`translate`]); if all are fine the new state is published and the response ACKed
+//!   ([`translate`]); if all are fine the response becomes edits of the state in force (one
+//!   per changed resource and per item derived from it, see [`translate::Assembly`]),
+//!   applied in one [`StateStore::apply_with_warnings`], and the response is ACKed
 //!   (its nonce), otherwise it is NACKed with `error_detail` naming the bad resources and
 //!   the last good state stays in force (the store records the rejection for the admin).
 //! - Nothing is published until each type has been answered once on the first stream, so
@@ -16,12 +18,13 @@
 //! - A broken stream is retried with capped exponential backoff and jitter; the state in
 //!   force stays until the new stream brings changes.
 //!
-//! Owns the protocol state (the last good resources and their versions). Does not own the
-//! translation (`translate`), the connection details (`istiod`) or the snapshot (`state`).
+//! Owns the protocol state (the versions of the last good resources, the edits waiting for
+//! the first sync). Does not own the translation and assembly (`translate`), the connection
+//! details (`istiod`) or the snapshot (`state`).
 
 pub mod translate;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,15 +35,14 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::ControlPlane;
 use crate::istiod::{chain, Istiod};
-use crate::model::AuthorizationPolicy;
 use crate::proto::envoy::config::core::v3::{node::UserAgentVersionType, Node};
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use crate::proto::google::rpc::Status;
 use crate::proto::istio::security::Authorization;
 use crate::proto::istio::workload::Address;
-use crate::state::StateStore;
-use translate::AddressEntry;
+use crate::state::{Edit, Snapshot, StateStore};
+use translate::Assembly;
 
 /// Type URL of Istio's workload API resources.
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
@@ -130,27 +132,20 @@ enum StreamError {
     Closed { address: String },
 }
 
-/// The last good resources of each type, with versions; survives reconnects.
+/// The versions of the last good resources of each type; survives reconnects.
 #[derive(Default)]
 struct Known {
-    addresses: BTreeMap<String, (String, AddressEntry)>,
-    authorizations: BTreeMap<String, (String, AuthorizationPolicy)>,
+    addresses: BTreeMap<String, String>,
+    authorizations: BTreeMap<String, String>,
 }
 
 impl Known {
     fn versions(&self, type_url: &str) -> std::collections::HashMap<String, String> {
-        match type_url {
-            ADDRESS_TYPE => self
-                .addresses
-                .iter()
-                .map(|(k, (v, _))| (k.clone(), v.clone()))
-                .collect(),
-            _ => self
-                .authorizations
-                .iter()
-                .map(|(k, (v, _))| (k.clone(), v.clone()))
-                .collect(),
-        }
+        let map = match type_url {
+            ADDRESS_TYPE => &self.addresses,
+            _ => &self.authorizations,
+        };
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 }
 
@@ -158,9 +153,12 @@ impl Known {
 pub struct XdsClient {
     istiod: Istiod,
     node: NodeInfo,
-    trust_domain: String,
     store: Arc<StateStore>,
     known: Known,
+    /// The last good resources, and what spans them: turns a response into edits.
+    assembly: Assembly,
+    /// Edits accepted before both types were answered, applied together at the first sync.
+    pending: Vec<Edit>,
     /// Types answered on the first stream; publishing starts once both are.
     synced: BTreeSet<&'static str>,
 }
@@ -176,9 +174,10 @@ impl XdsClient {
         XdsClient {
             istiod: Istiod::new(config),
             node,
-            trust_domain: trust_domain.to_string(),
             store,
             known: Known::default(),
+            assembly: Assembly::new(trust_domain),
+            pending: Vec::new(),
             synced: BTreeSet::new(),
         }
     }
@@ -340,21 +339,34 @@ impl XdsClient {
             addresses.len() + authorizations.len(),
             response.removed_resources.len(),
         );
-        match type_url {
+        let edits = match type_url {
             ADDRESS_TYPE => {
                 for n in &response.removed_resources {
                     self.known.addresses.remove(n);
                 }
-                self.known.addresses.extend(addresses);
+                let mut upserts = Vec::with_capacity(addresses.len());
+                for (name, (version, entry)) in addresses {
+                    self.known.addresses.insert(name.clone(), version);
+                    upserts.push((name, entry));
+                }
+                self.assembly
+                    .update_addresses(upserts, &response.removed_resources)
             }
             _ => {
                 for n in &response.removed_resources {
                     self.known.authorizations.remove(n);
                 }
-                self.known.authorizations.extend(authorizations);
+                let mut upserts = Vec::with_capacity(authorizations.len());
+                for (name, (version, policy)) in authorizations {
+                    self.known.authorizations.insert(name.clone(), version);
+                    upserts.push((name, policy));
+                }
+                self.assembly
+                    .update_policies(upserts, &response.removed_resources)
             }
-        }
-        tracing::debug!(target: "weft::xds", type_url, added, removed, "applied");
+        };
+        tracing::debug!(target: "weft::xds", type_url, added, removed, edits = edits.len(), "applied");
+        self.pending.extend(edits);
         self.synced.insert(type_url);
         if self.synced.len() == 2 {
             self.publish();
@@ -362,35 +374,83 @@ impl XdsClient {
         Ok(())
     }
 
-    fn publish(&self) {
-        let addresses = self
-            .known
-            .addresses
-            .iter()
-            .map(|(k, (_, a))| (k.clone(), a.clone()))
-            .collect();
-        let policies = self
-            .known
-            .authorizations
-            .iter()
-            .map(|(k, (_, p))| (k.clone(), p.clone()))
-            .collect();
-        let (mesh, warnings) = translate::assemble(&addresses, &policies, &self.trust_domain);
+    /// Applies the pending edits that change something to the snapshot in force.
+    fn publish(&mut self) {
         let current = self.store.snapshot();
-        if self.store.loaded() && current.mesh == mesh {
+        let loaded = self.store.loaded();
+        // Each edit states the whole of one item, so the last per item is all that counts;
+        // of those, the ones that change nothing are dropped.
+        let mut seen = HashSet::new();
+        let mut edits: Vec<Edit> = std::mem::take(&mut self.pending)
+            .into_iter()
+            .rev()
+            .filter(|e| item(e).is_none_or(|i| seen.insert(i)))
+            .filter(|e| !loaded || changes(&current, e))
+            .collect();
+        edits.reverse();
+        if loaded && edits.is_empty() {
             return;
         }
-        for w in &warnings {
-            tracing::warn!(target: "weft::xds", "{w}");
-        }
-        let generation = self.store.publish(mesh, warnings);
+        let count = edits.len();
+        let base = self.assembly.warnings();
+        let generation = self.store.apply_with_warnings(edits, |snap| {
+            let mut warnings = base;
+            warnings.extend(snap.ip_conflicts());
+            for w in &warnings {
+                tracing::warn!(target: "weft::xds", "{w}");
+            }
+            warnings
+        });
         tracing::info!(
             target: "weft::xds",
             generation,
+            edits = count,
             addresses = self.known.addresses.len(),
             authorizations = self.known.authorizations.len(),
             "mesh published from xDS"
         );
+    }
+}
+
+/// The item an edit is about, for those the xDS source makes.
+fn item(edit: &Edit) -> Option<(u8, String)> {
+    match edit {
+        Edit::UpsertWorkload(w) => Some((0, w.uid.clone())),
+        Edit::RemoveWorkload(uid) => Some((0, uid.clone())),
+        Edit::UpsertService { key, .. } | Edit::RemoveService(key) => Some((1, key.clone())),
+        Edit::UpsertPolicy(p) => {
+            let (ns, name) = p.key();
+            Some((2 + p.kind() as u8, format!("{ns}/{name}")))
+        }
+        Edit::RemovePolicy {
+            kind,
+            namespace,
+            name,
+        } => Some((2 + *kind as u8, format!("{namespace}/{name}"))),
+        _ => None,
+    }
+}
+
+/// Whether `edit` changes `snap` (istiod resends unchanged resources on a reconnect).
+fn changes(snap: &Snapshot, edit: &Edit) -> bool {
+    match edit {
+        Edit::UpsertWorkload(w) => snap.mesh.workloads.get(&w.uid).is_none_or(|o| **o != *w),
+        Edit::RemoveWorkload(uid) => snap.mesh.workloads.contains_key(uid),
+        Edit::UpsertService { key, service } => {
+            snap.mesh.services.get(key).is_none_or(|o| **o != *service)
+        }
+        Edit::RemoveService(key) => snap.mesh.services.contains_key(key),
+        Edit::UpsertPolicy(p) => !snap.mesh.policies.contains(p),
+        Edit::RemovePolicy {
+            kind,
+            namespace,
+            name,
+        } => snap
+            .mesh
+            .policies
+            .iter()
+            .any(|p| p.kind() == *kind && p.key() == (namespace, name)),
+        _ => true,
     }
 }
 
