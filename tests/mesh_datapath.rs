@@ -352,7 +352,11 @@ fn capture_rules_follow_the_enrolled_pods_and_survive_restarts() {
     );
     env.start_daemon(1);
     env.wait_ready(1);
-    std::thread::sleep(Duration::from_millis(300));
+    // The rules are rewritten by a task shortly after start: wait for them to settle.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.weft_rules(1) != rules && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let after = env.weft_rules(1);
     assert_eq!(
         after, rules,
