@@ -248,8 +248,13 @@ fn path(
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
     let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    conn.write_all(&data)
-        .map_err(|e| format!("{name}: send: {e}"))?;
+    conn.write_all(&data).map_err(|e| {
+        format!(
+            "{name}: send: {e}\n--- weft on node-{} ---\n{}",
+            c.node,
+            demo.daemons[c.node - 1].log()
+        )
+    })?;
     std::thread::sleep(Duration::from_millis(100));
     let (protocol, seen) = observe(demo, c.node, s.node, s.ip);
     let _ = go_tx.send(());

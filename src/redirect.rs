@@ -7,6 +7,13 @@
 //! crash (or `kill -9`) never duplicates rules. Everything is removed on clean exit. IPv4
 //! only for now: pods' IPv6 addresses are not captured.
 //!
+//! Only a connection's opening SYN is redirected (`--syn`): later packets of a captured
+//! connection reach weft's socket through the `-m socket --transparent` rule, and connections
+//! that were already open when a pod was enrolled keep flowing uncaptured instead of being
+//! reset by a listener that never saw their handshake. (`--ctstate NEW` is not enough:
+//! conntrack may not have been tracking the namespace before weft's rules needed it, and then
+//! picks up a mid-stream packet as NEW.)
+//!
 //! Rule order matters: every pod's *outbound* rule (traffic coming from its veth) comes
 //! before any *inbound* rule (traffic to its IP), so pod-to-pod traffic on one node is taken
 //! by the sender's outbound rule, as it would be across nodes.
@@ -92,21 +99,21 @@ pub fn rules(pods: &[PodRule], ports: &Ports) -> String {
     ));
     for p in pods {
         out.push_str(&format!(
-            "-A {CHAIN} -p tcp -i {} -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
+            "-A {CHAIN} -p tcp -i {} -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
             p.veth,
             on(ports.outbound)
         ));
     }
     for p in pods {
         out.push_str(&format!(
-            "-A {CHAIN} -p tcp -d {}/32 --dport {} ! -i {} -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
+            "-A {CHAIN} -p tcp -d {}/32 --dport {} ! -i {} -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
             p.ip,
             ports.hbone.port(),
             p.veth,
             on(ports.hbone)
         ));
         out.push_str(&format!(
-            "-A {CHAIN} -p tcp -d {}/32 ! -i {} -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
+            "-A {CHAIN} -p tcp -d {}/32 ! -i {} -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
             p.ip,
             p.veth,
             on(ports.inbound_plaintext)
@@ -373,10 +380,10 @@ mod tests {
         assert_eq!(lines[1], ":WEFT_PRE - [0:0]");
         assert!(lines[2].contains("-m socket --transparent -j MARK --set-mark 0x1/0x1"));
         assert!(lines[3].contains("--mark 0x1/0x1 -j RETURN"));
-        assert_eq!(lines[4], "-A WEFT_PRE -p tcp -i va -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15001 --tproxy-mark 0x1/0x1");
+        assert_eq!(lines[4], "-A WEFT_PRE -p tcp -i va -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15001 --tproxy-mark 0x1/0x1");
         assert!(lines[5].contains("-i vb "));
-        assert_eq!(lines[6], "-A WEFT_PRE -p tcp -d 10.0.0.1/32 --dport 15008 ! -i va -m conntrack --ctdir ORIGINAL -j TPROXY --on-ip 127.0.0.1 --on-port 15008 --tproxy-mark 0x1/0x1");
-        assert_eq!(lines[7], "-A WEFT_PRE -p tcp -d 10.0.0.1/32 ! -i va -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15006 --tproxy-mark 0x1/0x1");
+        assert_eq!(lines[6], "-A WEFT_PRE -p tcp -d 10.0.0.1/32 --dport 15008 ! -i va -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY --on-ip 127.0.0.1 --on-port 15008 --tproxy-mark 0x1/0x1");
+        assert_eq!(lines[7], "-A WEFT_PRE -p tcp -d 10.0.0.1/32 ! -i va -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15006 --tproxy-mark 0x1/0x1");
         assert_eq!(*lines.last().unwrap(), "COMMIT");
         assert_eq!(lines.len(), 11);
     }

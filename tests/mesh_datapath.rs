@@ -473,3 +473,86 @@ fn a_missing_iptables_is_a_clear_start_up_error() {
         env.weft_rules(1)
     );
 }
+
+#[test]
+fn connections_open_before_enrollment_keep_working_and_new_ones_are_captured() {
+    let Some(mut env) = MeshEnv::start(
+        2,
+        &[("late", false)],
+        &[pod("a", 1, "late"), pod("c", 2, "late")],
+        &[],
+    ) else {
+        return;
+    };
+    let c = env.pod("c");
+    let l =
+        c.ns.tcp_listen(SocketAddr::new(IpAddr::V4(c.ip), 9400))
+            .unwrap();
+    let server = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let (mut s, _) = l.accept().unwrap();
+            let t = std::thread::spawn(move || {
+                let mut b = [0u8; 4];
+                while s.read_exact(&mut b).is_ok() {
+                    if s.write_all(&b).is_err() {
+                        return;
+                    }
+                }
+            });
+            held.push(t);
+        }
+        held
+    });
+    let ping = |s: &mut std::net::TcpStream| {
+        s.write_all(b"ping")?;
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b)?;
+        assert_eq!(&b, b"ping");
+        Ok::<(), std::io::Error>(())
+    };
+    let mut old = env
+        .pod("a")
+        .ns
+        .tcp_connect(addr(&env, "c", 9400), Duration::from_secs(5))
+        .unwrap();
+    old.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    ping(&mut old).unwrap();
+    // Enroll the namespace: rules for a and c appear while `old` is open.
+    env.namespaces = vec![("late", true)];
+    env.write_mesh();
+    env.wait_generation(1, 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rules_for(&env.weft_rules(1), &env.pod("a").host_veth, env.pod("a").ip) != 3 {
+        assert!(Instant::now() < deadline, "rules for a never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    env.wait_ready(1);
+    env.wait_ready(2);
+    // The old connection keeps flowing (uncaptured), it is not reset.
+    for _ in 0..5 {
+        ping(&mut old).unwrap_or_else(|e| panic!("connection open before enrollment broke: {e}"));
+    }
+    // A new one goes through weft as HBONE.
+    let mut new = env
+        .pod("a")
+        .ns
+        .tcp_connect(addr(&env, "c", 9400), Duration::from_secs(5))
+        .unwrap();
+    new.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    ping(&mut new).unwrap();
+    let v = env.admin_json(1, "/connections");
+    assert!(
+        v["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["protocol"] == "hbone"),
+        "{v}"
+    );
+    drop(old);
+    drop(new);
+    for t in server.join().unwrap() {
+        t.join().unwrap();
+    }
+}
