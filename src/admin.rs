@@ -58,6 +58,8 @@ pub struct AdminContext {
     pub metrics: Arc<Metrics>,
     /// The data path (read-only use: connections, pool, compiled policies).
     pub proxy: Arc<crate::proxy::ProxyCtx>,
+    /// The capture, when weft programs it (readiness waits for its rules).
+    pub redirect: Option<Arc<crate::redirect::Redirector>>,
     /// Set to `true` to shut the daemon down (`/quitquitquit`).
     pub shutdown: watch::Sender<bool>,
 }
@@ -74,6 +76,14 @@ impl AdminContext {
             });
         }
         let snap = self.store.snapshot();
+        if let Some(r) = &self.redirect {
+            if r.applied_generation() < snap.generation {
+                return Err(format!(
+                    "capture rules not yet programmed for mesh generation {}",
+                    snap.generation
+                ));
+            }
+        }
         let wanted = snap.local_identities(&self.config.node_name, &self.config.trust_domain);
         let missing: Vec<String> = wanted
             .iter()

@@ -207,6 +207,7 @@ impl Daemon {
             log,
             metrics,
             proxy: proxy_ctx,
+            redirect: redirector.clone(),
             shutdown: shutdown.clone(),
         });
         let admin = match admin::start(ctx, shutdown_rx) {

@@ -181,12 +181,23 @@ pub fn interface_to(ip: Ipv4Addr) -> Option<String> {
 /// Programs and removes the capture rules.
 pub struct Redirector {
     ports: Ports,
+    /// The state generation whose local enrolled pods the rules in force capture.
+    applied: std::sync::atomic::AtomicU64,
 }
 
 impl Redirector {
     /// A redirector sending captured traffic to `ports`.
     pub fn new(ports: Ports) -> Redirector {
-        Redirector { ports }
+        Redirector {
+            ports,
+            applied: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The state generation the rules in force were computed from (0: none yet). Readiness
+    /// waits for it, so a node never reports ready while its pods' traffic bypasses weft.
+    pub fn applied_generation(&self) -> u64 {
+        self.applied.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Installs the chain (with no pods yet), the jump to it and the policy routing; checks
@@ -292,6 +303,7 @@ impl Redirector {
             let mut applied: Option<Vec<PodRule>> = None;
             loop {
                 let snap = store.snapshot();
+                let generation = snap.generation;
                 let ips: Vec<Ipv4Addr> = snap
                     .local_enrolled(&node)
                     .flat_map(|w| w.ips.iter())
@@ -331,12 +343,17 @@ impl Redirector {
                         Ok(Ok(())) => {
                             tracing::info!(pods = desired.len(), "capture rules updated");
                             applied = Some(desired);
+                            self.applied
+                                .store(generation, std::sync::atomic::Ordering::Release);
                         }
                         Ok(Err(e)) => {
                             tracing::error!(error = %e, "capture rules rejected; previous rules stay")
                         }
                         Err(e) => tracing::error!(error = %e, "capture rule task failed"),
                     }
+                } else {
+                    self.applied
+                        .store(generation, std::sync::atomic::Ordering::Release);
                 }
                 let retry = if missing.is_empty() {
                     Duration::from_secs(30)
