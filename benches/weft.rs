@@ -526,52 +526,15 @@ async fn loopback() -> Loop {
     // The app.
     let server = SocketAddr::new(server_ip, 18080);
     tokio::spawn(serve_app(TcpListener::bind(server).await.unwrap()));
-    // The capture stand-in: what TPROXY does in a cluster, hand the connection to weft's
+    // The capture stand-ins: what TPROXY does in a cluster, hand each connection to weft's
     // outbound handler with its original destination.
     let capture = SocketAddr::new(client_ip, 16001);
-    let listener = TcpListener::bind(capture).await.unwrap();
-    let ctx = a.proxy_ctx();
-    let listener = listener.into_std().unwrap();
-    weft_rt().spawn(async move {
-        let listener = TcpListener::from_std(listener).unwrap();
-        loop {
-            let Ok((s, peer)) = listener.accept().await else {
-                return;
-            };
-            let _ = s.set_nodelay(true);
-            tokio::spawn(weft::proxy::outbound::serve_outbound_to(
-                ctx.clone(),
-                s,
-                peer,
-                server,
-            ));
-        }
-    });
+    capture_to(&a, capture, server).await;
     // An HTTP app on the same pod, and its own capture stand-in, for the waypoint case.
     let http_app = SocketAddr::new(server_ip, 18081);
     tokio::spawn(serve_http(TcpListener::bind(http_app).await.unwrap()));
     let http_capture = SocketAddr::new(client_ip, 16002);
-    let listener = TcpListener::bind(http_capture)
-        .await
-        .unwrap()
-        .into_std()
-        .unwrap();
-    let ctx = a.proxy_ctx();
-    weft_rt().spawn(async move {
-        let listener = TcpListener::from_std(listener).unwrap();
-        loop {
-            let Ok((s, peer)) = listener.accept().await else {
-                return;
-            };
-            let _ = s.set_nodelay(true);
-            tokio::spawn(weft::proxy::outbound::serve_outbound_to(
-                ctx.clone(),
-                s,
-                peer,
-                http_app,
-            ));
-        }
-    });
+    capture_to(&a, http_capture, http_app).await;
     // Wait for the cold-client certificates too.
     let deadline = Instant::now() + Duration::from_secs(10);
     while a.certs.certs().len() < 6 {
@@ -587,6 +550,28 @@ async fn loopback() -> Loop {
         http_capture,
         mesh,
     }
+}
+
+/// Listens on `at` and hands every connection to `daemon`'s outbound handler as if TPROXY had
+/// captured it on its way to `dst`.
+async fn capture_to(daemon: &weft::daemon::Daemon, at: SocketAddr, dst: SocketAddr) {
+    let listener = TcpListener::bind(at).await.unwrap().into_std().unwrap();
+    let ctx = daemon.proxy_ctx();
+    weft_rt().spawn(async move {
+        let listener = TcpListener::from_std(listener).unwrap();
+        loop {
+            let Ok((s, peer)) = listener.accept().await else {
+                return;
+            };
+            let _ = s.set_nodelay(true);
+            tokio::spawn(weft::proxy::outbound::serve_outbound_to(
+                ctx.clone(),
+                s,
+                peer,
+                dst,
+            ));
+        }
+    });
 }
 
 /// A minimal HTTP/1.1 app (keep-alive, fixed body) for the waypoint case.

@@ -162,27 +162,30 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// The objects of the array `d[key]`, each made into a row by `row`.
+fn rows_of(d: &Value, key: &str, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    d[key]
+        .as_array()
+        .map(|a| a.iter().map(row).collect())
+        .unwrap_or_default()
+}
+
+/// The fields `names` of `v`, as cells.
+fn cells(v: &Value, names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| s(&v[*n])).collect()
+}
+
 /// Runs one ctl command against the admin endpoint at `addr`; returns what to print.
 pub async fn run(addr: SocketAddr, cmd: CtlCommand) -> Result<String, CtlError> {
     Ok(match cmd {
         CtlCommand::Workloads => {
             let d = get_json(addr, "/config_dump").await?;
-            let rows = d["workloads"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|w| {
-                    vec![
-                        s(&w["namespace"]),
-                        s(&w["name"]),
-                        s(&w["node"]),
-                        s(&w["enrollment"]),
-                        s(&w["ips"]),
-                        s(&w["identity"]),
-                    ]
-                })
-                .collect();
+            let rows = rows_of(&d, "workloads", |w| {
+                cells(
+                    w,
+                    &["namespace", "name", "node", "enrollment", "ips", "identity"],
+                )
+            });
             table(
                 &["NAMESPACE", "NAME", "NODE", "ENROLLMENT", "IPS", "IDENTITY"],
                 rows,
@@ -267,43 +270,30 @@ pub async fn run(addr: SocketAddr, cmd: CtlCommand) -> Result<String, CtlError> 
         }
         CtlCommand::Certs => {
             let d = get_json(addr, "/config_dump").await?;
-            let rows = d["certificates"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|c| {
-                    vec![
-                        s(&c["identity"]),
-                        s(&c["serial"]),
-                        s(&c["notBefore"]),
-                        s(&c["notAfter"]),
-                    ]
-                })
-                .collect();
+            let rows = rows_of(&d, "certificates", |c| {
+                cells(c, &["identity", "serial", "notBefore", "notAfter"])
+            });
             table(&["IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER"], rows)
         }
         CtlCommand::Connections => {
             let d = get_json(addr, "/connections").await?;
-            let rows = d["connections"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|c| {
-                    vec![
-                        s(&c["direction"]),
-                        s(&c["protocol"]),
-                        s(&c["src"]),
-                        s(&c["dst"]),
-                        s(&c["srcIdentity"]),
-                        s(&c["dstIdentity"]),
-                        s(&c["bytesReceived"]),
-                        s(&c["bytesSent"]),
-                        format!("{:.1}s", c["ageSecs"].as_f64().unwrap_or(0.0)),
-                    ]
-                })
-                .collect();
+            let rows = rows_of(&d, "connections", |c| {
+                let mut r = cells(
+                    c,
+                    &[
+                        "direction",
+                        "protocol",
+                        "src",
+                        "dst",
+                        "srcIdentity",
+                        "dstIdentity",
+                        "bytesReceived",
+                        "bytesSent",
+                    ],
+                );
+                r.push(format!("{:.1}s", c["ageSecs"].as_f64().unwrap_or(0.0)));
+                r
+            });
             let mut out = table(
                 &[
                     "DIRECTION",
@@ -318,19 +308,10 @@ pub async fn run(addr: SocketAddr, cmd: CtlCommand) -> Result<String, CtlError> 
                 ],
                 rows,
             );
-            let pool = d["pool"].as_array().cloned().unwrap_or_default();
-            out.push_str(&format!("\n{} pooled HBONE connection(s)\n", pool.len()));
-            let rows = pool
-                .iter()
-                .map(|p| {
-                    vec![
-                        s(&p["srcIdentity"]),
-                        s(&p["dstIdentity"]),
-                        s(&p["peer"]),
-                        s(&p["streams"]),
-                    ]
-                })
-                .collect();
+            let rows = rows_of(&d, "pool", |p| {
+                cells(p, &["srcIdentity", "dstIdentity", "peer", "streams"])
+            });
+            out.push_str(&format!("\n{} pooled HBONE connection(s)\n", rows.len()));
             out.push_str(&table(
                 &["SRC IDENTITY", "DST IDENTITY", "PEER", "STREAMS"],
                 rows,
