@@ -125,6 +125,8 @@ pub struct Conn {
     pub started: Instant,
     /// Cancelled to close the connection from outside.
     pub close: CancellationToken,
+    /// Its metric labels (response flags `-`), computed once at open and reused at close.
+    labels: TcpLabels,
 }
 
 /// The table of live connections.
@@ -146,6 +148,7 @@ impl ConnTable {
 
     /// Registers a connection; keep the guard for as long as it lives.
     pub fn open(self: &Arc<Self>, meta: ConnMeta) -> ConnGuard {
+        let labels = labels(&meta, "-");
         let conn = Arc::new(Conn {
             id: self.next.fetch_add(1, Ordering::Relaxed),
             meta,
@@ -153,9 +156,9 @@ impl ConnTable {
             sent: AtomicU64::new(0),
             started: Instant::now(),
             close: CancellationToken::new(),
+            labels,
         });
-        let labels = labels(&conn.meta, "-");
-        self.metrics.opened.get_or_create(&labels).inc();
+        self.metrics.opened.get_or_create(&conn.labels).inc();
         lock(&self.live).insert(conn.id, conn.clone());
         ConnGuard {
             table: self.clone(),
@@ -298,11 +301,21 @@ impl Drop for ConnGuard {
             Outcome::Failed(e) => ("UF", Some(e.as_str())),
             Outcome::Killed(e) => ("DC", Some(e.as_str())),
         };
-        let labels = labels(m, flags);
+        // The labels of the open, unless the close adds a response flag.
+        let flagged;
+        let labels = if flags == "-" {
+            &c.labels
+        } else {
+            flagged = TcpLabels {
+                response_flags: flags,
+                ..c.labels.clone()
+            };
+            &flagged
+        };
         let mx = &self.table.metrics;
-        mx.closed.get_or_create(&labels).inc();
-        mx.received_bytes.get_or_create(&labels).inc_by(received);
-        mx.sent_bytes.get_or_create(&labels).inc_by(sent);
+        mx.closed.get_or_create(labels).inc();
+        mx.received_bytes.get_or_create(labels).inc_by(received);
+        mx.sent_bytes.get_or_create(labels).inc_by(sent);
         let id = |i: &Option<Identity>| i.as_ref().map(|i| i.to_string()).unwrap_or_default();
         let name = |p: &Option<Peer>| {
             p.as_ref()
