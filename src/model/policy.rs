@@ -141,7 +141,7 @@ pub struct AuthorizationPolicySpec {
 /// An extension of the CRD shape for sources that resolve selection themselves: istiod sends
 /// ztunnel a scope (`GLOBAL`, `NAMESPACE`, `WORKLOAD_SELECTOR`) instead of the selector, and
 /// lists on each workload the selector policies that select it (workloads carry no labels
-/// in xDS).
+/// in xDS). `authz` is the one place that turns a scope into the workloads it covers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum PolicyScope {
@@ -161,34 +161,6 @@ impl PolicyScope {
     /// True for the CRD behaviour.
     pub fn is_selector(&self) -> bool {
         *self == PolicyScope::Selector
-    }
-}
-
-impl AuthorizationPolicy {
-    /// Whether the policy applies to `workload`, with `root_namespace` the namespace whose
-    /// selector-less policies apply mesh-wide. (`targetRef(s)` policies attach to waypoints
-    /// and gateways, never to a workload directly, so they do not apply here.)
-    pub fn applies_to(&self, workload: &crate::model::Workload, root_namespace: &str) -> bool {
-        match &self.spec.scope {
-            PolicyScope::Mesh => true,
-            PolicyScope::Namespace => workload.namespace == self.namespace,
-            PolicyScope::Workloads(uids) => uids.contains(&workload.uid),
-            PolicyScope::Selector => {
-                if self.spec.target_ref.is_some() || !self.spec.target_refs.is_empty() {
-                    return false;
-                }
-                match &self.spec.selector {
-                    None => {
-                        self.namespace == root_namespace || self.namespace == workload.namespace
-                    }
-                    // In the root namespace a selector picks workloads of every namespace.
-                    Some(sel) => {
-                        (self.namespace == root_namespace || self.namespace == workload.namespace)
-                            && crate::model::selector_matches(&sel.match_labels, &workload.labels)
-                    }
-                }
-            }
-        }
     }
 }
 

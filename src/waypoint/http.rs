@@ -10,7 +10,7 @@
 //! once the app accepts them.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{upstream, Waypoint};
+use super::Waypoint;
 use crate::authz::{Connection, HttpRequest, RequestAuth};
 use crate::identity::Identity;
 use crate::proxy::conntrack::{ConnGuard, Outcome};
@@ -373,15 +373,4 @@ impl RequestLog<'_> {
         );
         resp
     }
-}
-
-/// The peer IP an upstream connection is made from (for tests).
-pub fn upstream_source(d: &Downstream) -> IpAddr {
-    d.addr.ip()
-}
-
-#[allow(unused)]
-fn _assert_send() {
-    fn send<T: Send>() {}
-    send::<upstream::Upstream>();
 }

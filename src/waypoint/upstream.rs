@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -78,25 +78,4 @@ impl Upstream {
             })
             .clone()
     }
-
-    /// Forgets clients (their idle connections close); in-flight requests finish.
-    pub fn clear(&self) {
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-    }
-
-    /// How many (client, app, version) pools exist.
-    pub fn len(&self) -> usize {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// True when there is none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
-
-/// Shared handle.
-pub type SharedUpstream = Arc<Upstream>;
