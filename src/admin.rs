@@ -302,12 +302,7 @@ async fn explain(ctx: &AdminContext, req: &Request<Incoming>) -> Result<serde_js
                 json!({"valid": false, "reason": r, "answer": 401})
             }
         };
-        let auth = result.claims().map(|c| crate::authz::RequestAuth {
-            principal: c.principal.clone().unwrap_or_default(),
-            audiences: c.audiences.clone(),
-            presenter: c.presenter.clone(),
-            claims: c.payload.clone(),
-        });
+        let auth = result.claims().map(|c| c.request_auth());
         let e = authz.explain_http(
             &conn,
             &crate::authz::HttpRequest {

@@ -481,8 +481,9 @@ struct Parser<'a> {
     warnings: Vec<MeshError>,
 }
 
-/// The message of a YAML error without the trailing ` at line N column M`.
-fn yaml_message(e: &serde_yaml_ng::Error) -> String {
+/// The message of a YAML error without the trailing ` at line N column M` (the line is
+/// reported separately, as `file:line:`). Also used for the daemon config.
+pub(crate) fn yaml_message(e: &serde_yaml_ng::Error) -> String {
     let s = e.to_string();
     match s.rfind(" at line ") {
         Some(i) => s[..i].to_string(),

@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Waypoint;
-use crate::authz::{Connection, HttpRequest, RequestAuth};
+use crate::authz::{Connection, HttpRequest};
 use crate::identity::Identity;
 use crate::proxy::conntrack::{ConnGuard, Outcome};
 use crate::proxy::ProxyCtx;
@@ -217,12 +217,7 @@ async fn handle(
         log.policy = "request-authentication".into();
         return log.done(full(StatusCode::UNAUTHORIZED, "Jwt verification fails\n"));
     }
-    let request_auth = result.claims().map(|c| RequestAuth {
-        principal: c.principal.clone().unwrap_or_default(),
-        audiences: c.audiences.clone(),
-        presenter: c.presenter.clone(),
-        claims: c.payload.clone(),
-    });
+    let request_auth = result.claims().map(|c| c.request_auth());
     if let Some(a) = &request_auth {
         log.principal = a.principal.clone();
     }

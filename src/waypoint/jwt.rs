@@ -286,6 +286,16 @@ pub struct Claims {
 }
 
 impl Claims {
+    /// What AuthorizationPolicy's `requestPrincipals` and `request.auth.*` see of these claims.
+    pub fn request_auth(&self) -> crate::authz::RequestAuth {
+        crate::authz::RequestAuth {
+            principal: self.principal.clone().unwrap_or_default(),
+            audiences: self.audiences.clone(),
+            presenter: self.presenter.clone(),
+            claims: self.payload.clone(),
+        }
+    }
+
     /// `request.auth.claims[path[0]][path[1]]..` as Istio matches it: the string values at
     /// that path, a list of strings flattened, other types ignored; `scope` and `permission`
     /// split on spaces. Empty when the path leads nowhere.
