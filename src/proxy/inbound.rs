@@ -102,21 +102,20 @@ pub fn decide(
 ) -> Result<Admitted, Refusal> {
     let dst_w = local_destination(ctx, snap, dst.ip())?;
     let l7 = crate::waypoint::applies(snap, authz, dst_w);
-    decide_at(ctx, snap, authz, src, src_identity, dst, !l7)
+    decide_at(authz, src, src_identity, dst, dst_w, !l7)
 }
 
-/// [`decide`], with AuthorizationPolicy checked here only when `l4_authz` (the waypoint
-/// decides per request otherwise).
+/// [`decide`] for `dst_w`, the local enrolled workload at `dst` (already looked up), with
+/// AuthorizationPolicy checked here only when `l4_authz` (the waypoint decides per request
+/// otherwise).
 fn decide_at(
-    ctx: &ProxyCtx,
-    snap: &Snapshot,
     authz: &crate::authz::Authz,
     src: SocketAddr,
     src_identity: Option<&Identity>,
     dst: SocketAddr,
+    dst_w: &Workload,
     l4_authz: bool,
 ) -> Result<Admitted, Refusal> {
-    let dst_w = local_destination(ctx, snap, dst.ip())?;
     if src_identity.is_none() {
         let m = authz.mtls(dst_w, dst.port());
         if m.mode == crate::authz::MtlsMode::Strict {
@@ -261,15 +260,7 @@ async fn route(
     let authz = ctx.authz(snap);
     let dst_w = local_destination(ctx, snap, dst.ip())?;
     let l7 = crate::waypoint::applies(snap, &authz, dst_w);
-    let admitted = match decide_at(
-        ctx,
-        snap,
-        &authz,
-        client.addr(),
-        client.identity(),
-        dst,
-        !l7,
-    ) {
+    let admitted = match decide_at(&authz, client.addr(), client.identity(), dst, dst_w, !l7) {
         Ok(a) => a,
         Err(r) => {
             log_refusal(ctx, snap, client, dst, protocol, &r);
