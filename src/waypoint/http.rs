@@ -175,14 +175,12 @@ async fn handle(
         started,
     };
 
-    // Ambiguous framing is a smuggling attempt: never forward it.
-    if ambiguous_framing
-        || (parts.headers.contains_key(header::TRANSFER_ENCODING)
-            && parts.headers.contains_key(header::CONTENT_LENGTH))
-    {
+    // Ambiguous framing is a smuggling attempt: never forward it. Only the framing watch can
+    // tell (hyper drops one of the conflicting headers before this point).
+    if ambiguous_framing {
         return log.done(full_and_close(
             StatusCode::BAD_REQUEST,
-            "bad request: both Content-Length and Transfer-Encoding\n",
+            "bad request: ambiguous message framing (Content-Length with Transfer-Encoding)\n",
         ));
     }
     let path = match crate::authz::normalize_path(&raw_path) {
