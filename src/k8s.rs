@@ -1388,10 +1388,17 @@ spec:
         ] {
             let cut = &LIST[..LIST.find(marker).unwrap() + marker.len() / 2];
             let e = errors(cut);
+            // Either the List lost its `kind` line, or the cut left a syntax error, reported
+            // where the text ends (the cut line, or just past it at end of input).
+            let n = cut.lines().count();
+            let at_cut = |e: &str| {
+                e.starts_with(&format!("mesh.yaml:{n}: "))
+                    || e.starts_with(&format!("mesh.yaml:{}: ", n + 1))
+            };
+            assert_eq!(e.len(), 1, "{e:?}");
             assert!(
-                e.iter()
-                    .any(|e| e.contains("object has no `kind`") || e.contains("mesh.yaml:")),
-                "{e:?}"
+                e[0].starts_with("mesh.yaml:1: object has no `kind`") || at_cut(&e[0]),
+                "{marker:?} (cut after line {n}): {e:?}"
             );
         }
         // Multi-document files cut inside a value or a flow collection are refused too.

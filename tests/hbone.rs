@@ -318,3 +318,54 @@ async fn an_app_reset_reaches_the_client_promptly() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forwarded_address_is_believed_only_for_the_authenticated_identity() {
+    let s = setup().await;
+    let app = TcpListener::bind(s.app_addr(8086)).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (c, _) = app.accept().await.unwrap();
+            tokio::spawn(async move {
+                let _hold = c;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            });
+        }
+    });
+    let cert = s.client_cert();
+    let inbound_src = |s: &Setup| {
+        let conns = s.daemon.proxy_ctx().conns.list();
+        let c = conns
+            .iter()
+            .find(|c| c.meta.dst == s.app_addr(8086))
+            .expect("inbound record");
+        c.meta.src
+    };
+    // The client's own pod address: believed.
+    let t = s
+        .pool
+        .tunnel(&s.key("server"), &cert, s.app_addr(8086), s.from())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(inbound_src(&s), s.from());
+    drop(t);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The address of a workload with another identity (the server itself): not believed; the
+    // tunnel's real peer address is used instead.
+    let forged = SocketAddr::new(s.server_ip, 40000);
+    let t = s
+        .pool
+        .tunnel(&s.key("server"), &cert, s.app_addr(8086), forged)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let src = inbound_src(&s);
+    assert_ne!(src, forged);
+    assert_ne!(src.ip(), s.server_ip);
+    let peer = s.pool.view()[0]
+        .local
+        .expect("pooled connection's own address");
+    assert_eq!(src, peer, "the outer connection's address");
+    drop(t);
+}

@@ -522,7 +522,12 @@ fn reply(
 
 /// The address in `forwarded: for="ip:port"` (RFC 7239, as ztunnel sends it).
 fn forwarded_for(req: &Request<RecvStream>) -> Option<SocketAddr> {
-    let v = req.headers().get("forwarded")?.to_str().ok()?;
+    parse_forwarded_for(req.headers().get("forwarded")?.to_str().ok()?)
+}
+
+/// The first `for=` of a `Forwarded` value, when it is an `IP:port` (quoted or not, IPv6 in
+/// brackets); anything else (obfuscated identifiers, `unknown`, a bare IP) is `None`.
+fn parse_forwarded_for(v: &str) -> Option<SocketAddr> {
     v.split([';', ','])
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
@@ -599,6 +604,39 @@ async fn handle_connect(
             let wp = ctx.waypoint.clone();
             // An unfinished stream resets itself when dropped.
             crate::waypoint::http::serve(ctx, wp, io, downstream(&who), dst, guard).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_forwarded_for;
+
+    #[test]
+    fn forwarded_for_takes_the_first_ip_and_port_and_nothing_else() {
+        let p = |v: &str| parse_forwarded_for(v).map(|a| a.to_string());
+        assert_eq!(
+            p(r#"for="10.0.0.1:4321""#).as_deref(),
+            Some("10.0.0.1:4321")
+        );
+        assert_eq!(p("for=10.0.0.1:4321").as_deref(), Some("10.0.0.1:4321"));
+        assert_eq!(
+            p(r#"proto=https;FOR="[fd00::1]:80";by=x"#).as_deref(),
+            Some("[fd00::1]:80")
+        );
+        assert_eq!(
+            p(r#"for="10.0.0.1:1", for="10.0.0.2:2""#).as_deref(),
+            Some("10.0.0.1:1")
+        );
+        for bad in [
+            "",
+            "for=unknown",
+            r#"for="_hidden""#,
+            "for=10.0.0.1",
+            "by=10.0.0.1:1",
+            "for=10.0.0.1:99999",
+        ] {
+            assert_eq!(p(bad), None, "{bad:?}");
         }
     }
 }
