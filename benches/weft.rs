@@ -247,6 +247,14 @@ async fn latencies(route: Arc<dyn Route>, n: usize) -> Vec<f64> {
     out
 }
 
+/// Rounds of each rate measurement (baseline and weft alternate).
+const ROUNDS: usize = 3;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -343,19 +351,29 @@ async fn measure(place: &Place, sz: Sizes, report: &mut Report) {
     // Warm up the pool and the app.
     let _ = stream_once(w.clone(), 1 << 16).await;
 
-    let base = throughput(b.clone(), sz.stream_bytes, 1).await;
-    let cpu0 = (place.cpu)();
-    let t0 = Instant::now();
-    let wt = throughput(w.clone(), sz.stream_bytes, 1).await;
-    let cpu = (place.cpu)() - cpu0;
-    let gib = sz.stream_bytes as f64 / (1u64 << 30) as f64;
+    // The VM this runs on is noisy (the plain baseline alone moved 2x between runs), so each
+    // rate is measured in rounds that alternate baseline and weft, and the medians are
+    // compared: a burst of noise then hits one round of each, not one side of the ratio.
+    let mut base = Vec::new();
+    let mut wt = Vec::new();
+    let mut cpu = 0.0;
+    let mut secs = 0.0;
+    for _ in 0..ROUNDS {
+        base.push(throughput(b.clone(), sz.stream_bytes, 1).await);
+        let cpu0 = (place.cpu)();
+        let t0 = Instant::now();
+        wt.push(throughput(w.clone(), sz.stream_bytes, 1).await);
+        cpu += (place.cpu)() - cpu0;
+        secs += t0.elapsed().as_secs_f64();
+    }
+    let gib = (sz.stream_bytes * ROUNDS as u64) as f64 / (1u64 << 30) as f64;
     report.add(
         "throughput, 1 stream",
         p,
-        wt,
-        Some(base),
+        median(&mut wt),
+        Some(median(&mut base)),
         "Gbit/s",
-        format!("{} MiB", sz.stream_bytes >> 20),
+        format!("{} MiB, median of {ROUNDS}", sz.stream_bytes >> 20),
     );
     report.add(
         "CPU per GiB carried (both daemons)",
@@ -363,14 +381,29 @@ async fn measure(place: &Place, sz: Sizes, report: &mut Report) {
         cpu / gib,
         None,
         "cpu-s/GiB",
-        format!("{:.2} cpu-s over {:.2} s", cpu, t0.elapsed().as_secs_f64()),
+        format!("{cpu:.2} cpu-s over {secs:.2} s"),
     );
-    let base8 = throughput(b.clone(), sz.stream_bytes, 8).await;
-    let wt8 = throughput(w.clone(), sz.stream_bytes, 8).await;
-    report.add("throughput, 8 streams", p, wt8, Some(base8), "Gbit/s", "");
+    let (mut base8, mut wt8) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        base8.push(throughput(b.clone(), sz.stream_bytes, 8).await);
+        wt8.push(throughput(w.clone(), sz.stream_bytes, 8).await);
+    }
+    report.add(
+        "throughput, 8 streams",
+        p,
+        median(&mut wt8),
+        Some(median(&mut base8)),
+        "Gbit/s",
+        format!("median of {ROUNDS}"),
+    );
 
-    let lb = latencies(b.clone(), sz.pings).await;
-    let lw = latencies(w.clone(), sz.pings).await;
+    let (mut lb, mut lw) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        lb.extend(latencies(b.clone(), sz.pings.div_ceil(ROUNDS)).await);
+        lw.extend(latencies(w.clone(), sz.pings.div_ceil(ROUNDS)).await);
+    }
+    lb.sort_by(f64::total_cmp);
+    lw.sort_by(f64::total_cmp);
     for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)] {
         let (x, y) = (pct(&lw, q), pct(&lb, q));
         report.add(
@@ -383,15 +416,18 @@ async fn measure(place: &Place, sz: Sizes, report: &mut Report) {
         );
     }
 
-    let rb = conn_rate(b.clone(), sz.conns).await;
-    let rw = conn_rate(w.clone(), sz.conns).await;
+    let (mut rb, mut rw) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        rb.push(conn_rate(b.clone(), sz.conns).await);
+        rw.push(conn_rate(w.clone(), sz.conns).await);
+    }
     report.add(
         "connection rate (warm pool)",
         p,
-        rw,
-        Some(rb),
+        median(&mut rw),
+        Some(median(&mut rb)),
         "conn/s",
-        "connect + 1 round trip + close",
+        format!("connect + 1 round trip + close, median of {ROUNDS}"),
     );
     let mut cold = Vec::new();
     for _ in 0..5 {

@@ -60,6 +60,8 @@ struct RawConfig {
     redirect: Option<Redirect>,
     #[serde(default)]
     waypoint: RawWaypoint,
+    #[serde(default)]
+    worker_threads: Option<i64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -294,6 +296,21 @@ pub struct Config {
     pub redirect: Redirect,
     /// The in-binary waypoint's settings.
     pub waypoint: WaypointConfig,
+    /// Data-path worker threads.
+    pub worker_threads: usize,
+}
+
+/// Most worker threads a config may ask for.
+pub const MAX_WORKER_THREADS: usize = 256;
+
+/// Worker threads when the config does not say: the CPUs this process may run on, which
+/// honours its affinity mask and its cgroup CPU quota (a DaemonSet's `limits.cpu: 2` on a
+/// 64-core node means 2), so the data path never runs more threads than it has CPUs for.
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(MAX_WORKER_THREADS)
 }
 
 /// Settings of the in-binary waypoint.
@@ -438,6 +455,16 @@ impl Config {
                 None
             }
         };
+        let worker_threads = match raw.worker_threads {
+            None => default_worker_threads(),
+            Some(n) if (1..=MAX_WORKER_THREADS as i64).contains(&n) => n as usize,
+            Some(n) => {
+                problems.push(format!(
+                    "workerThreads: {n} is not between 1 and {MAX_WORKER_THREADS}"
+                ));
+                1
+            }
+        };
         let (Some(mesh), Some(ca), true) = (mesh, ca, problems.is_empty()) else {
             return Err(ConfigError::Invalid {
                 file: file.to_path_buf(),
@@ -456,6 +483,7 @@ impl Config {
             waypoint: WaypointConfig {
                 jwks_ca_file: raw.waypoint.jwks_ca_file.map(|f| base.join(f)),
             },
+            worker_threads,
         })
     }
 }
@@ -478,6 +506,33 @@ mod tests {
         assert_eq!(c.listen.admin, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(c.listen.hbone, "0.0.0.0:15008".parse().unwrap());
         assert_eq!(c.redirect, Redirect::Tproxy);
+        assert_eq!(c.worker_threads, default_worker_threads());
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_usable_cpus_and_can_be_set() {
+        // What the default reads: the CPUs this process may use, never zero.
+        let usable = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(default_worker_threads(), usable.min(MAX_WORKER_THREADS));
+        let c = parse("nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\nworkerThreads: 3\n")
+            .unwrap();
+        assert_eq!(c.worker_threads, 3);
+        for bad in ["0", "-1", "257"] {
+            let e = parse(&format!(
+                "nodeName: n1\nmesh: {{file: m}}\nca: {{builtin: {{dir: c}}}}\nworkerThreads: {bad}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("workerThreads: {bad} is not between 1 and 256")),
+                "{e}"
+            );
+        }
+        let e =
+            parse("nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\nworkerThreads: many\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.starts_with("/etc/weft/weft.yaml:4: "), "{e}");
     }
 
     #[test]

@@ -96,7 +96,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
             }
             let cfg = weft::config::Config::load(&config, std::env::var("NODE_NAME").ok())?;
+            tracing::info!(threads = cfg.worker_threads, "data-path worker threads");
             let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.worker_threads)
                 .enable_all()
                 .thread_name("weft-worker")
                 .build()

@@ -239,6 +239,53 @@ async fn a_destination_without_a_listening_app_answers_503() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_tunnel_sends_its_first_bytes_behind_the_request() {
+    let s = setup().await;
+    let app = TcpListener::bind(s.app_addr(8086)).await.unwrap();
+    let cert = s.client_cert();
+    // Written before the CONNECT is answered (the app has not even been accepted yet): the
+    // server holds the bytes until it reached the app, then they arrive in order.
+    let mut t = s
+        .pool
+        .tunnel_early(&s.key("server"), &cert, s.app_addr(8086), s.from())
+        .await
+        .unwrap();
+    t.io.write_all(b"first bytes, ").await.unwrap();
+    t.io.write_all(b"then more").await.unwrap();
+    t.io.shutdown().await.unwrap();
+    let (mut c, _) = app.accept().await.unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"first bytes, then more");
+    c.write_all(b"ok").await.unwrap();
+    drop(c);
+    let mut back = Vec::new();
+    t.io.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_early_tunnel_reads_as_a_reset_with_the_status() {
+    let s = setup().await;
+    let cert = s.client_cert();
+    // Nothing listens on port 1: the server answers 503. The early tunnel opened without
+    // waiting, so the refusal shows on the first read, as a reset naming the status.
+    let mut t = s
+        .pool
+        .tunnel_early(&s.key("server"), &cert, s.app_addr(1), s.from())
+        .await
+        .expect("an early tunnel does not wait for the answer");
+    let _ = t.io.write_all(b"lost").await;
+    let mut buf = [0u8; 8];
+    let err = t.io.read(&mut buf).await.expect_err("refused tunnel read");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(err.to_string().contains("503"), "{err}");
+    // And it stays refused.
+    let again = t.io.read(&mut buf).await.expect_err("second read");
+    assert!(again.to_string().contains("503"), "{again}");
+}
+
 /// A raw HTTP/2 client over the real mTLS, to send requests weft's own pool never sends.
 async fn raw(s: &Setup) -> h2::client::SendRequest<Bytes> {
     let cert = s.client_cert();

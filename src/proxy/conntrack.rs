@@ -129,10 +129,18 @@ pub struct Conn {
     labels: TcpLabels,
 }
 
+/// Shards of the live table (a power of two). Connection ids are sequential, so consecutive
+/// connections land in different shards and the accept paths of the workers never wait for
+/// each other; only the rare whole-table readers (`/connections`, drain, the policy follower)
+/// visit every shard.
+const SHARDS: usize = 64;
+
+type Shard = Mutex<HashMap<u64, Arc<Conn>>>;
+
 /// The table of live connections.
 pub struct ConnTable {
     next: AtomicU64,
-    live: Mutex<HashMap<u64, Arc<Conn>>>,
+    live: Box<[Shard]>,
     metrics: TcpMetrics,
 }
 
@@ -141,7 +149,7 @@ impl ConnTable {
     pub fn new(metrics: TcpMetrics) -> Arc<ConnTable> {
         Arc::new(ConnTable {
             next: AtomicU64::new(1),
-            live: Mutex::new(HashMap::new()),
+            live: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             metrics,
         })
     }
@@ -159,7 +167,7 @@ impl ConnTable {
             labels,
         });
         self.metrics.opened.get_or_create(&conn.labels).inc();
-        lock(&self.live).insert(conn.id, conn.clone());
+        lock(self.shard(conn.id)).insert(conn.id, conn.clone());
         ConnGuard {
             table: self.clone(),
             conn,
@@ -167,23 +175,33 @@ impl ConnTable {
         }
     }
 
+    fn shard(&self, id: u64) -> &Shard {
+        &self.live[id as usize % SHARDS]
+    }
+
     /// The live connections, oldest first.
     pub fn list(&self) -> Vec<Arc<Conn>> {
-        let mut v: Vec<_> = lock(&self.live).values().cloned().collect();
+        let mut v: Vec<_> = self
+            .live
+            .iter()
+            .flat_map(|s| lock(s).values().cloned().collect::<Vec<_>>())
+            .collect();
         v.sort_by_key(|c| c.id);
         v
     }
 
     /// Closes every live connection (drain deadline reached).
     pub fn close_all(&self) {
-        for c in lock(&self.live).values() {
-            c.close.cancel();
+        for shard in self.live.iter() {
+            for c in lock(shard).values() {
+                c.close.cancel();
+            }
         }
     }
 
     /// How many connections are live.
     pub fn len(&self) -> usize {
-        lock(&self.live).len()
+        self.live.iter().map(|s| lock(s).len()).sum()
     }
 
     /// True when no connection is live.
@@ -291,7 +309,7 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        lock(&self.table.live).remove(&self.conn.id);
+        lock(self.table.shard(self.conn.id)).remove(&self.conn.id);
         let c = &self.conn;
         let m = &c.meta;
         let received = c.received.load(Ordering::Relaxed);

@@ -11,17 +11,52 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use std::future::Future;
+
 use bytes::{Buf, Bytes};
+use h2::client::ResponseFuture;
 use h2::{Reason, RecvStream, SendStream};
+use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Largest chunk handed to h2 in one `send_data` (h2 splits it into frames).
 const MAX_CHUNK: usize = 256 * 1024;
 
+/// The receiving half: the body, or (client side, before the answer) the answer to come.
+enum Recv {
+    /// The CONNECT was sent and not answered yet; bytes may already be written.
+    Awaiting(ResponseFuture),
+    /// The answer was 200: the peer's bytes.
+    Open(RecvStream),
+    /// The CONNECT was refused (said once; later reads fail the same way).
+    Refused(String),
+}
+
+/// Why a CONNECT did not open.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The peer answered with this status.
+    Status(StatusCode),
+    /// The stream or connection failed first.
+    Failed(h2::Error),
+    /// Asked again after one of the above (its text).
+    Again(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Status(s) => write!(f, "CONNECT refused: {s}"),
+            Refusal::Failed(e) => write!(f, "{e}"),
+            Refusal::Again(why) => f.write_str(why),
+        }
+    }
+}
+
 /// A CONNECT stream's two halves.
 pub struct H2Io {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    recv: Recv,
     /// Received but not yet read.
     pending: Bytes,
     /// END_STREAM sent (our write side is closed).
@@ -42,11 +77,49 @@ impl H2Io {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Io {
         H2Io {
             send,
-            recv,
+            recv: Recv::Open(recv),
             pending: Bytes::new(),
             sent_end: false,
             reset: false,
         }
+    }
+
+    /// A client stream whose CONNECT is not answered yet. Writes go out at once (they are
+    /// the tunnel's first bytes, which the peer holds until it has reached the destination);
+    /// reads wait for the answer, and a refusal reads as a reset.
+    pub fn awaiting(send: SendStream<Bytes>, response: ResponseFuture) -> H2Io {
+        H2Io {
+            send,
+            recv: Recv::Awaiting(response),
+            pending: Bytes::new(),
+            sent_end: false,
+            reset: false,
+        }
+    }
+
+    /// Waits for the answer to the CONNECT (at once for a stream already open).
+    pub async fn established(&mut self) -> Result<(), Refusal> {
+        std::future::poll_fn(|cx| self.poll_established(cx)).await
+    }
+
+    fn poll_established(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
+        let response = match &mut self.recv {
+            Recv::Awaiting(response) => response,
+            Recv::Open(_) => return Poll::Ready(Ok(())),
+            Recv::Refused(why) => return Poll::Ready(Err(Refusal::Again(why.clone()))),
+        };
+        let refusal = match ready!(Pin::new(response).poll(cx)) {
+            Ok(resp) if resp.status() == StatusCode::OK => {
+                self.recv = Recv::Open(resp.into_body());
+                return Poll::Ready(Ok(()));
+            }
+            Ok(resp) => Refusal::Status(resp.status()),
+            Err(e) => Refusal::Failed(e),
+        };
+        self.reset = true;
+        self.send.send_reset(Reason::CANCEL);
+        self.recv = Recv::Refused(refusal.to_string());
+        Poll::Ready(Err(refusal))
     }
 
     /// Aborts the stream: the peer sees a reset, not an end of stream.
@@ -74,11 +147,17 @@ impl AsyncRead for H2Io {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         if self.pending.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
+            if let Err(refusal) = ready!(self.poll_established(cx)) {
+                return Poll::Ready(Err(reset_error(refusal)));
+            }
+            let Recv::Open(recv) = &mut self.recv else {
+                return Poll::Ready(Err(reset_error("CONNECT not answered")));
+            };
+            match ready!(recv.poll_data(cx)) {
                 None => return Poll::Ready(Ok(())),
                 Some(Ok(data)) => {
                     let n = data.len();
-                    let _ = self.recv.flow_control().release_capacity(n);
+                    let _ = recv.flow_control().release_capacity(n);
                     self.pending = data;
                 }
                 Some(Err(e)) => {

@@ -174,7 +174,7 @@ pub async fn serve_outbound_to(
         let addr = target.addr;
         drop(snap);
         let mut client = client;
-        match ctx.pool.tunnel(&key, &cert, addr, peer).await {
+        match ctx.pool.tunnel_early(&key, &cert, addr, peer).await {
             Ok(mut tunnel) => {
                 let conns = [guard.conn().clone()];
                 match relay(&mut client, &mut tunnel.io, &conns).await {

@@ -25,7 +25,7 @@ use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use serde::Serialize;
 
-use super::h2io::H2Io;
+use super::h2io::{H2Io, Refusal};
 
 use super::socket::{self, SocketMode};
 use crate::identity::{Identity, IssuedCert};
@@ -193,7 +193,38 @@ impl Pool {
 
     /// Opens a CONNECT stream to `authority` (the original destination) through a pooled
     /// connection for `key`, presenting `cert`; `forwarded_for` is the original client.
+    /// Returns once the peer accepted the stream (200); any other answer is an error.
     pub async fn tunnel(
+        &self,
+        key: &PoolKey,
+        cert: &IssuedCert,
+        authority: SocketAddr,
+        forwarded_for: SocketAddr,
+    ) -> Result<Tunnel, TunnelError> {
+        let mut tunnel = self
+            .tunnel_early(key, cert, authority, forwarded_for)
+            .await?;
+        let addr = SocketAddr::new(key.dst_ip, self.hbone_port);
+        match tunnel.io.established().await {
+            Ok(()) => Ok(tunnel),
+            Err(Refusal::Status(status)) => Err(TunnelError::Refused {
+                addr,
+                authority,
+                status,
+            }),
+            Err(Refusal::Failed(source)) => Err(TunnelError::Http { addr, source }),
+            Err(Refusal::Again(why)) => Err(TunnelError::Connect {
+                addr,
+                source: std::io::Error::other(why),
+            }),
+        }
+    }
+
+    /// Like [`Pool::tunnel`], but returns as soon as the CONNECT is sent, without waiting for
+    /// the answer: what is written goes out behind the request (the peer holds it until it
+    /// reached the destination), which saves the tunnel one round trip before the first
+    /// byte. A refusal shows on the first read, as a reset.
+    pub async fn tunnel_early(
         &self,
         key: &PoolKey,
         cert: &IssuedCert,
@@ -242,18 +273,8 @@ impl Pool {
         let (response, send) = sender
             .send_request(req, false)
             .map_err(|source| TunnelError::Http { addr, source })?;
-        let resp = response
-            .await
-            .map_err(|source| TunnelError::Http { addr, source })?;
-        if resp.status() != StatusCode::OK {
-            return Err(TunnelError::Refused {
-                addr,
-                authority,
-                status: resp.status(),
-            });
-        }
         Ok(Tunnel {
-            io: H2Io::new(send, resp.into_body()),
+            io: H2Io::awaiting(send, response),
             _slot: slot,
         })
     }
