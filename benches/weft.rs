@@ -600,12 +600,8 @@ async fn capture_to(daemon: &weft::daemon::Daemon, at: SocketAddr, dst: SocketAd
                 return;
             };
             let _ = s.set_nodelay(true);
-            tokio::spawn(weft::proxy::outbound::serve_outbound_to(
-                ctx.clone(),
-                s,
-                peer,
-                dst,
-            ));
+            let fut = weft::proxy::outbound::serve_outbound_to(ctx.clone(), s, peer, dst);
+            tokio::spawn(fut);
         }
     });
 }

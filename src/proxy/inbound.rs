@@ -336,7 +336,7 @@ pub async fn serve_plaintext(ctx: Arc<ProxyCtx>, client: TcpStream, peer: Socket
     let Ok(dst) = client.local_addr() else { return };
     let snap = ctx.store.snapshot();
     let who = Client::Plaintext { addr: peer };
-    match route(&ctx, &snap, &who, dst, Protocol::Plain).await {
+    match Box::pin(route(&ctx, &snap, &who, dst, Protocol::Plain)).await {
         Ok(Route::App(app, guard)) => {
             drop(snap);
             let mut client = client;
@@ -347,7 +347,15 @@ pub async fn serve_plaintext(ctx: Arc<ProxyCtx>, client: TcpStream, peer: Socket
         Ok(Route::Waypoint(guard)) => {
             drop(snap);
             let wp = ctx.waypoint.clone();
-            crate::waypoint::http::serve(ctx, wp, client, downstream(&who), dst, guard).await;
+            Box::pin(crate::waypoint::http::serve(
+                ctx,
+                wp,
+                client,
+                downstream(&who),
+                dst,
+                guard,
+            ))
+            .await;
         }
         Err(r) => {
             tracing::info!(src = %peer, dst = %dst, reason = %r.reason, "plaintext inbound refused");
@@ -371,14 +379,21 @@ pub async fn serve_local(
         Client::Mesh { .. } => Protocol::Local,
         Client::Plaintext { .. } => Protocol::Plain,
     };
-    let (app, guard) = match route(&ctx, &snap, &who, dst, protocol).await {
+    let (app, guard) = match Box::pin(route(&ctx, &snap, &who, dst, protocol)).await {
         Ok(Route::App(app, guard)) => (app, guard),
         Ok(Route::Waypoint(guard)) => {
             drop(snap);
             let wp = ctx.waypoint.clone();
             let mut outbound = outbound;
-            let failed =
-                crate::waypoint::http::serve(ctx, wp, client, downstream(&who), dst, guard).await;
+            let failed = Box::pin(crate::waypoint::http::serve(
+                ctx,
+                wp,
+                client,
+                downstream(&who),
+                dst,
+                guard,
+            ))
+            .await;
             outbound.set_outcome(if failed {
                 Outcome::Failed("waypoint connection failed".into())
             } else {
@@ -578,7 +593,7 @@ async fn handle_connect(
         identity: peer_id,
         addr: src,
     };
-    let routed = match route(&ctx, &snap, &who, dst, Protocol::Hbone).await {
+    let routed = match Box::pin(route(&ctx, &snap, &who, dst, Protocol::Hbone)).await {
         Ok(x) => x,
         Err(r) => {
             tracing::info!(src = %src, dst = %dst, reason = %r.reason, "HBONE CONNECT refused");
@@ -603,7 +618,15 @@ async fn handle_connect(
         Route::Waypoint(guard) => {
             let wp = ctx.waypoint.clone();
             // An unfinished stream resets itself when dropped.
-            crate::waypoint::http::serve(ctx, wp, io, downstream(&who), dst, guard).await;
+            Box::pin(crate::waypoint::http::serve(
+                ctx,
+                wp,
+                io,
+                downstream(&who),
+                dst,
+                guard,
+            ))
+            .await;
         }
     }
 }

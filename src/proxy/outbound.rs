@@ -148,7 +148,8 @@ pub async fn serve_outbound_to(
         let guard = ctx.conns.open(meta(Protocol::Local, ctx.identity_of(w)));
         let addr = target.addr;
         drop(snap);
-        if let Err(r) = inbound::serve_local(ctx.clone(), client, who, addr, guard).await {
+        if let Err(r) = Box::pin(inbound::serve_local(ctx.clone(), client, who, addr, guard)).await
+        {
             tracing::info!(src = %peer, dst = %addr, reason = %r.reason, "same-node connection refused");
         }
         return;

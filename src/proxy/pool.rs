@@ -242,7 +242,7 @@ impl Pool {
                 match self.pick(key) {
                     Some(s) => s,
                     None => {
-                        let pooled = Arc::new(self.connect(key, cert).await?);
+                        let pooled = Arc::new(Box::pin(self.connect(key, cert)).await?);
                         pooled.active.store(1, Ordering::Release);
                         lock(&self.conns)
                             .entry(key.clone())
