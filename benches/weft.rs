@@ -600,8 +600,12 @@ async fn capture_to(daemon: &weft::daemon::Daemon, at: SocketAddr, dst: SocketAd
                 return;
             };
             let _ = s.set_nodelay(true);
-            let fut = weft::proxy::outbound::serve_outbound_to(ctx.clone(), s, peer, dst);
-            tokio::spawn(fut);
+            tokio::spawn(weft::proxy::outbound::serve_outbound_to(
+                ctx.clone(),
+                s,
+                peer,
+                dst,
+            ));
         }
     });
 }

@@ -90,9 +90,14 @@ pub fn rules(pods: &[PodRule], ports: &Ports) -> String {
     let mut out = String::new();
     out.push_str("*mangle\n");
     out.push_str(&format!(":{CHAIN} - [0:0]\n"));
-    // Replies to weft's own transparent sockets: never re-captured, delivered locally.
+    // Packets of weft's own transparent sockets' connections: never re-captured, delivered
+    // locally. Opening SYNs excepted: a SYN whose addresses match a connection weft closed
+    // moments ago (its socket in TIME_WAIT) must reach TPROXY, which retires the old socket
+    // and hands the SYN to the listener. Delivered to the TIME_WAIT socket instead, it is
+    // answered with a stale ACK, the client resets and retries later, and under churn (with
+    // thousands of such sockets) the rate of new connections collapsed.
     out.push_str(&format!(
-        "-A {CHAIN} -p tcp -m socket --transparent -j MARK --set-mark {TPROXY_MARK}\n"
+        "-A {CHAIN} -p tcp -m tcp ! --syn -m socket --transparent -j MARK --set-mark {TPROXY_MARK}\n"
     ));
     out.push_str(&format!(
         "-A {CHAIN} -m mark --mark {TPROXY_MARK} -j RETURN\n"
@@ -395,7 +400,10 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "*mangle");
         assert_eq!(lines[1], ":WEFT_PRE - [0:0]");
-        assert!(lines[2].contains("-m socket --transparent -j MARK --set-mark 0x1/0x1"));
+        assert_eq!(
+            lines[2],
+            "-A WEFT_PRE -p tcp -m tcp ! --syn -m socket --transparent -j MARK --set-mark 0x1/0x1"
+        );
         assert!(lines[3].contains("--mark 0x1/0x1 -j RETURN"));
         assert_eq!(lines[4], "-A WEFT_PRE -p tcp -i va -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15001 --tproxy-mark 0x1/0x1");
         assert!(lines[5].contains("-i vb "));
