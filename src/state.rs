@@ -40,7 +40,7 @@ use crate::model::{Enrollment, Mesh, Namespace, Policy, PolicyKind, Service, Wor
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Address<'a> {
     /// A pod address.
-    Workload(&'a Workload),
+    Workload(&'a Arc<Workload>),
     /// A Service VIP.
     Service(&'a Service),
 }
@@ -183,12 +183,12 @@ impl Snapshot {
     }
 
     /// The workload with this uid.
-    pub fn workload(&self, uid: &str) -> Option<&Workload> {
-        self.mesh.workloads.get(uid).map(|w| &**w)
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.mesh.workloads.get(uid)
     }
 
     /// The workload owning a pod IP (not a Service VIP).
-    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         match self.address(ip)? {
             Address::Workload(w) => Some(w),
             Address::Service(_) => None,
@@ -220,7 +220,10 @@ impl Snapshot {
     }
 
     /// The endpoints (workloads) behind a service, in the service's order.
-    pub fn endpoints<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Workload> + 'a {
+    pub fn endpoints<'a>(
+        &'a self,
+        svc: &'a Service,
+    ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
         svc.endpoints.iter().filter_map(|uid| self.workload(uid))
     }
 
@@ -1030,7 +1033,7 @@ mod tests {
                 let service = self.services.iter().find(|(_, s)| s.vips.contains(&ip));
                 match (snap.address(ip), workload, service) {
                     (None, None, None) => {}
-                    (Some(Address::Workload(got)), Some(w), _) => assert_eq!(got, w, "{ip}"),
+                    (Some(Address::Workload(got)), Some(w), _) => assert_eq!(&**got, w, "{ip}"),
                     (Some(Address::Service(got)), None, Some((key, _))) => {
                         assert_eq!(got, &*snap.mesh.services[key], "{ip}")
                     }

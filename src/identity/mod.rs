@@ -98,12 +98,28 @@ pub enum IdentityError {
 ///
 /// Invariant: every `Identity` is valid, so its URI is always a well-formed SPIFFE id that can
 /// be put in a certificate's URI SAN as is. Ordering is by trust domain, then namespace, then
-/// service account.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// service account. Cheap to clone (the parts are shared): every connection record carries
+/// two of them.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
+    parts: std::sync::Arc<IdentityParts>,
+}
+
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct IdentityParts {
     trust_domain: String,
     namespace: String,
     service_account: String,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("trust_domain", &self.parts.trust_domain)
+            .field("namespace", &self.parts.namespace)
+            .field("service_account", &self.parts.service_account)
+            .finish()
+    }
 }
 
 const SCHEME: &str = "spiffe://";
@@ -120,13 +136,16 @@ impl Identity {
         namespace: impl Into<String>,
         service_account: impl Into<String>,
     ) -> Result<Identity, IdentityError> {
-        let id = Identity {
+        let id = IdentityParts {
             trust_domain: trust_domain.into(),
             namespace: namespace.into(),
             service_account: service_account.into(),
         };
         let invalid = |reason| IdentityError::InvalidIdentity {
-            input: id.to_string(),
+            input: format!(
+                "{SCHEME}{}/ns/{}/sa/{}",
+                id.trust_domain, id.namespace, id.service_account
+            ),
             reason,
         };
         if let Some(reason) = trust_domain_problem(&id.trust_domain) {
@@ -150,22 +169,24 @@ impl Identity {
                 }
             }));
         }
-        Ok(id)
+        Ok(Identity {
+            parts: std::sync::Arc::new(id),
+        })
     }
 
     /// The trust domain, e.g. `cluster.local`.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.parts.trust_domain
     }
 
     /// The Kubernetes namespace.
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.parts.namespace
     }
 
     /// The Kubernetes ServiceAccount name.
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.parts.service_account
     }
 }
 
@@ -228,7 +249,7 @@ impl fmt::Display for Identity {
         write!(
             f,
             "{SCHEME}{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
+            self.parts.trust_domain, self.parts.namespace, self.parts.service_account
         )
     }
 }

@@ -222,7 +222,7 @@ pub fn local_destination<'a>(
     ctx: &ProxyCtx,
     snap: &'a Snapshot,
     ip: IpAddr,
-) -> Result<&'a Workload, Refusal> {
+) -> Result<&'a Arc<Workload>, Refusal> {
     match snap.workload_by_ip(ip) {
         Some(w) if w.node == ctx.node && w.enrollment.is_enrolled() => Ok(w),
         Some(w) => Err(refuse(

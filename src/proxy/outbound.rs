@@ -29,7 +29,7 @@ pub struct Target<'a> {
     /// The address to reach (an endpoint's for a VIP).
     pub addr: SocketAddr,
     /// The workload owning `addr`, if known.
-    pub workload: Option<&'a Workload>,
+    pub workload: Option<&'a Arc<Workload>>,
     /// The Service reached through its VIP, if any.
     pub service: Option<&'a Service>,
 }
@@ -56,7 +56,7 @@ pub fn resolve(snap: &Snapshot, dst: SocketAddr) -> Result<Target<'_>, NoRoute> 
                     dst.port()
                 )));
             };
-            let candidates: Vec<(&Workload, SocketAddr)> = snap
+            let candidates: Vec<(&Arc<Workload>, SocketAddr)> = snap
                 .endpoints(svc)
                 .filter_map(|w| {
                     let ip = *w.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4())?;

@@ -339,8 +339,8 @@ impl RequestLog<'_> {
         let status = resp.status().as_u16();
         let ms = self.started.elapsed().as_secs_f64() * 1e3;
         let snap = self.ctx.store.snapshot();
-        let src_w = snap.workload_by_ip(self.client.addr.ip());
-        let dst_w = snap.workload_by_ip(self.dst.ip());
+        let src_w = snap.workload_by_ip(self.client.addr.ip()).map(|w| &**w);
+        let dst_w = snap.workload_by_ip(self.dst.ip()).map(|w| &**w);
         self.wp.metrics.record(
             self.client.identity.as_ref(),
             src_w,
