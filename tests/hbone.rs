@@ -286,6 +286,39 @@ async fn a_refused_early_tunnel_reads_as_a_reset_with_the_status() {
     assert!(again.to_string().contains("503"), "{again}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_early_tunnel_names_the_status_even_when_a_write_fails_first() {
+    let s = setup().await;
+    let cert = s.client_cert();
+    let mut t = s
+        .pool
+        .tunnel_early(&s.key("server"), &cert, s.app_addr(1), s.from())
+        .await
+        .unwrap();
+    // Keep writing without reading: the server refuses and closes the stream, so a write
+    // fails, with an error that says nothing of why.
+    let chunk = vec![0u8; 64 * 1024];
+    let failed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Err(e) = t.io.write_all(&chunk).await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("writes into a refused stream kept succeeding");
+    assert_eq!(
+        failed.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "{failed}"
+    );
+    // The answer is known by then, and it is what the access log reports.
+    assert_eq!(
+        t.io.refusal_now().as_deref(),
+        Some("CONNECT refused: 503 Service Unavailable")
+    );
+}
+
 /// A raw HTTP/2 client over the real mTLS, to send requests weft's own pool never sends.
 async fn raw(s: &Setup) -> h2::client::SendRequest<Bytes> {
     let cert = s.client_cert();

@@ -102,6 +102,17 @@ impl H2Io {
         std::future::poll_fn(|cx| self.poll_established(cx)).await
     }
 
+    /// Why the CONNECT was refused, if its answer has arrived and was not 200 (without
+    /// waiting). After a failed write this names the real cause: the peer's status.
+    pub fn refusal_now(&mut self) -> Option<String> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.poll_established(&mut cx) {
+            Poll::Ready(Err(Refusal::Status(s))) => Some(Refusal::Status(s).to_string()),
+            Poll::Ready(Err(Refusal::Again(why))) => Some(why),
+            _ => None,
+        }
+    }
+
     fn poll_established(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
         let response = match &mut self.recv {
             Recv::Awaiting(response) => response,

@@ -182,10 +182,17 @@ pub async fn serve_outbound_to(
                     Ok(()) => guard.set_outcome(Outcome::Closed),
                     Err(e) => {
                         socket::reset_on_close(&client);
+                        // The first bytes went out before the answer: a refusal may surface
+                        // as a failed write. Name the peer's answer, not the write.
+                        let refused = tunnel.io.refusal_now();
                         tunnel.io.reset();
-                        guard.set_outcome(match e {
-                            RelayEnd::Io(e) => Outcome::Failed(e.to_string()),
-                            RelayEnd::Killed => Outcome::Killed("closed by weft".into()),
+                        guard.set_outcome(match (e, refused) {
+                            (RelayEnd::Killed, _) => Outcome::Killed("closed by weft".into()),
+                            (RelayEnd::Io(_), Some(why)) => {
+                                tracing::info!(src = %peer, dst = %addr, reason = %why, "HBONE tunnel refused");
+                                Outcome::Failed(why)
+                            }
+                            (RelayEnd::Io(e), None) => Outcome::Failed(e.to_string()),
                         });
                     }
                 }
