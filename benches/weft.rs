@@ -700,6 +700,46 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
     };
     measure(&place, sz, report).await;
 
+    // The floor of any design with a proxy on each side, on this machine: two plain TCP
+    // forwarders in series (no TLS, no HTTP/2, no policy), on the daemons' runtime. What weft
+    // adds beyond these rows is its own cost; what these add over plain TCP is the price of
+    // two extra hops here, which no tunnel can avoid.
+    let f2 = forwarder(SocketAddr::new(l.client_ip, 16004), l.server).await;
+    let f1 = forwarder(SocketAddr::new(l.client_ip, 16003), f2).await;
+    let fwd: Arc<dyn Route> = Arc::new(Direct(f1));
+    let plain: Arc<dyn Route> = Arc::new(Direct(l.server));
+    let (mut fb, mut ft) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        fb.push(throughput(plain.clone(), sz.stream_bytes, 1).await);
+        ft.push(throughput(fwd.clone(), sz.stream_bytes, 1).await);
+    }
+    report.add(
+        "reference: 2 plain forwarders, 1 stream",
+        "loopback",
+        median(&mut ft),
+        Some(median(&mut fb)),
+        "Gbit/s",
+        format!("median of {ROUNDS}: the two-hop floor"),
+    );
+    let (mut lb, mut lf) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        lb.extend(latencies(plain.clone(), sz.pings.div_ceil(ROUNDS)).await);
+        lf.extend(latencies(fwd.clone(), sz.pings.div_ceil(ROUNDS)).await);
+    }
+    lb.sort_by(f64::total_cmp);
+    lf.sort_by(f64::total_cmp);
+    for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+        let (x, y) = (pct(&lf, q), pct(&lb, q));
+        report.add(
+            format!("reference: 2 plain forwarders, latency {name}"),
+            "loopback",
+            x,
+            Some(y),
+            "µs",
+            format!("+{:.1} µs: the two-hop floor", x - y),
+        );
+    }
+
     // The same HTTP request over the L4 tunnel, then through the waypoint (the server pod
     // labelled `istio.io/use-waypoint: weft`): what L7 costs, and that L4 traffic never pays it.
     let http_route: Arc<dyn Route> = Arc::new(ViaWeft {
@@ -734,6 +774,28 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
     for d in l.daemons {
         let _ = weft_rt().spawn(d.stop()).await;
     }
+}
+
+/// A plain TCP forwarder on the daemons' runtime: accepts on `at`, connects to `to`, copies
+/// both ways with 64 KiB buffers. Returns `at`.
+async fn forwarder(at: SocketAddr, to: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind(at).await.unwrap().into_std().unwrap();
+    weft_rt().spawn(async move {
+        let listener = TcpListener::from_std(listener).unwrap();
+        while let Ok((mut a, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = a.set_nodelay(true);
+                let Ok(mut b) = TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = b.set_nodelay(true);
+                let _ =
+                    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 << 10, 64 << 10)
+                        .await;
+            });
+        }
+    });
+    at
 }
 
 /// The runtime the in-process daemons run on.
