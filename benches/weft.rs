@@ -721,6 +721,19 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
         "Gbit/s",
         format!("median of {ROUNDS}: the two-hop floor"),
     );
+    let (mut rb, mut rf) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        rb.push(conn_rate(plain.clone(), sz.conns).await);
+        rf.push(conn_rate(fwd.clone(), sz.conns).await);
+    }
+    report.add(
+        "reference: 2 plain forwarders, conn rate",
+        "loopback",
+        median(&mut rf),
+        Some(median(&mut rb)),
+        "conn/s",
+        format!("median of {ROUNDS}: the two-hop floor"),
+    );
     let (mut lb, mut lf) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         lb.extend(latencies(plain.clone(), sz.pings.div_ceil(ROUNDS)).await);
