@@ -250,6 +250,60 @@ async fn latencies(route: Arc<dyn Route>, n: usize) -> Vec<f64> {
 /// Rounds of each rate measurement (baseline and weft alternate).
 const ROUNDS: usize = 3;
 
+/// `f` on the baseline route, then on the measured one, `ROUNDS` times: the medians of each
+/// side, so a burst of noise hits one round of both rather than one side of the ratio.
+async fn alternate<F, Fut>(base: &Arc<dyn Route>, other: &Arc<dyn Route>, f: F) -> (f64, f64)
+where
+    F: Fn(Arc<dyn Route>) -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    let (mut b, mut o) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        b.push(f(base.clone()).await);
+        o.push(f(other.clone()).await);
+    }
+    (median(&mut b), median(&mut o))
+}
+
+/// `n` ping-pong round trips on each route, in `ROUNDS` alternating rounds; sorted samples.
+async fn alternate_latencies(
+    base: &Arc<dyn Route>,
+    other: &Arc<dyn Route>,
+    n: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut b, mut o) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        b.extend(latencies(base.clone(), n.div_ceil(ROUNDS)).await);
+        o.extend(latencies(other.clone(), n.div_ceil(ROUNDS)).await);
+    }
+    b.sort_by(f64::total_cmp);
+    o.sort_by(f64::total_cmp);
+    (b, o)
+}
+
+/// One row per percentile: `ours` against `base`, with the difference in the note.
+fn report_latencies(
+    report: &mut Report,
+    what: &str,
+    place: &'static str,
+    ours: &[f64],
+    base: &[f64],
+    qs: &[(&str, f64)],
+    note: &str,
+) {
+    for (name, q) in qs {
+        let (x, y) = (pct(ours, *q), pct(base, *q));
+        report.add(
+            format!("{what} {name}"),
+            place,
+            x,
+            Some(y),
+            "µs",
+            format!("+{:.1} µs{note}", x - y),
+        );
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -383,49 +437,26 @@ async fn measure(place: &Place, sz: Sizes, report: &mut Report) {
         "cpu-s/GiB",
         format!("{cpu:.2} cpu-s over {secs:.2} s"),
     );
-    let (mut base8, mut wt8) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        base8.push(throughput(b.clone(), sz.stream_bytes, 8).await);
-        wt8.push(throughput(w.clone(), sz.stream_bytes, 8).await);
-    }
+    let (base8, wt8) = alternate(&b, &w, |r| throughput(r, sz.stream_bytes, 8)).await;
     report.add(
         "throughput, 8 streams",
         p,
-        median(&mut wt8),
-        Some(median(&mut base8)),
+        wt8,
+        Some(base8),
         "Gbit/s",
         format!("median of {ROUNDS}"),
     );
 
-    let (mut lb, mut lw) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        lb.extend(latencies(b.clone(), sz.pings.div_ceil(ROUNDS)).await);
-        lw.extend(latencies(w.clone(), sz.pings.div_ceil(ROUNDS)).await);
-    }
-    lb.sort_by(f64::total_cmp);
-    lw.sort_by(f64::total_cmp);
-    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)] {
-        let (x, y) = (pct(&lw, q), pct(&lb, q));
-        report.add(
-            format!("latency 1 KiB ping-pong {name}"),
-            p,
-            x,
-            Some(y),
-            "µs",
-            format!("+{:.1} µs", x - y),
-        );
-    }
+    let (lb, lw) = alternate_latencies(&b, &w, sz.pings).await;
+    let qs = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
+    report_latencies(report, "latency 1 KiB ping-pong", p, &lw, &lb, &qs, "");
 
-    let (mut rb, mut rw) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        rb.push(conn_rate(b.clone(), sz.conns).await);
-        rw.push(conn_rate(w.clone(), sz.conns).await);
-    }
+    let (rb, rw) = alternate(&b, &w, |r| conn_rate(r, sz.conns)).await;
     report.add(
         "connection rate (warm pool)",
         p,
-        median(&mut rw),
-        Some(median(&mut rb)),
+        rw,
+        Some(rb),
         "conn/s",
         format!("connect + 1 round trip + close, median of {ROUNDS}"),
     );
@@ -708,50 +739,38 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
     let f1 = forwarder(SocketAddr::new(l.client_ip, 16003), f2).await;
     let fwd: Arc<dyn Route> = Arc::new(Direct(f1));
     let plain: Arc<dyn Route> = Arc::new(Direct(l.server));
-    let (mut fb, mut ft) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        fb.push(throughput(plain.clone(), sz.stream_bytes, 1).await);
-        ft.push(throughput(fwd.clone(), sz.stream_bytes, 1).await);
-    }
+    let floor = format!("median of {ROUNDS}: the two-hop floor");
+    let (fb, ft) = alternate(&plain, &fwd, |r| throughput(r, sz.stream_bytes, 1)).await;
+    let name = "reference: 2 plain forwarders";
     report.add(
-        "reference: 2 plain forwarders, 1 stream",
+        format!("{name}, 1 stream"),
         "loopback",
-        median(&mut ft),
-        Some(median(&mut fb)),
+        ft,
+        Some(fb),
         "Gbit/s",
-        format!("median of {ROUNDS}: the two-hop floor"),
+        &floor,
     );
-    let (mut rb, mut rf) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        rb.push(conn_rate(plain.clone(), sz.conns).await);
-        rf.push(conn_rate(fwd.clone(), sz.conns).await);
-    }
+    let (rb, rf) = alternate(&plain, &fwd, |r| conn_rate(r, sz.conns)).await;
     report.add(
-        "reference: 2 plain forwarders, conn rate",
+        format!("{name}, conn rate"),
         "loopback",
-        median(&mut rf),
-        Some(median(&mut rb)),
+        rf,
+        Some(rb),
         "conn/s",
-        format!("median of {ROUNDS}: the two-hop floor"),
+        &floor,
     );
-    let (mut lb, mut lf) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        lb.extend(latencies(plain.clone(), sz.pings.div_ceil(ROUNDS)).await);
-        lf.extend(latencies(fwd.clone(), sz.pings.div_ceil(ROUNDS)).await);
-    }
-    lb.sort_by(f64::total_cmp);
-    lf.sort_by(f64::total_cmp);
-    for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
-        let (x, y) = (pct(&lf, q), pct(&lb, q));
-        report.add(
-            format!("reference: 2 plain forwarders, latency {name}"),
-            "loopback",
-            x,
-            Some(y),
-            "µs",
-            format!("+{:.1} µs: the two-hop floor", x - y),
-        );
-    }
+    let (lb, lf) = alternate_latencies(&plain, &fwd, sz.pings).await;
+    let qs = [("p50", 0.5), ("p99", 0.99)];
+    let what = format!("{name}, latency");
+    report_latencies(
+        report,
+        &what,
+        "loopback",
+        &lf,
+        &lb,
+        &qs,
+        ": the two-hop floor",
+    );
 
     // The same HTTP request over the L4 tunnel, then through the waypoint (the server pod
     // labelled `istio.io/use-waypoint: weft`): what L7 costs, and that L4 traffic never pays it.

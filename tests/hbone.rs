@@ -265,17 +265,20 @@ async fn an_early_tunnel_sends_its_first_bytes_behind_the_request() {
     assert_eq!(back, b"ok");
 }
 
+/// An early tunnel to a port nothing listens on: the server will answer 503.
+async fn refused_early(s: &Setup) -> weft::proxy::pool::Tunnel {
+    s.pool
+        .tunnel_early(&s.key("server"), &s.client_cert(), s.app_addr(1), s.from())
+        .await
+        .expect("an early tunnel does not wait for the answer")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_early_tunnel_reads_as_a_reset_with_the_status() {
     let s = setup().await;
-    let cert = s.client_cert();
-    // Nothing listens on port 1: the server answers 503. The early tunnel opened without
-    // waiting, so the refusal shows on the first read, as a reset naming the status.
-    let mut t = s
-        .pool
-        .tunnel_early(&s.key("server"), &cert, s.app_addr(1), s.from())
-        .await
-        .expect("an early tunnel does not wait for the answer");
+    // The early tunnel opened without waiting, so the refusal shows on the first read, as a
+    // reset naming the status.
+    let mut t = refused_early(&s).await;
     let _ = t.io.write_all(b"lost").await;
     let mut buf = [0u8; 8];
     let err = t.io.read(&mut buf).await.expect_err("refused tunnel read");
@@ -289,12 +292,7 @@ async fn a_refused_early_tunnel_reads_as_a_reset_with_the_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_early_tunnel_names_the_status_even_when_a_write_fails_first() {
     let s = setup().await;
-    let cert = s.client_cert();
-    let mut t = s
-        .pool
-        .tunnel_early(&s.key("server"), &cert, s.app_addr(1), s.from())
-        .await
-        .unwrap();
+    let mut t = refused_early(&s).await;
     // Keep writing without reading: the server refuses and closes the stream, so a write
     // fails, with an error that says nothing of why.
     let chunk = vec![0u8; 64 * 1024];

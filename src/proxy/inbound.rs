@@ -329,6 +329,30 @@ where
     failed
 }
 
+/// Hands a connection to the in-binary waypoint; true when it failed. Boxed: the HTTP server's
+/// state is large, and a connection that never needs it should not carry room for it.
+async fn to_waypoint<I>(
+    ctx: Arc<ProxyCtx>,
+    io: I,
+    who: &Client,
+    dst: SocketAddr,
+    guard: ConnGuard,
+) -> bool
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let wp = ctx.waypoint.clone();
+    Box::pin(crate::waypoint::http::serve(
+        ctx,
+        wp,
+        io,
+        downstream(who),
+        dst,
+        guard,
+    ))
+    .await
+}
+
 // === plaintext :15006 ===
 
 /// Handles one connection accepted on the plaintext inbound listener.
@@ -346,16 +370,7 @@ pub async fn serve_plaintext(ctx: Arc<ProxyCtx>, client: TcpStream, peer: Socket
         }
         Ok(Route::Waypoint(guard)) => {
             drop(snap);
-            let wp = ctx.waypoint.clone();
-            Box::pin(crate::waypoint::http::serve(
-                ctx,
-                wp,
-                client,
-                downstream(&who),
-                dst,
-                guard,
-            ))
-            .await;
+            to_waypoint(ctx, client, &who, dst, guard).await;
         }
         Err(r) => {
             tracing::info!(src = %peer, dst = %dst, reason = %r.reason, "plaintext inbound refused");
@@ -383,17 +398,8 @@ pub async fn serve_local(
         Ok(Route::App(app, guard)) => (app, guard),
         Ok(Route::Waypoint(guard)) => {
             drop(snap);
-            let wp = ctx.waypoint.clone();
             let mut outbound = outbound;
-            let failed = Box::pin(crate::waypoint::http::serve(
-                ctx,
-                wp,
-                client,
-                downstream(&who),
-                dst,
-                guard,
-            ))
-            .await;
+            let failed = to_waypoint(ctx, client, &who, dst, guard).await;
             outbound.set_outcome(if failed {
                 Outcome::Failed("waypoint connection failed".into())
             } else {
@@ -616,17 +622,8 @@ async fn handle_connect(
             }
         }
         Route::Waypoint(guard) => {
-            let wp = ctx.waypoint.clone();
             // An unfinished stream resets itself when dropped.
-            Box::pin(crate::waypoint::http::serve(
-                ctx,
-                wp,
-                io,
-                downstream(&who),
-                dst,
-                guard,
-            ))
-            .await;
+            to_waypoint(ctx, io, &who, dst, guard).await;
         }
     }
 }
