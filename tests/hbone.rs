@@ -317,6 +317,61 @@ async fn a_refused_early_tunnel_names_the_status_even_when_a_write_fails_first()
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_writes_to_a_stalled_app_do_not_take_down_the_other_streams() {
+    // An app that stops reading while its client keeps sending small messages: the frames pile
+    // up in the server's HTTP/2 buffers (within the stream's window). They are the client's
+    // own bytes, not an attack; the other streams on the same connection must carry on.
+    let s = setup().await;
+    let stalled = TcpListener::bind(s.app_addr(8087)).await.unwrap();
+    let hold = tokio::spawn(async move {
+        let (c, _) = stalled.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(c);
+    });
+    let echo = TcpListener::bind(s.app_addr(8088)).await.unwrap();
+    tokio::spawn(async move {
+        let (mut c, _) = echo.accept().await.unwrap();
+        let mut b = [0u8; 5];
+        while c.read_exact(&mut b).await.is_ok() {
+            c.write_all(&b).await.unwrap();
+        }
+    });
+    let cert = s.client_cert();
+    let mut other = s
+        .pool
+        .tunnel(&s.key("server"), &cert, s.app_addr(8088), s.from())
+        .await
+        .unwrap();
+    let mut t = s
+        .pool
+        .tunnel(&s.key("server"), &cert, s.app_addr(8087), s.from())
+        .await
+        .unwrap();
+    assert_eq!(s.pool.view().len(), 1, "both streams share one connection");
+    // 200,000 one-byte writes: one DATA frame each, 200 KB in all (well within the window).
+    for i in 0..200_000u32 {
+        t.io.write_all(&[i as u8]).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    other.io.write_all(b"still").await.unwrap();
+    let mut back = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), other.io.read_exact(&mut back))
+        .await
+        .expect("the other stream stalled")
+        .expect("the other stream failed");
+    assert_eq!(&back, b"still");
+    // And the stalled stream is still held to its window: weft takes frames off h2 while the
+    // app does not read, but gives no credit back for them, so 64 MiB cannot all go out.
+    let big = vec![7u8; 64 << 20];
+    let sent = tokio::time::timeout(Duration::from_secs(2), t.io.write_all(&big)).await;
+    assert!(
+        sent.is_err(),
+        "64 MiB went out to an app that reads nothing"
+    );
+    hold.abort();
+}
+
 /// A raw HTTP/2 client over the real mTLS, to send requests weft's own pool never sends.
 async fn raw(s: &Setup) -> h2::client::SendRequest<Bytes> {
     let cert = s.client_cert();

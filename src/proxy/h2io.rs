@@ -63,6 +63,8 @@ pub struct H2Io {
     sent_end: bool,
     /// A reset was sent or received.
     reset: bool,
+    /// Bytes taken by [`H2Io::poll_recv_unreleased`] whose credit is not given back yet.
+    owed: usize,
 }
 
 fn reset_error(what: impl std::fmt::Display) -> io::Error {
@@ -81,6 +83,7 @@ impl H2Io {
             pending: Bytes::new(),
             sent_end: false,
             reset: false,
+            owed: 0,
         }
     }
 
@@ -94,12 +97,56 @@ impl H2Io {
             pending: Bytes::new(),
             sent_end: false,
             reset: false,
+            owed: 0,
         }
     }
 
     /// Waits for the answer to the CONNECT (at once for a stream already open).
     pub async fn established(&mut self) -> Result<(), Refusal> {
         std::future::poll_fn(|cx| self.poll_established(cx)).await
+    }
+
+    /// The next received chunk as h2 delivered it, *without* giving its flow-control credit
+    /// back: the caller calls [`H2Io::release`] once the bytes are really gone (written on),
+    /// so the peer can never have more in flight than the stream's window however the chunks
+    /// are held. `None` at the end of the stream.
+    pub fn poll_recv_unreleased(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.pending.is_empty() {
+            // Left by a `poll_read` (its credit was given back then).
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
+        }
+        if let Err(refusal) = ready!(self.poll_established(cx)) {
+            return Poll::Ready(Err(reset_error(refusal)));
+        }
+        let Recv::Open(recv) = &mut self.recv else {
+            return Poll::Ready(Err(reset_error("CONNECT not answered")));
+        };
+        match ready!(recv.poll_data(cx)) {
+            None => Poll::Ready(Ok(None)),
+            Some(Ok(data)) => {
+                self.owed += data.len();
+                Poll::Ready(Ok(Some(data)))
+            }
+            Some(Err(e)) => {
+                self.reset = true;
+                Poll::Ready(Err(reset_error(e)))
+            }
+        }
+    }
+
+    /// Gives back the flow-control credit of `n` bytes taken with
+    /// [`H2Io::poll_recv_unreleased`].
+    pub fn release(&mut self, n: usize) {
+        let n = n.min(self.owed);
+        if n > 0 {
+            self.owed -= n;
+            if let Recv::Open(recv) = &mut self.recv {
+                let _ = recv.flow_control().release_capacity(n);
+            }
+        }
     }
 
     /// Why the CONNECT was refused, if its answer has arrived and was not 200 (without

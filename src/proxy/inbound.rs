@@ -311,7 +311,7 @@ async fn pump<C>(
     extra: Option<&ConnGuard>,
 ) -> bool
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: super::relay::Endpoint + ?Sized,
 {
     let conns: Vec<_> = std::iter::once(guard.conn().clone())
         .chain(extra.map(|g| g.conn().clone()))

@@ -6,6 +6,13 @@
 //! per-connection buffer, which is freed again once drained. An idle connection therefore
 //! holds no copy buffer at all (a fixed 64 KiB pair per connection and side would cost more
 //! than everything else an idle tunnel needs).
+//!
+//! Out of an HBONE stream, each chunk h2 received is written on as it is, and its flow-control
+//! credit is given back only once written. While the writer is full, chunks are still taken
+//! off h2 into the per-connection buffer (their credit stays owed, so the peer cannot send more
+//! than the stream's window): h2 would otherwise hold them frame by frame, and a client sending
+//! many tiny writes to a stalled app exhausts h2's per-connection budget for small frames and
+//! takes every stream on the connection down with it (ENHANCE_YOUR_CALM).
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -18,6 +25,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::conntrack::Conn;
+use super::h2io::H2Io;
 
 /// Scratch buffer size: several TLS records' worth.
 const SCRATCH: usize = 64 * 1024;
@@ -25,6 +33,25 @@ const SCRATCH: usize = 64 * 1024;
 thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
 }
+
+/// One side of a relay: a byte stream, which may be an HBONE stream.
+pub trait Endpoint: AsyncRead + AsyncWrite + Unpin {
+    /// The HBONE stream, when this side is one.
+    fn hbone(&mut self) -> Option<&mut H2Io> {
+        None
+    }
+}
+
+impl Endpoint for tokio::net::TcpStream {}
+
+impl Endpoint for H2Io {
+    fn hbone(&mut self) -> Option<&mut H2Io> {
+        Some(self)
+    }
+}
+
+#[cfg(test)]
+impl Endpoint for tokio::io::DuplexStream {}
 
 /// Why a relay ended early.
 #[derive(Debug)]
@@ -75,6 +102,69 @@ impl Dir {
         }
     }
 
+    /// While the writer is full: takes what an HBONE reader has received off h2 into
+    /// `pending` (credit owed), so h2 holds no pile of frames (module doc).
+    fn absorb(
+        &mut self,
+        cx: &mut Context<'_>,
+        h: &mut H2Io,
+        conns: &[Arc<Conn>],
+    ) -> io::Result<()> {
+        if self.read_eof {
+            return Ok(());
+        }
+        if self.off > 0 && self.off * 2 >= self.pending.len() {
+            self.pending.drain(..self.off);
+            self.off = 0;
+        }
+        loop {
+            match h.poll_recv_unreleased(cx) {
+                Poll::Ready(Ok(Some(chunk))) => {
+                    self.count(conns, chunk.len());
+                    self.pending.extend_from_slice(&chunk);
+                }
+                Poll::Ready(Ok(None)) => {
+                    self.read_eof = true;
+                    return Ok(());
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(()),
+            }
+        }
+    }
+
+    /// Writes `chunk` (just read from an HBONE stream) on, giving back its credit as it goes;
+    /// what the writer does not take now is kept in `pending`.
+    fn write_chunk<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        h: &mut H2Io,
+        w: &mut W,
+        chunk: &[u8],
+    ) -> io::Result<()>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let mut written = 0;
+        while written < chunk.len() {
+            match Pin::new(&mut *w).poll_write(cx, &chunk[written..]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(k)) => {
+                    written += k;
+                    h.release(k);
+                    self.need_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => {
+                    self.pending.extend_from_slice(&chunk[written..]);
+                    self.off = 0;
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Drives this direction until it would block, finished (EOF passed on) or failed.
     fn poll<R, W>(
         &mut self,
@@ -84,8 +174,8 @@ impl Dir {
         conns: &[Arc<Conn>],
     ) -> Poll<io::Result<()>>
     where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
+        R: Endpoint + ?Sized,
+        W: Endpoint + ?Sized,
     {
         loop {
             if self.done {
@@ -93,12 +183,23 @@ impl Dir {
             }
             // 1. What the writer pushed back before.
             while self.off < self.pending.len() {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.pending[self.off..]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                match Pin::new(&mut *w).poll_write(cx, &self.pending[self.off..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        self.off += n;
+                        self.need_flush = true;
+                        if let Some(h) = r.hbone() {
+                            h.release(n);
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        if let Some(h) = r.hbone() {
+                            self.absorb(cx, h, conns)?;
+                        }
+                        return Poll::Pending;
+                    }
                 }
-                self.off += n;
-                self.need_flush = true;
             }
             if !self.pending.is_empty() {
                 // Drained: give the memory back; an idle connection keeps none.
@@ -111,42 +212,23 @@ impl Dir {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            // 3. Read into the scratch buffer and write straight out of it.
-            let step = SCRATCH_BUF.with(|cell| -> Poll<io::Result<()>> {
-                let mut scratch = cell.borrow_mut();
-                let mut rb = ReadBuf::new(&mut scratch[..]);
-                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+            // 3. Read, and write straight out of what was read.
+            let step = if let Some(h) = r.hbone() {
+                match h.poll_recv_unreleased(cx) {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.read_eof = true;
-                            return Poll::Ready(Ok(()));
-                        }
-                        self.count(conns, n);
-                        let mut written = 0;
-                        while written < n {
-                            match Pin::new(&mut *w).poll_write(cx, &scratch[written..n]) {
-                                Poll::Ready(Ok(0)) => {
-                                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
-                                }
-                                Poll::Ready(Ok(k)) => {
-                                    written += k;
-                                    self.need_flush = true;
-                                }
-                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                                Poll::Pending => {
-                                    self.pending.extend_from_slice(&scratch[written..n]);
-                                    self.off = 0;
-                                    break;
-                                }
-                            }
-                        }
+                    Poll::Ready(Ok(None)) => {
+                        self.read_eof = true;
                         Poll::Ready(Ok(()))
                     }
+                    Poll::Ready(Ok(Some(chunk))) => {
+                        self.count(conns, chunk.len());
+                        Poll::Ready(self.write_chunk(cx, h, w, &chunk))
+                    }
                 }
-            });
+            } else {
+                self.read_through_scratch(cx, r, w, conns)
+            };
             match step {
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -161,6 +243,48 @@ impl Dir {
             }
         }
     }
+
+    /// Reads into the per-thread scratch buffer and writes straight out of it.
+    fn read_through_scratch<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        conns: &[Arc<Conn>],
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        SCRATCH_BUF.with(|cell| -> Poll<io::Result<()>> {
+            let mut scratch = cell.borrow_mut();
+            let mut rb = ReadBuf::new(&mut scratch[..]);
+            ready!(Pin::new(&mut *r).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            if n == 0 {
+                self.read_eof = true;
+                return Poll::Ready(Ok(()));
+            }
+            self.count(conns, n);
+            let mut written = 0;
+            while written < n {
+                match Pin::new(&mut *w).poll_write(cx, &scratch[written..n]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(k)) => {
+                        written += k;
+                        self.need_flush = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        self.pending.extend_from_slice(&scratch[written..n]);
+                        self.off = 0;
+                        break;
+                    }
+                }
+            }
+            Poll::Ready(Ok(()))
+        })
+    }
 }
 
 /// Relays until both directions finished (each side's EOF is passed on as a half-close), an
@@ -173,8 +297,8 @@ pub async fn relay<A, B>(
     conns: &[Arc<Conn>],
 ) -> Result<(), RelayEnd>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: Endpoint + ?Sized,
+    B: Endpoint + ?Sized,
 {
     let mut up = Dir::new(Side::FromClient);
     let mut down = Dir::new(Side::FromServer);
