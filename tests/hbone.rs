@@ -41,10 +41,15 @@ fn mesh(server_ip: std::net::IpAddr, client_ip: std::net::IpAddr) -> String {
 }
 
 async fn setup() -> Setup {
+    setup_with(|m| m).await
+}
+
+/// [`setup`] with the mesh file edited by `edit`.
+async fn setup_with(edit: impl Fn(String) -> String) -> Setup {
     let client_ip = unique_loopback();
     let node = NodeDir::new("");
     let server_ip = node.ip;
-    std::fs::write(node.mesh_path(), mesh(server_ip, client_ip)).unwrap();
+    std::fs::write(node.mesh_path(), edit(mesh(server_ip, client_ip))).unwrap();
     let daemon = start(&node, "node-b").await;
     assert!(wait_ready(node.readiness(), Duration::from_secs(10)).await);
     let ca = BuiltinCa::load(&node.path("ca")).unwrap();
@@ -364,6 +369,86 @@ async fn tiny_writes_to_a_stalled_app_do_not_take_down_the_other_streams() {
     // And the stalled stream is still held to its window: weft takes frames off h2 while the
     // app does not read, but gives no credit back for them, so 64 MiB cannot all go out.
     let big = vec![7u8; 64 << 20];
+    let sent = tokio::time::timeout(Duration::from_secs(2), t.io.write_all(&big)).await;
+    assert!(
+        sent.is_err(),
+        "64 MiB went out to an app that reads nothing"
+    );
+    hold.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_body_through_the_waypoint_does_not_take_down_the_other_streams() {
+    // The same pile-up as above, through the waypoint: its HTTP server stops reading while the
+    // app is slow to take a request body sent in tiny chunks.
+    let s = setup_with(|m| {
+        m.replace(
+            "metadata: {name: server, namespace: mesh}",
+            "metadata: {name: server, namespace: mesh, labels: {istio.io/use-waypoint: weft}}",
+        )
+    })
+    .await;
+    let stalled = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    stalled.set_recv_buffer_size(4096).unwrap();
+    stalled.set_reuse_address(true).unwrap();
+    stalled.bind(&s.app_addr(8089).into()).unwrap();
+    stalled.listen(16).unwrap();
+    stalled.set_nonblocking(true).unwrap();
+    let stalled = TcpListener::from_std(stalled.into()).unwrap();
+    let hold = tokio::spawn(async move {
+        let (c, _) = stalled.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(c);
+    });
+    let echo = TcpListener::bind(s.app_addr(8090)).await.unwrap();
+    tokio::spawn(async move {
+        let (mut c, _) = echo.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && c.read_exact(&mut b).await.is_ok() {
+            head.push(b[0]);
+        }
+        let _ = c
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    let cert = s.client_cert();
+    let mut other = s
+        .pool
+        .tunnel(&s.key("server"), &cert, s.app_addr(8090), s.from())
+        .await
+        .unwrap();
+    let mut t = s
+        .pool
+        .tunnel(&s.key("server"), &cert, s.app_addr(8089), s.from())
+        .await
+        .unwrap();
+    assert_eq!(s.pool.view().len(), 1, "both streams share one connection");
+    t.io.write_all(b"POST /upload HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    // 300,000 one-byte chunks, one DATA frame each (1.8 MB in all, within the window).
+    for i in 0..300_000u32 {
+        let c = [b'1', b'\r', b'\n', b'a' + (i % 26) as u8, b'\r', b'\n'];
+        t.io.write_all(&c).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    other
+        .io
+        .write_all(b"GET / HTTP/1.1\r\nhost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let mut back = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), other.io.read(&mut back))
+        .await
+        .expect("the other stream stalled")
+        .expect("the other stream failed");
+    let text = String::from_utf8_lossy(&back[..n]).to_string();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // Still held to the stream's window: a 64 MiB chunk cannot all go out.
+    t.io.write_all(b"4000000\r\n").await.unwrap();
+    let big = vec![b'x'; 64 << 20];
     let sent = tokio::time::timeout(Duration::from_secs(2), t.io.write_all(&big)).await;
     assert!(
         sent.is_err(),

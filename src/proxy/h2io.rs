@@ -12,8 +12,10 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::client::ResponseFuture;
 use h2::{Reason, RecvStream, SendStream};
 use http::StatusCode;
@@ -30,6 +32,31 @@ enum Recv {
     Open(RecvStream),
     /// The CONNECT was refused (said once; later reads fail the same way).
     Refused(String),
+    /// A task takes the peer's bytes off h2 as they arrive ([`H2Io::absorbing`]).
+    Absorbed(Absorbed),
+}
+
+/// The reading end of an absorbing stream.
+struct Absorbed {
+    shared: Arc<Mutex<Inbox>>,
+    /// Credit is given back as the reader takes bytes, not as the task takes them from h2.
+    flow: h2::FlowControl,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Absorbed {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the absorbing task has taken off h2 and the reader has not read yet.
+#[derive(Default)]
+struct Inbox {
+    bytes: BytesMut,
+    /// The end of the stream: clean (`None` inside) or the error's text.
+    end: Option<Option<String>>,
+    reader: Option<Waker>,
 }
 
 /// Why a CONNECT did not open.
@@ -65,6 +92,10 @@ pub struct H2Io {
     reset: bool,
     /// Bytes taken by [`H2Io::poll_recv_unreleased`] whose credit is not given back yet.
     owed: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn reset_error(what: impl std::fmt::Display) -> io::Error {
@@ -149,6 +180,47 @@ impl H2Io {
         }
     }
 
+    /// Hands the receiving side to a task that takes the peer's bytes off h2 as they arrive,
+    /// for readers that stop reading while they wait on something else (the waypoint's HTTP
+    /// server does, while the app is slow to take a request body). h2 would otherwise hold
+    /// the bytes frame by frame, and many tiny frames exhaust its per-connection budget for
+    /// them: the GOAWAY takes every stream of the connection down. Flow control is unchanged:
+    /// credit goes back as the reader reads, so at most the stream's window is held.
+    pub fn absorbing(mut self) -> H2Io {
+        if !matches!(self.recv, Recv::Open(_)) {
+            return self;
+        }
+        let Recv::Open(mut recv) = std::mem::replace(&mut self.recv, Recv::Refused(String::new()))
+        else {
+            return self;
+        };
+        let shared = Arc::new(Mutex::new(Inbox::default()));
+        let flow = recv.flow_control().clone();
+        let inbox = shared.clone();
+        let task = tokio::spawn(async move {
+            let end = loop {
+                match std::future::poll_fn(|cx| recv.poll_data(cx)).await {
+                    Some(Ok(data)) => {
+                        let mut i = lock(&inbox);
+                        i.bytes.extend_from_slice(&data);
+                        if let Some(w) = i.reader.take() {
+                            w.wake();
+                        }
+                    }
+                    Some(Err(e)) => break Some(e.to_string()),
+                    None => break None,
+                }
+            };
+            let mut i = lock(&inbox);
+            i.end = Some(end);
+            if let Some(w) = i.reader.take() {
+                w.wake();
+            }
+        });
+        self.recv = Recv::Absorbed(Absorbed { shared, flow, task });
+        self
+    }
+
     /// Why the CONNECT was refused, if its answer has arrived and was not 200 (without
     /// waiting). After a failed write this names the real cause: the peer's status.
     pub fn refusal_now(&mut self) -> Option<String> {
@@ -163,7 +235,7 @@ impl H2Io {
     fn poll_established(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
         let response = match &mut self.recv {
             Recv::Awaiting(response) => response,
-            Recv::Open(_) => return Poll::Ready(Ok(())),
+            Recv::Open(_) | Recv::Absorbed(_) => return Poll::Ready(Ok(())),
             Recv::Refused(why) => return Poll::Ready(Err(Refusal::Again(why.clone()))),
         };
         let refusal = match ready!(Pin::new(response).poll(cx)) {
@@ -204,6 +276,33 @@ impl AsyncRead for H2Io {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Recv::Absorbed(a) = &mut self.recv {
+            let mut inbox = lock(&a.shared);
+            if inbox.bytes.is_empty() {
+                return match &inbox.end {
+                    None => {
+                        inbox.reader = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                    Some(None) => Poll::Ready(Ok(())),
+                    Some(Some(e)) => {
+                        let e = reset_error(e);
+                        drop(inbox);
+                        self.reset = true;
+                        Poll::Ready(Err(e))
+                    }
+                };
+            }
+            let n = inbox.bytes.len().min(buf.remaining());
+            buf.put_slice(&inbox.bytes[..n]);
+            inbox.bytes.advance(n);
+            if inbox.bytes.is_empty() {
+                // Drained: an idle stream keeps no buffer.
+                inbox.bytes = BytesMut::new();
+            }
+            let _ = a.flow.release_capacity(n);
+            return Poll::Ready(Ok(()));
+        }
         if self.pending.is_empty() {
             if let Err(refusal) = ready!(self.poll_established(cx)) {
                 return Poll::Ready(Err(reset_error(refusal)));

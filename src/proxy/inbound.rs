@@ -504,6 +504,7 @@ async fn serve_h2<T>(
         .initial_window_size(super::pool::STREAM_WINDOW)
         .initial_connection_window_size(super::pool::CONN_WINDOW)
         .max_frame_size(super::pool::MAX_FRAME)
+        .data_frame_budget(super::pool::DATA_FRAME_BUDGET)
         .max_concurrent_streams(super::pool::MAX_STREAMS as u32)
         .handshake::<_, Bytes>(io)
         .await
@@ -622,8 +623,9 @@ async fn handle_connect(
             }
         }
         Route::Waypoint(guard) => {
-            // An unfinished stream resets itself when dropped.
-            to_waypoint(ctx, io, &who, dst, guard).await;
+            // An unfinished stream resets itself when dropped. The HTTP server stops reading
+            // while the app is slow to take a body: the stream's bytes must not pile up in h2.
+            to_waypoint(ctx, io.absorbing(), &who, dst, guard).await;
         }
     }
 }

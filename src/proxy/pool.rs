@@ -41,6 +41,14 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONN_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame we accept (and so send, as the peer does the same).
 pub const MAX_FRAME: u32 = 256 * 1024;
+/// h2's budget for small DATA frames held in its buffers, per connection: none. h2 answers an
+/// exhausted budget with GOAWAY(ENHANCE_YOUR_CALM), which resets every stream of the
+/// connection, and a tunnel's frames are as small as its apps' writes: a client writing tiny
+/// messages to a slow app got a whole pooled connection killed (tests/hbone.rs). What is held
+/// stays bounded without it: the peers are authenticated, the payload is bounded by the
+/// windows above, and the relay and the waypoint take frames off h2 as they arrive (coalescing
+/// them, credit still owed) instead of leaving them queued there.
+pub const DATA_FRAME_BUDGET: usize = usize::MAX;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors opening a tunnel.
@@ -301,6 +309,7 @@ impl Pool {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .data_frame_budget(DATA_FRAME_BUDGET)
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await
