@@ -6,14 +6,21 @@
 //! clean close on the other. Here a failure is a failure: [`H2Io::reset`] sends RST_STREAM
 //! (`CONNECT_ERROR`, RFC 9113 §8.5), dropping an unfinished stream sends one, and a reset or
 //! a broken connection reads as `ConnectionReset`, which the relay turns into a TCP RST.
-
-use std::io;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+//!
+//! A client stream may be written before its CONNECT is answered ([`H2Io::awaiting`]): the
+//! first bytes travel behind the request. Reading waits for the answer; a refusal reads as a
+//! reset that names the status.
+//!
+//! Received bytes are never left queued frame by frame in h2 while a reader is busy
+//! elsewhere: the relay takes them with [`H2Io::poll_recv_unreleased`], and other readers (the
+//! waypoint) get an [`H2Io::absorbing`] stream. Either way the flow-control credit goes back
+//! only when the bytes are really consumed, so the stream's window still bounds what is held.
 
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::Waker;
+use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use h2::client::ResponseFuture;
