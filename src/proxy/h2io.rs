@@ -57,12 +57,20 @@ impl Drop for Absorbed {
     }
 }
 
+/// How an absorbed stream ended.
+enum End {
+    /// The peer ended its side cleanly.
+    Clean,
+    /// Reset or broken: the error's text.
+    Failed(String),
+}
+
 /// What the absorbing task has taken off h2 and the reader has not read yet.
 #[derive(Default)]
 struct Inbox {
     bytes: BytesMut,
-    /// The end of the stream: clean (`None` inside) or the error's text.
-    end: Option<Option<String>>,
+    /// How the stream ended, once it has.
+    end: Option<End>,
     reader: Option<Waker>,
 }
 
@@ -214,8 +222,8 @@ impl H2Io {
                             w.wake();
                         }
                     }
-                    Some(Err(e)) => break Some(e.to_string()),
-                    None => break None,
+                    Some(Err(e)) => break End::Failed(e.to_string()),
+                    None => break End::Clean,
                 }
             };
             let mut i = lock(&inbox);
@@ -291,8 +299,8 @@ impl AsyncRead for H2Io {
                         inbox.reader = Some(cx.waker().clone());
                         Poll::Pending
                     }
-                    Some(None) => Poll::Ready(Ok(())),
-                    Some(Some(e)) => {
+                    Some(End::Clean) => Poll::Ready(Ok(())),
+                    Some(End::Failed(e)) => {
                         let e = reset_error(e);
                         drop(inbox);
                         self.reset = true;
