@@ -124,6 +124,37 @@ impl Slot {
     }
 }
 
+/// A workload in an index, ordered and compared by uid only (always the version in force:
+/// it is replaced whenever the workload changes).
+#[derive(Clone, Debug)]
+struct ByUid(Arc<Workload>);
+
+impl PartialEq for ByUid {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.uid == other.0.uid
+    }
+}
+
+impl Eq for ByUid {}
+
+impl PartialOrd for ByUid {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByUid {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.uid.cmp(&other.0.uid)
+    }
+}
+
+impl std::borrow::Borrow<str> for ByUid {
+    fn borrow(&self) -> &str {
+        &self.0.uid
+    }
+}
+
 /// The indexes of a snapshot; see the module doc for their invariants.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Index {
@@ -135,8 +166,9 @@ struct Index {
     by_name: imbl::OrdSet<(String, String)>,
     /// Workload uid → the keys of the services it backs, sorted (reverse of endpoints).
     services_of: imbl::HashMap<String, Vec<String>>,
-    /// Namespace → its workloads' uids (selector services resolve within one namespace).
-    ns_workloads: imbl::HashMap<String, imbl::OrdSet<String>>,
+    /// Namespace → its workloads, by uid (selector services resolve within one namespace).
+    /// The entries share the mesh's workloads rather than copying their uids.
+    ns_workloads: imbl::HashMap<String, imbl::OrdSet<ByUid>>,
     /// Namespace → its services' keys.
     ns_services: imbl::HashMap<String, imbl::OrdSet<String>>,
 }
@@ -330,12 +362,13 @@ impl Snapshot {
                 remove_from(&mut self.index.ns_workloads, ns, uid);
             }
         }
-        if let Some(ns) = &new_ns {
+        if let (Some(ns), Some(w)) = (&new_ns, new) {
+            // Equal by uid: this replaces the old version.
             self.index
                 .ns_workloads
                 .entry(ns.clone())
                 .or_default()
-                .insert(uid.to_string());
+                .insert(ByUid(w.clone()));
         }
         let old_ips = claimed_ips(old);
         let new_ips = claimed_ips(new);
@@ -397,13 +430,8 @@ impl Snapshot {
                     .get(&s.namespace)
                     .into_iter()
                     .flatten()
-                    .filter(|uid| {
-                        self.mesh
-                            .workloads
-                            .get(*uid)
-                            .is_some_and(|w| is_endpoint(&s, w))
-                    })
-                    .cloned()
+                    .filter(|w| is_endpoint(&s, &w.0))
+                    .map(|w| w.0.uid.clone())
                     .collect()
             });
             if endpoints != s.endpoints {
@@ -555,7 +583,10 @@ fn is_endpoint(svc: &Service, w: &Workload) -> bool {
 }
 
 /// Removes `item` from the set under `ns`, and the set when it empties.
-fn remove_from(map: &mut imbl::HashMap<String, imbl::OrdSet<String>>, ns: &str, item: &str) {
+fn remove_from<T>(map: &mut imbl::HashMap<String, imbl::OrdSet<T>>, ns: &str, item: &str)
+where
+    T: Ord + Clone + std::borrow::Borrow<str>,
+{
     if let Some(set) = map.get_mut(ns) {
         set.remove(item);
         if set.is_empty() {
@@ -1085,6 +1116,17 @@ mod tests {
                 let scratch = Snapshot::new(generation, model.mesh());
                 assert_eq!(snap.mesh, scratch.mesh, "seed {seed}");
                 assert!(*snap == scratch, "seed {seed}: indexes differ");
+                // The namespace index compares by uid: check it holds the versions in force.
+                for (ns, set) in snap.index.ns_workloads.iter() {
+                    for w in set {
+                        let current = &snap.mesh.workloads[&w.0.uid];
+                        assert!(
+                            Arc::ptr_eq(&w.0, current),
+                            "seed {seed}: stale {ns}/{}",
+                            w.0.uid
+                        );
+                    }
+                }
                 model.check(&snap);
             }
         }
