@@ -3,7 +3,7 @@
 
 use ::http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::tests::{build, expected, identity, Doc, A, B, DST_IP, ROOT, SRC_IP};
+use super::tests::{build, conn_to, expected, first, identity, Doc, A, B, DST_IP, ROOT, SRC_IP};
 use super::*;
 
 /// The JWT a case carries: `""` none, `alice` or `bob`.
@@ -192,7 +192,7 @@ fn expected_http(expect: &str) -> Decision {
 
 fn run_http_case(c: &HttpCase) {
     let (mesh, authz) = build("foo", "app=web,version=v1", c.docs);
-    let dst = mesh.workloads.values().next().unwrap();
+    let dst = first(&mesh);
     let id = identity(c.src);
     let conn = Connection {
         src_ip: c.src_ip.parse().unwrap(),
@@ -279,13 +279,7 @@ fn l4_check_still_fails_closed_on_the_same_policies() {
         )],
     );
     let id = identity(A);
-    let conn = Connection {
-        src_ip: SRC_IP.parse().unwrap(),
-        src_identity: id.as_ref(),
-        dst: mesh.workloads.values().next().unwrap(),
-        dst_ip: DST_IP.parse().unwrap(),
-        dst_port: 8080,
-    };
+    let conn = conn_to(first(&mesh), &id, 8080);
     assert!(!authz.check(&conn).decision.is_allow());
     let headers = HeaderMap::new();
     let req = HttpRequest {
@@ -296,7 +290,7 @@ fn l4_check_still_fails_closed_on_the_same_policies() {
         auth: None,
     };
     assert!(authz.check_http(&conn, &req).decision.is_allow());
-    assert!(authz.needs_l7(mesh.workloads.values().next().unwrap()));
+    assert!(authz.needs_l7(first(&mesh)));
 }
 
 #[test]
@@ -312,13 +306,7 @@ fn explain_http_describes_http_tests() {
         )],
     );
     let id = identity(A);
-    let conn = Connection {
-        src_ip: SRC_IP.parse().unwrap(),
-        src_identity: id.as_ref(),
-        dst: mesh.workloads.values().next().unwrap(),
-        dst_ip: DST_IP.parse().unwrap(),
-        dst_port: 8080,
-    };
+    let conn = conn_to(first(&mesh), &id, 8080);
     let headers = HeaderMap::new();
     let req = HttpRequest {
         method: "GET",

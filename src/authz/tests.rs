@@ -240,7 +240,7 @@ const CASES: &[Case] = &[
 
 fn run_case(c: &Case) {
     let (mesh, authz) = build(c.dst.0, c.dst.1, c.docs);
-    let dst = mesh.workloads.values().next().unwrap();
+    let dst = first(&mesh);
     let id = identity(c.src);
     let conn = Connection {
         src_ip: c.src_ip.parse().unwrap(),
@@ -288,6 +288,29 @@ fn run_case(c: &Case) {
     );
 }
 
+/// The first workload of a test mesh.
+pub(super) fn first(mesh: &Mesh) -> &Workload {
+    mesh.workloads
+        .values()
+        .next()
+        .expect("the test mesh has a workload")
+}
+
+/// A connection from `SRC_IP` (with identity `id`) to `dst` at `DST_IP:port`.
+pub(super) fn conn_to<'a>(
+    dst: &'a Workload,
+    id: &'a Option<Identity>,
+    port: u16,
+) -> Connection<'a> {
+    Connection {
+        src_ip: SRC_IP.parse().unwrap(),
+        src_identity: id.as_ref(),
+        dst,
+        dst_ip: DST_IP.parse().unwrap(),
+        dst_port: port,
+    }
+}
+
 #[test]
 fn conformance_table_follows_istio_semantics() {
     assert!(CASES.len() >= 60, "{} cases", CASES.len());
@@ -311,13 +334,7 @@ fn explain_names_each_failing_field() {
         )],
     );
     let id = identity(A);
-    let conn = Connection {
-        src_ip: SRC_IP.parse().unwrap(),
-        src_identity: id.as_ref(),
-        dst: mesh.workloads.values().next().unwrap(),
-        dst_ip: DST_IP.parse().unwrap(),
-        dst_port: 8080,
-    };
+    let conn = conn_to(first(&mesh), &id, 8080);
     let e = authz.explain(&conn);
     assert_eq!(e.policies.len(), 1);
     let rules = &e.policies[0].rules;
@@ -347,13 +364,7 @@ fn explain_notes_plaintext_refused_under_strict() {
         "app=web",
         &[("PA", ROOT, "default", "{mtls: {mode: STRICT}}")],
     );
-    let conn = Connection {
-        src_ip: SRC_IP.parse().unwrap(),
-        src_identity: None,
-        dst: mesh.workloads.values().next().unwrap(),
-        dst_ip: DST_IP.parse().unwrap(),
-        dst_port: 8080,
-    };
+    let conn = conn_to(first(&mesh), &None, 8080);
     let e = authz.explain(&conn);
     assert_eq!(e.mtls.mode, MtlsMode::Strict);
     assert_eq!(e.mtls.level, MtlsLevel::Mesh);
@@ -417,7 +428,7 @@ const PA_CASES: &[PaCase] = &[
 fn peer_authentication_resolves_narrowest_scope_first() {
     for c in PA_CASES {
         let (mesh, authz) = build("foo", c.labels, c.docs);
-        let w = mesh.workloads.values().next().unwrap();
+        let w = first(&mesh);
         let d = authz.mtls(w, c.port);
         assert_eq!((d.mode, d.level), (c.mode, c.level), "{}", c.name);
         let policy = d
@@ -508,7 +519,7 @@ fn each_policy_with_l7_attributes_is_named_once() {
             && l.contains("\"http\" is not a valid value")));
     assert_eq!(about("AuthorizationPolicy bar/plain:"), 0);
 
-    let web = mesh.workloads.values().next().unwrap();
+    let web = first(&mesh);
     assert!(authz.needs_l7(web));
     let (mesh, authz) = build(
         "foo",
@@ -521,7 +532,7 @@ fn each_policy_with_l7_attributes_is_named_once() {
         )],
     );
     assert!(
-        !authz.needs_l7(mesh.workloads.values().next().unwrap()),
+        !authz.needs_l7(first(&mesh)),
         "bar's policy does not apply to foo"
     );
 }
@@ -609,7 +620,7 @@ fn decisions_are_cheap_with_many_policies() {
     let conn = Connection {
         src_ip: SRC_IP.parse().unwrap(),
         src_identity: Some(&id),
-        dst: mesh.workloads.values().next().unwrap(),
+        dst: first(&mesh),
         dst_ip: IpAddr::from([10, 1, 0, 10]),
         dst_port: 8001,
     };
@@ -636,17 +647,9 @@ fn control_plane_scopes_and_dry_run_are_honoured() {
         "app=web",
         &[("AP", "foo", "deny-all", "{action: DENY, rules: [{}]}")],
     );
-    let dst = mesh.workloads.values().next().unwrap().clone();
+    let dst = first(&mesh).clone();
     let a = identity(A);
-    fn conn<'a>(dst: &'a Workload, a: &'a Option<Identity>) -> Connection<'a> {
-        Connection {
-            src_ip: SRC_IP.parse().unwrap(),
-            src_identity: a.as_ref(),
-            dst,
-            dst_ip: DST_IP.parse().unwrap(),
-            dst_port: 80,
-        }
-    }
+    let conn = |dst, a| conn_to(dst, a, 80);
     let set = |mesh: &mut Mesh, scope: PolicyScope, dry_run: bool| {
         if let Policy::AuthorizationPolicy(p) = &mut mesh.policies[0] {
             p.spec.scope = scope;
