@@ -14,12 +14,22 @@ use crate::authz::{self, Finding};
 
 /// Checks `path`, writing findings to `out`; success when the file would be accepted.
 pub fn run(path: &Path, out: &mut impl Write) -> ExitCode {
-    match crate::source::file::read(path) {
+    use crate::source::file::{parse, read_bytes};
+    let bytes = read_bytes(path);
+    match bytes
+        .as_deref()
+        .map_err(Clone::clone)
+        .and_then(|b| parse(path, b))
+    {
         Ok(parsed) => {
             for w in &parsed.warnings {
                 let _ = writeln!(out, "{w} (warning)");
             }
-            let text = std::fs::read_to_string(path).unwrap_or_default();
+            // Parsed, so the bytes are UTF-8 text.
+            let text = bytes
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
             for f in authz::lint_findings(&parsed.mesh, authz::DEFAULT_ROOT_NAMESPACE) {
                 let _ = writeln!(out, "{} (warning)", locate(path, &text, &f));
             }

@@ -202,12 +202,12 @@ impl H2Io {
     /// them: the GOAWAY takes every stream of the connection down. Flow control is unchanged:
     /// credit goes back as the reader reads, so at most the stream's window is held.
     pub fn absorbing(mut self) -> H2Io {
-        if !matches!(self.recv, Recv::Open(_)) {
-            return self;
-        }
-        let Recv::Open(mut recv) = std::mem::replace(&mut self.recv, Recv::Refused(String::new()))
-        else {
-            return self;
+        let mut recv = match std::mem::replace(&mut self.recv, Recv::Refused(String::new())) {
+            Recv::Open(recv) => recv,
+            other => {
+                self.recv = other;
+                return self;
+            }
         };
         let shared = Arc::new(Mutex::new(Inbox::default()));
         let flow = recv.flow_control().clone();
@@ -319,22 +319,11 @@ impl AsyncRead for H2Io {
             return Poll::Ready(Ok(()));
         }
         if self.pending.is_empty() {
-            if let Err(refusal) = ready!(self.poll_established(cx)) {
-                return Poll::Ready(Err(reset_error(refusal)));
-            }
-            let Recv::Open(recv) = &mut self.recv else {
-                return Poll::Ready(Err(reset_error("CONNECT not answered")));
-            };
-            match ready!(recv.poll_data(cx)) {
+            match ready!(self.poll_recv_unreleased(cx))? {
                 None => return Poll::Ready(Ok(())),
-                Some(Ok(data)) => {
-                    let n = data.len();
-                    let _ = recv.flow_control().release_capacity(n);
+                Some(data) => {
+                    self.release(data.len());
                     self.pending = data;
-                }
-                Some(Err(e)) => {
-                    self.reset = true;
-                    return Poll::Ready(Err(reset_error(e)));
                 }
             }
         }

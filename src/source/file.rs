@@ -23,10 +23,19 @@ const POLL: Duration = Duration::from_secs(5);
 
 /// Reads and parses `path`; the error text is what the status and logs show.
 pub fn read(path: &Path) -> Result<k8s::Parsed, String> {
-    let text = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let text =
-        String::from_utf8(text).map_err(|e| format!("{}: not UTF-8 text: {e}", path.display()))?;
-    k8s::parse_mesh(&path.display().to_string(), &text).map_err(|e| e.to_string())
+    parse(path, &read_bytes(path)?)
+}
+
+/// The file's bytes; the error text is what the status and logs show.
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+}
+
+/// Parses the bytes read from `path`.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<k8s::Parsed, String> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| format!("{}: not UTF-8 text: {e}", path.display()))?;
+    k8s::parse_mesh(&path.display().to_string(), text).map_err(|e| e.to_string())
 }
 
 /// The outcome of one load attempt.
@@ -48,22 +57,35 @@ pub async fn load_once(
     store: &StateStore,
     last: &mut Option<Option<Vec<u8>>>,
 ) -> Loaded {
+    // Read, and compare before parsing: the poll comes back every few seconds, and a large
+    // mesh takes seconds of CPU to parse.
     let p = path.to_path_buf();
-    let result = tokio::task::spawn_blocking(move || {
-        let bytes = std::fs::read(&p).ok();
-        (bytes, read(&p))
-    })
-    .await;
-    let (bytes, parsed) = match result {
+    let bytes = match tokio::task::spawn_blocking(move || read_bytes(&p)).await {
         Ok(r) => r,
-        Err(e) => (
-            None,
-            Err(format!("{}: load task failed: {e}", path.display())),
-        ),
+        Err(e) => Err(format!("{}: load task failed: {e}", path.display())),
     };
-    if last.as_ref() == Some(&bytes) {
+    let seen = bytes.as_ref().ok();
+    if last.as_ref().is_some_and(|l| l.as_ref() == seen) {
         return Loaded::Unchanged;
     }
+    let (bytes, parsed) = match bytes {
+        Err(e) => (None, Err(e)),
+        Ok(b) => {
+            let p = path.to_path_buf();
+            match tokio::task::spawn_blocking(move || {
+                let parsed = parse(&p, &b);
+                (b, parsed)
+            })
+            .await
+            {
+                Ok((b, parsed)) => (Some(b), parsed),
+                Err(e) => (
+                    None,
+                    Err(format!("{}: load task failed: {e}", path.display())),
+                ),
+            }
+        }
+    };
     match parsed {
         Ok(parsed) => {
             let warnings: Vec<String> = parsed.warnings.iter().map(|w| w.to_string()).collect();
@@ -147,4 +169,50 @@ pub fn spawn(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+
+    #[tokio::test]
+    async fn only_changed_content_is_parsed_and_a_bad_file_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        let store = StateStore::new("test");
+        let mut last = None;
+        std::fs::write(&path, GOOD).unwrap();
+        assert_eq!(
+            load_once(&path, &store, &mut last).await,
+            Loaded::Published(1)
+        );
+        assert_eq!(load_once(&path, &store, &mut last).await, Loaded::Unchanged);
+        // Broken: rejected once, then the same bytes are not reported again.
+        std::fs::write(&path, "kind: [").unwrap();
+        assert_eq!(load_once(&path, &store, &mut last).await, Loaded::Rejected);
+        assert_eq!(load_once(&path, &store, &mut last).await, Loaded::Unchanged);
+        assert_eq!(store.status().loads_failed, 1);
+        // Gone: one rejection naming the file, then quiet.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(load_once(&path, &store, &mut last).await, Loaded::Rejected);
+        assert!(
+            store
+                .status()
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("mesh.yaml: cannot read")),
+            "{:?}",
+            store.status().last_error
+        );
+        assert_eq!(load_once(&path, &store, &mut last).await, Loaded::Unchanged);
+        // Back with new content: published; the snapshot in force never changed meanwhile.
+        assert_eq!(store.snapshot().generation, 1);
+        std::fs::write(&path, GOOD.replace("name: a", "name: b")).unwrap();
+        assert_eq!(
+            load_once(&path, &store, &mut last).await,
+            Loaded::Published(2)
+        );
+    }
 }
