@@ -268,12 +268,16 @@ spec:
     env.wait_generation(2, 2);
 
     let c = SocketAddr::new(IpAddr::V4(env.pod("c").ip), 8080);
-    let mut s = env
-        .pod("a")
-        .ns
-        .tcp_connect(c, Duration::from_secs(5))
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let connect = || {
+        let s = env
+            .pod("a")
+            .ns
+            .tcp_connect(c, Duration::from_secs(5))
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let mut s = connect();
     // GET allowed, POST denied, on one keep-alive connection.
     let (st, body, kept) = send(&mut s, &get("/public/x", ""));
     assert_eq!(st, 200, "{body}\n{}", env.log(2));
@@ -347,31 +351,21 @@ spec:
     );
 
     // Ambiguous framing: 400, connection closed, nothing reaches the app.
-    let mut s = env
-        .pod("a")
-        .ns
-        .tcp_connect(c, Duration::from_secs(5))
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = connect();
     let (st, _, kept) = send(&mut s, "POST /public/x HTTP/1.1\r\nHost: c.shop\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
     assert_eq!(st, 400);
     assert!(!kept);
     // Malformed request line.
-    let mut s = env
-        .pod("a")
-        .ns
-        .tcp_connect(c, Duration::from_secs(5))
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = connect();
     let (st, _, _) = send(&mut s, "GET\r\n\r\n");
     assert_eq!(st, 400);
+    // A lower-case method cannot be matched against policy safely: 400 and closed, not 403.
+    let mut s = connect();
+    let (st, _, kept) = send(&mut s, "get /public/x HTTP/1.1\r\nHost: c.shop\r\n\r\n");
+    assert_eq!(st, 400);
+    assert!(!kept);
     // Oversized headers.
-    let mut s = env
-        .pod("a")
-        .ns
-        .tcp_connect(c, Duration::from_secs(5))
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = connect();
     let big = format!("X-Big: {}\r\n", "a".repeat(100 * 1024));
     s.write_all(get("/public/x", &big).as_bytes()).unwrap_or(());
     let mut buf = String::new();
@@ -381,12 +375,7 @@ spec:
         "{buf}"
     );
     // HTTP/1.1 upgrade passed through once the app accepts it.
-    let mut s = env
-        .pod("a")
-        .ns
-        .tcp_connect(c, Duration::from_secs(5))
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = connect();
     let (st, body, _) = send(
         &mut s,
         "GET /public/ws HTTP/1.1\r\nHost: c.shop\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
@@ -456,6 +445,7 @@ spec:
         v["decision"].to_string().to_lowercase().contains("deny"),
         "{v:#}"
     );
+    assert_eq!(v["decision"]["result"], "deny", "{v:#}");
     assert_eq!(v["waypoint"], true);
     let out = env
         .bed
@@ -486,5 +476,7 @@ spec:
         "{out}"
     );
     assert!(out.to_lowercase().contains("allow"), "{out}");
+    // The summary line, not just any line naming an ALLOW policy.
+    assert!(out.starts_with("allowed"), "{out}");
     drop(rt);
 }

@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Waypoint;
-use crate::authz::{Connection, HttpRequest};
+use crate::authz::{Connection, Decision, DenyReason, HttpRequest};
 use crate::identity::Identity;
 use crate::proxy::conntrack::{ConnGuard, Outcome};
 use crate::proxy::ProxyCtx;
@@ -241,8 +241,21 @@ async fn handle(
         Some(p) => format!("{}/{}", p.namespace, p.name),
         None => "default".into(),
     };
-    if !verdict.decision.is_allow() {
-        return log.done(full(StatusCode::FORBIDDEN, "RBAC: access denied"));
+    match verdict.decision {
+        Decision::Allow { .. } => {}
+        // Not evaluable safely (e.g. a lower-case method): a bad request, not a denial.
+        Decision::Deny {
+            reason: DenyReason::BadRequest,
+            ..
+        } => {
+            return log.done(full_and_close(
+                StatusCode::BAD_REQUEST,
+                "bad request: cannot be evaluated safely\n",
+            ))
+        }
+        Decision::Deny { .. } => {
+            return log.done(full(StatusCode::FORBIDDEN, "RBAC: access denied"))
+        }
     }
     drop(snap);
 
