@@ -498,6 +498,15 @@ async fn bad_hbone_requests_get_clear_statuses() {
     // The authority must be the tunnel's own destination.
     let st = status_of(&mut h2, Method::CONNECT, format!("{}:80", s.client_ip)).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
+    // The authority must be an IP and a port: a name, a missing port, a port out of range.
+    for bad in [
+        "app.mesh:80".to_string(),
+        s.server_ip.to_string(),
+        format!("{}:99999", s.server_ip),
+    ] {
+        let st = status_of(&mut h2, Method::CONNECT, bad.clone()).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}");
+    }
     // And a well-formed request still works on the same connection.
     let app = TcpListener::bind(s.app_addr(8084)).await.unwrap();
     tokio::spawn(async move { app.accept().await.unwrap() });

@@ -329,7 +329,16 @@ pub enum Outcome {
     /// Failed: the reason.
     Failed(String),
     /// Closed by weft from outside (drain, policy).
-    Killed(String),
+    Killed,
+}
+
+impl From<super::relay::RelayEnd> for Outcome {
+    fn from(end: super::relay::RelayEnd) -> Outcome {
+        match end {
+            super::relay::RelayEnd::Io(e) => Outcome::Failed(e.to_string()),
+            super::relay::RelayEnd::Killed => Outcome::Killed,
+        }
+    }
 }
 
 /// Keeps a connection registered; dropping it logs and counts the close.
@@ -361,7 +370,7 @@ impl Drop for ConnGuard {
         let (flags, error) = match &self.outcome {
             Outcome::Open | Outcome::Closed => ("-", None),
             Outcome::Failed(e) => ("UF", Some(e.as_str())),
-            Outcome::Killed(e) => ("DC", Some(e.as_str())),
+            Outcome::Killed => ("DC", Some("closed by weft")),
         };
         if flags == "-" {
             c.counters.closed.inc();

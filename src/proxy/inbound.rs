@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::conntrack::{ConnGuard, ConnMeta, Direction, Outcome, Peer, Protocol};
 use super::h2io::H2Io;
-use super::relay::{relay, RelayEnd};
+use super::relay::relay;
 use super::socket;
 use super::ProxyCtx;
 use crate::identity::Identity;
@@ -301,10 +301,10 @@ fn downstream(client: &Client) -> crate::waypoint::http::Downstream {
     }
 }
 
-/// Relays between a client stream and the app. On failure the app side is reset here and
-/// `true` returned so the caller resets the client side (an HBONE stream resets itself when
-/// dropped unfinished).
-async fn pump<C>(
+/// Relays between a client stream and the app (or, outbound, the upstream). On failure the
+/// app side is reset here and `true` returned so the caller resets the client side (an HBONE
+/// stream resets itself when dropped unfinished).
+pub(super) async fn pump<C>(
     client: &mut C,
     mut app: TcpStream,
     mut guard: ConnGuard,
@@ -313,14 +313,12 @@ async fn pump<C>(
 where
     C: super::relay::Endpoint + ?Sized,
 {
-    let conns: Vec<_> = std::iter::once(guard.conn().clone())
-        .chain(extra.map(|g| g.conn().clone()))
-        .collect();
-    let outcome = match relay(client, &mut app, &conns).await {
-        Ok(()) => Outcome::Closed,
-        Err(RelayEnd::Io(e)) => Outcome::Failed(e.to_string()),
-        Err(RelayEnd::Killed) => Outcome::Killed("closed by weft".into()),
+    let ours = guard.conn().clone();
+    let result = match extra {
+        Some(g) => relay(client, &mut app, &[ours, g.conn().clone()]).await,
+        None => relay(client, &mut app, &[ours]).await,
     };
+    let outcome = result.map_or_else(Outcome::from, |()| Outcome::Closed);
     let failed = !matches!(outcome, Outcome::Closed);
     if failed {
         socket::reset_on_close(&app);

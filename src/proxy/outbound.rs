@@ -187,12 +187,11 @@ pub async fn serve_outbound_to(
                         let refused = tunnel.io.refusal_now();
                         tunnel.io.reset();
                         guard.set_outcome(match (e, refused) {
-                            (RelayEnd::Killed, _) => Outcome::Killed("closed by weft".into()),
                             (RelayEnd::Io(_), Some(why)) => {
                                 tracing::info!(src = %peer, dst = %addr, reason = %why, "HBONE tunnel refused");
                                 Outcome::Failed(why)
                             }
-                            (RelayEnd::Io(e), None) => Outcome::Failed(e.to_string()),
+                            (e, _) => e.into(),
                         });
                     }
                 }
@@ -212,18 +211,9 @@ pub async fn serve_outbound_to(
     drop(snap);
     let mut client = client;
     match socket::connect(addr, Some(peer.ip()), ctx.mode, CONNECT_TIMEOUT).await {
-        Ok(mut upstream) => {
-            let conns = [guard.conn().clone()];
-            match relay(&mut client, &mut upstream, &conns).await {
-                Ok(()) => guard.set_outcome(Outcome::Closed),
-                Err(e) => {
-                    socket::reset_on_close(&client);
-                    socket::reset_on_close(&upstream);
-                    guard.set_outcome(match e {
-                        RelayEnd::Io(e) => Outcome::Failed(e.to_string()),
-                        RelayEnd::Killed => Outcome::Killed("closed by weft".into()),
-                    });
-                }
+        Ok(upstream) => {
+            if inbound::pump(&mut client, upstream, guard, None).await {
+                socket::reset_on_close(&client);
             }
         }
         Err(e) => {

@@ -112,7 +112,7 @@ where
             }
         },
         _ = conn.close.cancelled() => {
-            guard.set_outcome(Outcome::Killed("closed by weft".into()));
+            guard.set_outcome(Outcome::Killed);
             true
         }
     };
