@@ -15,7 +15,7 @@
 //! and `kind` of each document and list item, the second deserializes each object into the
 //! type its kind names.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -653,19 +653,17 @@ impl Parser<'_> {
                     .insert(name.clone(), Namespace { name, labels });
             }
         }
-        let mut pod_keys: HashMap<String, ()> = HashMap::new();
+        let mut pod_keys: HashSet<String> = HashSet::new();
         let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
-        let mut services_seen: HashMap<String, ()> = HashMap::new();
-        let mut policies_seen: HashMap<(crate::model::PolicyKind, String, String), ()> =
-            HashMap::new();
-        let mut pod_origins = Vec::new();
+        let mut services_seen: HashSet<String> = HashSet::new();
+        let mut policies_seen: HashSet<(crate::model::PolicyKind, String, String)> = HashSet::new();
         for (origin, obj) in objects {
             match obj {
                 Object::Namespace(_) => {}
                 Object::Pod(pod) => {
                     if let Some(w) = self.workload(origin, &pod, &mesh.namespaces) {
                         let key = format!("{}/{}", w.namespace, w.name);
-                        if pod_keys.insert(key.clone(), ()).is_some() {
+                        if !pod_keys.insert(key.clone()) {
                             self.error_in(
                                 origin,
                                 &[Seg::Key("metadata"), Seg::Key("name")],
@@ -684,14 +682,13 @@ impl Parser<'_> {
                                 }
                             }
                         }
-                        pod_origins.push(origin);
                         mesh.insert_workload(w);
                     }
                 }
                 Object::Service(svc) => {
                     if let Some(s) = self.service(origin, &svc) {
                         let key = s.key();
-                        if services_seen.insert(key.clone(), ()).is_some() {
+                        if !services_seen.insert(key.clone()) {
                             self.error_in(
                                 origin,
                                 &[Seg::Key("metadata"), Seg::Key("name")],
@@ -751,12 +748,12 @@ impl Parser<'_> {
         &mut self,
         origin: Origin,
         p: Policy,
-        seen: &mut HashMap<(crate::model::PolicyKind, String, String), ()>,
+        seen: &mut HashSet<(crate::model::PolicyKind, String, String)>,
         mesh: &mut Mesh,
     ) {
         let (ns, name) = p.key();
         let key = (p.kind(), ns.to_string(), name.to_string());
-        if seen.insert(key, ()).is_some() {
+        if !seen.insert(key) {
             self.error_in(
                 origin,
                 &[Seg::Key("metadata"), Seg::Key("name")],
@@ -886,15 +883,14 @@ impl Parser<'_> {
                 Ok(ip) if !vips.contains(&ip) => vips.push(ip),
                 Ok(_) => {}
                 Err(_) => {
-                    let path: Vec<Seg<'_>> = match seg {
-                        Seg::Index(_) => vec![Seg::Key("spec"), Seg::Key("clusterIPs"), seg],
-                        _ => vec![Seg::Key("spec"), seg],
+                    let (path, field): (Vec<Seg<'_>>, String) = match seg {
+                        Seg::Index(i) => (
+                            vec![Seg::Key("spec"), Seg::Key("clusterIPs"), seg],
+                            format!("spec.clusterIPs[{i}]"),
+                        ),
+                        _ => (vec![Seg::Key("spec"), seg], "spec.clusterIP".into()),
                     };
-                    self.error_in(
-                        origin,
-                        &path,
-                        format!("spec.clusterIP: invalid IP address {s:?}"),
-                    );
+                    self.error_in(origin, &path, format!("{field}: invalid IP address {s:?}"));
                     return None;
                 }
             }
@@ -1360,6 +1356,32 @@ spec:
             "{e:?}"
         );
         assert!(e[0].starts_with("mesh.yaml:7:"), "{e:?}");
+    }
+
+    #[test]
+    fn invalid_service_addresses_and_ports_are_refused_where_they_stand() {
+        let svc = |spec: &str| {
+            errors(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: a}}\nspec:\n{spec}"
+            ))
+        };
+        let e = svc("  clusterIPs:\n  - 10.96.0.1\n  - 10.96.0.300\n  ports: [{port: 80}]\n");
+        assert_eq!(
+            e,
+            ["mesh.yaml:7: spec.clusterIPs[1]: invalid IP address \"10.96.0.300\""]
+        );
+        let e = svc("  clusterIP: banana\n  ports: [{port: 80}]\n");
+        assert_eq!(
+            e,
+            ["mesh.yaml:5: spec.clusterIP: invalid IP address \"banana\""]
+        );
+        for bad in ["0", "70000"] {
+            let e = svc(&format!(
+                "  clusterIP: 10.96.0.1\n  ports: [{{port: {bad}}}]\n"
+            ));
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(e[0].starts_with("mesh.yaml:6: spec.ports[0]"), "{e:?}");
+        }
     }
 
     #[test]

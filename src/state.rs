@@ -719,6 +719,8 @@ impl StateStore {
 
     /// Records a rejected load; the snapshot in force stays.
     pub fn reject(&self, error: String) {
+        // Status is read, changed and written: one writer at a time, as in a publish.
+        let _w = self.writer();
         let prev = self.status.load();
         self.status.store(Arc::new(LoadStatus {
             last_attempt_ok: false,
