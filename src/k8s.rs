@@ -18,7 +18,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -740,7 +739,6 @@ impl Parser<'_> {
                 }
             }
         }
-        resolve_endpoints(&mut mesh);
         mesh
     }
 
@@ -974,35 +972,6 @@ fn owner_workload(meta: &ObjectMeta) -> Option<String> {
     })
 }
 
-/// Fills each Service's endpoints from its selector (same namespace, non-empty selector).
-pub fn resolve_endpoints(mesh: &mut Mesh) {
-    let resolved: Vec<(String, Arc<Service>)> = mesh
-        .services
-        .iter()
-        .filter_map(|(key, svc)| {
-            let endpoints: Vec<String> = if svc.selector.is_empty() {
-                Vec::new()
-            } else {
-                mesh.workloads
-                    .values()
-                    .filter(|w| {
-                        w.namespace == svc.namespace
-                            && !w.ips.is_empty()
-                            && crate::model::selector_matches(&svc.selector, &w.labels)
-                    })
-                    .map(|w| w.uid.clone())
-                    .collect()
-            };
-            (endpoints != svc.endpoints).then(|| {
-                let mut svc = Service::clone(svc);
-                svc.endpoints = endpoints;
-                (key.clone(), Arc::new(svc))
-            })
-        })
-        .collect();
-    mesh.services.extend(resolved);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1104,8 +1073,10 @@ mod tests {
                 },
             ]
         );
+        // Endpoints are resolved from the selector by the snapshot (one owner of that rule).
+        let snap = crate::state::Snapshot::new(1, m.clone());
         assert_eq!(
-            svc.endpoints,
+            snap.mesh.services["shop/web"].endpoints,
             vec![
                 "Kubernetes//Pod/shop/web-7d9c6b5f4-abcde".to_string(),
                 "Kubernetes//Pod/shop/web-7d9c6b5f4-fghij".to_string()

@@ -17,8 +17,8 @@
 //!   services, then by uid or service key; the others wait in `rivals` and take over when
 //!   it leaves. Every claimant is in the mesh;
 //! - a service with a selector has as endpoints the uids, in order, of the workloads of its
-//!   namespace with an address whose labels match (Kubernetes' semantics, as
-//!   [`crate::k8s::resolve_endpoints`]); a service without one keeps the endpoints its
+//!   namespace with an address whose labels match (Kubernetes' semantics; this module is
+//!   the one place that rule is applied); a service without one keeps the endpoints its
 //!   source gave;
 //! - `services_of` is exactly the reverse of the services' endpoints.
 //!
@@ -575,7 +575,7 @@ fn claimed_ips(w: Option<&Arc<Workload>>) -> Vec<IpAddr> {
     }
 }
 
-/// Whether `w` is a selector endpoint of `svc` (Kubernetes' rule, as `k8s::resolve_endpoints`).
+/// Whether `w` is a selector endpoint of `svc` (Kubernetes' rule).
 fn is_endpoint(svc: &Service, w: &Workload) -> bool {
     w.namespace == svc.namespace
         && !w.ips.is_empty()
@@ -784,7 +784,6 @@ mod tests {
             endpoints: vec![],
             labels: BTreeMap::new(),
         });
-        crate::k8s::resolve_endpoints(&mut m);
         m
     }
 
