@@ -563,7 +563,7 @@ async fn serve(
                     continue;
                 }
             },
-            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+            _ = crate::sync::shut_down(&mut shutdown) => return,
         };
         let ctx = ctx.clone();
         let mut conn_shutdown = shutdown.clone();
@@ -596,7 +596,7 @@ async fn serve(
                         tracing::debug!(error = %e, "admin connection error");
                     }
                 }
-                _ = async { let _ = conn_shutdown.wait_for(|s| *s).await; } => {
+                _ = crate::sync::shut_down(&mut conn_shutdown) => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
                 }

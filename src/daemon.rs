@@ -328,7 +328,7 @@ fn follow_identities(
             });
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                _ = crate::sync::shut_down(&mut shutdown) => return,
             }
         }
     })

@@ -25,5 +25,6 @@ pub mod proxy;
 pub mod redirect;
 pub mod source;
 pub mod state;
+mod sync;
 pub mod tls;
 pub mod waypoint;

@@ -368,7 +368,7 @@ impl Redirector {
                 tokio::select! {
                     r = changes.changed() => if r.is_err() { return },
                     _ = tokio::time::sleep(retry) => {}
-                    _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                    _ = crate::sync::shut_down(&mut shutdown) => return,
                 }
             }
         })

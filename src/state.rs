@@ -691,7 +691,7 @@ impl StateStore {
     fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
         // A writer that panicked left no half-built state behind (snapshots are swapped
         // whole), so a poisoned lock is still good.
-        self.write.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.write)
     }
 
     /// Swaps `snap` in and records the successful load.

@@ -9,6 +9,7 @@
 //! connections keep theirs. It does not decide *which* identity a connection uses: the proxy
 //! passes that in.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -299,8 +300,4 @@ impl rustls::client::ResolvesClientCert for SingleCert {
     fn has_certs(&self) -> bool {
         true
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -134,7 +134,7 @@ impl IstioCa {
         let checked = check_chain(id, &key, &response.cert_chain, &roots)
             .map_err(|e| fail(format!("istiod returned an unusable chain: {e}")))?;
         if let Some(root) = checked.self_signed_root.clone() {
-            let mut roots = self.roots.lock().unwrap_or_else(|p| p.into_inner());
+            let mut roots = crate::sync::lock(&self.roots);
             if !roots.contains(&root) {
                 roots.push(root);
             }
@@ -177,7 +177,7 @@ impl CertificateAuthority for IstioCa {
     }
 
     fn roots_der(&self) -> Vec<CertificateDer<'static>> {
-        self.roots.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::sync::lock(&self.roots).clone()
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`ConnGuard`] drops; the drop writes one access-log event (target `access`) and updates
 //! the `istio_tcp_*` counters. Byte counts are live atomics, so `/connections` shows progress.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -250,10 +251,6 @@ impl ConnTable {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn labels(m: &ConnMeta, flags: &'static str) -> TcpLabels {

@@ -16,6 +16,7 @@
 //! waypoint) get an [`H2Io::absorbing`] stream. Either way the flow-control credit goes back
 //! only when the bytes are really consumed, so the stream's window still bounds what is held.
 
+use crate::sync::lock;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -107,10 +108,6 @@ pub struct H2Io {
     reset: bool,
     /// Bytes taken by [`H2Io::poll_recv_unreleased`] whose credit is not given back yet.
     owed: usize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn reset_error(what: impl std::fmt::Display) -> io::Error {

@@ -107,7 +107,7 @@ pub fn spawn_policy_follower(
         loop {
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                _ = crate::sync::shut_down(&mut shutdown) => return,
             }
             let snap = ctx.store.snapshot();
             let authz = ctx.authz(&snap);
@@ -229,7 +229,7 @@ where
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                _ = crate::sync::shut_down(&mut shutdown) => return,
             }
         }
     })

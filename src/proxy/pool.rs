@@ -11,6 +11,7 @@
 //! - A connection with no streams for [`IDLE_TIMEOUT`] is dropped, which closes it.
 //! - A closed connection (peer gone, GOAWAY) is never handed out again.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -133,7 +134,7 @@ struct Slot(Arc<Pooled>);
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            *crate::sync::lock(&self.0.idle_since) = Instant::now();
         }
     }
 }
@@ -163,10 +164,6 @@ pub struct Pool {
     hbone_port: u16,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
     connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Pool {
@@ -358,7 +355,7 @@ impl Pool {
             loop {
                 tokio::select! {
                     _ = tick.tick() => { pool.reap(IDLE_TIMEOUT); }
-                    _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                    _ = crate::sync::shut_down(&mut shutdown) => return,
                 }
             }
         })

@@ -25,18 +25,11 @@ impl Verdicts {
     /// Takes the verdict of the next request in order (`false` when none was recorded, e.g.
     /// HTTP/2).
     pub fn next_is_ambiguous(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
-            .unwrap_or(false)
+        crate::sync::lock(&self.0).pop_front().unwrap_or(false)
     }
 
     fn push(&self, ambiguous: bool) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(ambiguous);
+        crate::sync::lock(&self.0).push_back(ambiguous);
     }
 }
 

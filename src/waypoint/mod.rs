@@ -118,10 +118,7 @@ impl Waypoint {
         snap: &Snapshot,
         w: &Workload,
     ) -> Arc<Result<JwtAuthenticator, JwtError>> {
-        let mut cache = self
-            .authenticators
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut cache = crate::sync::lock(&self.authenticators);
         if let Some((generation, a)) = cache.get(&w.uid) {
             if *generation == snap.generation {
                 return a.clone();

@@ -66,7 +66,7 @@ impl Upstream {
         h2: bool,
         mode: SocketMode,
     ) -> Client<FromSource, Incoming> {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clients = crate::sync::lock(&self.clients);
         clients
             .entry((src, dst, h2))
             .or_insert_with(|| {
