@@ -177,7 +177,7 @@ fn decide_at(
 /// Logs and counts a refused connection.
 fn log_refusal(
     ctx: &ProxyCtx,
-    snap: &Snapshot,
+    dst_w: &Workload,
     client: &Client,
     dst: SocketAddr,
     protocol: Protocol,
@@ -187,12 +187,11 @@ fn log_refusal(
         tracing::info!(src = %client.addr(), dst = %dst, reason = %r.reason, "inbound connection refused");
         return;
     };
-    let dst_w = snap.workload_by_ip(dst.ip());
     ctx.denials
         .denied
         .get_or_create(&crate::metrics::DenialLabels {
-            destination_workload: dst_w.map(|w| w.workload_name.clone()).unwrap_or_default(),
-            destination_workload_namespace: dst_w.map(|w| w.namespace.clone()).unwrap_or_default(),
+            destination_workload: dst_w.workload_name.clone(),
+            destination_workload_namespace: dst_w.namespace.clone(),
             transport: match protocol {
                 Protocol::Hbone => "hbone",
                 Protocol::Plain => "plaintext",
@@ -209,7 +208,7 @@ fn log_refusal(
         src.addr = %client.addr(),
         src.identity = %client.identity().map(|i| i.to_string()).unwrap_or_default(),
         dst.addr = %dst,
-        dst.workload = %dst_w.map(|w| format!("{}/{}", w.namespace, w.name)).unwrap_or_default(),
+        dst.workload = %format_args!("{}/{}", dst_w.namespace, dst_w.name),
         action = "deny",
         policy = %policy,
         reason = %r.reason,
@@ -263,7 +262,7 @@ async fn route(
     let admitted = match decide_at(&authz, client.addr(), client.identity(), dst, dst_w, !l7) {
         Ok(a) => a,
         Err(r) => {
-            log_refusal(ctx, snap, client, dst, protocol, &r);
+            log_refusal(ctx, dst_w, client, dst, protocol, &r);
             return Err(r);
         }
     };
