@@ -210,13 +210,20 @@ its own identity)";
 /// `method` or `path` (and optionally `host`, repeated `header=name:value`, `token`) it
 /// explains one HTTP request as the waypoint would decide it.
 async fn explain(ctx: &AdminContext, req: &Request<Incoming>) -> Result<serde_json::Value, String> {
-    let q = query(req);
-    let headers_in: Vec<String> =
+    let pairs: Vec<(String, String)> =
         form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
-            .filter(|(k, _)| k == "header")
-            .map(|(_, v)| v.into_owned())
+            .into_owned()
             .collect();
-    let get = |k: &str| q.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let headers_in: Vec<&str> = pairs
+        .iter()
+        .filter(|(k, _)| k == "header")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let q: BTreeMap<&str, &str> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let get = |k: &str| q.get(k).copied().filter(|v| !v.is_empty());
     let src_ip: std::net::IpAddr = match get("src") {
         None => return Err("missing src".into()),
         Some(s) => s

@@ -265,6 +265,35 @@ async fn admin_endpoints_answer_as_specified_including_bad_requests() {
     assert_eq!(body.trim(), "level: weft::proxy=debug,info");
     assert_eq!(http(admin, "GET", "/logging?level=warn").0, 200);
 
+    // /debug/explain: every bad parameter is a 400 that says what is wrong.
+    let w = "10.244.1.10";
+    for (q, says) in [
+        (format!("dst={w}&port=80"), "missing src".to_string()),
+        (format!("src=banana&dst={w}&port=80"), "src \"banana\" is not an IP address".into()),
+        ("src=10.0.0.1&port=80".into(), "missing dst".into()),
+        ("src=10.0.0.1&dst=nowhere&port=80".into(), "dst \"nowhere\" is not an IP address or IP:port".into()),
+        (format!("src=10.0.0.1&dst={w}"), "missing port".into()),
+        (format!("src=10.0.0.1&dst={w}&port=0"), "port \"0\" is not a port (1-65535)".into()),
+        (format!("src=10.0.0.1&dst={w}&port=70000"), "port \"70000\" is not a port".into()),
+        ("src=10.0.0.1&dst=10.9.9.9&port=80".into(), "dst 10.9.9.9 is not a workload in the mesh".into()),
+        (format!("src=10.0.0.1&dst={w}&port=80&identity=spiffe://cluster.local/ns/a/sa/b&plaintext=true"), "contradict".into()),
+        (format!("src=10.0.0.1&dst={w}&port=80&identity=not-a-spiffe-id"), "identity \"not-a-spiffe-id\"".into()),
+        (format!("src=10.0.0.1&dst={w}&port=80&method=GET&header=no-colon"), "header \"no-colon\" is not name:value".into()),
+        (format!("src=10.0.0.1&dst={w}&port=80&method=GET&header=bad%20name:v"), "request:".into()),
+        (format!("src=10.0.0.1&dst={w}&port=80&method=G%20T"), "request:".into()),
+    ] {
+        let (s, body) = http(admin, "GET", &format!("/debug/explain?{q}"));
+        assert_eq!(s, 400, "{q}: {body}");
+        assert!(body.contains(&says), "{q}: expected {says:?} in {body}");
+        assert!(body.contains("usage: GET /debug/explain"), "{q}: {body}");
+    }
+    let (s, body) = http(
+        admin,
+        "GET",
+        &format!("/debug/explain?src=10.0.0.1&dst={w}&port=80"),
+    );
+    assert_eq!(s, 200, "a good request still works: {body}");
+
     assert_eq!(http(admin, "DELETE", "/config_dump").0, 405);
     assert_eq!(http(admin, "GET", "/quitquitquit").0, 405);
     assert_eq!(http(node.metrics(), "POST", "/metrics").0, 405);
