@@ -1119,3 +1119,21 @@ async fn the_refresher_fetches_new_sources_and_stops_on_shutdown() {
     })
     .await
 }
+
+#[tokio::test]
+async fn an_oversized_jwks_is_refused_and_a_good_one_later_is_used() {
+    bounded(async {
+        let k = keys();
+        let good = jwks_of(&[k.get(Algorithm::RS256)]);
+        // Over the 1 MiB limit (padding the valid document, so only its size is wrong).
+        let big = format!("{{\"pad\":\"{}\",{}", "x".repeat(1_100_000), &good[1..]);
+        let server = JwksServer::start(big).await;
+        let a = JwtAuthenticator::new(vec![server.rule()], server.cache(Duration::ZERO)).unwrap();
+        let req = bearer(&rs256(&claims(ISS)));
+        let r = a.authenticate(&req).await;
+        assert!(matches!(r, AuthnResult::Invalid(_)), "{r:?}");
+        server.serve(good);
+        assert!(valid(&a.authenticate(&req).await));
+    })
+    .await
+}
