@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
 use crate::k8s;
@@ -20,6 +21,18 @@ use crate::state::StateStore;
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Fallback poll in case a file event is lost.
 const POLL: Duration = Duration::from_secs(5);
+
+/// Whether a file event may mean new content: created, removed, renamed, written, closed after
+/// writing. Not an open or a read: notify's inotify watch reports opens too, and our own read
+/// of the file was then taken for a change and read it again 100 ms later, for ever (ten
+/// reads of the whole file a second, per daemon watching it).
+fn is_change(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
 
 /// Reads and parses `path`; the error text is what the status and logs show.
 pub fn read(path: &Path) -> Result<k8s::Parsed, String> {
@@ -125,8 +138,11 @@ pub fn spawn(
         let _watcher = {
             let tx = tx.clone();
             let name = file_name.clone();
-            let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            let handler = move |ev: notify::Result<notify::Event>| {
                 if let Ok(ev) = ev {
+                    if !is_change(&ev.kind) {
+                        return;
+                    }
                     // Kubernetes ConfigMaps swap a `..data` symlink; accept those events too.
                     let relevant = ev.paths.iter().any(|p| {
                         p.file_name().map(|n| n.to_os_string()) == name
@@ -137,7 +153,8 @@ pub fn spawn(
                         let _ = tx.send(());
                     }
                 }
-            });
+            };
+            let mut w = notify::recommended_watcher(handler);
             match &mut w {
                 Ok(w) => {
                     if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
@@ -214,5 +231,65 @@ mod tests {
             load_once(&path, &store, &mut last).await,
             Loaded::Published(2)
         );
+    }
+
+    /// Counts the opens of `path` that inotify reports, until the returned watcher drops.
+    fn count_opens(
+        path: &Path,
+    ) -> (
+        notify::RecommendedWatcher,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let opens = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (n, want) = (opens.clone(), path.to_path_buf());
+        let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev {
+                if matches!(ev.kind, EventKind::Access(AccessKind::Open(_)))
+                    && ev.paths.contains(&want)
+                {
+                    n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        })
+        .unwrap();
+        w.watch(path.parent().unwrap(), RecursiveMode::NonRecursive)
+            .unwrap();
+        (w, opens)
+    }
+
+    #[tokio::test]
+    async fn reading_the_file_does_not_make_the_watcher_read_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let (_counter, opens) = count_opens(&path);
+        let store = StateStore::new("test");
+        let (stop, shutdown) = watch::channel(false);
+        let task = spawn(path.clone(), store.clone(), shutdown);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.snapshot().generation == 0 {
+            assert!(std::time::Instant::now() < deadline, "never loaded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Someone else reads it too (another daemon on the node, `weft check`, a backup).
+        for _ in 0..5 {
+            std::fs::read(&path).unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        // Longer than the debounce, shorter than the fallback poll.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let seen = opens.load(std::sync::atomic::Ordering::SeqCst);
+        // Our five reads and the watcher's first load. It was 5 + 1 + about 8: each open
+        // (its own included) was taken for a change and read the file again 100 ms later.
+        assert!(seen <= 6, "{seen} opens of the file");
+        // A real change is still seen at once.
+        std::fs::write(&path, GOOD.replace("name: a", "name: b")).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while store.snapshot().generation == 1 {
+            assert!(std::time::Instant::now() < deadline, "change not seen");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.send(true).unwrap();
+        task.await.unwrap();
     }
 }
