@@ -181,18 +181,43 @@ async fn serve_app(listener: TcpListener) {
 }
 
 /// How a client reaches the app: through weft or directly.
+/// How the bench reaches a server: sockets made up front (unconnected, bound where the route
+/// needs it, inside a pod's namespace for the mesh), then connected without blocking. Making
+/// them outside the timed loops keeps thread hops out of the measurement: a connect on a
+/// blocking-pool thread, or a thread entering a namespace per connection, cost more than the
+/// connection itself and flattered every ratio.
 trait Route: Send + Sync {
-    fn connect(&self) -> std::io::Result<std::net::TcpStream>;
+    /// `n` fresh unconnected sockets.
+    fn sockets(&self, n: usize) -> std::io::Result<Vec<socket2::Socket>>;
+    /// Where they connect to.
+    fn dst(&self) -> SocketAddr;
+}
+
+fn new_socket(bind: Option<IpAddr>) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    if let Some(ip) = bind {
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s)
+}
+
+/// Connects one socket made by `route.sockets`.
+async fn connect_with(route: &Arc<dyn Route>, s: socket2::Socket) -> std::io::Result<TcpStream> {
+    let s: std::net::TcpStream = s.into();
+    tokio::net::TcpSocket::from_std_stream(s)
+        .connect(route.dst())
+        .await
 }
 
 async fn dial(route: &Arc<dyn Route>) -> std::io::Result<TcpStream> {
     let r = route.clone();
-    let s = tokio::task::spawn_blocking(move || r.connect())
+    let mut v = tokio::task::spawn_blocking(move || r.sockets(1))
         .await
         .map_err(std::io::Error::other)??;
-    s.set_nonblocking(true)?;
-    s.set_nodelay(true)?;
-    TcpStream::from_std(s)
+    let s = v.pop().ok_or_else(|| std::io::Error::other("no socket"))?;
+    connect_with(route, s).await
 }
 
 async fn stream_once(route: Arc<dyn Route>, bytes: u64) -> u64 {
@@ -226,8 +251,37 @@ async fn throughput(route: Arc<dyn Route>, bytes: u64, streams: usize) -> f64 {
     total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
 }
 
+/// Runs a client measurement on a thread of its own with a runtime that drives its sockets
+/// itself, like the app server. Run inline in the bench's `block_on`, every socket event took
+/// an extra hop: a runtime worker saw it and woke the blocked main thread.
+async fn on_client<T: Send + 'static>(
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-client".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("client runtime");
+            let _ = tx.send(rt.block_on(f));
+        })
+        .expect("client thread");
+    rx.await.expect("client measurement panicked")
+}
+
+/// Round trips [`latencies`] makes for `n` samples (it warms up first).
+fn round_trips(n: usize) -> usize {
+    n + n.min(200)
+}
+
 /// Round-trip times of 1 KiB ping-pong on one connection, sorted, in µs.
 async fn latencies(route: Arc<dyn Route>, n: usize) -> Vec<f64> {
+    on_client(latencies_here(route, n)).await
+}
+
+async fn latencies_here(route: Arc<dyn Route>, n: usize) -> Vec<f64> {
     let mut s = dial(&route).await.expect("connect");
     s.write_all(b"E").await.unwrap();
     let msg = [7u8; 1024];
@@ -265,20 +319,46 @@ where
     (median(&mut b), median(&mut o))
 }
 
-/// `n` ping-pong round trips on each route, in `ROUNDS` alternating rounds; sorted samples.
-async fn alternate_latencies(
+/// Like [`alternate`], and also the CPU seconds `cpu` counted during the runs on `other`.
+async fn alternate_cpu<F, Fut>(
     base: &Arc<dyn Route>,
     other: &Arc<dyn Route>,
-    n: usize,
-) -> (Vec<f64>, Vec<f64>) {
-    let (mut b, mut o) = (Vec::new(), Vec::new());
+    cpu: &dyn Fn() -> f64,
+    f: F,
+) -> (f64, f64, f64)
+where
+    F: Fn(Arc<dyn Route>) -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    let (mut b, mut o, mut used) = (Vec::new(), Vec::new(), 0.0);
     for _ in 0..ROUNDS {
-        b.extend(latencies(base.clone(), n.div_ceil(ROUNDS)).await);
-        o.extend(latencies(other.clone(), n.div_ceil(ROUNDS)).await);
+        b.push(f(base.clone()).await);
+        let c0 = cpu();
+        o.push(f(other.clone()).await);
+        used += cpu() - c0;
+    }
+    (median(&mut b), median(&mut o), used)
+}
+
+/// `n` ping-pong round trips on each route, in `ROUNDS` alternating rounds: sorted samples of
+/// each, and the CPU seconds `cpu` counted per round trip on `other`, in µs.
+async fn alternate_latencies_cpu(
+    base: &Arc<dyn Route>,
+    other: &Arc<dyn Route>,
+    cpu: &dyn Fn() -> f64,
+    n: usize,
+) -> (Vec<f64>, Vec<f64>, f64) {
+    let (mut b, mut o, mut used) = (Vec::new(), Vec::new(), 0.0);
+    let per = n.div_ceil(ROUNDS);
+    for _ in 0..ROUNDS {
+        b.extend(latencies(base.clone(), per).await);
+        let c0 = cpu();
+        o.extend(latencies(other.clone(), per).await);
+        used += cpu() - c0;
     }
     b.sort_by(f64::total_cmp);
     o.sort_by(f64::total_cmp);
-    (b, o)
+    (b, o, used * 1e6 / (ROUNDS * round_trips(per)) as f64)
 }
 
 /// One row per percentile: `ours` against `base`, with the difference in the note.
@@ -315,9 +395,18 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 
 /// Connections per second: connect, one round trip, close.
 async fn conn_rate(route: Arc<dyn Route>, n: usize) -> f64 {
+    on_client(conn_rate_here(route, n)).await
+}
+
+async fn conn_rate_here(route: Arc<dyn Route>, n: usize) -> f64 {
+    let r = route.clone();
+    let sockets = tokio::task::spawn_blocking(move || r.sockets(n))
+        .await
+        .unwrap()
+        .expect("sockets");
     let start = Instant::now();
-    for _ in 0..n {
-        let mut s = dial(&route).await.expect("connect");
+    for sock in sockets {
+        let mut s = connect_with(&route, sock).await.expect("connect");
         s.write_all(b"P").await.unwrap();
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await.unwrap();
@@ -326,8 +415,18 @@ async fn conn_rate(route: Arc<dyn Route>, n: usize) -> f64 {
 }
 
 async fn first_byte_ms(route: Arc<dyn Route>) -> f64 {
+    on_client(first_byte_ms_here(route)).await
+}
+
+async fn first_byte_ms_here(route: Arc<dyn Route>) -> f64 {
+    let r = route.clone();
+    let sock = tokio::task::spawn_blocking(move || r.sockets(1))
+        .await
+        .unwrap()
+        .expect("socket")
+        .remove(0);
     let t = Instant::now();
-    let mut s = dial(&route).await.expect("connect");
+    let mut s = connect_with(&route, sock).await.expect("connect");
     s.write_all(b"P").await.unwrap();
     let mut b = [0u8; 1];
     s.read_exact(&mut b).await.unwrap();
@@ -393,13 +492,25 @@ struct Place {
     plain: Arc<dyn Route>,
     /// CPU seconds used so far by both daemons.
     cpu: Box<dyn Fn() -> f64 + Send + Sync>,
+    /// CPU seconds used so far by the apps (client and server), where they can be told apart.
+    app_cpu: Option<Box<dyn Fn() -> f64 + Send + Sync>>,
     /// RSS of both daemons, when they are separate processes.
     rss: Option<Box<dyn Fn() -> u64 + Send + Sync>>,
     /// Makes the next weft connection pay the TLS handshake.
     cold: Box<dyn Fn() -> Arc<dyn Route> + Send + Sync>,
 }
 
-async fn measure(place: &Place, sz: Sizes, report: &mut Report) {
+/// What the daemons spent per unit of work, in µs of CPU (both daemons together).
+struct Costs {
+    per_round_trip: f64,
+    per_conn: f64,
+    /// CPU seconds per GiB of the apps alone over plain TCP, where measured.
+    apps_per_gib: Option<f64>,
+    /// Plain TCP's single-stream rate, Gbit/s.
+    plain_gbps: f64,
+}
+
+async fn measure(place: &Place, sz: Sizes, report: &mut Report) -> Costs {
     let p = place.name;
     let (w, b) = (place.weft.clone(), place.plain.clone());
     // Warm up the pool and the app.
@@ -412,12 +523,18 @@ async fn measure(place: &Place, sz: Sizes, report: &mut Report) {
     let mut wt = Vec::new();
     let mut cpu = 0.0;
     let mut secs = 0.0;
+    let app_cpu = || place.app_cpu.as_ref().map_or(0.0, |f| f());
+    let (mut app_base, mut app_weft) = (0.0, 0.0);
     for _ in 0..ROUNDS {
+        let a0 = app_cpu();
         base.push(throughput(b.clone(), sz.stream_bytes, 1).await);
+        app_base += app_cpu() - a0;
         let cpu0 = (place.cpu)();
+        let a0 = app_cpu();
         let t0 = Instant::now();
         wt.push(throughput(w.clone(), sz.stream_bytes, 1).await);
         cpu += (place.cpu)() - cpu0;
+        app_weft += app_cpu() - a0;
         secs += t0.elapsed().as_secs_f64();
     }
     let gib = (sz.stream_bytes * ROUNDS as u64) as f64 / (1u64 << 30) as f64;
@@ -437,6 +554,24 @@ async fn measure(place: &Place, sz: Sizes, report: &mut Report) {
         "cpu-s/GiB",
         format!("{cpu:.2} cpu-s over {secs:.2} s"),
     );
+    let plain_gbps = median(&mut base);
+    if place.app_cpu.is_some() {
+        report.add(
+            "CPU per GiB, whole path (apps + daemons)",
+            p,
+            (app_weft + cpu) / gib,
+            Some(app_base / gib),
+            "cpu-s/GiB",
+            "baseline: the apps alone over plain TCP",
+        );
+        report_cores_needed(
+            report,
+            p,
+            "cores needed for 60 % of plain, 1 stream",
+            (app_weft + cpu) / gib,
+            plain_gbps,
+        );
+    }
     let (base8, wt8) = alternate(&b, &w, |r| throughput(r, sz.stream_bytes, 8)).await;
     report.add(
         "throughput, 8 streams",
@@ -447,11 +582,12 @@ async fn measure(place: &Place, sz: Sizes, report: &mut Report) {
         format!("median of {ROUNDS}"),
     );
 
-    let (lb, lw) = alternate_latencies(&b, &w, sz.pings).await;
+    let (lb, lw, per_round_trip) = alternate_latencies_cpu(&b, &w, &place.cpu, sz.pings).await;
     let qs = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
     report_latencies(report, "latency 1 KiB ping-pong", p, &lw, &lb, &qs, "");
 
-    let (rb, rw) = alternate(&b, &w, |r| conn_rate(r, sz.conns)).await;
+    let (rb, rw, conn_cpu) = alternate_cpu(&b, &w, &place.cpu, |r| conn_rate(r, sz.conns)).await;
+    let per_conn = conn_cpu * 1e6 / (ROUNDS * sz.conns) as f64;
     report.add(
         "connection rate (warm pool)",
         p,
@@ -501,6 +637,88 @@ async fn measure(place: &Place, sz: Sizes, report: &mut Report) {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+    Costs {
+        per_round_trip,
+        per_conn,
+        apps_per_gib: place.app_cpu.as_ref().map(|_| app_base / gib),
+        plain_gbps,
+    }
+}
+
+/// The throughput target is 60 % of plain TCP: the cores a path costing `per_gib` CPU seconds
+/// per GiB (everything on it: apps and proxies) keeps busy at that rate. Where it exceeds the
+/// machine's cores, no run here can reach the target, whatever the scheduling.
+fn report_cores_needed(
+    report: &mut Report,
+    place: &'static str,
+    what: &str,
+    per_gib: f64,
+    plain_gbps: f64,
+) {
+    let gib_per_s = 0.6 * plain_gbps * 1e9 / 8.0 / (1u64 << 30) as f64;
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    report.add(
+        what,
+        place,
+        gib_per_s * per_gib,
+        None,
+        "cores",
+        format!(
+            "{per_gib:.2} cpu-s/GiB at {:.2} Gbit/s; this machine has {cores}",
+            0.6 * plain_gbps
+        ),
+    );
+}
+
+/// The daemons' CPU per unit of work, beside `floor` (two plain forwarders) where measured.
+fn report_costs(report: &mut Report, place: &'static str, weft: &Costs, floor: Option<&Costs>) {
+    let note = if floor.is_some() {
+        "both daemons; baseline: the 2 plain forwarders"
+    } else {
+        "both daemons"
+    };
+    report.add(
+        "daemons' CPU per 1 KiB round trip",
+        place,
+        weft.per_round_trip,
+        floor.map(|f| f.per_round_trip),
+        "µs",
+        note,
+    );
+    report.add(
+        "daemons' CPU per connection",
+        place,
+        weft.per_conn,
+        floor.map(|f| f.per_conn),
+        "µs",
+        note,
+    );
+}
+
+/// One-way wake-up of a thread blocked reading a socket, the median of `n` (µs): what each
+/// extra hop on a path costs at least when its thread sleeps between messages.
+fn wake_up_us(n: usize) -> f64 {
+    use std::os::unix::net::UnixStream;
+    let (mut a, mut b) = UnixStream::pair().expect("socket pair");
+    let echo = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while b.read_exact(&mut byte).is_ok() {
+            if b.write_all(&byte).is_err() {
+                return;
+            }
+        }
+    });
+    let mut byte = [0u8; 1];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        a.write_all(&byte).expect("wake write");
+        a.read_exact(&mut byte).expect("wake read");
+        v.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
+    }
+    drop(a);
+    let _ = echo.join();
+    median(&mut v)
 }
 
 // === loopback: two daemons in this process ===
@@ -522,19 +740,22 @@ struct ViaWeft {
 }
 
 impl Route for ViaWeft {
-    fn connect(&self) -> std::io::Result<std::net::TcpStream> {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        s.bind(&SocketAddr::new(self.client_ip, 0).into())?;
-        s.connect(&self.capture.into())?;
-        Ok(s.into())
+    fn sockets(&self, n: usize) -> std::io::Result<Vec<socket2::Socket>> {
+        (0..n).map(|_| new_socket(Some(self.client_ip))).collect()
+    }
+    fn dst(&self) -> SocketAddr {
+        self.capture
     }
 }
 
 struct Direct(SocketAddr);
 
 impl Route for Direct {
-    fn connect(&self) -> std::io::Result<std::net::TcpStream> {
-        std::net::TcpStream::connect(self.0)
+    fn sockets(&self, n: usize) -> std::io::Result<Vec<socket2::Socket>> {
+        (0..n).map(|_| new_socket(None)).collect()
+    }
+    fn dst(&self) -> SocketAddr {
+        self.0
     }
 }
 
@@ -681,6 +902,10 @@ async fn serve_http(listener: TcpListener) {
 
 /// Round trips of `GET /` on one keep-alive connection, sorted, in µs.
 async fn http_latencies(route: Arc<dyn Route>, n: usize) -> Vec<f64> {
+    on_client(http_latencies_here(route, n)).await
+}
+
+async fn http_latencies_here(route: Arc<dyn Route>, n: usize) -> Vec<f64> {
     let mut s = dial(&route).await.expect("connect");
     let req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
     let mut buf = [0u8; 4096];
@@ -730,7 +955,8 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
             capture: l.capture,
         }),
         plain: Arc::new(Direct(l.server)),
-        cpu: Box::new(|| thread_cpu("weft-")),
+        cpu: Box::new(|| thread_cpu("weft-worker")),
+        app_cpu: Some(Box::new(|| thread_cpu("bench-app"))),
         rss: None,
         cold: Box::new(move || {
             // A client with an identity that has no pooled connection yet.
@@ -746,7 +972,7 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
             })
         }),
     };
-    measure(&place, sz, report).await;
+    let costs = measure(&place, sz, report).await;
 
     // The floor of any design with a proxy on each side, on this machine: two plain TCP
     // forwarders in series (no TLS, no HTTP/2, no policy), on the daemons' runtime. What weft
@@ -757,7 +983,11 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
     let fwd: Arc<dyn Route> = Arc::new(Direct(f1));
     let plain: Arc<dyn Route> = Arc::new(Direct(l.server));
     let floor = format!("median of {ROUNDS}: the two-hop floor");
-    let (fb, ft) = alternate(&plain, &fwd, |r| throughput(r, sz.stream_bytes, 1)).await;
+    let path_cpu = || thread_cpu("weft-worker") + thread_cpu("bench-app");
+    let (fb, ft, fwd_used) = alternate_cpu(&plain, &fwd, &path_cpu, |r| {
+        throughput(r, sz.stream_bytes, 1)
+    })
+    .await;
     let name = "reference: 2 plain forwarders";
     report.add(
         format!("{name}, 1 stream"),
@@ -767,7 +997,25 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
         "Gbit/s",
         &floor,
     );
-    let (rb, rf) = alternate(&plain, &fwd, |r| conn_rate(r, sz.conns)).await;
+    let fwd_per_gib = fwd_used / ((sz.stream_bytes * ROUNDS as u64) as f64 / (1u64 << 30) as f64);
+    report.add(
+        format!("{name}, CPU/GiB path"),
+        "loopback",
+        fwd_per_gib,
+        costs.apps_per_gib,
+        "cpu-s/GiB",
+        "apps + forwarders; baseline: the apps alone over plain TCP",
+    );
+    report_cores_needed(
+        report,
+        "loopback",
+        &format!("{name}, cores for 60 %"),
+        fwd_per_gib,
+        costs.plain_gbps,
+    );
+    let fwd_cpu = || thread_cpu("weft-worker");
+    let (rb, rf, conn_cpu) =
+        alternate_cpu(&plain, &fwd, &fwd_cpu, |r| conn_rate(r, sz.conns)).await;
     report.add(
         format!("{name}, conn rate"),
         "loopback",
@@ -776,7 +1024,7 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
         "conn/s",
         &floor,
     );
-    let (lb, lf) = alternate_latencies(&plain, &fwd, sz.pings).await;
+    let (lb, lf, rt_cpu) = alternate_latencies_cpu(&plain, &fwd, &fwd_cpu, sz.pings).await;
     let qs = [("p50", 0.5), ("p99", 0.99)];
     let what = format!("{name}, latency");
     report_latencies(
@@ -787,6 +1035,22 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
         &lb,
         &qs,
         ": the two-hop floor",
+    );
+    let fwd_costs = Costs {
+        per_round_trip: rt_cpu,
+        per_conn: conn_cpu * 1e6 / (ROUNDS * sz.conns) as f64,
+        apps_per_gib: None,
+        plain_gbps: fb,
+    };
+    report_costs(report, "loopback", &costs, Some(&fwd_costs));
+    let wake = wake_up_us(sz.pings);
+    report.add(
+        "reference: thread wake-up, one way",
+        "loopback",
+        wake,
+        None,
+        "µs",
+        "a thread blocked reading a socket, woken by a write; median",
     );
 
     // The same HTTP request over the L4 tunnel, then through the waypoint (the server pod
@@ -822,6 +1086,39 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
     }
     for d in l.daemons {
         let _ = weft_rt().spawn(d.stop()).await;
+    }
+}
+
+/// `--loop CASE`: repeats one loopback case through weft until killed (`connrate`,
+/// `latency`, `stream`; `-plain` after the name runs it over plain TCP, `-fwd` through the
+/// two plain forwarders).
+async fn run_loop(case: &str) {
+    let l = loopback().await;
+    let (name, via) = case.split_once('-').unwrap_or((case, "weft"));
+    let route: Arc<dyn Route> = match via {
+        "plain" => Arc::new(Direct(l.server)),
+        "fwd" => {
+            let f2 = forwarder(SocketAddr::new(l.client_ip, 16004), l.server).await;
+            Arc::new(Direct(
+                forwarder(SocketAddr::new(l.client_ip, 16003), f2).await,
+            ))
+        }
+        _ => Arc::new(ViaWeft {
+            client_ip: l.client_ip,
+            capture: l.capture,
+        }),
+    };
+    eprintln!("looping {name} via {via}, pid {}", std::process::id());
+    loop {
+        match name {
+            "connrate" => println!("{:.0} conn/s", conn_rate(route.clone(), 2_000).await),
+            "latency" => {
+                let mut v = latencies(route.clone(), 20_000).await;
+                v.sort_by(f64::total_cmp);
+                println!("p50 {:.1} µs, p99 {:.1} µs", pct(&v, 0.5), pct(&v, 0.99));
+            }
+            _ => println!("{:.2} Gbit/s", throughput(route.clone(), 1 << 30, 1).await),
+        }
     }
 }
 
@@ -869,8 +1166,14 @@ struct PodRoute {
 }
 
 impl Route for PodRoute {
-    fn connect(&self) -> std::io::Result<std::net::TcpStream> {
-        self.ns.tcp_connect(self.dst, Duration::from_secs(5))
+    fn sockets(&self, n: usize) -> std::io::Result<Vec<socket2::Socket>> {
+        // Made inside the pod's namespace (one thread entering it for all `n`); a socket
+        // stays in the namespace it was made in wherever it is used later.
+        self.ns
+            .run(move || (0..n).map(|_| new_socket(None)).collect())?
+    }
+    fn dst(&self) -> SocketAddr {
+        self.dst
     }
 }
 
@@ -980,12 +1283,14 @@ async fn run_mesh(weft_bin: &Path, sz: Sizes, report: &mut Report) {
         weft: route("client", "server"),
         plain: route("pclient", "pserver"),
         cpu: Box::new(move || process_cpu(p1) + process_cpu(p2)),
+        app_cpu: None,
         rss: Some(Box::new(move || process_rss(p1) + process_rss(p2))),
         cold: Box::new(move || {
             cold_routes[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5].clone()
         }),
     };
-    measure(&place, sz, report).await;
+    let costs = measure(&place, sz, report).await;
+    report_costs(report, "netns", &costs, None);
     drop(apps);
     drop(daemons);
     drop(bed);
@@ -1230,14 +1535,31 @@ fn main() {
         // The app server of the mesh cases, run inside a pod namespace.
         let addr: SocketAddr = addr.parse().expect("--app ADDR");
         let _ = rlimit::increase_nofile_limit(u64::MAX);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+        // One thread that drives its own sockets, as the loopback app (a multi-thread runtime's
+        // `block_on` accepted on the main thread, woken by a worker: one more hop per accept).
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(
             async move { serve_app(TcpListener::bind(addr).await.expect("app bind")).await },
         );
+        return;
+    }
+    if let Some(case) = args
+        .iter()
+        .position(|a| a == "--loop")
+        .and_then(|i| args.get(i + 1))
+    {
+        // For profiling (`perf record -p PID`): one loopback case through weft, over and
+        // over, printing its figure each round.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-app")
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(run_loop(case));
         return;
     }
     let full = args.iter().any(|a| a == "--bench");
