@@ -3,7 +3,8 @@
 //! network-namespace mesh (two weft processes with real TPROXY capture; needs root).
 //!
 //! `cargo bench --bench weft` runs everything (`-- --json FILE` also writes JSON; `-- --only
-//! loopback|mesh|micro` narrows it). Run any other way (as `cargo test --all-targets` does)
+//! loopback|mesh|micro` narrows it; `-- --loop CASE` repeats one loopback case for profiling,
+//! see [`run_loop`]). Run any other way (as `cargo test --all-targets` does)
 //! it does one tiny iteration of every case, so CI proves the harness works without timing
 //! anything. Numbers are never asserted: the machines are shared and noisy.
 
@@ -1009,7 +1010,7 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
     report_cores_needed(
         report,
         "loopback",
-        &format!("{name}, cores for 60 %"),
+        &format!("{name}, cores @ 60 %"),
         fwd_per_gib,
         costs.plain_gbps,
     );
