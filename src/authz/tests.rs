@@ -597,9 +597,10 @@ fn authz_can_be_shared_across_tasks() {
 }
 
 #[test]
-fn decisions_are_cheap_with_many_policies() {
-    // Not a benchmark: a guard that the per-connection path stays an index lookup. 1,000
-    // policies over 100 namespaces, a destination with 10 of them applicable.
+fn a_decision_with_many_policies_reads_only_the_destinations_own_from_the_index() {
+    // 1,000 policies over 100 namespaces; the destination is selected by one of them. The
+    // per-connection path must stay an index lookup of that one, not a walk over the rest
+    // (what a decision costs is measured in the bench, `policy decision, 1000 policies`).
     let mut docs = String::new();
     for n in 0..100 {
         docs.push_str(&format!(
@@ -616,26 +617,40 @@ fn decisions_are_cheap_with_many_policies() {
     docs.push_str("---\napiVersion: v1\nkind: Pod\nmetadata: {name: dst, namespace: ns7, labels: {app: a1}}\nstatus: {podIP: 10.1.0.10}\n");
     let mesh = parse_mesh("big.yaml", &docs).unwrap().mesh;
     let authz = Authz::new(&mesh, ROOT);
-    let id: Identity = A.parse().unwrap();
-    let conn = Connection {
-        src_ip: SRC_IP.parse().unwrap(),
-        src_identity: Some(&id),
-        dst: first(&mesh),
-        dst_ip: IpAddr::from([10, 1, 0, 10]),
-        dst_port: 8001,
-    };
-    let start = std::time::Instant::now();
-    let n = 20_000;
-    for _ in 0..n {
-        std::hint::black_box(authz.check(std::hint::black_box(&conn)));
-    }
-    let per = start.elapsed() / n;
-    eprintln!("{per:?} per decision");
-    // Generous for unoptimized test builds on a loaded machine; release is far below 1 µs.
+    let dst = first(&mesh);
+    let applicable = authz.lookup(dst);
     assert!(
-        per < std::time::Duration::from_micros(50),
-        "{per:?} per decision"
+        matches!(applicable, Cow::Borrowed(_)),
+        "computed per connection instead of read from the index"
     );
+    let names = |ids: &[u32]| -> Vec<String> {
+        ids.iter()
+            .map(|&i| {
+                let r = &authz.policies[i as usize].reference;
+                format!("{}/{}", r.namespace, r.name)
+            })
+            .collect()
+    };
+    assert_eq!(names(&applicable.allow), ["ns7/p1"]);
+    assert!(applicable.deny.is_empty() && applicable.audit.is_empty());
+    // And the decision is that policy's: its principal on its port, nobody else.
+    let decide = |who: &str, port: u16| {
+        let id: Identity = who.parse().unwrap();
+        authz
+            .check(&Connection {
+                src_ip: SRC_IP.parse().unwrap(),
+                src_identity: Some(&id),
+                dst,
+                dst_ip: IpAddr::from([10, 1, 0, 10]),
+                dst_port: port,
+            })
+            .decision
+            .is_allow()
+    };
+    assert!(decide("spiffe://cluster.local/ns/x/sa/1", 8001));
+    assert!(!decide("spiffe://cluster.local/ns/x/sa/1", 8002));
+    assert!(!decide("spiffe://cluster.local/ns/x/sa/2", 8001));
+    assert!(!decide(A, 8001));
 }
 
 #[test]
