@@ -166,21 +166,73 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Redi
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The host-side interface towards `ip`, from the routing table (`ip route get`); the CNI
-/// names interfaces, so no naming scheme is assumed.
-pub fn interface_to(ip: Ipv4Addr) -> Option<String> {
-    let out = run("ip", &["-o", "route", "get", &ip.to_string()], None).ok()?;
-    if out.contains(" via ") {
-        // Routed elsewhere: not a pod on this node.
-        return None;
+/// The host-side interface towards each of `ips`, from the routing table (`ip route get`,
+/// so policy routing counts as the kernel applies it); the CNI names interfaces, so no naming
+/// scheme is assumed. One `ip -batch` process for all of them: a pass used to run one `ip`
+/// per pod, after every change to the mesh and every 30 s. An IP routed via a gateway (not a
+/// pod on this node) or not routed at all is left out.
+pub fn interfaces_to(ips: &[Ipv4Addr]) -> BTreeMap<Ipv4Addr, String> {
+    use std::io::Write;
+    if ips.is_empty() {
+        return BTreeMap::new();
     }
-    let mut words = out.split_whitespace();
-    while let Some(w) = words.next() {
-        if w == "dev" {
-            return words.next().map(str::to_string);
+    let input: String = ips.iter().map(|ip| format!("route get {ip}\n")).collect();
+    // `-force`: an unroutable IP fails its own line only (and makes the exit status 1).
+    let child = Command::new("ip")
+        .args(["-o", "-force", "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot run ip route get");
+            return BTreeMap::new();
+        }
+    };
+    // Written from another thread: with many pods, `ip` fills its output pipe before it has
+    // read all of its input.
+    let writer = child.stdin.take().map(|mut pipe| {
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(input.as_bytes());
+        })
+    });
+    let out = child.wait_with_output();
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    match out {
+        Ok(out) => parse_routes(&String::from_utf8_lossy(&out.stdout)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot run ip route get");
+            BTreeMap::new()
         }
     }
-    None
+}
+
+/// `ip -o route get` lines (`[type] DST [via GW] dev IFACE ...`): the interface of each
+/// destination reached directly.
+fn parse_routes(out: &str) -> BTreeMap<Ipv4Addr, String> {
+    let mut found = BTreeMap::new();
+    for line in out.lines() {
+        let mut words = line.split_whitespace();
+        // A route type (`local`, `broadcast`...) may come before the destination.
+        let Some(dst) = words.by_ref().find_map(|w| w.parse::<Ipv4Addr>().ok()) else {
+            continue;
+        };
+        let rest: Vec<&str> = words.collect();
+        if rest.contains(&"via") {
+            // Routed elsewhere: not a pod on this node.
+            continue;
+        }
+        if let Some(i) = rest.iter().position(|w| *w == "dev") {
+            if let Some(dev) = rest.get(i + 1) {
+                found.insert(dst, dev.to_string());
+            }
+        }
+    }
+    found
 }
 
 /// Programs and removes the capture rules.
@@ -320,16 +372,11 @@ impl Redirector {
                 drop(snap);
                 let me = self.clone();
                 let (desired, missing) = tokio::task::spawn_blocking(move || {
-                    let mut found = BTreeMap::new();
-                    let mut missing = Vec::new();
-                    for ip in ips {
-                        match interface_to(ip) {
-                            Some(veth) => {
-                                found.insert(ip, veth);
-                            }
-                            None => missing.push(ip),
-                        }
-                    }
+                    let found = interfaces_to(&ips);
+                    let missing: Vec<Ipv4Addr> = ips
+                        .into_iter()
+                        .filter(|ip| !found.contains_key(ip))
+                        .collect();
                     let desired: Vec<PodRule> = found
                         .into_iter()
                         .map(|(ip, veth)| PodRule { ip, veth })
@@ -378,6 +425,39 @@ impl Redirector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_lines_give_the_interface_of_directly_reached_destinations() {
+        let out = "10.244.1.5 dev veth0a1b src 10.244.1.1 uid 0 \\    cache \n\
+                   10.244.2.7 via 192.0.2.1 dev eth0 src 192.0.2.2 uid 0 \\    cache \n\
+                   local 127.0.0.1 dev lo src 127.0.0.1 uid 0 \\    cache <local> \n\
+                   10.244.1.9 dev cali12345 src 10.244.1.1 uid 0 \\    cache \n\
+                   RTNETLINK answers: Network is unreachable\n";
+        let found = parse_routes(out);
+        let want: BTreeMap<Ipv4Addr, String> = [
+            ([10, 244, 1, 5], "veth0a1b"),
+            ([127, 0, 0, 1], "lo"),
+            ([10, 244, 1, 9], "cali12345"),
+        ]
+        .into_iter()
+        .map(|(ip, d)| (Ipv4Addr::from(ip), d.to_string()))
+        .collect();
+        assert_eq!(found, want);
+    }
+
+    #[test]
+    fn one_ip_process_resolves_every_pod_even_thousands() {
+        // Loopback addresses are routed `local ... dev lo` on any host; nothing is sent. 5,000
+        // answers (~400 KiB) overflow the output pipe long before the input is written: the
+        // input must be written while the output is read.
+        let ips: Vec<Ipv4Addr> = (0..5_000u32)
+            .map(|i| Ipv4Addr::from(0x7f00_0000 | (i + 1)))
+            .collect();
+        let found = interfaces_to(&ips);
+        assert_eq!(found.len(), ips.len());
+        assert!(found.values().all(|d| d == "lo"), "{found:?}");
+        assert!(interfaces_to(&[]).is_empty());
+    }
 
     #[test]
     fn outbound_rules_come_before_inbound_rules_and_target_the_listeners() {
