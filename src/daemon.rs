@@ -141,6 +141,7 @@ impl Daemon {
             tls,
             pool: pool.clone(),
             conns: conns.clone(),
+            draining: tokio_util::sync::CancellationToken::new(),
         });
         let listeners = Listeners {
             outbound: config.listen.outbound,

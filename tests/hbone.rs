@@ -596,3 +596,138 @@ async fn the_forwarded_address_is_believed_only_for_the_authenticated_identity()
     assert_eq!(src, peer, "the outer connection's address");
     drop(t);
 }
+
+/// An app that echoes every connection until it closes.
+fn echo_app(listener: TcpListener) {
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 1024];
+                while let Ok(n) = c.read(&mut b).await {
+                    if n == 0 || c.write_all(&b[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+async fn round_trip(t: &mut weft::proxy::pool::Tunnel) {
+    t.io.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    t.io.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_are_reused_reaped_when_idle_and_never_reused_once_closed() {
+    let s = setup().await;
+    echo_app(TcpListener::bind(s.app_addr(8080)).await.unwrap());
+    let (cert, key) = (s.client_cert(), s.key("server"));
+    let open = || s.pool.tunnel(&key, &cert, s.app_addr(8080), s.from());
+    let local = |s: &Setup| {
+        let v = s.pool.view();
+        assert_eq!(v.len(), 1, "{v:?}");
+        v[0].local
+    };
+
+    let mut t = open().await.unwrap();
+    round_trip(&mut t).await;
+    let first = local(&s);
+    // A connection with a stream is kept whatever the idle limit.
+    assert_eq!(s.pool.reap(Duration::ZERO), 1);
+    drop(t);
+    // Idle within the limit: kept, and the next stream rides on it.
+    assert_eq!(s.pool.reap(Duration::from_secs(60)), 1);
+    let mut t = open().await.unwrap();
+    round_trip(&mut t).await;
+    assert_eq!(local(&s), first);
+    drop(t);
+    // Idle past the limit: dropped, and the next stream opens another connection.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(s.pool.reap(Duration::from_millis(5)), 0);
+    assert!(s.pool.view().is_empty());
+    let mut t = open().await.unwrap();
+    round_trip(&mut t).await;
+    let second = local(&s);
+    assert_ne!(second, first);
+
+    // The peer closes it (the app's stream ends, then the server daemon stops): a new stream
+    // is never handed the dead connection, even before the reaper ran.
+    drop(t);
+    let Setup {
+        _node: node,
+        daemon,
+        pool,
+        server_ip,
+        client_ip,
+        ca,
+    } = s;
+    daemon.stop().await;
+    let daemon = start(&node, "node-b").await;
+    assert!(wait_ready(node.readiness(), Duration::from_secs(10)).await);
+    let s = Setup {
+        _node: node,
+        daemon,
+        pool,
+        server_ip,
+        client_ip,
+        ca,
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !s.pool.view().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stopped daemon's connection still looks open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut t = s
+        .pool
+        .tunnel(&key, &cert, s.app_addr(8080), s.from())
+        .await
+        .expect("a stream on a new connection");
+    round_trip(&mut t).await;
+    assert_ne!(local(&s), second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_daemon_sends_goaway_and_lets_the_stream_in_flight_finish() {
+    let s = setup().await;
+    echo_app(TcpListener::bind(s.app_addr(8080)).await.unwrap());
+    let (cert, key, app, from) = (s.client_cert(), s.key("server"), s.app_addr(8080), s.from());
+    let mut t = s.pool.tunnel(&key, &cert, app, from).await.unwrap();
+    round_trip(&mut t).await;
+    let Setup {
+        _node: _keep,
+        daemon,
+        pool,
+        ..
+    } = s;
+    let stopping = tokio::spawn(daemon.stop());
+    // After the GOAWAY a new stream no longer rides on the draining daemon's connection: the
+    // pool opens another, which the closed listener refuses. (Before the GOAWAY arrives one
+    // may still get through on the old connection.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match pool.tunnel(&key, &cert, app, from).await {
+            Err(TunnelError::Connect { .. }) => break,
+            Ok(_) => assert!(
+                std::time::Instant::now() < deadline,
+                "streams still accepted while draining"
+            ),
+            Err(e) => panic!("a new stream failed on the going-away connection: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The stream in flight goes on meanwhile.
+    round_trip(&mut t).await;
+    round_trip(&mut t).await;
+    // Once it ends, the drain is over, well before its 5 s deadline.
+    drop(t);
+    tokio::time::timeout(Duration::from_secs(3), stopping)
+        .await
+        .expect("the drain waited for its deadline")
+        .unwrap();
+}

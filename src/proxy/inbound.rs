@@ -512,7 +512,19 @@ async fn serve_h2<T>(
             return;
         }
     };
-    while let Some(next) = conn.accept().await {
+    let mut going_away = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            _ = ctx.draining.cancelled(), if !going_away => {
+                // Draining: GOAWAY. The client opens its next streams elsewhere; the streams
+                // in flight go on until they end or the drain deadline closes them.
+                conn.graceful_shutdown();
+                going_away = true;
+                continue;
+            }
+        };
+        let Some(next) = next else { return };
         match next {
             Ok((req, respond)) => {
                 let ctx = ctx.clone();

@@ -71,6 +71,8 @@ pub struct ProxyCtx {
     pub pool: Arc<Pool>,
     /// Live connections.
     pub conns: Arc<ConnTable>,
+    /// Cancelled when the data path starts draining: HBONE connections then send GOAWAY.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 impl ProxyCtx {
@@ -182,6 +184,9 @@ impl Proxy {
     /// After shutdown was signalled: waits for the listeners to close, gives live
     /// connections up to `grace` to finish, then closes the rest.
     pub async fn drain(self, grace: Duration) {
+        // Clients stop opening streams on our HBONE connections and take their next ones
+        // elsewhere (a new weft on this node); the streams in flight finish below.
+        self.ctx.draining.cancel();
         for t in self.tasks {
             let _ = t.await;
         }

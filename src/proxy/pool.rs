@@ -14,12 +14,13 @@
 use crate::sync::lock;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use std::sync::atomic::AtomicBool;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
@@ -51,6 +52,8 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 /// them, credit still owed) instead of leaving them queued there.
 pub const DATA_FRAME_BUDGET: usize = usize::MAX;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections one new stream may find going away (GOAWAY) before it fails.
+const MAX_RETIRED: usize = 3;
 
 /// Errors opening a tunnel.
 #[derive(Debug, thiserror::Error)]
@@ -110,8 +113,8 @@ struct Pooled {
     /// Set by the connection task when the connection ended.
     closed: Arc<AtomicBool>,
     active: AtomicUsize,
-    /// When `active` last dropped to zero.
-    idle_since: Mutex<Instant>,
+    /// When `active` last dropped to zero, in ms since `created`.
+    idle_since_ms: AtomicU64,
     created: Instant,
     local: Option<SocketAddr>,
 }
@@ -119,6 +122,11 @@ struct Pooled {
 impl Pooled {
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    fn idle_for(&self) -> Duration {
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        self.created.elapsed().saturating_sub(since)
     }
 }
 
@@ -134,7 +142,8 @@ struct Slot(Arc<Pooled>);
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *crate::sync::lock(&self.0.idle_since) = Instant::now();
+            let ms = u64::try_from(self.0.created.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.0.idle_since_ms.store(ms, Ordering::Release);
         }
     }
 }
@@ -157,12 +166,17 @@ pub struct PoolView {
     pub age_secs: f64,
 }
 
+/// The pooled connections by key. Read without a lock on every new stream (a load of the
+/// current map, then atomics on the connections); replaced whole, copy-on-write, only when a
+/// connection is added or reaped. Persistent collections make the copy cheap.
+type Conns = imbl::HashMap<PoolKey, imbl::Vector<Arc<Pooled>>>;
+
 /// The pool of HBONE client connections.
 pub struct Pool {
     tls: Arc<TlsConfigs>,
     mode: SocketMode,
     hbone_port: u16,
-    conns: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+    conns: ArcSwap<Conns>,
     connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -173,17 +187,17 @@ impl Pool {
             tls,
             mode,
             hbone_port,
-            conns: Mutex::new(HashMap::new()),
+            conns: ArcSwap::from_pointee(Conns::new()),
             connecting: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Takes a slot on a live pooled connection with room, if any.
+    /// Takes a slot on a live pooled connection with room, if any. Takes no lock: closed
+    /// connections are skipped here and removed by [`Pool::reap`].
     fn pick(&self, key: &PoolKey) -> Option<Slot> {
-        let mut conns = lock(&self.conns);
-        let list = conns.get_mut(key)?;
-        list.retain(|c| !c.is_closed());
-        for c in list.iter() {
+        let conns = self.conns.load();
+        let list = conns.get(key)?;
+        for c in list.iter().filter(|c| !c.is_closed()) {
             let n = c.active.load(Ordering::Acquire);
             if n < MAX_STREAMS
                 && c.active
@@ -236,52 +250,72 @@ impl Pool {
         authority: SocketAddr,
         forwarded_for: SocketAddr,
     ) -> Result<Tunnel, TunnelError> {
-        let slot = match self.pick(key) {
-            Some(s) => s,
-            None => {
-                let gate = lock(&self.connecting)
-                    .entry(key.clone())
-                    .or_default()
-                    .clone();
-                let _one_at_a_time = gate.lock().await;
-                match self.pick(key) {
-                    Some(s) => s,
-                    None => {
-                        let pooled = Arc::new(Box::pin(self.connect(key, cert)).await?);
-                        pooled.active.store(1, Ordering::Release);
-                        lock(&self.conns)
-                            .entry(key.clone())
-                            .or_default()
-                            .push(pooled.clone());
-                        Slot(pooled)
-                    }
-                }
-            }
-        };
         let addr = SocketAddr::new(key.dst_ip, self.hbone_port);
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(authority.to_string())
-            .header("forwarded", format!("for=\"{forwarded_for}\""))
-            .body(())
-            .map_err(|e| TunnelError::Connect {
-                addr,
-                source: std::io::Error::other(e),
-            })?;
-        let mut sender = slot
-            .0
-            .sender
-            .clone()
-            .ready()
-            .await
-            .map_err(|source| TunnelError::Http { addr, source })?;
-        let (response, send) = sender
-            .send_request(req, false)
-            .map_err(|source| TunnelError::Http { addr, source })?;
-        Ok(Tunnel {
-            io: H2Io::awaiting(send, response),
-            _slot: slot,
-        })
+        let req = || {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(authority.to_string())
+                .header("forwarded", format!("for=\"{forwarded_for}\""))
+                .body(())
+                .map_err(|e| TunnelError::Connect {
+                    addr,
+                    source: std::io::Error::other(e),
+                })
+        };
+        // A connection the peer is shutting down (GOAWAY: a weft draining for a restart)
+        // refuses new streams before anything is sent: it is retired and the stream tries
+        // another connection, a new one once the pooled ones are used up. A few times at
+        // most, for a peer that sends GOAWAY on every connection.
+        let mut retired = 0;
+        loop {
+            let slot = match self.pick(key) {
+                Some(s) => s,
+                None => self.slot_on_new_or_pooled(key, cert).await?,
+            };
+            match Self::open_stream(&slot, req()?).await {
+                Ok(io) => return Ok(Tunnel { io, _slot: slot }),
+                Err(e) if e.is_go_away() && retired < MAX_RETIRED => {
+                    tracing::debug!(peer = %addr, "HBONE connection going away; trying another");
+                    slot.0.closed.store(true, Ordering::Release);
+                    retired += 1;
+                }
+                Err(source) => return Err(TunnelError::Http { addr, source }),
+            }
+        }
+    }
+
+    /// Sends the CONNECT request on `slot`'s connection.
+    async fn open_stream(slot: &Slot, req: Request<()>) -> Result<H2Io, h2::Error> {
+        let mut sender = slot.0.sender.clone().ready().await?;
+        let (response, send) = sender.send_request(req, false)?;
+        Ok(H2Io::awaiting(send, response))
+    }
+
+    /// A slot on a connection with room: one that another task opened meanwhile, or a new
+    /// one (only one task connects per key at a time).
+    async fn slot_on_new_or_pooled(
+        &self,
+        key: &PoolKey,
+        cert: &IssuedCert,
+    ) -> Result<Slot, TunnelError> {
+        let gate = lock(&self.connecting)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = gate.lock().await;
+        if let Some(s) = self.pick(key) {
+            return Ok(s);
+        }
+        let pooled = Arc::new(Box::pin(self.connect(key, cert)).await?);
+        pooled.active.store(1, Ordering::Release);
+        self.conns.rcu(|conns| {
+            let mut conns = Conns::clone(conns);
+            let list = conns.entry(key.clone()).or_default();
+            list.retain(|c| !c.is_closed());
+            list.push_back(pooled.clone());
+            conns
+        });
+        Ok(Slot(pooled))
     }
 
     async fn connect(&self, key: &PoolKey, cert: &IssuedCert) -> Result<Pooled, TunnelError> {
@@ -324,7 +358,7 @@ impl Pool {
             sender,
             closed,
             active: AtomicUsize::new(0),
-            idle_since: Mutex::new(Instant::now()),
+            idle_since_ms: AtomicU64::new(0),
             created: Instant::now(),
             local,
         })
@@ -332,16 +366,25 @@ impl Pool {
 
     /// Drops connections idle for longer than `idle` and closed ones; returns how many remain.
     pub fn reap(&self, idle: Duration) -> usize {
-        let mut conns = lock(&self.conns);
-        conns.retain(|_, list| {
-            list.retain(|c| {
-                let idle_for = lock(&c.idle_since).elapsed();
-                !c.is_closed() && (c.active.load(Ordering::Acquire) > 0 || idle_for < idle)
+        let keep = |c: &Arc<Pooled>| {
+            !c.is_closed() && (c.active.load(Ordering::Acquire) > 0 || c.idle_for() < idle)
+        };
+        // Copied only when something is dropped.
+        if !self.conns.load().values().flatten().all(keep) {
+            self.conns.rcu(|conns| {
+                let mut out = Conns::new();
+                for (k, list) in conns.iter() {
+                    let list: imbl::Vector<_> = list.iter().filter(|c| keep(c)).cloned().collect();
+                    if !list.is_empty() {
+                        out.insert(k.clone(), list);
+                    }
+                }
+                out
             });
-            !list.is_empty()
-        });
+        }
+        let conns = self.conns.load();
         lock(&self.connecting).retain(|k, _| conns.contains_key(k));
-        conns.values().map(Vec::len).sum()
+        conns.values().map(imbl::Vector::len).sum()
     }
 
     /// Runs [`Pool::reap`] periodically until `shutdown`.
@@ -364,12 +407,12 @@ impl Pool {
     /// Closes every pooled connection (streams in flight keep their connection alive until
     /// they end).
     pub fn clear(&self) {
-        lock(&self.conns).clear();
+        self.conns.store(Arc::new(Conns::new()));
     }
 
     /// The pooled connections.
     pub fn view(&self) -> Vec<PoolView> {
-        let conns = lock(&self.conns);
+        let conns = self.conns.load();
         let mut out = Vec::new();
         for (k, list) in conns.iter() {
             for c in list {
