@@ -9,10 +9,9 @@
 //! connections keep theirs. It does not decide *which* identity a connection uses: the proxy
 //! passes that in.
 
-use crate::sync::lock;
-use std::collections::HashMap;
+use arc_swap::ArcSwap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -168,8 +167,10 @@ pub struct TlsConfigs {
     provider: Arc<CryptoProvider>,
     roots: Arc<Vec<CertificateDer<'static>>>,
     client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
-    servers: Mutex<HashMap<Identity, (String, Arc<ServerConfig>)>>,
-    clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
+    /// Read without a lock on every HBONE handshake; replaced copy-on-write when a config is
+    /// built (a new identity or a renewed certificate).
+    servers: ArcSwap<imbl::HashMap<Identity, (String, Arc<ServerConfig>)>>,
+    clients: ArcSwap<imbl::HashMap<ClientKey, Arc<ClientConfig>>>,
 }
 
 impl TlsConfigs {
@@ -190,8 +191,8 @@ impl TlsConfigs {
             provider,
             roots: Arc::new(roots),
             client_verifier,
-            servers: Mutex::new(HashMap::new()),
-            clients: Mutex::new(HashMap::new()),
+            servers: ArcSwap::default(),
+            clients: ArcSwap::default(),
         })
     }
 
@@ -216,7 +217,7 @@ impl TlsConfigs {
 
     /// The server config presenting `cert` and requiring a client certificate from the mesh.
     pub fn server(&self, cert: &IssuedCert) -> Result<Arc<ServerConfig>, TlsError> {
-        if let Some((serial, cfg)) = lock(&self.servers).get(&cert.identity) {
+        if let Some((serial, cfg)) = self.servers.load().get(&cert.identity) {
             if *serial == cert.serial_hex {
                 return Ok(cfg.clone());
             }
@@ -229,10 +230,12 @@ impl TlsConfigs {
             .with_cert_resolver(Arc::new(SingleCert(ck)));
         cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
         let cfg = Arc::new(cfg);
-        lock(&self.servers).insert(
-            cert.identity.clone(),
-            (cert.serial_hex.clone(), cfg.clone()),
-        );
+        self.servers.rcu(|servers| {
+            servers.update(
+                cert.identity.clone(),
+                (cert.serial_hex.clone(), cfg.clone()),
+            )
+        });
         Ok(cfg)
     }
 
@@ -247,7 +250,7 @@ impl TlsConfigs {
             cert.serial_hex.clone(),
             expected.clone(),
         );
-        if let Some(cfg) = lock(&self.clients).get(&key) {
+        if let Some(cfg) = self.clients.load().get(&key) {
             return Ok(cfg.clone());
         }
         let ck = self.certified_key(cert)?;
@@ -267,10 +270,13 @@ impl TlsConfigs {
         // keep every handshake full (pooling makes handshakes rare anyway).
         cfg.resumption = rustls::client::Resumption::disabled();
         let cfg = Arc::new(cfg);
-        let mut clients = lock(&self.clients);
-        // Old serials of the same identity are dead weight after a renewal.
-        clients.retain(|(id, serial, _), _| id != &key.0 || serial == &key.1);
-        clients.insert(key, cfg.clone());
+        self.clients.rcu(|clients| {
+            let mut clients = imbl::HashMap::clone(clients);
+            // Old serials of the same identity are dead weight after a renewal.
+            clients.retain(|(id, serial, _), _| id != &key.0 || serial == &key.1);
+            clients.insert(key.clone(), cfg.clone());
+            clients
+        });
         Ok(cfg)
     }
 }
@@ -299,5 +305,44 @@ impl rustls::client::ResolvesClientCert for SingleCert {
 
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{BuiltinCa, CertificateAuthority};
+    use std::time::Duration;
+
+    #[test]
+    fn configs_are_built_once_per_certificate_and_again_after_a_renewal() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::identity::ca::init_dir(dir.path(), "cluster.local").unwrap();
+        let ca = BuiltinCa::load(dir.path()).unwrap();
+        let tls = TlsConfigs::new(ca.roots_der()).unwrap();
+        let (a, b) = (
+            Identity::new("cluster.local", "ns", "a").unwrap(),
+            Identity::new("cluster.local", "ns", "b").unwrap(),
+        );
+        let day = Duration::from_secs(86_400);
+        let (a1, b1) = (ca.issue(&a, day).unwrap(), ca.issue(&b, day).unwrap());
+        let server = tls.server(&a1).unwrap();
+        assert!(Arc::ptr_eq(&server, &tls.server(&a1).unwrap()));
+        let to_b = tls.client(&a1, &b).unwrap();
+        assert!(Arc::ptr_eq(&to_b, &tls.client(&a1, &b).unwrap()));
+        // Another identity, another expected peer: their own configs.
+        assert!(!Arc::ptr_eq(&server, &tls.server(&b1).unwrap()));
+        let to_a = tls.client(&a1, &a).unwrap();
+        assert!(!Arc::ptr_eq(&to_b, &to_a));
+        // Renewed: new configs, and the old serial's client configs are dropped.
+        let a2 = ca.issue(&a, day).unwrap();
+        assert_ne!(a1.serial_hex, a2.serial_hex);
+        assert!(!Arc::ptr_eq(&server, &tls.server(&a2).unwrap()));
+        assert!(!Arc::ptr_eq(&to_b, &tls.client(&a2, &b).unwrap()));
+        let clients = tls.clients.load();
+        assert_eq!(clients.len(), 1, "old serials kept");
+        assert!(clients
+            .keys()
+            .all(|(id, serial, _)| id == &a && serial == &a2.serial_hex));
     }
 }
