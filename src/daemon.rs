@@ -142,6 +142,7 @@ impl Daemon {
             pool: pool.clone(),
             conns: conns.clone(),
             draining: tokio_util::sync::CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
         });
         let listeners = Listeners {
             outbound: config.listen.outbound,

@@ -171,26 +171,35 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Redi
 /// scheme is assumed. One `ip -batch` process for all of them: a pass used to run one `ip`
 /// per pod, after every change to the mesh and every 30 s. An IP routed via a gateway (not a
 /// pod on this node) or not routed at all is left out.
-pub fn interfaces_to(ips: &[Ipv4Addr]) -> BTreeMap<Ipv4Addr, String> {
+pub fn interfaces_to(ips: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, String>, RedirectError> {
+    let mut ip = Command::new("ip");
+    ip.args(["-o", "-force", "-batch", "-"]);
+    route_lookup(ip, "ip -o -force -batch - (route get per pod)", ips)
+}
+
+/// [`interfaces_to`] with `cmd` standing for `ip -o -force -batch -`.
+fn route_lookup(
+    mut cmd: Command,
+    command: &str,
+    ips: &[Ipv4Addr],
+) -> Result<BTreeMap<Ipv4Addr, String>, RedirectError> {
     use std::io::Write;
     if ips.is_empty() {
-        return BTreeMap::new();
+        return Ok(BTreeMap::new());
     }
+    let command = command.to_string();
+    let spawn_error = |source| RedirectError::Spawn {
+        command: command.clone(),
+        source,
+    };
     let input: String = ips.iter().map(|ip| format!("route get {ip}\n")).collect();
     // `-force`: an unroutable IP fails its own line only (and makes the exit status 1).
-    let child = Command::new("ip")
-        .args(["-o", "-force", "-batch", "-"])
+    let mut child = cmd
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot run ip route get");
-            return BTreeMap::new();
-        }
-    };
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
     // Written from another thread: with many pods, `ip` fills its output pipe before it has
     // read all of its input.
     let writer = child.stdin.take().map(|mut pipe| {
@@ -198,17 +207,24 @@ pub fn interfaces_to(ips: &[Ipv4Addr]) -> BTreeMap<Ipv4Addr, String> {
             let _ = pipe.write_all(input.as_bytes());
         })
     });
-    let out = child.wait_with_output();
+    let out = child.wait_with_output().map_err(spawn_error);
     if let Some(w) = writer {
         let _ = w.join();
     }
-    match out {
-        Ok(out) => parse_routes(&String::from_utf8_lossy(&out.stdout)),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot run ip route get");
-            BTreeMap::new()
-        }
+    let out = out?;
+    let found = parse_routes(&String::from_utf8_lossy(&out.stdout));
+    // Each IP gets an answer line or a `Command failed -:N` line; fewer means `ip` itself
+    // failed (not installed right, no permission, killed), which must not read as "every
+    // pod is gone" and remove their capture.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let failed_lines = stderr.matches("Command failed").count();
+    if found.len() + failed_lines < ips.len() {
+        return Err(RedirectError::Failed {
+            command,
+            stderr: format!("{} ({})", stderr.trim(), out.status),
+        });
     }
+    Ok(found)
 }
 
 /// `ip -o route get` lines (`[type] DST [via GW] dev IFACE ...`): the interface of each
@@ -371,8 +387,8 @@ impl Redirector {
                     .collect();
                 drop(snap);
                 let me = self.clone();
-                let (desired, missing) = tokio::task::spawn_blocking(move || {
-                    let found = interfaces_to(&ips);
+                let routes = tokio::task::spawn_blocking(move || {
+                    let found = interfaces_to(&ips)?;
                     let missing: Vec<Ipv4Addr> = ips
                         .into_iter()
                         .filter(|ip| !found.contains_key(ip))
@@ -381,10 +397,22 @@ impl Redirector {
                         .into_iter()
                         .map(|(ip, veth)| PodRule { ip, veth })
                         .collect();
-                    (desired, missing)
+                    Ok::<_, RedirectError>((desired, missing))
                 })
                 .await
-                .unwrap_or_default();
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+                let (desired, missing) = match routes {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Nothing learnt about the pods: the rules in force stay.
+                        tracing::error!(error = %e, "cannot read the routes to the pods; capture rules unchanged, retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            _ = crate::sync::shut_down(&mut shutdown) => return,
+                        }
+                    }
+                };
                 if !missing.is_empty() {
                     tracing::warn!(pods = ?missing, "no local interface for these enrolled pods yet; retrying");
                 }
@@ -453,10 +481,38 @@ mod tests {
         let ips: Vec<Ipv4Addr> = (0..5_000u32)
             .map(|i| Ipv4Addr::from(0x7f00_0000 | (i + 1)))
             .collect();
-        let found = interfaces_to(&ips);
+        let found = interfaces_to(&ips).unwrap();
         assert_eq!(found.len(), ips.len());
         assert!(found.values().all(|d| d == "lo"), "{found:?}");
-        assert!(interfaces_to(&[]).is_empty());
+        assert!(interfaces_to(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn ip_failing_as_a_whole_is_an_error_not_a_node_without_pods() {
+        let fake = |script: &str| {
+            let mut c = Command::new("sh");
+            c.args(["-c", script]);
+            c
+        };
+        let ips = [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)];
+        // Every pod unroutable (each line failed on its own): a valid answer, no interfaces.
+        let each_failed = "cat >/dev/null; for i in 1 2; do echo 'RTNETLINK answers: Network is unreachable' >&2; echo \"Command failed -:$i\" >&2; done; exit 1";
+        assert!(route_lookup(fake(each_failed), "fake", &ips)
+            .unwrap()
+            .is_empty());
+        // One answered, one failed: the answer counts.
+        let one_each = "cat >/dev/null; echo '10.0.0.1 dev veth1 src 10.0.0.254 uid 0'; echo 'Command failed -:2' >&2; exit 1";
+        let found = route_lookup(fake(one_each), "fake", &ips).unwrap();
+        assert_eq!(found.get(&ips[0]).map(String::as_str), Some("veth1"));
+        // `ip` itself failed: an error with its reason, so the rules in force stay.
+        let broken = "cat >/dev/null; echo 'Object \"route\" is unknown' >&2; exit 255";
+        let err = route_lookup(fake(broken), "fake", &ips)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is unknown") && err.contains("255"), "{err}");
+        // Not even started.
+        let err = route_lookup(Command::new("/nonexistent/ip"), "ip", &ips).unwrap_err();
+        assert!(matches!(err, RedirectError::Spawn { .. }), "{err}");
     }
 
     #[test]

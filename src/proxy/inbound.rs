@@ -527,11 +527,9 @@ async fn serve_h2<T>(
         let Some(next) = next else { return };
         match next {
             Ok((req, respond)) => {
-                let ctx = ctx.clone();
                 let peer_id = peer_id.clone();
-                tokio::spawn(
-                    handle_connect(ctx, req, respond, peer_id, peer, tunnel_ip).in_current_span(),
-                );
+                let task = handle_connect(ctx.clone(), req, respond, peer_id, peer, tunnel_ip);
+                ctx.tasks.spawn(task.in_current_span());
             }
             Err(e) => {
                 tracing::debug!(error = %e, "HBONE connection ended");

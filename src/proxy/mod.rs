@@ -73,6 +73,10 @@ pub struct ProxyCtx {
     pub conns: Arc<ConnTable>,
     /// Cancelled when the data path starts draining: HBONE connections then send GOAWAY.
     pub draining: tokio_util::sync::CancellationToken,
+    /// Every connection's task from its accept, HBONE connections and their streams
+    /// included: the drain waits for these, not only for the connections already registered
+    /// (a stream still being routed, or accepted just before the GOAWAY, is not yet).
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl ProxyCtx {
@@ -184,27 +188,25 @@ impl Proxy {
     /// After shutdown was signalled: waits for the listeners to close, gives live
     /// connections up to `grace` to finish, then closes the rest.
     pub async fn drain(self, grace: Duration) {
-        // Clients stop opening streams on our HBONE connections and take their next ones
-        // elsewhere (a new weft on this node); the streams in flight finish below.
-        self.ctx.draining.cancel();
         for t in self.tasks {
             let _ = t.await;
         }
-        let conns = self.ctx.conns.clone();
-        let deadline = tokio::time::Instant::now() + grace;
-        while !conns.is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if !conns.is_empty() {
+        // The listeners are closed: no connection arrives and no task is added from here on.
+        // Then clients stop opening streams on our HBONE connections and take their next
+        // ones elsewhere (a new weft on this node; a GOAWAY before the listener closed would
+        // have sent them back here); the streams in flight finish below.
+        self.ctx.draining.cancel();
+        let tasks = self.ctx.tasks.clone();
+        tasks.close();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            let conns = &self.ctx.conns;
             tracing::info!(
                 open = conns.len(),
+                tasks = tasks.len(),
                 "drain grace period over; closing connections"
             );
             conns.close_all();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-            while !conns.is_empty() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
         }
         self.ctx.pool.clear();
     }
@@ -226,7 +228,7 @@ where
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
                         socket::tune_accepted(&stream);
-                        tokio::spawn(handler(ctx.clone(), stream, peer));
+                        ctx.tasks.spawn(handler(ctx.clone(), stream, peer));
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.

@@ -9,7 +9,9 @@
 //!   when every pooled one is full, and only one task connects per key at a time, so a burst
 //!   of N streams opens about N / MAX_STREAMS connections, not N.
 //! - A connection with no streams for [`IDLE_TIMEOUT`] is dropped, which closes it.
-//! - A closed connection (peer gone, GOAWAY) is never handed out again.
+//! - A closed connection (peer gone) is never handed out again. One the peer is shutting
+//!   down (GOAWAY) is retired by the first stream that it refuses, and that stream goes on
+//!   another connection.
 
 use crate::sync::lock;
 use std::collections::HashMap;
@@ -52,7 +54,7 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 /// them, credit still owed) instead of leaving them queued there.
 pub const DATA_FRAME_BUDGET: usize = usize::MAX;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections one new stream may find going away (GOAWAY) before it fails.
+/// New connections one stream may find going away (GOAWAY) at once before it fails.
 const MAX_RETIRED: usize = 3;
 
 /// Errors opening a tunnel.
@@ -266,18 +268,20 @@ impl Pool {
         // refuses new streams before anything is sent: it is retired and the stream tries
         // another connection, a new one once the pooled ones are used up. A few times at
         // most, for a peer that sends GOAWAY on every connection.
-        let mut retired = 0;
+        let mut fresh_retired = 0;
         loop {
-            let slot = match self.pick(key) {
-                Some(s) => s,
+            let (slot, fresh) = match self.pick(key) {
+                Some(s) => (s, false),
                 None => self.slot_on_new_or_pooled(key, cert).await?,
             };
             match Self::open_stream(&slot, req()?).await {
                 Ok(io) => return Ok(Tunnel { io, _slot: slot }),
-                Err(e) if e.is_go_away() && retired < MAX_RETIRED => {
+                // Pooled connections are tried each at most once (each is retired); a new
+                // one that goes away at once counts towards the limit.
+                Err(e) if e.is_go_away() && (!fresh || fresh_retired < MAX_RETIRED) => {
                     tracing::debug!(peer = %addr, "HBONE connection going away; trying another");
                     slot.0.closed.store(true, Ordering::Release);
-                    retired += 1;
+                    fresh_retired += usize::from(fresh);
                 }
                 Err(source) => return Err(TunnelError::Http { addr, source }),
             }
@@ -292,19 +296,19 @@ impl Pool {
     }
 
     /// A slot on a connection with room: one that another task opened meanwhile, or a new
-    /// one (only one task connects per key at a time).
+    /// one (only one task connects per key at a time); true when new.
     async fn slot_on_new_or_pooled(
         &self,
         key: &PoolKey,
         cert: &IssuedCert,
-    ) -> Result<Slot, TunnelError> {
+    ) -> Result<(Slot, bool), TunnelError> {
         let gate = lock(&self.connecting)
             .entry(key.clone())
             .or_default()
             .clone();
         let _one_at_a_time = gate.lock().await;
         if let Some(s) = self.pick(key) {
-            return Ok(s);
+            return Ok((s, false));
         }
         let pooled = Arc::new(Box::pin(self.connect(key, cert)).await?);
         pooled.active.store(1, Ordering::Release);
@@ -315,7 +319,7 @@ impl Pool {
             list.push_back(pooled.clone());
             conns
         });
-        Ok(Slot(pooled))
+        Ok((Slot(pooled), true))
     }
 
     async fn connect(&self, key: &PoolKey, cert: &IssuedCert) -> Result<Pooled, TunnelError> {
@@ -383,7 +387,10 @@ impl Pool {
             });
         }
         let conns = self.conns.load();
-        lock(&self.connecting).retain(|k, _| conns.contains_key(k));
+        // A gate still held or awaited guards a first connect in progress: keep it, or a
+        // second task could connect for the same key at the same time.
+        lock(&self.connecting)
+            .retain(|k, gate| conns.contains_key(k) || Arc::strong_count(gate) > 1);
         conns.values().map(imbl::Vector::len).sum()
     }
 
