@@ -321,6 +321,12 @@ impl ConnTable {
         counters
     }
 
+    /// Drops the cached label sets (the state changed): the workload records they hold are
+    /// released, and the next connection of each label set finds its counters again.
+    pub fn forget_label_sets(&self) {
+        self.cache.store(Arc::default());
+    }
+
     fn shard(&self, id: u64) -> &Shard {
         &self.live[id as usize % SHARDS]
     }
@@ -631,8 +637,17 @@ mod tests {
         }
         assert!(t.cache.load().len() <= LABEL_CACHE_MAX);
         drop(t.open(meta(&client, &v1, None)));
+        // A state change releases the cached records; counting goes on in the same series.
+        t.forget_label_sets();
+        assert!(t.cache.load().is_empty());
+        assert_eq!(
+            Arc::strong_count(&v1),
+            1,
+            "the cache still holds the old record"
+        );
+        drop(t.open(meta(&client, &v1, None)));
         let all = opened(&t);
-        assert_eq!(all[&key("v1", "unknown")], 3);
+        assert_eq!(all[&key("v1", "unknown")], 4);
         assert_eq!(all.len(), 3 + LABEL_CACHE_MAX + 10);
         assert!(all.values().all(|n| *n >= 1));
     }

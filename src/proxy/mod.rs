@@ -118,6 +118,8 @@ pub fn spawn_policy_follower(
             let snap = ctx.store.snapshot();
             let authz = ctx.authz(&snap);
             ctx.waypoint.update(&snap);
+            // Cached metric label sets hold the previous state's workload records.
+            ctx.conns.forget_label_sets();
             for conn in ctx.conns.list() {
                 let m = &conn.meta;
                 if m.direction != conntrack::Direction::Inbound {
