@@ -737,3 +737,70 @@ async fn a_draining_daemon_sends_goaway_and_lets_the_stream_in_flight_finish() {
         "the drain took {took:?}: it waited for its deadline"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_for_a_stream_still_connecting_to_its_app() {
+    let s = setup().await;
+    // An app whose accept queue is full: a new connection to it waits, its SYN dropped and
+    // sent again a second later.
+    let app = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    app.set_reuse_address(true).unwrap();
+    app.bind(&s.app_addr(8080).into()).unwrap();
+    app.listen(0).unwrap();
+    let app: std::net::TcpListener = app.into();
+    let fill: Vec<_> = (0..2)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&s.app_addr(8080), Duration::from_millis(300)).ok()
+        })
+        .collect();
+    assert!(!fill.is_empty());
+    let (cert, key) = (s.client_cert(), s.key("server"));
+    let mut t = s
+        .pool
+        .tunnel_early(&key, &cert, s.app_addr(8080), s.from())
+        .await
+        .unwrap();
+    t.io.write_all(b"ping").await.unwrap();
+    // The stream is accepted and still connecting to the app: not yet a registered connection.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(s.daemon.proxy_ctx().conns.is_empty());
+    let Setup {
+        _node: _keep,
+        daemon,
+        ..
+    } = s;
+    let stopping = tokio::spawn(daemon.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the drain ended with a stream still on its way to the app"
+    );
+    // The app catches up: the connection goes through, and the stream is served to its end.
+    let app = std::thread::spawn(move || {
+        drop(fill);
+        for c in app.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut b = [0u8; 64];
+                while let Ok(n) = c.read(&mut b) {
+                    if n == 0 || c.write_all(&b[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut b = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(4), t.io.read_exact(&mut b))
+        .await
+        .expect("the stream was not served during the drain")
+        .unwrap();
+    assert_eq!(&b, b"ping");
+    drop(t);
+    tokio::time::timeout(weft::daemon::DRAIN_GRACE, stopping)
+        .await
+        .expect("the drain did not end with its last stream")
+        .unwrap();
+    drop(app);
+}
