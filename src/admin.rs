@@ -247,6 +247,7 @@ async fn explain(ctx: &AdminContext, req: &Request<Incoming>) -> Result<serde_js
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| format!("port {p:?} is not a port (1-65535)"))?,
+        (None, Some(0)) => return Err(format!("dst {dst_raw:?} has port 0 (1-65535)")),
         (None, Some(p)) => p,
         (None, None) => return Err("missing port".into()),
     };

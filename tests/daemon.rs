@@ -274,6 +274,7 @@ async fn admin_endpoints_answer_as_specified_including_bad_requests() {
         ("src=10.0.0.1&dst=nowhere&port=80".into(), "dst \"nowhere\" is not an IP address or IP:port".into()),
         (format!("src=10.0.0.1&dst={w}"), "missing port".into()),
         (format!("src=10.0.0.1&dst={w}&port=0"), "port \"0\" is not a port (1-65535)".into()),
+        (format!("src=10.0.0.1&dst={w}:0"), "has port 0".into()),
         (format!("src=10.0.0.1&dst={w}&port=70000"), "port \"70000\" is not a port".into()),
         ("src=10.0.0.1&dst=10.9.9.9&port=80".into(), "dst 10.9.9.9 is not a workload in the mesh".into()),
         (format!("src=10.0.0.1&dst={w}&port=80&identity=spiffe://cluster.local/ns/a/sa/b&plaintext=true"), "contradict".into()),

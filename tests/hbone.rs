@@ -503,6 +503,7 @@ async fn bad_hbone_requests_get_clear_statuses() {
         "app.mesh:80".to_string(),
         s.server_ip.to_string(),
         format!("{}:99999", s.server_ip),
+        format!("{}:0", s.server_ip),
     ] {
         let st = status_of(&mut h2, Method::CONNECT, bad.clone()).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}");

@@ -579,8 +579,9 @@ async fn handle_connect(
         .uri()
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .filter(|a| a.port() != 0)
     else {
-        tracing::info!(peer = %peer, uri = %req.uri(), "HBONE CONNECT without an IP:port authority");
+        tracing::info!(peer = %peer, uri = %req.uri(), "HBONE CONNECT without an IP:port authority (port 1-65535)");
         reply(&mut respond, StatusCode::BAD_REQUEST, true);
         return;
     };
