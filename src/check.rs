@@ -15,21 +15,13 @@ use crate::authz::{self, Finding};
 /// Checks `path`, writing findings to `out`; success when the file would be accepted.
 pub fn run(path: &Path, out: &mut impl Write) -> ExitCode {
     use crate::source::file::{parse, read_bytes};
-    let bytes = read_bytes(path);
-    match bytes
-        .as_deref()
-        .map_err(Clone::clone)
-        .and_then(|b| parse(path, b))
-    {
-        Ok(parsed) => {
+    match read_bytes(path).and_then(|b| Ok((parse(path, &b)?, b))) {
+        Ok((parsed, bytes)) => {
             for w in &parsed.warnings {
                 let _ = writeln!(out, "{w} (warning)");
             }
             // Parsed, so the bytes are UTF-8 text.
-            let text = bytes
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&bytes);
             for f in authz::lint_findings(&parsed.mesh, authz::DEFAULT_ROOT_NAMESPACE) {
                 let _ = writeln!(out, "{} (warning)", locate(path, &text, &f));
             }

@@ -119,7 +119,7 @@ impl Daemon {
             let stop = jwks_stop.clone();
             let mut rx = shutdown_rx.clone();
             tasks.push(tokio::spawn(async move {
-                let _ = rx.wait_for(|s| *s).await;
+                crate::sync::shut_down(&mut rx).await;
                 stop.cancel();
             }));
         }
@@ -346,7 +346,7 @@ pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), DaemonError
         Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {
             tracing::info!("SIGTERM: shutting down")
         }
-        _ = requested.wait_for(|s| *s) => {}
+        _ = crate::sync::shut_down(&mut requested) => {}
     }
     daemon.stop().await;
     Ok(())

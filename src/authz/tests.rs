@@ -2,8 +2,6 @@
 //! docs are silent), parsed through the real mesh parser; PeerAuthentication resolution;
 //! explain agreeing with check; compile-time warnings.
 
-use std::net::IpAddr;
-
 use super::*;
 use crate::k8s::parse_mesh;
 
@@ -635,17 +633,8 @@ fn a_decision_with_many_policies_reads_only_the_destinations_own_from_the_index(
     assert!(applicable.deny.is_empty() && applicable.audit.is_empty());
     // And the decision is that policy's: its principal on its port, nobody else.
     let decide = |who: &str, port: u16| {
-        let id: Identity = who.parse().unwrap();
-        authz
-            .check(&Connection {
-                src_ip: SRC_IP.parse().unwrap(),
-                src_identity: Some(&id),
-                dst,
-                dst_ip: IpAddr::from([10, 1, 0, 10]),
-                dst_port: port,
-            })
-            .decision
-            .is_allow()
+        let id = Some(who.parse().unwrap());
+        authz.check(&conn_to(dst, &id, port)).decision.is_allow()
     };
     assert!(decide("spiffe://cluster.local/ns/x/sa/1", 8001));
     assert!(!decide("spiffe://cluster.local/ns/x/sa/1", 8002));

@@ -333,11 +333,10 @@ impl ConnTable {
 
     /// The live connections, oldest first.
     pub fn list(&self) -> Vec<Arc<Conn>> {
-        let mut v: Vec<_> = self
-            .live
-            .iter()
-            .flat_map(|s| lock(s).values().cloned().collect::<Vec<_>>())
-            .collect();
+        let mut v = Vec::new();
+        for shard in self.live.iter() {
+            v.extend(lock(shard).values().cloned());
+        }
         v.sort_by_key(|c| c.id);
         v
     }
