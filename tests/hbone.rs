@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 
 use support::*;
 use weft::identity::{BuiltinCa, CertificateAuthority, Identity, IssuedCert};
-use weft::proxy::pool::{Pool, PoolKey, TunnelError};
+use weft::proxy::pool::{Pool, PoolKey, Tunnel, TunnelError};
 use weft::proxy::socket::SocketMode;
 use weft::tls::TlsConfigs;
 
@@ -26,6 +26,8 @@ struct Setup {
     client_ip: std::net::IpAddr,
     ca: BuiltinCa,
     pool: Arc<Pool>,
+    /// The client workload's certificate (issued once).
+    cert: Arc<IssuedCert>,
 }
 
 fn id(sa: &str) -> Identity {
@@ -55,6 +57,7 @@ async fn setup_with(edit: impl Fn(String) -> String) -> Setup {
     let ca = BuiltinCa::load(&node.path("ca")).unwrap();
     let tls = Arc::new(TlsConfigs::new(ca.roots_der()).unwrap());
     let pool = Pool::new(tls, SocketMode::Plain, 15008);
+    let cert = Arc::new(ca.issue(&id("client"), Duration::from_secs(3600)).unwrap());
     Setup {
         _node: node,
         daemon,
@@ -62,13 +65,27 @@ async fn setup_with(edit: impl Fn(String) -> String) -> Setup {
         client_ip,
         ca,
         pool,
+        cert,
     }
 }
 
 impl Setup {
-    fn client_cert(&self) -> IssuedCert {
-        self.ca
-            .issue(&id("client"), Duration::from_secs(3600))
+    fn client_cert(&self) -> Arc<IssuedCert> {
+        self.cert.clone()
+    }
+    /// A tunnel as the client workload to the server's app on `port`, once it answered.
+    async fn open(&self, port: u16) -> Result<Tunnel, TunnelError> {
+        let dst = self.app_addr(port);
+        self.pool
+            .tunnel(&self.key("server"), &self.cert, dst, self.from())
+            .await
+    }
+    /// Like [`Setup::open`], returning as soon as the CONNECT is sent.
+    async fn open_early(&self, port: u16) -> Tunnel {
+        let dst = self.app_addr(port);
+        self.pool
+            .tunnel_early(&self.key("server"), &self.cert, dst, self.from())
+            .await
             .unwrap()
     }
     fn key(&self, dst: &str) -> PoolKey {
@@ -117,12 +134,7 @@ async fn a_tunnel_carries_bytes_both_ways_and_honours_half_close() {
     let s = setup().await;
     let app = TcpListener::bind(s.app_addr(8080)).await.unwrap();
     let server = tokio::spawn(sink_then_reply(app, 3 * 1024 * 1024 + 17));
-    let cert = s.client_cert();
-    let mut t = s
-        .pool
-        .tunnel(&s.key("server"), &cert, s.app_addr(8080), s.from())
-        .await
-        .unwrap();
+    let mut t = s.open(8080).await.unwrap();
     let data: Vec<u8> = (0..8 * 1024 * 1024 + 3)
         .map(|i| (i * 7 % 251) as u8)
         .collect();
@@ -154,18 +166,13 @@ async fn many_streams_share_a_handful_of_connections() {
             });
         }
     });
-    let cert = Arc::new(s.client_cert());
     let s = Arc::new(s);
     let mut tunnels = Vec::new();
     let mut tasks = Vec::new();
     for i in 0..150u32 {
-        let (s, cert) = (s.clone(), cert.clone());
+        let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            let mut t = s
-                .pool
-                .tunnel(&s.key("server"), &cert, s.app_addr(8081), s.from())
-                .await
-                .unwrap();
+            let mut t = s.open(8081).await.unwrap();
             t.io.write_all(&i.to_be_bytes()).await.unwrap();
             let mut b = [0u8; 4];
             t.io.read_exact(&mut b).await.unwrap();
@@ -223,12 +230,7 @@ async fn the_server_refuses_a_client_from_another_trust_root() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_without_a_listening_app_answers_503() {
     let s = setup().await;
-    let cert = s.client_cert();
-    let err = match s
-        .pool
-        .tunnel(&s.key("server"), &cert, s.app_addr(1), s.from())
-        .await
-    {
+    let err = match s.open(1).await {
         Ok(_) => panic!("tunnel to a closed port succeeded"),
         Err(e) => e,
     };
@@ -248,14 +250,9 @@ async fn a_destination_without_a_listening_app_answers_503() {
 async fn an_early_tunnel_sends_its_first_bytes_behind_the_request() {
     let s = setup().await;
     let app = TcpListener::bind(s.app_addr(8086)).await.unwrap();
-    let cert = s.client_cert();
     // Written before the CONNECT is answered (the app has not even been accepted yet): the
     // server holds the bytes until it reached the app, then they arrive in order.
-    let mut t = s
-        .pool
-        .tunnel_early(&s.key("server"), &cert, s.app_addr(8086), s.from())
-        .await
-        .unwrap();
+    let mut t = s.open_early(8086).await;
     t.io.write_all(b"first bytes, ").await.unwrap();
     t.io.write_all(b"then more").await.unwrap();
     t.io.shutdown().await.unwrap();
@@ -334,25 +331,9 @@ async fn tiny_writes_to_a_stalled_app_do_not_take_down_the_other_streams() {
         tokio::time::sleep(Duration::from_secs(30)).await;
         drop(c);
     });
-    let echo = TcpListener::bind(s.app_addr(8088)).await.unwrap();
-    tokio::spawn(async move {
-        let (mut c, _) = echo.accept().await.unwrap();
-        let mut b = [0u8; 5];
-        while c.read_exact(&mut b).await.is_ok() {
-            c.write_all(&b).await.unwrap();
-        }
-    });
-    let cert = s.client_cert();
-    let mut other = s
-        .pool
-        .tunnel(&s.key("server"), &cert, s.app_addr(8088), s.from())
-        .await
-        .unwrap();
-    let mut t = s
-        .pool
-        .tunnel(&s.key("server"), &cert, s.app_addr(8087), s.from())
-        .await
-        .unwrap();
+    echo_app(TcpListener::bind(s.app_addr(8088)).await.unwrap());
+    let mut other = s.open(8088).await.unwrap();
+    let mut t = s.open(8087).await.unwrap();
     assert_eq!(s.pool.view().len(), 1, "both streams share one connection");
     // 200,000 one-byte writes: one DATA frame each, 200 KB in all (well within the window).
     for i in 0..200_000u32 {
@@ -413,17 +394,8 @@ async fn a_slow_request_body_through_the_waypoint_does_not_take_down_the_other_s
             .await;
         tokio::time::sleep(Duration::from_secs(60)).await;
     });
-    let cert = s.client_cert();
-    let mut other = s
-        .pool
-        .tunnel(&s.key("server"), &cert, s.app_addr(8090), s.from())
-        .await
-        .unwrap();
-    let mut t = s
-        .pool
-        .tunnel(&s.key("server"), &cert, s.app_addr(8089), s.from())
-        .await
-        .unwrap();
+    let mut other = s.open(8090).await.unwrap();
+    let mut t = s.open(8089).await.unwrap();
     assert_eq!(s.pool.view().len(), 1, "both streams share one connection");
     t.io.write_all(b"POST /upload HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n")
         .await
@@ -528,12 +500,7 @@ async fn an_app_reset_reaches_the_client_promptly() {
             .unwrap();
         drop(c);
     });
-    let cert = s.client_cert();
-    let mut t = s
-        .pool
-        .tunnel(&s.key("server"), &cert, s.app_addr(8085), s.from())
-        .await
-        .unwrap();
+    let mut t = s.open(8085).await.unwrap();
     let started = std::time::Instant::now();
     let mut buf = [0u8; 16];
     let r = tokio::time::timeout(Duration::from_secs(5), t.io.read(&mut buf))
@@ -570,11 +537,7 @@ async fn the_forwarded_address_is_believed_only_for_the_authenticated_identity()
         c.meta.src
     };
     // The client's own pod address: believed.
-    let t = s
-        .pool
-        .tunnel(&s.key("server"), &cert, s.app_addr(8086), s.from())
-        .await
-        .unwrap();
+    let t = s.open(8086).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(inbound_src(&s), s.from());
     drop(t);
@@ -623,17 +586,15 @@ async fn round_trip(t: &mut weft::proxy::pool::Tunnel) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_connections_are_reused_reaped_when_idle_and_never_reused_once_closed() {
-    let s = setup().await;
+    let mut s = setup().await;
     echo_app(TcpListener::bind(s.app_addr(8080)).await.unwrap());
-    let (cert, key) = (s.client_cert(), s.key("server"));
-    let open = || s.pool.tunnel(&key, &cert, s.app_addr(8080), s.from());
     let local = |s: &Setup| {
         let v = s.pool.view();
         assert_eq!(v.len(), 1, "{v:?}");
         v[0].local
     };
 
-    let mut t = open().await.unwrap();
+    let mut t = s.open(8080).await.unwrap();
     round_trip(&mut t).await;
     let first = local(&s);
     // A connection with a stream is kept whatever the idle limit.
@@ -641,7 +602,7 @@ async fn pooled_connections_are_reused_reaped_when_idle_and_never_reused_once_cl
     drop(t);
     // Idle within the limit: kept, and the next stream rides on it.
     assert_eq!(s.pool.reap(Duration::from_secs(60)), 1);
-    let mut t = open().await.unwrap();
+    let mut t = s.open(8080).await.unwrap();
     round_trip(&mut t).await;
     assert_eq!(local(&s), first);
     drop(t);
@@ -649,7 +610,7 @@ async fn pooled_connections_are_reused_reaped_when_idle_and_never_reused_once_cl
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(s.pool.reap(Duration::from_millis(5)), 0);
     assert!(s.pool.view().is_empty());
-    let mut t = open().await.unwrap();
+    let mut t = s.open(8080).await.unwrap();
     round_trip(&mut t).await;
     let second = local(&s);
     assert_ne!(second, first);
@@ -657,38 +618,20 @@ async fn pooled_connections_are_reused_reaped_when_idle_and_never_reused_once_cl
     // The peer closes it (the app's stream ends, then the server daemon stops): a new stream
     // is never handed the dead connection, even before the reaper ran.
     drop(t);
-    let Setup {
-        _node: node,
-        daemon,
-        pool,
-        server_ip,
-        client_ip,
-        ca,
-    } = s;
-    daemon.stop().await;
-    let daemon = start(&node, "node-b").await;
-    assert!(wait_ready(node.readiness(), Duration::from_secs(10)).await);
-    let s = Setup {
-        _node: node,
-        daemon,
-        pool,
-        server_ip,
-        client_ip,
-        ca,
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !s.pool.view().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stopped daemon's connection still looks open"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut t = s
-        .pool
-        .tunnel(&key, &cert, s.app_addr(8080), s.from())
+    s.daemon.stop().await;
+    s.daemon = start(&s._node, "node-b").await;
+    assert!(wait_ready(s._node.readiness(), Duration::from_secs(10)).await);
+    assert!(
+        eventually(Duration::from_secs(5), || s
+            .pool
+            .view()
+            .is_empty()
+            .then_some(()))
         .await
-        .expect("a stream on a new connection");
+        .is_some(),
+        "the stopped daemon's connection still looks open"
+    );
+    let mut t = s.open(8080).await.expect("a stream on a new connection");
     round_trip(&mut t).await;
     assert_ne!(local(&s), second);
 }
@@ -697,23 +640,17 @@ async fn pooled_connections_are_reused_reaped_when_idle_and_never_reused_once_cl
 async fn a_draining_daemon_sends_goaway_and_lets_the_stream_in_flight_finish() {
     let s = setup().await;
     echo_app(TcpListener::bind(s.app_addr(8080)).await.unwrap());
-    let (cert, key, app, from) = (s.client_cert(), s.key("server"), s.app_addr(8080), s.from());
-    let mut t = s.pool.tunnel(&key, &cert, app, from).await.unwrap();
+    let mut t = s.open(8080).await.unwrap();
     round_trip(&mut t).await;
-    let Setup {
-        _node: _keep,
-        daemon,
-        pool,
-        ..
-    } = s;
+    let (key, app, from) = (s.key("server"), s.app_addr(8080), s.from());
     let began = std::time::Instant::now();
-    let stopping = tokio::spawn(daemon.stop());
+    let stopping = tokio::spawn(s.daemon.stop());
     // After the GOAWAY a new stream no longer rides on the draining daemon's connection: the
     // pool opens another, which the closed listener refuses. (Before the GOAWAY arrives one
     // may still get through on the old connection.)
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     loop {
-        match pool.tunnel(&key, &cert, app, from).await {
+        match s.pool.tunnel(&key, &s.cert, app, from).await {
             Err(TunnelError::Connect { .. }) => break,
             Ok(_) => assert!(
                 std::time::Instant::now() < deadline,
@@ -755,43 +692,21 @@ async fn a_drain_waits_for_a_stream_still_connecting_to_its_app() {
         })
         .collect();
     assert!(!fill.is_empty());
-    let (cert, key) = (s.client_cert(), s.key("server"));
-    let mut t = s
-        .pool
-        .tunnel_early(&key, &cert, s.app_addr(8080), s.from())
-        .await
-        .unwrap();
+    let mut t = s.open_early(8080).await;
     t.io.write_all(b"ping").await.unwrap();
     // The stream is accepted and still connecting to the app: not yet a registered connection.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(s.daemon.proxy_ctx().conns.is_empty());
-    let Setup {
-        _node: _keep,
-        daemon,
-        ..
-    } = s;
-    let stopping = tokio::spawn(daemon.stop());
+    let stopping = tokio::spawn(s.daemon.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !stopping.is_finished(),
         "the drain ended with a stream still on its way to the app"
     );
     // The app catches up: the connection goes through, and the stream is served to its end.
-    let app = std::thread::spawn(move || {
-        drop(fill);
-        for c in app.incoming() {
-            let Ok(mut c) = c else { return };
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let mut b = [0u8; 64];
-                while let Ok(n) = c.read(&mut b) {
-                    if n == 0 || c.write_all(&b[..n]).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    drop(fill);
+    app.set_nonblocking(true).unwrap();
+    echo_app(TcpListener::from_std(app).unwrap());
     let mut b = [0u8; 4];
     tokio::time::timeout(Duration::from_secs(4), t.io.read_exact(&mut b))
         .await
@@ -803,5 +718,4 @@ async fn a_drain_waits_for_a_stream_still_connecting_to_its_app() {
         .await
         .expect("the drain did not end with its last stream")
         .unwrap();
-    drop(app);
 }
