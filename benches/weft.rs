@@ -181,7 +181,6 @@ async fn serve_app(listener: TcpListener) {
     }
 }
 
-/// How a client reaches the app: through weft or directly.
 /// How the bench reaches a server: sockets made up front (unconnected, bound where the route
 /// needs it, inside a pod's namespace for the mesh), then connected without blocking. Making
 /// them outside the timed loops keeps thread hops out of the measurement: a connect on a
@@ -212,12 +211,17 @@ async fn connect_with(route: &Arc<dyn Route>, s: socket2::Socket) -> std::io::Re
         .await
 }
 
-async fn dial(route: &Arc<dyn Route>) -> std::io::Result<TcpStream> {
+/// `route.sockets(n)` on a blocking thread (entering a namespace blocks).
+async fn sockets(route: &Arc<dyn Route>, n: usize) -> Vec<socket2::Socket> {
     let r = route.clone();
-    let mut v = tokio::task::spawn_blocking(move || r.sockets(1))
+    tokio::task::spawn_blocking(move || r.sockets(n))
         .await
-        .map_err(std::io::Error::other)??;
-    let s = v.pop().ok_or_else(|| std::io::Error::other("no socket"))?;
+        .expect("socket task")
+        .expect("sockets")
+}
+
+async fn dial(route: &Arc<dyn Route>) -> std::io::Result<TcpStream> {
+    let s = sockets(route, 1).await.remove(0);
     connect_with(route, s).await
 }
 
@@ -258,18 +262,30 @@ async fn throughput(route: Arc<dyn Route>, bytes: u64, streams: usize) -> f64 {
 async fn on_client<T: Send + 'static>(
     f: impl std::future::Future<Output = T> + Send + 'static,
 ) -> T {
+    on_own_thread("bench-client", f)
+        .await
+        .expect("client measurement panicked")
+}
+
+/// Runs `f` on a new thread named `name`, on a current-thread runtime of its own (one that
+/// drives its sockets itself and parks at once, without spinning); its output comes back
+/// through the receiver.
+fn on_own_thread<T: Send + 'static>(
+    name: &str,
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> tokio::sync::oneshot::Receiver<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
-        .name("bench-client".into())
+        .name(name.into())
         .spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .expect("client runtime");
+                .expect("runtime");
             let _ = tx.send(rt.block_on(f));
         })
-        .expect("client thread");
-    rx.await.expect("client measurement panicked")
+        .expect("thread");
+    rx
 }
 
 /// Round trips [`latencies`] makes for `n` samples (it warms up first).
@@ -305,6 +321,16 @@ async fn latencies_here(route: Arc<dyn Route>, n: usize) -> Vec<f64> {
 /// Rounds of each rate measurement (baseline and weft alternate).
 const ROUNDS: usize = 3;
 
+/// µs of CPU per connection, from the CPU seconds of `ROUNDS` connection-rate runs.
+fn per_conn_us(cpu: f64, sz: Sizes) -> f64 {
+    cpu * 1e6 / (ROUNDS * sz.conns) as f64
+}
+
+/// GiB one side carries over `ROUNDS` single-stream throughput runs.
+fn gib_in_rounds(sz: Sizes) -> f64 {
+    (sz.stream_bytes * ROUNDS as u64) as f64 / (1u64 << 30) as f64
+}
+
 /// `f` on the baseline route, then on the measured one, `ROUNDS` times: the medians of each
 /// side, so a burst of noise hits one round of both rather than one side of the ratio.
 async fn alternate<F, Fut>(base: &Arc<dyn Route>, other: &Arc<dyn Route>, f: F) -> (f64, f64)
@@ -312,12 +338,8 @@ where
     F: Fn(Arc<dyn Route>) -> Fut,
     Fut: std::future::Future<Output = f64>,
 {
-    let (mut b, mut o) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        b.push(f(base.clone()).await);
-        o.push(f(other.clone()).await);
-    }
-    (median(&mut b), median(&mut o))
+    let (b, o, _) = alternate_cpu(base, other, &|| 0.0, f).await;
+    (b, o)
 }
 
 /// Like [`alternate`], and also the CPU seconds `cpu` counted during the runs on `other`.
@@ -400,13 +422,9 @@ async fn conn_rate(route: Arc<dyn Route>, n: usize) -> f64 {
 }
 
 async fn conn_rate_here(route: Arc<dyn Route>, n: usize) -> f64 {
-    let r = route.clone();
-    let sockets = tokio::task::spawn_blocking(move || r.sockets(n))
-        .await
-        .unwrap()
-        .expect("sockets");
+    let made = sockets(&route, n).await;
     let start = Instant::now();
-    for sock in sockets {
+    for sock in made {
         let mut s = connect_with(&route, sock).await.expect("connect");
         s.write_all(b"P").await.unwrap();
         let mut b = [0u8; 1];
@@ -420,12 +438,7 @@ async fn first_byte_ms(route: Arc<dyn Route>) -> f64 {
 }
 
 async fn first_byte_ms_here(route: Arc<dyn Route>) -> f64 {
-    let r = route.clone();
-    let sock = tokio::task::spawn_blocking(move || r.sockets(1))
-        .await
-        .unwrap()
-        .expect("socket")
-        .remove(0);
+    let sock = sockets(&route, 1).await.remove(0);
     let t = Instant::now();
     let mut s = connect_with(&route, sock).await.expect("connect");
     s.write_all(b"P").await.unwrap();
@@ -538,12 +551,13 @@ async fn measure(place: &Place, sz: Sizes, report: &mut Report) -> Costs {
         app_weft += app_cpu() - a0;
         secs += t0.elapsed().as_secs_f64();
     }
-    let gib = (sz.stream_bytes * ROUNDS as u64) as f64 / (1u64 << 30) as f64;
+    let gib = gib_in_rounds(sz);
+    let plain_gbps = median(&mut base);
     report.add(
         "throughput, 1 stream",
         p,
         median(&mut wt),
-        Some(median(&mut base)),
+        Some(plain_gbps),
         "Gbit/s",
         format!("{} MiB, median of {ROUNDS}", sz.stream_bytes >> 20),
     );
@@ -555,7 +569,6 @@ async fn measure(place: &Place, sz: Sizes, report: &mut Report) -> Costs {
         "cpu-s/GiB",
         format!("{cpu:.2} cpu-s over {secs:.2} s"),
     );
-    let plain_gbps = median(&mut base);
     if place.app_cpu.is_some() {
         report.add(
             "CPU per GiB, whole path (apps + daemons)",
@@ -588,7 +601,7 @@ async fn measure(place: &Place, sz: Sizes, report: &mut Report) -> Costs {
     report_latencies(report, "latency 1 KiB ping-pong", p, &lw, &lb, &qs, "");
 
     let (rb, rw, conn_cpu) = alternate_cpu(&b, &w, &place.cpu, |r| conn_rate(r, sz.conns)).await;
-    let per_conn = conn_cpu * 1e6 / (ROUNDS * sz.conns) as f64;
+    let per_conn = per_conn_us(conn_cpu, sz);
     report.add(
         "connection rate (warm pool)",
         p,
@@ -819,19 +832,10 @@ async fn loopback() -> Loop {
     // multi-thread runtime the plain ping-pong sometimes caught the app still spinning (a
     // ~10 µs round trip instead of ~70 µs) and the baseline turned bimodal.
     let listener = std::net::TcpListener::bind(server).unwrap();
-    std::thread::Builder::new()
-        .name("bench-app-server".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                listener.set_nonblocking(true).unwrap();
-                serve_app(TcpListener::from_std(listener).unwrap()).await
-            });
-        })
-        .unwrap();
+    drop(on_own_thread("bench-app-server", async move {
+        listener.set_nonblocking(true).unwrap();
+        serve_app(TcpListener::from_std(listener).unwrap()).await
+    }));
     // The capture stand-ins: what TPROXY does in a cluster, hand each connection to weft's
     // outbound handler with its original destination.
     let capture = SocketAddr::new(client_ip, 16001);
@@ -979,9 +983,7 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
     // forwarders in series (no TLS, no HTTP/2, no policy), on the daemons' runtime. What weft
     // adds beyond these rows is its own cost; what these add over plain TCP is the price of
     // two extra hops here, which no tunnel can avoid.
-    let f2 = forwarder(SocketAddr::new(l.client_ip, 16004), l.server).await;
-    let f1 = forwarder(SocketAddr::new(l.client_ip, 16003), f2).await;
-    let fwd: Arc<dyn Route> = Arc::new(Direct(f1));
+    let fwd: Arc<dyn Route> = Arc::new(Direct(two_forwarders(l.client_ip, l.server).await));
     let plain: Arc<dyn Route> = Arc::new(Direct(l.server));
     let floor = format!("median of {ROUNDS}: the two-hop floor");
     let path_cpu = || thread_cpu("weft-worker") + thread_cpu("bench-app");
@@ -998,7 +1000,7 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
         "Gbit/s",
         &floor,
     );
-    let fwd_per_gib = fwd_used / ((sz.stream_bytes * ROUNDS as u64) as f64 / (1u64 << 30) as f64);
+    let fwd_per_gib = fwd_used / gib_in_rounds(sz);
     report.add(
         format!("{name}, CPU/GiB path"),
         "loopback",
@@ -1039,7 +1041,7 @@ async fn run_loopback(sz: Sizes, report: &mut Report) {
     );
     let fwd_costs = Costs {
         per_round_trip: rt_cpu,
-        per_conn: conn_cpu * 1e6 / (ROUNDS * sz.conns) as f64,
+        per_conn: per_conn_us(conn_cpu, sz),
         apps_per_gib: None,
         plain_gbps: fb,
     };
@@ -1098,12 +1100,7 @@ async fn run_loop(case: &str) {
     let (name, via) = case.split_once('-').unwrap_or((case, "weft"));
     let route: Arc<dyn Route> = match via {
         "plain" => Arc::new(Direct(l.server)),
-        "fwd" => {
-            let f2 = forwarder(SocketAddr::new(l.client_ip, 16004), l.server).await;
-            Arc::new(Direct(
-                forwarder(SocketAddr::new(l.client_ip, 16003), f2).await,
-            ))
-        }
+        "fwd" => Arc::new(Direct(two_forwarders(l.client_ip, l.server).await)),
         _ => Arc::new(ViaWeft {
             client_ip: l.client_ip,
             capture: l.capture,
@@ -1114,13 +1111,19 @@ async fn run_loop(case: &str) {
         match name {
             "connrate" => println!("{:.0} conn/s", conn_rate(route.clone(), 2_000).await),
             "latency" => {
-                let mut v = latencies(route.clone(), 20_000).await;
-                v.sort_by(f64::total_cmp);
+                let v = latencies(route.clone(), 20_000).await;
                 println!("p50 {:.1} µs, p99 {:.1} µs", pct(&v, 0.5), pct(&v, 0.99));
             }
             _ => println!("{:.2} Gbit/s", throughput(route.clone(), 1 << 30, 1).await),
         }
     }
+}
+
+/// Two plain forwarders in series on `ip` towards `server`: the two-hop floor. Returns the
+/// first one's address.
+async fn two_forwarders(ip: IpAddr, server: SocketAddr) -> SocketAddr {
+    let second = forwarder(SocketAddr::new(ip, 16004), server).await;
+    forwarder(SocketAddr::new(ip, 16003), second).await
 }
 
 /// A plain TCP forwarder on the daemons' runtime: accepts on `at`, connects to `to`, copies
@@ -1143,6 +1146,16 @@ async fn forwarder(at: SocketAddr, to: SocketAddr) -> SocketAddr {
         }
     });
     at
+}
+
+/// The runtime of the bench's clients (threads `bench-app`).
+fn app_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-app")
+        .enable_all()
+        .build()
+        .expect("bench runtime")
 }
 
 /// The runtime the in-process daemons run on.
@@ -1554,13 +1567,7 @@ fn main() {
     {
         // For profiling (`perf record -p PID`): one loopback case through weft, over and
         // over, printing its figure each round.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("bench-app")
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(run_loop(case));
+        app_runtime().block_on(run_loop(case));
         return;
     }
     let full = args.iter().any(|a| a == "--bench");
@@ -1601,12 +1608,7 @@ fn main() {
         "case", "where", "weft", "baseline", "unit", "ratio"
     );
     let mut report = Report::default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-app")
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = app_runtime();
     if want("loopback") {
         rt.block_on(run_loopback(sz, &mut report));
     }
