@@ -133,12 +133,12 @@ impl Dir {
         }
     }
 
-    /// Writes `chunk` (just read from an HBONE stream) on, giving back its credit as it goes;
+    /// Writes `chunk` (just read) on, giving an HBONE reader `h` its credit back as it goes;
     /// what the writer does not take now is kept in `pending`.
     fn write_chunk<W>(
         &mut self,
         cx: &mut Context<'_>,
-        h: &mut H2Io,
+        mut h: Option<&mut H2Io>,
         w: &mut W,
         chunk: &[u8],
     ) -> io::Result<()>
@@ -151,7 +151,9 @@ impl Dir {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(k)) => {
                     written += k;
-                    h.release(k);
+                    if let Some(h) = h.as_deref_mut() {
+                        h.release(k);
+                    }
                     self.need_flush = true;
                 }
                 Poll::Ready(Err(e)) => return Err(e),
@@ -223,7 +225,7 @@ impl Dir {
                     }
                     Poll::Ready(Ok(Some(chunk))) => {
                         self.count(conns, chunk.len());
-                        Poll::Ready(self.write_chunk(cx, h, w, &chunk))
+                        Poll::Ready(self.write_chunk(cx, Some(h), w, &chunk))
                     }
                 }
             } else {
@@ -266,23 +268,7 @@ impl Dir {
                 return Poll::Ready(Ok(()));
             }
             self.count(conns, n);
-            let mut written = 0;
-            while written < n {
-                match Pin::new(&mut *w).poll_write(cx, &scratch[written..n]) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(k)) => {
-                        written += k;
-                        self.need_flush = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        self.pending.extend_from_slice(&scratch[written..n]);
-                        self.off = 0;
-                        break;
-                    }
-                }
-            }
-            Poll::Ready(Ok(()))
+            Poll::Ready(self.write_chunk(cx, None, w, &scratch[..n]))
         })
     }
 }
