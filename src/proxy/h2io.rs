@@ -76,24 +76,17 @@ struct Inbox {
 }
 
 /// Why a CONNECT did not open.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum Refusal {
     /// The peer answered with this status.
+    #[error("CONNECT refused: {0}")]
     Status(StatusCode),
     /// The stream or connection failed first.
+    #[error("{0}")]
     Failed(h2::Error),
     /// Asked again after one of the above (its text).
+    #[error("{0}")]
     Again(String),
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refusal::Status(s) => write!(f, "CONNECT refused: {s}"),
-            Refusal::Failed(e) => write!(f, "{e}"),
-            Refusal::Again(why) => f.write_str(why),
-        }
-    }
 }
 
 /// A CONNECT stream's two halves.
