@@ -35,7 +35,7 @@ fn standard() -> Option<MeshEnv> {
 }
 
 fn addr(env: &MeshEnv, pod: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(env.pod(pod).ip), port)
+    env.addr(pod, port)
 }
 
 /// One exchange of `len` bytes each way; checks both hashes and the peer address the server saw.
@@ -591,19 +591,7 @@ fn a_client_port_reused_right_after_a_close_connects_at_once() {
     // and sent its SYN again, and under churn the connection rate collapsed (the mesh bench
     // fell from ~1,900 to ~340 connections/s over three rounds of 2,000).
     let Some(env) = standard() else { return };
-    let c = env.pod("c");
-    let listener =
-        c.ns.tcp_listen(SocketAddr::new(IpAddr::V4(c.ip), 9102))
-            .unwrap();
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { return };
-            let mut b = [0u8; 1];
-            if s.read_exact(&mut b).is_ok() {
-                let _ = s.write_all(b"!");
-            }
-        }
-    });
+    env.answer_each("c", 9102, 1, b"!");
     let dst = addr(&env, "c", 9102);
     let port = 40000 + (std::process::id() % 20000) as u16;
     let first = one_exchange_from_port(&env, port, dst);

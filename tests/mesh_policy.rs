@@ -38,26 +38,12 @@ fn env_with(policies: &str) -> Option<MeshEnv> {
 }
 
 fn addr(env: &MeshEnv, pod: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(env.pod(pod).ip), port)
+    env.addr(pod, port)
 }
 
 /// Listens on `port` in pod `to` and answers every connection with "ok".
 fn answer_ok(env: &MeshEnv, to: &str, port: u16) {
-    let p = env.pod(to);
-    let l =
-        p.ns.tcp_listen(SocketAddr::new(IpAddr::V4(p.ip), port))
-            .unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut b = [0u8; 5];
-                if s.read_exact(&mut b).is_ok() {
-                    let _ = s.write_all(b"ok");
-                }
-            });
-        }
-    });
+    env.answer_each(to, port, 5, b"ok");
 }
 
 /// Tries one exchange; `Ok(())` when the app answered, `Err(kind)` otherwise.

@@ -217,6 +217,28 @@ impl MeshEnv {
         self.bed.pod(name)
     }
 
+    /// Pod `pod`'s address at `port`.
+    pub fn addr(&self, pod: &str, port: u16) -> SocketAddr {
+        SocketAddr::new(std::net::IpAddr::V4(self.pod(pod).ip), port)
+    }
+
+    /// Listens on `port` in pod `pod` and answers every connection: reads `read` bytes, then
+    /// writes `reply` and closes.
+    pub fn answer_each(&self, pod: &str, port: u16, read: usize, reply: &'static [u8]) {
+        let l = self.pod(pod).ns.tcp_listen(self.addr(pod, port)).unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                std::thread::spawn(move || {
+                    let mut b = vec![0u8; read];
+                    if s.read_exact(&mut b).is_ok() {
+                        let _ = s.write_all(reply);
+                    }
+                });
+            }
+        });
+    }
+
     /// The mangle-table rules of weft's chain on a node.
     pub fn weft_rules(&self, node: usize) -> Vec<String> {
         let out = self
