@@ -73,10 +73,7 @@ pub async fn load_once(
     // Read, and compare before parsing: the poll comes back every few seconds, and a large
     // mesh takes seconds of CPU to parse.
     let p = path.to_path_buf();
-    let bytes = match tokio::task::spawn_blocking(move || read_bytes(&p)).await {
-        Ok(r) => r,
-        Err(e) => Err(format!("{}: load task failed: {e}", path.display())),
-    };
+    let bytes = blocking(path, move || read_bytes(&p)).await;
     let seen = bytes.as_ref().ok();
     if last.as_ref().is_some_and(|l| l.as_ref() == seen) {
         return Loaded::Unchanged;
@@ -85,17 +82,9 @@ pub async fn load_once(
         Err(e) => (None, Err(e)),
         Ok(b) => {
             let p = path.to_path_buf();
-            match tokio::task::spawn_blocking(move || {
-                let parsed = parse(&p, &b);
-                (b, parsed)
-            })
-            .await
-            {
-                Ok((b, parsed)) => (Some(b), parsed),
-                Err(e) => (
-                    None,
-                    Err(format!("{}: load task failed: {e}", path.display())),
-                ),
+            match blocking(path, move || Ok((parse(&p, &b), b))).await {
+                Ok((parsed, b)) => (Some(b), parsed),
+                Err(e) => (None, Err(e)),
             }
         }
     };
@@ -118,6 +107,16 @@ pub async fn load_once(
             Loaded::Rejected
         }
     }
+}
+
+/// Runs `f` (file I/O or a parse of `path`) on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(format!("{}: load task failed: {e}", path.display())))
 }
 
 /// Loads the file now, then keeps watching it until `shutdown` turns true.
