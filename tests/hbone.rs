@@ -217,7 +217,12 @@ async fn the_server_refuses_a_client_from_another_trust_root() {
         .unwrap();
     let err = match s
         .pool
-        .tunnel(&s.key("server"), &rogue, s.app_addr(8083), s.from())
+        .tunnel(
+            &s.key("server"),
+            &Arc::new(rogue),
+            s.app_addr(8083),
+            s.from(),
+        )
         .await
     {
         Ok(_) => panic!("a client from another CA got through"),
@@ -718,4 +723,211 @@ async fn a_drain_waits_for_a_stream_still_connecting_to_its_app() {
         .await
         .expect("the drain did not end with its last stream")
         .unwrap();
+}
+
+/// An HBONE server at `ip:15008`, as `server`, that turns away the first stream the way a
+/// peer shutting down can: it takes the CONNECT and `after` bytes of its DATA (a 1 MiB window
+/// lets them come), then sends a GOAWAY whose last stream is 0 (RFC 9113 §6.8: the stream
+/// was not processed). Later connections
+/// are served properly: each CONNECT is answered 200, and its whole request body echoed
+/// back once it ended. Returns how many connections were accepted, and whether the turn-away happened.
+fn turning_away_server(
+    s: &Setup,
+    ip: std::net::IpAddr,
+    after: usize,
+) -> (
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let cert =
+        s.ca.issue(&id("server"), Duration::from_secs(3600))
+            .unwrap();
+    let tls = TlsConfigs::new(s.ca.roots_der()).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server(&cert).unwrap());
+    let listener = std::net::TcpListener::bind(SocketAddr::new(ip, 15008)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(listener).unwrap();
+    let (accepted, turned) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (a, t) = (accepted.clone(), turned.clone());
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            if a.fetch_add(1, Ordering::SeqCst) == 0 {
+                // Raw HTTP/2: SETTINGS with INITIAL_WINDOW_SIZE 1 MiB and as much more for the
+                // connection, then the client's frames until `after` bytes of DATA came.
+                let settings = [0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0, 0x10, 0, 0];
+                let window = [0, 0, 4, 8, 0, 0, 0, 0, 0, 0, 0x10, 0, 0];
+                tls.write_all(&[&settings[..], &window[..]].concat())
+                    .await
+                    .unwrap();
+                let mut preface = [0u8; 24];
+                tls.read_exact(&mut preface).await.unwrap();
+                assert_eq!(&preface[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+                let mut data = 0;
+                loop {
+                    let mut head = [0u8; 9];
+                    tls.read_exact(&mut head).await.unwrap();
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let mut payload = vec![0u8; len];
+                    tls.read_exact(&mut payload).await.unwrap();
+                    match (head[3], head[4]) {
+                        // SETTINGS (not an ACK): acknowledge.
+                        (4, 0) => tls.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap(),
+                        (0, _) => data += len,
+                        _ => {}
+                    }
+                    // HEADERS (1) were seen first: `after` 0 turns the stream away at once.
+                    if (head[3] == 1 || head[3] == 0) && data >= after {
+                        break;
+                    }
+                }
+                let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                t.store(true, Ordering::SeqCst);
+                tls.write_all(&goaway).await.unwrap();
+                // Hold the connection open until the client ends it.
+                tokio::spawn(async move {
+                    let mut sink = [0u8; 1024];
+                    while matches!(tls.read(&mut sink).await, Ok(n) if n > 0) {}
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(tls).await.unwrap();
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut send = respond
+                            .send_response(http::Response::new(()), false)
+                            .unwrap();
+                        let mut body = req.into_body();
+                        let mut got = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            got.extend_from_slice(&chunk);
+                        }
+                        send.send_data(Bytes::from(got), true).unwrap();
+                    });
+                }
+            });
+        }
+    });
+    (accepted, turned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_turned_away_unprocessed_is_opened_again_with_its_first_bytes() {
+    use std::sync::atomic::Ordering;
+    let s = setup().await;
+    let ip = unique_loopback();
+    let (accepted, turned) = turning_away_server(&s, ip, 1);
+    let key = PoolKey {
+        dst_ip: ip,
+        ..s.key("server")
+    };
+    // Early bytes and the end of the client's side go out behind the CONNECT; the peer turns
+    // the stream away after it saw them. The client notices nothing: the echo is whole.
+    let mut t = s
+        .pool
+        .tunnel_early(&key, &s.cert, SocketAddr::new(ip, 8080), s.from())
+        .await
+        .unwrap();
+    t.io.write_all(b"first bytes").await.unwrap();
+    t.io.shutdown().await.unwrap();
+    let mut echo = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), t.io.read_to_end(&mut echo))
+        .await
+        .expect("the reopened stream never answered")
+        .expect("the turned-away stream failed instead of being opened again");
+    assert_eq!(echo, b"first bytes");
+    assert!(
+        turned.load(Ordering::SeqCst),
+        "the fixture never turned the stream away"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // The connection that turned it away is not used again: the next stream rides the new one.
+    let mut t = s
+        .pool
+        .tunnel(&key, &s.cert, SocketAddr::new(ip, 8080), s.from())
+        .await
+        .unwrap();
+    t.io.write_all(b"again").await.unwrap();
+    t.io.shutdown().await.unwrap();
+    let mut echo = Vec::new();
+    t.io.read_to_end(&mut echo).await.unwrap();
+    assert_eq!(echo, b"again");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_turn_away_goes_on_the_reopened_stream() {
+    use std::sync::atomic::Ordering;
+    let s = setup().await;
+    let ip = unique_loopback();
+    let (accepted, turned) = turning_away_server(&s, ip, 0);
+    let key = PoolKey {
+        dst_ip: ip,
+        ..s.key("server")
+    };
+    let mut t = s
+        .pool
+        .tunnel_early(&key, &s.cert, SocketAddr::new(ip, 8080), s.from())
+        .await
+        .unwrap();
+    // Nothing written yet when the stream is turned away: the first write waits for the
+    // stream to be opened again, then goes on it.
+    assert!(
+        eventually(Duration::from_secs(5), || turned
+            .load(Ordering::SeqCst)
+            .then_some(()))
+        .await
+        .is_some(),
+        "the fixture never turned the stream away"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    t.io.write_all(b"late bytes").await.unwrap();
+    t.io.shutdown().await.unwrap();
+    let mut echo = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), t.io.read_to_end(&mut echo))
+        .await
+        .expect("the reopened stream never answered")
+        .expect("the turned-away stream failed instead of being opened again");
+    assert_eq!(echo, b"late bytes");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_wrote_more_than_it_keeps_is_not_replayed_in_part() {
+    use std::sync::atomic::Ordering;
+    let s = setup().await;
+    let ip = unique_loopback();
+    let more = weft::proxy::h2io::REPLAY_MAX + 1;
+    let (accepted, turned) = turning_away_server(&s, ip, more);
+    let key = PoolKey {
+        dst_ip: ip,
+        ..s.key("server")
+    };
+    let mut t = s
+        .pool
+        .tunnel_early(&key, &s.cert, SocketAddr::new(ip, 8080), s.from())
+        .await
+        .unwrap();
+    t.io.write_all(&vec![7u8; more]).await.unwrap();
+    // Past what is kept, the turn-away fails the stream as a reset, and nothing is sent again.
+    let mut echo = Vec::new();
+    let err = tokio::time::timeout(Duration::from_secs(10), t.io.read_to_end(&mut echo))
+        .await
+        .expect("the stream neither failed nor answered")
+        .expect_err("a stream past the replay limit was answered");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(turned.load(Ordering::SeqCst));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the stream was opened again"
+    );
 }

@@ -11,6 +11,12 @@
 //! first bytes travel behind the request. Reading waits for the answer; a refusal reads as a
 //! reset that names the status.
 //!
+//! A peer shutting down (GOAWAY) may turn away a stream it never processed: one whose request
+//! was still in our send queue when the peer's final GOAWAY named its last stream (RFC 9113
+//! §6.8; h2's graceful shutdown leaves that window open). Such a stream can safely be opened
+//! again elsewhere, and with [`H2Io::reopen_with`] it is, its first bytes (up to
+//! [`REPLAY_MAX`]) sent again behind the new request: the client sees nothing of it.
+//!
 //! Received bytes are never left queued frame by frame in h2 while a reader is busy
 //! elsewhere: the relay takes them with [`H2Io::poll_recv_unreleased`], and other readers (the
 //! waypoint) get an [`H2Io::absorbing`] stream. Either way the flow-control credit goes back
@@ -32,12 +38,29 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Largest chunk handed to h2 in one `send_data` (h2 splits it into frames).
 const MAX_CHUNK: usize = 256 * 1024;
 
+/// Bytes written before the answer that are kept to send again if the stream must be opened
+/// again; a stream that wrote more before its answer fails as it would have without.
+pub const REPLAY_MAX: usize = 64 * 1024;
+
+/// How many times one stream is opened again after being turned away unprocessed.
+const MAX_REOPEN: u8 = 2;
+
+/// Opens the stream again (on another connection): the new stream, and what must be held as
+/// long as it is (its pool slot).
+pub type Reopen = Box<dyn FnMut() -> Reopening + Send + Sync>;
+
+/// A reopen in progress.
+pub type Reopening =
+    Pin<Box<dyn Future<Output = Result<(H2Io, Box<dyn Send + Sync>), String>> + Send>>;
+
 /// The receiving half: the body, or (client side, before the answer) the answer to come.
 enum Recv {
     /// The CONNECT was sent and not answered yet; bytes may already be written.
     Awaiting(ResponseFuture),
     /// The answer was 200: the peer's bytes.
     Open(RecvStream),
+    /// The CONNECT was turned away unprocessed and is being sent again.
+    Reopening(Reopening),
     /// The CONNECT was refused (said once; later reads fail the same way).
     Refused(String),
     /// A task takes the peer's bytes off h2 as they arrive ([`H2Io::absorbing`]).
@@ -87,6 +110,25 @@ pub enum Refusal {
     /// Asked again after one of the above (its text).
     #[error("{0}")]
     Again(String),
+    /// Turned away unprocessed (GOAWAY), and opening it again failed.
+    #[error("turned away by a peer going away; opening the stream again failed: {0}")]
+    Reopen(String),
+}
+
+/// Until the answer: what was written, to send again if the stream is turned away unprocessed.
+struct Early {
+    chunks: Vec<Bytes>,
+    len: usize,
+    /// END_STREAM was sent too.
+    end: bool,
+    reopen: Reopen,
+}
+
+/// Whether `e`, a stream's failure, says the peer never processed the stream: a GOAWAY from
+/// the peer naming a lower last stream fails exactly those (h2 fails no other stream with a
+/// remote GOAWAY error; streams the peer did process end as reset or broken instead).
+pub fn unprocessed(e: &h2::Error) -> bool {
+    e.is_go_away() && e.is_remote()
 }
 
 /// A CONNECT stream's two halves.
@@ -101,6 +143,12 @@ pub struct H2Io {
     reset: bool,
     /// Bytes taken by [`H2Io::poll_recv_unreleased`] whose credit is not given back yet.
     owed: usize,
+    /// Client side, until the answer, when the stream may be opened again.
+    early: Option<Box<Early>>,
+    /// Held as long as a reopened stream is (its pool slot).
+    _held: Option<Box<dyn Send + Sync>>,
+    /// Times the stream was opened again.
+    reopens: u8,
 }
 
 fn reset_error(what: impl std::fmt::Display) -> io::Error {
@@ -120,6 +168,9 @@ impl H2Io {
             sent_end: false,
             reset: false,
             owed: 0,
+            early: None,
+            _held: None,
+            reopens: 0,
         }
     }
 
@@ -134,6 +185,23 @@ impl H2Io {
             sent_end: false,
             reset: false,
             owed: 0,
+            early: None,
+            _held: None,
+            reopens: 0,
+        }
+    }
+
+    /// Lets a stream still awaiting its answer be opened again with `reopen` if the peer
+    /// turns it away unprocessed (module doc). Until the answer, what is written is kept (up
+    /// to [`REPLAY_MAX`]) to be sent again.
+    pub fn reopen_with(&mut self, reopen: Reopen) {
+        if matches!(self.recv, Recv::Awaiting(_)) {
+            self.early = Some(Box::new(Early {
+                chunks: Vec::new(),
+                len: 0,
+                end: false,
+                reopen,
+            }));
         }
     }
 
@@ -230,31 +298,123 @@ impl H2Io {
     /// waiting). After a failed write this names the real cause: the peer's status.
     pub fn refusal_now(&mut self) -> Option<String> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.poll_established(&mut cx) {
-            Poll::Ready(Err(Refusal::Status(s))) => Some(Refusal::Status(s).to_string()),
+        match self.poll_answer(&mut cx, false) {
+            Poll::Ready(Err(r @ (Refusal::Status(_) | Refusal::Reopen(_)))) => Some(r.to_string()),
             Poll::Ready(Err(Refusal::Again(why))) => Some(why),
             _ => None,
         }
     }
 
     fn poll_established(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
-        let response = match &mut self.recv {
-            Recv::Awaiting(response) => response,
-            Recv::Open(_) | Recv::Absorbed(_) => return Poll::Ready(Ok(())),
-            Recv::Refused(why) => return Poll::Ready(Err(Refusal::Again(why.clone()))),
-        };
-        let refusal = match ready!(Pin::new(response).poll(cx)) {
-            Ok(resp) if resp.status() == StatusCode::OK => {
-                self.recv = Recv::Open(resp.into_body());
-                return Poll::Ready(Ok(()));
+        self.poll_answer(cx, true)
+    }
+
+    /// The answer to the CONNECT; a stream turned away unprocessed is opened again first
+    /// when it may be (`reopen`, and [`H2Io::reopen_with`] was given).
+    fn poll_answer(&mut self, cx: &mut Context<'_>, reopen: bool) -> Poll<Result<(), Refusal>> {
+        loop {
+            let refusal = match &mut self.recv {
+                Recv::Open(_) | Recv::Absorbed(_) => return Poll::Ready(Ok(())),
+                Recv::Refused(why) => return Poll::Ready(Err(Refusal::Again(why.clone()))),
+                Recv::Awaiting(response) => match ready!(Pin::new(response).poll(cx)) {
+                    Ok(resp) if resp.status() == StatusCode::OK => {
+                        self.recv = Recv::Open(resp.into_body());
+                        self.early = None;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Ok(resp) => Refusal::Status(resp.status()),
+                    Err(e) => {
+                        if !reopen || !unprocessed(&e) {
+                            Refusal::Failed(e)
+                        } else if let Some(early) =
+                            self.early.as_mut().filter(|_| self.reopens < MAX_REOPEN)
+                        {
+                            tracing::debug!(error = %e, "HBONE stream turned away unprocessed; opening it again");
+                            self.recv = Recv::Reopening((early.reopen)());
+                            continue;
+                        } else {
+                            Refusal::Failed(e)
+                        }
+                    }
+                },
+                // Only a caller that may reopen drives a reopen (not a look at the answer).
+                Recv::Reopening(_) if !reopen => return Poll::Pending,
+                Recv::Reopening(reopening) => match ready!(reopening.as_mut().poll(cx)) {
+                    Ok((mut io, held)) => {
+                        // The new stream's halves become ours (`io` goes with the dead
+                        // ones); what was written before goes out again behind its request.
+                        std::mem::swap(&mut self.send, &mut io.send);
+                        std::mem::swap(&mut self.recv, &mut io.recv);
+                        self._held = Some(held);
+                        self.reopens += 1;
+                        if let Some(early) = &self.early {
+                            for chunk in &early.chunks {
+                                // A failure shows in the answer, as the original's did.
+                                let _ = self.send.send_data(chunk.clone(), false);
+                            }
+                            if early.end {
+                                let _ = self.send.send_data(Bytes::new(), true);
+                            }
+                        }
+                        continue;
+                    }
+                    Err(why) => Refusal::Reopen(why),
+                },
+            };
+            self.reset = true;
+            self.early = None;
+            self.send.send_reset(Reason::CANCEL);
+            self.recv = Recv::Refused(refusal.to_string());
+            return Poll::Ready(Err(refusal));
+        }
+    }
+
+    /// Before a write on a stream not answered yet: a stream being opened again takes no
+    /// writes until it is, and a refusal fails the write. `Ready(Ok)`: write on.
+    fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.early.is_none() || !matches!(self.recv, Recv::Awaiting(_) | Recv::Reopening(_)) {
+            return Poll::Ready(Ok(()));
+        }
+        match self.poll_answer(cx, true) {
+            Poll::Ready(Err(r)) => Poll::Ready(Err(reset_error(r))),
+            Poll::Pending if matches!(self.recv, Recv::Reopening(_)) => Poll::Pending,
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    /// A write (or END_STREAM) failed with `e`. A stream that may be opened again gets the
+    /// chance first: `Ready(Ok)` means write again (on the new stream), `Pending` that the
+    /// reopen is under way; otherwise the failure stands.
+    fn poll_write_failed(
+        &mut self,
+        cx: &mut Context<'_>,
+        e: impl std::fmt::Display,
+    ) -> Poll<io::Result<()>> {
+        if self.early.is_some() && matches!(self.recv, Recv::Awaiting(_)) {
+            let reopens = self.reopens;
+            // The stream failed as a whole, so its answer is there too (h2 keeps one state).
+            match self.poll_answer(cx, true) {
+                Poll::Ready(Err(r)) => return Poll::Ready(Err(reset_error(r))),
+                Poll::Pending if matches!(self.recv, Recv::Reopening(_)) => return Poll::Pending,
+                _ if self.reopens > reopens => return Poll::Ready(Ok(())),
+                _ => {}
             }
-            Ok(resp) => Refusal::Status(resp.status()),
-            Err(e) => Refusal::Failed(e),
-        };
+        }
         self.reset = true;
-        self.send.send_reset(Reason::CANCEL);
-        self.recv = Recv::Refused(refusal.to_string());
-        Poll::Ready(Err(refusal))
+        Poll::Ready(Err(reset_error(e)))
+    }
+
+    /// Keeps `chunk`, just sent before the answer, for a reopen; past [`REPLAY_MAX`] the
+    /// stream can no longer be opened again.
+    fn keep_early(&mut self, chunk: &Bytes) {
+        if let Some(early) = &mut self.early {
+            if early.len + chunk.len() > REPLAY_MAX {
+                self.early = None;
+            } else {
+                early.len += chunk.len();
+                early.chunks.push(chunk.clone());
+            }
+        }
     }
 
     /// Aborts the stream: the peer sees a reset, not an end of stream.
@@ -334,33 +494,27 @@ impl AsyncWrite for H2Io {
             return Poll::Ready(Ok(0));
         }
         let want = buf.len().min(MAX_CHUNK);
-        self.send.reserve_capacity(want);
         loop {
+            ready!(self.poll_writable(cx))?;
+            self.send.reserve_capacity(want);
             let cap = self.send.capacity();
-            if cap > 0 {
-                let n = cap.min(want);
-                return match self
-                    .send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                {
-                    Ok(()) => Poll::Ready(Ok(n)),
-                    Err(e) => {
-                        self.reset = true;
-                        Poll::Ready(Err(reset_error(e)))
+            let failure = if cap > 0 {
+                let chunk = Bytes::copy_from_slice(&buf[..cap.min(want)]);
+                match self.send.send_data(chunk.clone(), false) {
+                    Ok(()) => {
+                        self.keep_early(&chunk);
+                        return Poll::Ready(Ok(chunk.len()));
                     }
-                };
-            }
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => {
-                    self.reset = true;
-                    return Poll::Ready(Err(reset_error(e)));
+                    Err(e) => e.to_string(),
                 }
-                None => {
-                    self.reset = true;
-                    return Poll::Ready(Err(reset_error("stream closed by the peer")));
+            } else {
+                match ready!(self.send.poll_capacity(cx)) {
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => e.to_string(),
+                    None => "stream closed by the peer".to_string(),
                 }
-            }
+            };
+            ready!(self.poll_write_failed(cx, failure))?;
         }
     }
 
@@ -370,23 +524,27 @@ impl AsyncWrite for H2Io {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.sent_end {
-            return Poll::Ready(Ok(()));
-        }
-        // A reset from the peer arriving before our end: report it rather than hide it.
-        if let Poll::Ready(Ok(reason)) = self.send.poll_reset(cx) {
-            self.reset = true;
-            return Poll::Ready(Err(reset_error(reason)));
-        }
-        match self.send.send_data(Bytes::new(), true) {
-            Ok(()) => {
-                self.sent_end = true;
-                Poll::Ready(Ok(()))
+        loop {
+            if self.sent_end {
+                return Poll::Ready(Ok(()));
             }
-            Err(e) => {
-                self.reset = true;
-                Poll::Ready(Err(reset_error(e)))
-            }
+            ready!(self.poll_writable(cx))?;
+            // A reset from the peer arriving before our end: report it rather than hide it.
+            let failure = if let Poll::Ready(Ok(reason)) = self.send.poll_reset(cx) {
+                reason.to_string()
+            } else {
+                match self.send.send_data(Bytes::new(), true) {
+                    Ok(()) => {
+                        self.sent_end = true;
+                        if let Some(early) = &mut self.early {
+                            early.end = true;
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) => e.to_string(),
+                }
+            };
+            ready!(self.poll_write_failed(cx, failure))?;
         }
     }
 }

@@ -216,9 +216,9 @@ impl Pool {
     /// connection for `key`, presenting `cert`; `forwarded_for` is the original client.
     /// Returns once the peer accepted the stream (200); any other answer is an error.
     pub async fn tunnel(
-        &self,
+        self: &Arc<Self>,
         key: &PoolKey,
-        cert: &IssuedCert,
+        cert: &Arc<IssuedCert>,
         authority: SocketAddr,
         forwarded_for: SocketAddr,
     ) -> Result<Tunnel, TunnelError> {
@@ -234,7 +234,7 @@ impl Pool {
                 status,
             }),
             Err(Refusal::Failed(source)) => Err(TunnelError::Http { addr, source }),
-            Err(Refusal::Again(why)) => Err(TunnelError::Connect {
+            Err(Refusal::Again(why) | Refusal::Reopen(why)) => Err(TunnelError::Connect {
                 addr,
                 source: std::io::Error::other(why),
             }),
@@ -245,7 +245,33 @@ impl Pool {
     /// the answer: what is written goes out behind the request (the peer holds it until it
     /// reached the destination), which saves the tunnel one round trip before the first
     /// byte. A refusal shows on the first read, as a reset.
+    ///
+    /// A stream the peer turns away unprocessed, as a peer shutting down may, is opened again
+    /// on another connection with its first bytes (see [`H2Io::reopen_with`]).
     pub async fn tunnel_early(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        cert: &Arc<IssuedCert>,
+        authority: SocketAddr,
+        forwarded_for: SocketAddr,
+    ) -> Result<Tunnel, TunnelError> {
+        let mut tunnel = self.stream(key, cert, authority, forwarded_for).await?;
+        let (pool, key, cert) = (self.clone(), key.clone(), cert.clone());
+        tunnel.io.reopen_with(Box::new(move || {
+            let (pool, key, cert) = (pool.clone(), key.clone(), cert.clone());
+            Box::pin(async move {
+                let Tunnel { io, _slot } = pool
+                    .stream(&key, &cert, authority, forwarded_for)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok((io, Box::new(_slot) as Box<dyn Send + Sync>))
+            })
+        }));
+        Ok(tunnel)
+    }
+
+    /// Sends a CONNECT on a pooled connection (see [`Pool::tunnel_early`]).
+    async fn stream(
         &self,
         key: &PoolKey,
         cert: &IssuedCert,
