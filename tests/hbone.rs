@@ -725,16 +725,25 @@ async fn a_drain_waits_for_a_stream_still_connecting_to_its_app() {
         .unwrap();
 }
 
-/// An HBONE server at `ip:15008`, as `server`, that turns away the first stream the way a
-/// peer shutting down can: it takes the CONNECT and `after` bytes of its DATA (a 1 MiB window
-/// lets them come), then sends a GOAWAY whose last stream is 0 (RFC 9113 §6.8: the stream
-/// was not processed). Later connections
-/// are served properly: each CONNECT is answered 200, and its whole request body echoed
-/// back once it ended. Returns how many connections were accepted, and whether the turn-away happened.
+/// How [`turning_away_server`] turns streams away.
+#[derive(Clone, Copy)]
+enum Turn {
+    /// On the first connection, once the CONNECT and this many bytes of its DATA came.
+    FirstAfter(usize),
+    /// On every connection, at once.
+    Every,
+}
+
+/// An HBONE server at `ip:15008`, as `server`, that turns streams away the way a peer
+/// shutting down can (`turn`): it sends a GOAWAY whose last stream is 0 (RFC 9113 §6.8: no
+/// stream was processed), with a 1 MiB window so that DATA can come first. Other connections
+/// are served properly: each CONNECT is answered 200, and its whole request body echoed back
+/// once it ended. Returns how many connections were accepted, and whether a turn-away
+/// happened.
 fn turning_away_server(
     s: &Setup,
     ip: std::net::IpAddr,
-    after: usize,
+    turn: Turn,
 ) -> (
     Arc<std::sync::atomic::AtomicUsize>,
     Arc<std::sync::atomic::AtomicBool>,
@@ -757,7 +766,12 @@ fn turning_away_server(
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut tls = acceptor.accept(tcp).await.unwrap();
-            if a.fetch_add(1, Ordering::SeqCst) == 0 {
+            let first = a.fetch_add(1, Ordering::SeqCst) == 0;
+            let (here, wait_for) = match turn {
+                Turn::FirstAfter(n) => (first, Some(n)),
+                Turn::Every => (true, None),
+            };
+            if here {
                 // Raw HTTP/2: SETTINGS with INITIAL_WINDOW_SIZE 1 MiB and as much more for the
                 // connection, then the client's frames until `after` bytes of DATA came.
                 let settings = [0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0, 0x10, 0, 0];
@@ -769,7 +783,7 @@ fn turning_away_server(
                 tls.read_exact(&mut preface).await.unwrap();
                 assert_eq!(&preface[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
                 let mut data = 0;
-                loop {
+                while let Some(after) = wait_for {
                     let mut head = [0u8; 9];
                     tls.read_exact(&mut head).await.unwrap();
                     let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
@@ -788,9 +802,9 @@ fn turning_away_server(
                 }
                 let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
                 t.store(true, Ordering::SeqCst);
-                tls.write_all(&goaway).await.unwrap();
                 // Hold the connection open until the client ends it.
                 tokio::spawn(async move {
+                    let _ = tls.write_all(&goaway).await;
                     let mut sink = [0u8; 1024];
                     while matches!(tls.read(&mut sink).await, Ok(n) if n > 0) {}
                 });
@@ -823,7 +837,7 @@ async fn a_stream_turned_away_unprocessed_is_opened_again_with_its_first_bytes()
     use std::sync::atomic::Ordering;
     let s = setup().await;
     let ip = unique_loopback();
-    let (accepted, turned) = turning_away_server(&s, ip, 1);
+    let (accepted, turned) = turning_away_server(&s, ip, Turn::FirstAfter(1));
     let key = PoolKey {
         dst_ip: ip,
         ..s.key("server")
@@ -867,7 +881,7 @@ async fn a_write_after_the_turn_away_goes_on_the_reopened_stream() {
     use std::sync::atomic::Ordering;
     let s = setup().await;
     let ip = unique_loopback();
-    let (accepted, turned) = turning_away_server(&s, ip, 0);
+    let (accepted, turned) = turning_away_server(&s, ip, Turn::FirstAfter(0));
     let key = PoolKey {
         dst_ip: ip,
         ..s.key("server")
@@ -905,7 +919,7 @@ async fn a_stream_that_wrote_more_than_it_keeps_is_not_replayed_in_part() {
     let s = setup().await;
     let ip = unique_loopback();
     let more = weft::proxy::h2io::REPLAY_MAX + 1;
-    let (accepted, turned) = turning_away_server(&s, ip, more);
+    let (accepted, turned) = turning_away_server(&s, ip, Turn::FirstAfter(more));
     let key = PoolKey {
         dst_ip: ip,
         ..s.key("server")
@@ -930,4 +944,35 @@ async fn a_stream_that_wrote_more_than_it_keeps_is_not_replayed_in_part() {
         1,
         "the stream was opened again"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_turns_away_every_stream_gets_a_bounded_number_of_connections() {
+    use std::sync::atomic::Ordering;
+    let s = setup().await;
+    let ip = unique_loopback();
+    let (accepted, _) = turning_away_server(&s, ip, Turn::Every);
+    let key = PoolKey {
+        dst_ip: ip,
+        ..s.key("server")
+    };
+    // Each new connection goes away at once: the stream tries a few, then fails, naming the
+    // GOAWAY; it does not go on connecting.
+    let err = match tokio::time::timeout(
+        Duration::from_secs(10),
+        s.pool
+            .tunnel(&key, &s.cert, SocketAddr::new(ip, 8080), s.from()),
+    )
+    .await
+    .expect("the stream kept trying")
+    {
+        Ok(_) => panic!("a stream was answered by a peer that answers none"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("connection error received"), "{err}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let n = accepted.load(Ordering::SeqCst);
+    // At most 4 new connections per attempt (MAX_RETIRED + 1), and 3 attempts (the first and
+    // two reopens).
+    assert!((2..=12).contains(&n), "{n} connections");
 }

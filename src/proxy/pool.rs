@@ -11,7 +11,9 @@
 //! - A connection with no streams for [`IDLE_TIMEOUT`] is dropped, which closes it.
 //! - A closed connection (peer gone) is never handed out again. One the peer is shutting
 //!   down (GOAWAY) is retired by the first stream that it refuses, and that stream goes on
-//!   another connection.
+//!   another connection; so does a stream it turned away unprocessed after it was sent, with
+//!   its first bytes (`H2Io::reopen_with`). Both are bounded: a peer that goes away on every
+//!   connection fails the stream after a few.
 
 use crate::sync::lock;
 use std::collections::HashMap;
