@@ -367,13 +367,7 @@ async fn tiny_writes_to_a_stalled_app_do_not_take_down_the_other_streams() {
 async fn a_slow_request_body_through_the_waypoint_does_not_take_down_the_other_streams() {
     // The same pile-up as above, through the waypoint: its HTTP server stops reading while the
     // app is slow to take a request body sent in tiny chunks.
-    let s = setup_with(|m| {
-        m.replace(
-            "metadata: {name: server, namespace: mesh}",
-            "metadata: {name: server, namespace: mesh, labels: {istio.io/use-waypoint: weft}}",
-        )
-    })
-    .await;
+    let s = setup_behind_waypoint().await;
     let stalled = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     stalled.set_recv_buffer_size(4096).unwrap();
     stalled.set_reuse_address(true).unwrap();
@@ -432,6 +426,66 @@ async fn a_slow_request_body_through_the_waypoint_does_not_take_down_the_other_s
         "64 MiB went out to an app that reads nothing"
     );
     hold.abort();
+}
+
+/// [`setup`] with the server behind weft's waypoint.
+async fn setup_behind_waypoint() -> Setup {
+    setup_with(|m| {
+        m.replace(
+            "metadata: {name: server, namespace: mesh}",
+            "metadata: {name: server, namespace: mesh, labels: {istio.io/use-waypoint: weft}}",
+        )
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_in_the_middle_of_a_request_body_through_the_waypoint_ends_the_app_side() {
+    let s = setup_behind_waypoint().await;
+    let app = TcpListener::bind(s.app_addr(8091)).await.unwrap();
+    let mut t = s.open(8091).await.unwrap();
+    t.io.write_all(b"POST /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    t.io.write_all(&[b'x'; 1000]).await.unwrap();
+    let (mut c, _) = tokio::time::timeout(Duration::from_secs(5), app.accept())
+        .await
+        .expect("the request never reached the app")
+        .unwrap();
+    // The head and the first bytes of the body reach the app while the rest is to come.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.iter().filter(|&&b| b == b'x').count() < 1000 {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("the first bytes of the body never came")
+            .unwrap();
+        assert!(n > 0, "the app's side ended before the reset");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("POST /upload HTTP/1.1"));
+    // The client aborts: the app's side ends too (it is not left waiting for the other
+    // 99,000 bytes), and the waypoint lets go of the connection.
+    t.io.reset();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+        .await
+        .expect("the app's connection was left open after the client's reset");
+    assert!(
+        ended.is_err() || rest.len() < 99_000,
+        "the app was handed a whole body"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || s
+            .daemon
+            .proxy_ctx()
+            .conns
+            .is_empty()
+            .then_some(()))
+        .await
+        .is_some(),
+        "the aborted connection is still tracked"
+    );
 }
 
 /// A raw HTTP/2 client over the real mTLS, to send requests weft's own pool never sends.
