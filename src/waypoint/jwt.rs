@@ -68,8 +68,14 @@
 //!   weft accepts a plain `http://` `jwksUri` (with a warning). weft also
 //!   refetches (rate-limited) when a token names a `kid` the cached set lacks, keeps the last
 //!   good keys when a refresh fails, and treats tokens of an issuer whose keys were never
-//!   fetched as invalid (`401`), like Envoy's `JwksFetchFail`. OpenID discovery of a missing
-//!   `jwksUri` is not supported: such a rule is refused with [`JwtError::NoJwksSource`].
+//!   fetched as invalid (`401`), like Envoy's `JwksFetchFail`.
+//! - **OpenID discovery** (istiod's `resolveJwksURIUsingOpenID`): a rule with neither `jwks`
+//!   nor `jwksUri` finds its key set from the issuer, as istiod does: a GET of
+//!   `<issuer without a trailing />/.well-known/openid-configuration`, whose `jwks_uri`
+//!   (a string) is then fetched. It is looked up again on every fetch of the keys, as
+//!   istiod does on every push, so a moved key set is followed. An issuer that is not an
+//!   absolute http(s) URL cannot be discovered from: such a rule is refused with
+//!   [`JwtError::NoJwksSource`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -137,10 +143,10 @@ pub enum JwtError {
     /// A rule without an issuer.
     #[error("a jwtRule has an empty issuer")]
     EmptyIssuer,
-    /// A rule with neither `jwks` nor `jwksUri`.
+    /// A rule with neither `jwks` nor `jwksUri`, whose issuer is no URL to discover them from.
     #[error(
-        "jwtRule for issuer {issuer:?}: neither jwks nor jwksUri is set \
-         (OpenID discovery of the key set is not supported)"
+        "jwtRule for issuer {issuer:?}: neither jwks nor jwksUri is set, and the issuer is \
+         not an http(s) URL to discover the key set from (OpenID discovery)"
     )]
     NoJwksSource {
         /// The rule's issuer.
@@ -215,6 +221,14 @@ pub enum JwtError {
     #[error("fetching JWKS {uri}: {reason}")]
     FetchedJwks {
         /// The `jwksUri`.
+        uri: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// The issuer's OpenID configuration names no usable `jwks_uri`.
+    #[error("OpenID discovery {uri}: {reason}")]
+    Discovery {
+        /// The configuration document's URL.
         uri: String,
         /// Why it cannot be used.
         reason: String,
@@ -1099,7 +1113,12 @@ impl Default for JwksConfig {
 enum SourceKey {
     Inline(String),
     Remote(String),
+    /// Found through the issuer's OpenID configuration (its URL).
+    Discovered(String),
 }
+
+/// Where an issuer publishes its OpenID configuration (OpenID Connect Discovery 1.0 §4).
+const OPENID_CONFIGURATION: &str = "/.well-known/openid-configuration";
 
 /// One key set: inline (fixed) or remote (fetched, swapped on refresh).
 struct KeySource {
@@ -1109,7 +1128,9 @@ struct KeySource {
 }
 
 struct Remote {
+    /// The key set's URI, or the OpenID configuration's when `discover`.
     uri: Uri,
+    discover: bool,
     timeout: Duration,
     /// When the last fetch started; the lock also makes fetches of one set single-flight.
     last_attempt: tokio::sync::Mutex<Option<Instant>>,
@@ -1288,25 +1309,6 @@ impl JwksCache {
         if let Some(jwks) = rule.jwks.as_deref().filter(|j| !j.trim().is_empty()) {
             return Ok((SourceKey::Inline(jwks.to_string()), None));
         }
-        let Some(uri) = rule.jwks_uri.as_deref().filter(|u| !u.is_empty()) else {
-            return Err(JwtError::NoJwksSource {
-                issuer: rule.issuer.clone(),
-            });
-        };
-        let bad_uri = |reason: &str| JwtError::JwksUri {
-            issuer: rule.issuer.clone(),
-            uri: uri.to_string(),
-            reason: reason.to_string(),
-        };
-        let parsed = Uri::from_str(uri).map_err(|e| bad_uri(&e.to_string()))?;
-        match parsed.scheme_str() {
-            Some("https") if parsed.host().is_some() => {}
-            // istiod fetches plain http too; allowed, but the keys can then be forged in transit.
-            Some("http") if parsed.host().is_some() => {
-                tracing::warn!(issuer = %rule.issuer, uri, "jwksUri is plain http");
-            }
-            _ => return Err(bad_uri("not an absolute http(s) URI")),
-        }
         let timeout = match rule.timeout.as_deref().filter(|t| !t.is_empty()) {
             None => DEFAULT_FETCH_TIMEOUT,
             Some(t) => humantime::parse_duration(t).map_err(|source| JwtError::Timeout {
@@ -1315,10 +1317,39 @@ impl JwksCache {
                 source,
             })?,
         };
+        let (key, uri, discover) = match rule.jwks_uri.as_deref().filter(|u| !u.is_empty()) {
+            Some(uri) => {
+                let parsed = http_uri(uri).map_err(|reason| JwtError::JwksUri {
+                    issuer: rule.issuer.clone(),
+                    uri: uri.to_string(),
+                    reason,
+                })?;
+                if parsed.scheme_str() == Some("http") {
+                    // istiod fetches plain http too; allowed, but the keys can then be
+                    // forged in transit.
+                    tracing::warn!(issuer = %rule.issuer, uri, "jwksUri is plain http");
+                }
+                (SourceKey::Remote(uri.to_string()), parsed, false)
+            }
+            None => {
+                let config = format!(
+                    "{}{OPENID_CONFIGURATION}",
+                    rule.issuer.trim_end_matches('/')
+                );
+                let parsed = http_uri(&config).map_err(|_| JwtError::NoJwksSource {
+                    issuer: rule.issuer.clone(),
+                })?;
+                if parsed.scheme_str() == Some("http") {
+                    tracing::warn!(issuer = %rule.issuer, "issuer is plain http: its key set is discovered over plain http");
+                }
+                (SourceKey::Discovered(config), parsed, true)
+            }
+        };
         Ok((
-            SourceKey::Remote(uri.to_string()),
+            key,
             Some(Remote {
-                uri: parsed,
+                uri,
+                discover,
                 timeout,
                 last_attempt: tokio::sync::Mutex::new(None),
             }),
@@ -1348,7 +1379,7 @@ impl JwksCache {
                     keys: ArcSwapOption::from_pointee(keys),
                 }
             }
-            (SourceKey::Remote(_), remote) => KeySource {
+            (SourceKey::Remote(_) | SourceKey::Discovered(_), remote) => KeySource {
                 remote,
                 keys: ArcSwapOption::empty(),
             },
@@ -1406,7 +1437,7 @@ impl JwksCache {
         *last = Some(Instant::now());
         self.fetches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match self.fetch(&remote.uri, remote.timeout).await {
+        match self.fetch_remote(remote).await {
             Ok(keys) => {
                 tracing::debug!(uri = %remote.uri, keys = keys.keys.len(), "JWKS fetched");
                 source.keys.store(Some(Arc::new(keys)));
@@ -1418,8 +1449,28 @@ impl JwksCache {
         }
     }
 
-    /// One GET of a JWKS, bounded by `timeout` and [`MAX_JWKS_BYTES`].
-    async fn fetch(&self, uri: &Uri, timeout: Duration) -> Result<KeySet, JwtError> {
+    /// The keys of `remote`: its key set, found first through the issuer's OpenID
+    /// configuration when it is discovered.
+    async fn fetch_remote(&self, remote: &Remote) -> Result<KeySet, JwtError> {
+        let jwks_uri = if remote.discover {
+            let config = remote.uri.to_string();
+            let doc = self.get(&remote.uri, remote.timeout).await?;
+            jwks_uri_of(&doc).map_err(|reason| JwtError::Discovery {
+                uri: config,
+                reason,
+            })?
+        } else {
+            remote.uri.clone()
+        };
+        let doc = self.get(&jwks_uri, remote.timeout).await?;
+        KeySet::parse(&doc).map_err(|reason| JwtError::FetchedJwks {
+            uri: jwks_uri.to_string(),
+            reason,
+        })
+    }
+
+    /// One GET of a JSON document, bounded by `timeout` and [`MAX_JWKS_BYTES`].
+    async fn get(&self, uri: &Uri, timeout: Duration) -> Result<String, JwtError> {
         let uri_s = uri.to_string();
         let work = async {
             let req = http::Request::get(uri.clone())
@@ -1451,13 +1502,9 @@ impl JwksCache {
                     source: e,
                 })?
                 .to_bytes();
-            let text = std::str::from_utf8(&body).map_err(|e| JwtError::FetchedJwks {
+            String::from_utf8(body.to_vec()).map_err(|e| JwtError::FetchedJwks {
                 uri: uri_s.clone(),
                 reason: e.to_string(),
-            })?;
-            KeySet::parse(text).map_err(|reason| JwtError::FetchedJwks {
-                uri: uri_s.clone(),
-                reason,
             })
         };
         tokio::time::timeout(timeout, work)
@@ -1466,6 +1513,28 @@ impl JwksCache {
                 uri: uri_s.clone(),
                 timeout,
             })?
+    }
+}
+
+/// `text` as an absolute http(s) URI, or why not.
+fn http_uri(text: &str) -> Result<Uri, String> {
+    let parsed = Uri::from_str(text).map_err(|e| e.to_string())?;
+    match parsed.scheme_str() {
+        Some("https" | "http") if parsed.host().is_some() => Ok(parsed),
+        _ => Err("not an absolute http(s) URI".to_string()),
+    }
+}
+
+/// The `jwks_uri` of an OpenID configuration document: a string holding an absolute
+/// http(s) URI (istiod refuses any other value as well).
+fn jwks_uri_of(doc: &str) -> Result<Uri, String> {
+    let value: Value = serde_json::from_str(doc).map_err(|e| format!("not JSON: {e}"))?;
+    match value.get("jwks_uri") {
+        Some(Value::String(uri)) => {
+            http_uri(uri).map_err(|reason| format!("jwks_uri {uri:?}: {reason}"))
+        }
+        Some(other) => Err(format!("jwks_uri is not a string: {other}")),
+        None => Err("no jwks_uri".to_string()),
     }
 }
 

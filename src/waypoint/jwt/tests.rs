@@ -801,8 +801,14 @@ fn bad_policies_are_reported_by_name() {
         timeout: Some("soon".into()),
         ..Default::default()
     };
-    let no_source = JwtRule {
+    // Neither jwks nor jwksUri: discovered from an issuer that is a URL (ISS), refused for
+    // one that is not (ISS_B).
+    let discovered = JwtRule {
         issuer: ISS.into(),
+        ..Default::default()
+    };
+    let no_source = JwtRule {
+        issuer: ISS_B.into(),
         ..Default::default()
     };
     let errors = jwks
@@ -812,6 +818,7 @@ fn bad_policies_are_reported_by_name() {
             policy("oct-only", vec![oct_only]),
             policy("bad-timeout", vec![bad_timeout]),
             policy("no-source", vec![no_source]),
+            policy("discovered", vec![discovered]),
         ])
         .unwrap_err();
     let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
@@ -819,7 +826,13 @@ fn bad_policies_are_reported_by_name() {
     assert!(text[0].contains("ns/bad-inline") && text[0].contains("inline jwks"));
     assert!(text[1].contains("ns/oct-only") && text[1].contains("symmetric"));
     assert!(text[2].contains("ns/bad-timeout") && text[2].contains("soon"));
-    assert!(text[3].contains("ns/no-source") && text[3].contains("neither jwks nor jwksUri"));
+    assert!(
+        text[3].contains("ns/no-source")
+            && text[3].contains("neither jwks nor jwksUri")
+            && text[3].contains("OpenID discovery"),
+        "{}",
+        text[3]
+    );
     let p = policy("bad-inline", vec![bad_inline]);
     let err = JwtAuthenticator::for_policies(&[&p], jwks).unwrap_err();
     assert!(err
@@ -833,7 +846,10 @@ fn bad_policies_are_reported_by_name() {
 struct JwksServer {
     addr: std::net::SocketAddr,
     body: Arc<Mutex<String>>,
+    /// The answer at `/.well-known/openid-configuration` (by default, naming [`JwksServer::uri`]).
+    config: Arc<Mutex<String>>,
     hits: Arc<AtomicUsize>,
+    config_hits: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
     ca: tempfile::NamedTempFile,
 }
@@ -859,8 +875,14 @@ impl JwksServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let body = Arc::new(Mutex::new(body));
+        let config = Arc::new(Mutex::new(format!(
+            r#"{{"issuer":"https://127.0.0.1:{0}","jwks_uri":"https://127.0.0.1:{0}/jwks.json"}}"#,
+            addr.port()
+        )));
         let hits = Arc::new(AtomicUsize::new(0));
+        let config_hits = Arc::new(AtomicUsize::new(0));
         let (b, h) = (body.clone(), hits.clone());
+        let (c, ch) = (config.clone(), config_hits.clone());
         let task = tokio::spawn(async move {
             // Connections live in this set, so aborting the server ends them too.
             let mut conns = tokio::task::JoinSet::new();
@@ -869,13 +891,19 @@ impl JwksServer {
                     return;
                 };
                 let (acceptor, b, h) = (acceptor.clone(), b.clone(), h.clone());
+                let (c, ch) = (c.clone(), ch.clone());
                 conns.spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let svc = hyper::service::service_fn(move |_req| {
-                        h.fetch_add(1, Ordering::SeqCst);
-                        let text = b.lock().unwrap().clone();
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                        let text = if req.uri().path() == "/.well-known/openid-configuration" {
+                            ch.fetch_add(1, Ordering::SeqCst);
+                            c.lock().unwrap().clone()
+                        } else {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            b.lock().unwrap().clone()
+                        };
                         async move {
                             Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
                                 Bytes::from(text),
@@ -891,7 +919,9 @@ impl JwksServer {
         JwksServer {
             addr,
             body,
+            config,
             hits,
+            config_hits,
             task,
             ca,
         }
@@ -903,6 +933,24 @@ impl JwksServer {
 
     fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    fn config_hits(&self) -> usize {
+        self.config_hits.load(Ordering::SeqCst)
+    }
+
+    /// The issuer whose OpenID configuration this server publishes.
+    fn issuer(&self) -> String {
+        format!("https://127.0.0.1:{}/", self.addr.port())
+    }
+
+    /// A rule for [`JwksServer::issuer`] with neither `jwks` nor `jwksUri`.
+    fn discovered_rule(&self) -> JwtRule {
+        JwtRule {
+            issuer: self.issuer(),
+            timeout: Some("2s".into()),
+            ..Default::default()
+        }
     }
 
     fn serve(&self, body: String) {
@@ -1136,4 +1184,96 @@ async fn an_oversized_jwks_is_refused_and_a_good_one_later_is_used() {
         assert!(valid(&a.authenticate(&req).await));
     })
     .await
+}
+
+#[tokio::test]
+async fn without_jwks_or_jwks_uri_the_keys_are_found_by_openid_discovery() {
+    bounded(async {
+        let k = keys();
+        let server = JwksServer::start(jwks_of(&[k.get(Algorithm::RS256)])).await;
+        let jwks = server.cache(Duration::ZERO);
+        let a = JwtAuthenticator::new(vec![server.discovered_rule()], jwks.clone()).unwrap();
+        // The issuer's trailing slash is dropped before the well-known path, as istiod does.
+        let req = bearer(&rs256(&claims(&server.issuer())));
+        assert!(valid(&a.authenticate(&req).await));
+        assert_eq!((server.config_hits(), server.hits()), (1, 1));
+        assert!(valid(&a.authenticate(&req).await));
+        assert_eq!(
+            (server.config_hits(), server.hits()),
+            (1, 1),
+            "keys are cached"
+        );
+        // The configuration is read again on every fetch: a moved key set is followed.
+        let moved = ec_test_key(Algorithm::ES256, "moved");
+        server.serve(jwks_of(&[&moved]));
+        *server.config.lock().unwrap() = format!(
+            r#"{{"jwks_uri":"https://127.0.0.1:{}/elsewhere/keys"}}"#,
+            server.addr.port()
+        );
+        jwks.refresh_all().await;
+        assert_eq!((server.config_hits(), server.hits()), (2, 2));
+        assert!(valid(
+            &a.authenticate(&bearer(&sign(&moved, &claims(&server.issuer()))))
+                .await
+        ));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_bad_openid_configuration_keeps_the_keys_in_force_and_no_keys_fail_closed() {
+    bounded(async {
+        let k = keys();
+        let server = JwksServer::start(jwks_of(&[k.get(Algorithm::RS256)])).await;
+        let jwks = server.cache(Duration::ZERO);
+        let a = JwtAuthenticator::new(vec![server.discovered_rule()], jwks.clone()).unwrap();
+        let req = bearer(&rs256(&claims(&server.issuer())));
+        assert!(valid(&a.authenticate(&req).await));
+        for bad in [
+            "not json",
+            r#"{"issuer":"x"}"#,
+            r#"{"jwks_uri":42}"#,
+            r#"{"jwks_uri":"/relative/keys"}"#,
+        ] {
+            *server.config.lock().unwrap() = bad.to_string();
+            jwks.refresh_all().await;
+            assert!(
+                valid(&a.authenticate(&req).await),
+                "{bad}: the keys in force were lost"
+            );
+        }
+        assert_eq!(
+            server.hits(),
+            1,
+            "a key set was fetched from a bad configuration"
+        );
+        // A fresh cache that never got keys: tokens are invalid (fail closed).
+        let fresh = server.cache(Duration::ZERO);
+        let b = JwtAuthenticator::new(vec![server.discovered_rule()], fresh).unwrap();
+        let r = b.authenticate(&req).await;
+        assert!(
+            matches!(&r, AuthnResult::Invalid(m) if m.contains("no keys")),
+            "{r:?}"
+        );
+    })
+    .await
+}
+
+#[test]
+fn the_jwks_uri_of_an_openid_configuration_is_checked() {
+    let ok = jwks_uri_of(r#"{"issuer":"i","jwks_uri":"https://idp.example/keys"}"#).unwrap();
+    assert_eq!(ok.to_string(), "https://idp.example/keys");
+    for (doc, why) in [
+        ("<html>", "not JSON"),
+        ("{}", "no jwks_uri"),
+        (r#"{"jwks_uri":["https://a/k"]}"#, "not a string"),
+        (r#"{"jwks_uri":"keys.json"}"#, "not an absolute http(s) URI"),
+        (
+            r#"{"jwks_uri":"ftp://idp.example/keys"}"#,
+            "not an absolute http(s) URI",
+        ),
+    ] {
+        let err = jwks_uri_of(doc).unwrap_err();
+        assert!(err.contains(why), "{doc}: {err}");
+    }
 }
