@@ -46,8 +46,8 @@
 //!   trailing `/`.
 //! - **Keys** (`jwt_verify_lib` `verify.cc`): a key is tried when its `kid` equals the token's
 //!   (or either has none), its `alg` (if any) equals the token's, and its type fits the
-//!   algorithm (RSA for `RS*`/`PS*`, EC P-256/P-384 for `ES256`/`ES384`, OKP Ed25519 for
-//!   `EdDSA`). weft departs from Envoy in one place, to fail closed: HMAC (`HS*`) tokens and
+//!   algorithm (RSA for `RS*`/`PS*`, EC P-256/P-384/P-521 for `ES256`/`ES384`/`ES512`, OKP
+//!   Ed25519 for `EdDSA`). `ES512`, which `jsonwebtoken` lacks, is verified with `p521`. weft departs from Envoy in one place, to fail closed: HMAC (`HS*`) tokens and
 //!   symmetric (`oct`) keys are never accepted, since a JWKS is public; `alg: none` is
 //!   refused as in Envoy.
 //! - **Principal** (Istio's authn filter): `request.auth.principal` is `<iss>/<sub>`, and is
@@ -815,7 +815,7 @@ fn unix_now() -> u64 {
 /// A token split and decoded, not yet verified.
 #[derive(Debug)]
 struct Token<'a> {
-    alg: Algorithm,
+    alg: Alg,
     kid: Option<String>,
     /// `header.payload`, the signed bytes.
     signing_input: &'a str,
@@ -862,7 +862,10 @@ impl<'a> Token<'a> {
                     "alg {a} is not accepted: keys of a JWKS are public, HMAC keys are secrets"
                 ))
             }
-            Some(a) => Algorithm::from_str(a).map_err(|_| format!("unsupported alg {a:?}"))?,
+            Some("ES512") => Alg::ES512,
+            Some(a) => {
+                Alg::Jws(Algorithm::from_str(a).map_err(|_| format!("unsupported alg {a:?}"))?)
+            }
         };
         if s.is_empty() {
             return Err("token has no signature".to_string());
@@ -917,24 +920,42 @@ impl<'a> Token<'a> {
 
 // === impl KeySet ===
 
+/// A signature algorithm weft verifies: `jsonwebtoken`'s, and ES512, which it lacks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Alg {
+    Jws(Algorithm),
+    ES512,
+}
+
+impl std::fmt::Debug for Alg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Alg::Jws(a) => a.fmt(f),
+            Alg::ES512 => f.write_str("ES512"),
+        }
+    }
+}
+
 /// The type of a public key, as far as the algorithms care.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum KeyType {
     Rsa,
     P256,
     P384,
+    P521,
     Ed25519,
 }
 
 impl KeyType {
-    fn fits(self, alg: Algorithm) -> bool {
+    fn fits(self, alg: Alg) -> bool {
         use Algorithm::*;
         match alg {
-            RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => self == KeyType::Rsa,
-            ES256 => self == KeyType::P256,
-            ES384 => self == KeyType::P384,
-            EdDSA => self == KeyType::Ed25519,
-            HS256 | HS384 | HS512 => false,
+            Alg::ES512 => self == KeyType::P521,
+            Alg::Jws(RS256 | RS384 | RS512 | PS256 | PS384 | PS512) => self == KeyType::Rsa,
+            Alg::Jws(ES256) => self == KeyType::P256,
+            Alg::Jws(ES384) => self == KeyType::P384,
+            Alg::Jws(EdDSA) => self == KeyType::Ed25519,
+            Alg::Jws(HS256 | HS384 | HS512) => false,
         }
     }
 }
@@ -942,9 +963,36 @@ impl KeyType {
 /// One usable public key.
 struct VerifyKey {
     kid: Option<String>,
-    alg: Option<Algorithm>,
+    alg: Option<Alg>,
     ty: KeyType,
-    key: DecodingKey,
+    key: KeyMaterial,
+}
+
+/// A public key as its verifier wants it.
+enum KeyMaterial {
+    Jws(DecodingKey),
+    P521(Box<p521::ecdsa::VerifyingKey>),
+}
+
+impl KeyMaterial {
+    /// Whether `signature` (base64url) is `alg`'s signature of `input` by this key.
+    fn verifies(&self, alg: Alg, input: &[u8], signature: &str) -> bool {
+        match (self, alg) {
+            (KeyMaterial::Jws(key), Alg::Jws(alg)) => {
+                jsonwebtoken::crypto::verify(signature, input, key, alg).unwrap_or(false)
+            }
+            (KeyMaterial::P521(key), Alg::ES512) => {
+                use p521::ecdsa::signature::Verifier as _;
+                // JWS: the fixed-size r || s (RFC 7518 §3.4), 2 × 66 bytes for P-521.
+                B64URL
+                    .decode(signature)
+                    .ok()
+                    .and_then(|raw| p521::ecdsa::Signature::from_slice(&raw).ok())
+                    .is_some_and(|sig| key.verify(input, &sig).is_ok())
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A parsed JWKS: its usable signing keys.
@@ -1007,12 +1055,10 @@ impl KeySet {
                 continue;
             }
             tried += 1;
-            if let Ok(true) = jsonwebtoken::crypto::verify(
-                token.signature,
-                token.signing_input.as_bytes(),
-                &key.key,
-                token.alg,
-            ) {
+            if key
+                .key
+                .verifies(token.alg, token.signing_input.as_bytes(), token.signature)
+            {
                 return Ok(());
             }
         }
@@ -1026,6 +1072,11 @@ impl KeySet {
 
 impl VerifyKey {
     fn from_json(raw: Value) -> Result<VerifyKey, String> {
+        if raw.get("kty").and_then(Value::as_str) == Some("EC")
+            && raw.get("crv").and_then(Value::as_str) == Some("P-521")
+        {
+            return VerifyKey::p521_from_json(&raw);
+        }
         let jwk: Jwk = serde_json::from_value(raw).map_err(|e| format!("not a JWK: {e}"))?;
         if let Some(u) = &jwk.common.public_key_use {
             if *u != PublicKeyUse::Signature {
@@ -1034,7 +1085,9 @@ impl VerifyKey {
         }
         let alg = match &jwk.common.key_algorithm {
             None => None,
-            Some(a) => Some(signature_alg(a).ok_or_else(|| format!("alg {a:?} is not accepted"))?),
+            Some(a) => Some(Alg::Jws(
+                signature_alg(a).ok_or_else(|| format!("alg {a:?} is not accepted"))?,
+            )),
         };
         let ty = match &jwk.algorithm {
             AlgorithmParameters::RSA(_) => KeyType::Rsa,
@@ -1061,7 +1114,48 @@ impl VerifyKey {
             kid: jwk.common.key_id,
             alg,
             ty,
-            key,
+            key: KeyMaterial::Jws(key),
+        })
+    }
+
+    /// An EC P-521 JWK (RFC 7518 §6.2.1), which `jsonwebtoken` cannot read: the same checks
+    /// as the others (`use`, `alg`), and a point on the curve.
+    fn p521_from_json(raw: &Value) -> Result<VerifyKey, String> {
+        let field = |name: &str| match raw.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(_) => Err(format!("not a JWK: {name} is not a string")),
+        };
+        if field("use")?.is_some_and(|u| u != "sig") {
+            return Err("not a signature key (use)".to_string());
+        }
+        let alg = match field("alg")? {
+            None => None,
+            Some("ES512") => Some(Alg::ES512),
+            Some(a) => return Err(format!("alg {a:?} does not fit a P521 key")),
+        };
+        let coordinate = |name: &str| -> Result<Vec<u8>, String> {
+            let text = field(name)?.ok_or_else(|| format!("not a JWK: no {name}"))?;
+            let bytes = B64URL
+                .decode(text)
+                .map_err(|e| format!("bad key material: {name}: {e}"))?;
+            if bytes.len() != 66 {
+                return Err(format!(
+                    "bad key material: {name} has {} bytes, P-521 needs 66",
+                    bytes.len()
+                ));
+            }
+            Ok(bytes)
+        };
+        // SEC1 uncompressed point: 0x04 || x || y.
+        let point = [&[4u8][..], &coordinate("x")?, &coordinate("y")?].concat();
+        let key = p521::ecdsa::VerifyingKey::from_sec1_bytes(&point)
+            .map_err(|_| "bad key material: not a point on P-521".to_string())?;
+        Ok(VerifyKey {
+            kid: field("kid")?.map(str::to_string),
+            alg,
+            ty: KeyType::P521,
+            key: KeyMaterial::P521(Box::new(key)),
         })
     }
 }

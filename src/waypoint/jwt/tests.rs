@@ -574,7 +574,7 @@ fn cases() -> Vec<Case> {
         case(
             "unsupported_alg_is_invalid",
             one(),
-            bearer(&unsigned(&json!({"alg": "ES512"}), &base, "c2ln")),
+            bearer(&unsigned(&json!({"alg": "ES256K"}), &base, "c2ln")),
             Invalid("unsupported alg"),
         ),
     ]);
@@ -1276,4 +1276,103 @@ fn the_jwks_uri_of_an_openid_configuration_is_checked() {
         let err = jwks_uri_of(doc).unwrap_err();
         assert!(err.contains(why), "{doc}: {err}");
     }
+}
+
+// === ES512 (P-521), verified outside jsonwebtoken ===
+
+/// A P-521 public JWK.
+fn p521_jwk(key: &p521::ecdsa::SigningKey, kid: &str, alg: &str) -> Value {
+    let point = p521::ecdsa::VerifyingKey::from(key).to_encoded_point(false);
+    json!({
+        "kty": "EC", "crv": "P-521", "kid": kid, "use": "sig", "alg": alg,
+        "x": URL_SAFE_NO_PAD.encode(point.x().unwrap()),
+        "y": URL_SAFE_NO_PAD.encode(point.y().unwrap()),
+    })
+}
+
+/// An ES512 token (RFC 7518 §3.4: SHA-512, the signature as r || s).
+fn es512(key: &p521::ecdsa::SigningKey, kid: &str, claims: &Value) -> String {
+    use p521::ecdsa::signature::Signer as _;
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(json!({"alg": "ES512", "typ": "JWT", "kid": kid}).to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let sig: p521::ecdsa::Signature = key.sign(input.as_bytes());
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+}
+
+#[tokio::test]
+async fn es512_tokens_are_verified_with_p521_keys() {
+    let key = p521::ecdsa::SigningKey::random(&mut rsa::rand_core::OsRng);
+    let other = p521::ecdsa::SigningKey::random(&mut rsa::rand_core::OsRng);
+    let k = keys();
+    let set =
+        json!({ "keys": [k.get(Algorithm::ES256).jwk.clone(), p521_jwk(&key, "p521", "ES512")] });
+    let a = authn(vec![JwtRule {
+        issuer: ISS.into(),
+        jwks: Some(set.to_string()),
+        ..Default::default()
+    }]);
+    let base = claims(ISS);
+    let good = es512(&key, "p521", &base);
+    let r = a.authenticate(&bearer(&good)).await;
+    check(&r, &Expect::Valid(Some("https://issuer.example/alice"))).unwrap();
+    // The other algorithms of the set still work beside it.
+    assert!(valid(
+        &a.authenticate(&bearer(&sign(k.get(Algorithm::ES256), &base)))
+            .await
+    ));
+    for (name, token, why) in [
+        (
+            "tampered payload",
+            tamper_payload(&good, &with(base.clone(), "sub", json!("mallory"))),
+            "signature",
+        ),
+        (
+            "another P-521 key",
+            es512(&other, "p521", &base),
+            "signature",
+        ),
+        (
+            "no key with the kid",
+            es512(&key, "elsewhere", &base),
+            "no ES512 key with kid",
+        ),
+        (
+            "short signature",
+            format!("{}.c2ln", &good[..good.rfind('.').unwrap()]),
+            "signature",
+        ),
+    ] {
+        let r = a.authenticate(&bearer(&token)).await;
+        check(&r, &Expect::Invalid(why))
+            .map_err(|e| format!("{name}: {e}"))
+            .unwrap();
+    }
+}
+
+#[test]
+fn p521_keys_are_checked_like_the_others() {
+    let key = p521::ecdsa::SigningKey::random(&mut rsa::rand_core::OsRng);
+    let mut short_x = p521_jwk(&key, "k", "ES512");
+    short_x["x"] = json!(URL_SAFE_NO_PAD.encode([1u8; 32]));
+    let mut off_curve = p521_jwk(&key, "k", "ES512");
+    off_curve["y"] = json!(URL_SAFE_NO_PAD.encode([7u8; 66]));
+    let mut enc = p521_jwk(&key, "k", "ES512");
+    enc["use"] = json!("enc");
+    for (jwk, why) in [
+        (p521_jwk(&key, "k", "ES256"), "does not fit a P521 key"),
+        (short_x, "P-521 needs 66"),
+        (off_curve, "not a point on P-521"),
+        (enc, "not a signature key"),
+    ] {
+        let err = KeySet::parse(&json!({ "keys": [jwk] }).to_string()).unwrap_err();
+        assert!(err.contains(why), "{why}: {err}");
+    }
+    // Without alg it is taken, as other keys are.
+    let mut no_alg = p521_jwk(&key, "k", "ES512");
+    no_alg.as_object_mut().unwrap().remove("alg");
+    let set = KeySet::parse(&json!({ "keys": [no_alg] }).to_string()).unwrap();
+    assert!(set.has_kid("k"));
 }
