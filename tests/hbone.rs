@@ -792,17 +792,10 @@ enum Turn {
 /// shutting down can (`turn`): it sends a GOAWAY whose last stream is 0 (RFC 9113 §6.8: no
 /// stream was processed), with a 1 MiB window so that DATA can come first. Other connections
 /// are served properly: each CONNECT is answered 200, and its whole request body echoed back
-/// once it ended. Returns how many connections were accepted, and whether a turn-away
-/// happened.
-fn turning_away_server(
-    s: &Setup,
-    ip: std::net::IpAddr,
-    turn: Turn,
-) -> (
-    Arc<std::sync::atomic::AtomicUsize>,
-    Arc<std::sync::atomic::AtomicBool>,
-) {
+/// once it ended.
+fn turning_away_server(s: &Setup, turn: Turn) -> TurningAway {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let ip = unique_loopback();
     let cert =
         s.ca.issue(&id("server"), Duration::from_secs(3600))
             .unwrap();
@@ -883,149 +876,136 @@ fn turning_away_server(
             });
         }
     });
-    (accepted, turned)
+    TurningAway {
+        key: PoolKey {
+            dst_ip: ip,
+            ..s.key("server")
+        },
+        accepted,
+        turned,
+    }
+}
+
+/// A [`turning_away_server`] and what it saw.
+struct TurningAway {
+    /// The key of streams to it.
+    key: PoolKey,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    turned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TurningAway {
+    /// Connections accepted.
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Whether a stream was turned away.
+    fn turned(&self) -> bool {
+        self.turned.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn authority(&self) -> SocketAddr {
+        SocketAddr::new(self.key.dst_ip, 8080)
+    }
+    /// A stream to it as the client, returned as soon as the CONNECT is sent.
+    async fn open_early(&self, s: &Setup) -> Tunnel {
+        s.pool
+            .tunnel_early(&self.key, &s.cert, self.authority(), s.from())
+            .await
+            .unwrap()
+    }
+}
+
+/// Writes `bytes`, ends the client's side, and reads what comes back until the end
+/// (within 10 s).
+async fn echo_through(t: &mut Tunnel, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    t.io.write_all(bytes).await?;
+    t.io.shutdown().await?;
+    let mut echo = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), t.io.read_to_end(&mut echo))
+        .await
+        .expect("the stream neither answered nor failed")?;
+    Ok(echo)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_turned_away_unprocessed_is_opened_again_with_its_first_bytes() {
-    use std::sync::atomic::Ordering;
     let s = setup().await;
-    let ip = unique_loopback();
-    let (accepted, turned) = turning_away_server(&s, ip, Turn::FirstAfter(1));
-    let key = PoolKey {
-        dst_ip: ip,
-        ..s.key("server")
-    };
+    let server = turning_away_server(&s, Turn::FirstAfter(1));
     // Early bytes and the end of the client's side go out behind the CONNECT; the peer turns
     // the stream away after it saw them. The client notices nothing: the echo is whole.
-    let mut t = s
-        .pool
-        .tunnel_early(&key, &s.cert, SocketAddr::new(ip, 8080), s.from())
+    let mut t = server.open_early(&s).await;
+    let echo = echo_through(&mut t, b"first bytes")
         .await
-        .unwrap();
-    t.io.write_all(b"first bytes").await.unwrap();
-    t.io.shutdown().await.unwrap();
-    let mut echo = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), t.io.read_to_end(&mut echo))
-        .await
-        .expect("the reopened stream never answered")
         .expect("the turned-away stream failed instead of being opened again");
     assert_eq!(echo, b"first bytes");
-    assert!(
-        turned.load(Ordering::SeqCst),
-        "the fixture never turned the stream away"
-    );
-    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert!(server.turned(), "the fixture never turned the stream away");
+    assert_eq!(server.accepted(), 2);
     // The connection that turned it away is not used again: the next stream rides the new one.
     let mut t = s
         .pool
-        .tunnel(&key, &s.cert, SocketAddr::new(ip, 8080), s.from())
+        .tunnel(&server.key, &s.cert, server.authority(), s.from())
         .await
         .unwrap();
-    t.io.write_all(b"again").await.unwrap();
-    t.io.shutdown().await.unwrap();
-    let mut echo = Vec::new();
-    t.io.read_to_end(&mut echo).await.unwrap();
-    assert_eq!(echo, b"again");
-    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(echo_through(&mut t, b"again").await.unwrap(), b"again");
+    assert_eq!(server.accepted(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_after_the_turn_away_goes_on_the_reopened_stream() {
-    use std::sync::atomic::Ordering;
     let s = setup().await;
-    let ip = unique_loopback();
-    let (accepted, turned) = turning_away_server(&s, ip, Turn::FirstAfter(0));
-    let key = PoolKey {
-        dst_ip: ip,
-        ..s.key("server")
-    };
-    let mut t = s
-        .pool
-        .tunnel_early(&key, &s.cert, SocketAddr::new(ip, 8080), s.from())
-        .await
-        .unwrap();
+    let server = turning_away_server(&s, Turn::FirstAfter(0));
+    let mut t = server.open_early(&s).await;
     // Nothing written yet when the stream is turned away: the first write waits for the
     // stream to be opened again, then goes on it.
     assert!(
-        eventually(Duration::from_secs(5), || turned
-            .load(Ordering::SeqCst)
-            .then_some(()))
-        .await
-        .is_some(),
+        eventually(Duration::from_secs(5), || server.turned().then_some(()))
+            .await
+            .is_some(),
         "the fixture never turned the stream away"
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
-    t.io.write_all(b"late bytes").await.unwrap();
-    t.io.shutdown().await.unwrap();
-    let mut echo = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), t.io.read_to_end(&mut echo))
+    let echo = echo_through(&mut t, b"late bytes")
         .await
-        .expect("the reopened stream never answered")
         .expect("the turned-away stream failed instead of being opened again");
     assert_eq!(echo, b"late bytes");
-    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(server.accepted(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_wrote_more_than_it_keeps_is_not_replayed_in_part() {
-    use std::sync::atomic::Ordering;
     let s = setup().await;
-    let ip = unique_loopback();
     let more = weft::proxy::h2io::REPLAY_MAX + 1;
-    let (accepted, turned) = turning_away_server(&s, ip, Turn::FirstAfter(more));
-    let key = PoolKey {
-        dst_ip: ip,
-        ..s.key("server")
-    };
-    let mut t = s
-        .pool
-        .tunnel_early(&key, &s.cert, SocketAddr::new(ip, 8080), s.from())
-        .await
-        .unwrap();
-    t.io.write_all(&vec![7u8; more]).await.unwrap();
+    let server = turning_away_server(&s, Turn::FirstAfter(more));
+    let mut t = server.open_early(&s).await;
     // Past what is kept, the turn-away fails the stream as a reset, and nothing is sent again.
-    let mut echo = Vec::new();
-    let err = tokio::time::timeout(Duration::from_secs(10), t.io.read_to_end(&mut echo))
+    let err = echo_through(&mut t, &vec![7u8; more])
         .await
-        .expect("the stream neither failed nor answered")
         .expect_err("a stream past the replay limit was answered");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
-    assert!(turned.load(Ordering::SeqCst));
+    assert!(server.turned());
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        accepted.load(Ordering::SeqCst),
-        1,
-        "the stream was opened again"
-    );
+    assert_eq!(server.accepted(), 1, "the stream was opened again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_turns_away_every_stream_gets_a_bounded_number_of_connections() {
-    use std::sync::atomic::Ordering;
     let s = setup().await;
-    let ip = unique_loopback();
-    let (accepted, _) = turning_away_server(&s, ip, Turn::Every);
-    let key = PoolKey {
-        dst_ip: ip,
-        ..s.key("server")
-    };
+    let server = turning_away_server(&s, Turn::Every);
     // Each new connection goes away at once: the stream tries a few, then fails, naming the
     // GOAWAY; it does not go on connecting.
-    let err = match tokio::time::timeout(
-        Duration::from_secs(10),
-        s.pool
-            .tunnel(&key, &s.cert, SocketAddr::new(ip, 8080), s.from()),
-    )
-    .await
-    .expect("the stream kept trying")
+    let opening = s
+        .pool
+        .tunnel(&server.key, &s.cert, server.authority(), s.from());
+    let err = match tokio::time::timeout(Duration::from_secs(10), opening)
+        .await
+        .expect("the stream kept trying")
     {
         Ok(_) => panic!("a stream was answered by a peer that answers none"),
         Err(e) => e.to_string(),
     };
     assert!(err.contains("connection error received"), "{err}");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let n = accepted.load(Ordering::SeqCst);
+    let n = server.accepted();
     // At most 4 new connections per attempt (MAX_RETIRED + 1), and 3 attempts (the first and
     // two reopens).
     assert!((2..=12).contains(&n), "{n} connections");

@@ -1186,15 +1186,21 @@ async fn an_oversized_jwks_is_refused_and_a_good_one_later_is_used() {
     .await
 }
 
+/// A server publishing an OpenID configuration and an RS256 key set; an authenticator whose
+/// rule discovers them; a request with a token of that issuer.
+async fn discovering() -> (JwksServer, Arc<JwksCache>, JwtAuthenticator, Parts) {
+    let server = JwksServer::start(jwks_of(&[keys().get(Algorithm::RS256)])).await;
+    let jwks = server.cache(Duration::ZERO);
+    let a = JwtAuthenticator::new(vec![server.discovered_rule()], jwks.clone()).unwrap();
+    let req = bearer(&rs256(&claims(&server.issuer())));
+    (server, jwks, a, req)
+}
+
 #[tokio::test]
 async fn without_jwks_or_jwks_uri_the_keys_are_found_by_openid_discovery() {
     bounded(async {
-        let k = keys();
-        let server = JwksServer::start(jwks_of(&[k.get(Algorithm::RS256)])).await;
-        let jwks = server.cache(Duration::ZERO);
-        let a = JwtAuthenticator::new(vec![server.discovered_rule()], jwks.clone()).unwrap();
         // The issuer's trailing slash is dropped before the well-known path, as istiod does.
-        let req = bearer(&rs256(&claims(&server.issuer())));
+        let (server, jwks, a, req) = discovering().await;
         assert!(valid(&a.authenticate(&req).await));
         assert_eq!((server.config_hits(), server.hits()), (1, 1));
         assert!(valid(&a.authenticate(&req).await));
@@ -1223,11 +1229,7 @@ async fn without_jwks_or_jwks_uri_the_keys_are_found_by_openid_discovery() {
 #[tokio::test]
 async fn a_bad_openid_configuration_keeps_the_keys_in_force_and_no_keys_fail_closed() {
     bounded(async {
-        let k = keys();
-        let server = JwksServer::start(jwks_of(&[k.get(Algorithm::RS256)])).await;
-        let jwks = server.cache(Duration::ZERO);
-        let a = JwtAuthenticator::new(vec![server.discovered_rule()], jwks.clone()).unwrap();
-        let req = bearer(&rs256(&claims(&server.issuer())));
+        let (server, jwks, a, req) = discovering().await;
         assert!(valid(&a.authenticate(&req).await));
         for bad in [
             "not json",
