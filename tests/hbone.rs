@@ -786,6 +786,9 @@ enum Turn {
     FirstAfter(usize),
     /// On every connection, at once.
     Every,
+    /// On the first connection, once the CONNECT came, with PROTOCOL_ERROR instead of
+    /// NO_ERROR: a complaint, not a shutdown.
+    FirstComplaining,
 }
 
 /// An HBONE server at `ip:15008`, as `server`, that turns streams away the way a peer
@@ -817,6 +820,7 @@ fn turning_away_server(s: &Setup, turn: Turn) -> TurningAway {
             let (here, wait_for) = match turn {
                 Turn::FirstAfter(n) => (first, Some(n)),
                 Turn::Every => (true, None),
+                Turn::FirstComplaining => (first, Some(0)),
             };
             if here {
                 // Raw HTTP/2: SETTINGS with INITIAL_WINDOW_SIZE 1 MiB and as much more for the
@@ -847,7 +851,8 @@ fn turning_away_server(s: &Setup, turn: Turn) -> TurningAway {
                         break;
                     }
                 }
-                let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                let code = u8::from(matches!(turn, Turn::FirstComplaining));
+                let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, code];
                 t.store(true, Ordering::SeqCst);
                 // Hold the connection open until the client ends it.
                 tokio::spawn(async move {
@@ -1009,4 +1014,21 @@ async fn a_peer_that_turns_away_every_stream_gets_a_bounded_number_of_connection
     // At most 4 new connections per attempt (MAX_RETIRED + 1), and 3 attempts (the first and
     // two reopens).
     assert!((2..=12).contains(&n), "{n} connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_turned_away_with_an_error_code_is_not_opened_again() {
+    let s = setup().await;
+    let server = turning_away_server(&s, Turn::FirstComplaining);
+    let mut t = server.open_early(&s).await;
+    // A GOAWAY with PROTOCOL_ERROR may answer what this stream sent: it fails, and goes to no
+    // other connection.
+    let err = echo_through(&mut t, b"suspect bytes")
+        .await
+        .expect_err("a stream turned away with an error was answered");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(err.to_string().contains("protocol error"), "{err}");
+    assert!(server.turned());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(server.accepted(), 1, "the stream was opened again");
 }

@@ -9,13 +9,18 @@
 //!
 //! A client stream may be written before its CONNECT is answered ([`H2Io::awaiting`]): the
 //! first bytes travel behind the request. Reading waits for the answer; a refusal reads as a
-//! reset that names the status.
+//! reset that names the status (a write that fails meanwhile names it too).
+//!
+//! One task drives both directions of an `H2Io` (the relay does): the answer, and a reopen in
+//! progress, are polled from either side, and a future keeps one waker.
 //!
 //! A peer shutting down (GOAWAY) may turn away a stream it never processed: one whose request
 //! was still in our send queue when the peer's final GOAWAY named its last stream (RFC 9113
 //! §6.8; h2's graceful shutdown leaves that window open). Such a stream can safely be opened
 //! again elsewhere, and with [`H2Io::reopen_with`] it is, its first bytes (up to
-//! [`REPLAY_MAX`]) sent again behind the new request: the client sees nothing of it.
+//! [`REPLAY_MAX`]) sent again behind the new request: the client sees nothing of it. Only a
+//! graceful GOAWAY (`NO_ERROR`) is followed so: one with an error code may be the peer's
+//! answer to what this stream sent, which must not take down more connections.
 //!
 //! Received bytes are never left queued frame by frame in h2 while a reader is busy
 //! elsewhere: the relay takes them with [`H2Io::poll_recv_unreleased`], and other readers (the
@@ -45,13 +50,12 @@ pub const REPLAY_MAX: usize = 64 * 1024;
 /// How many times one stream is opened again after being turned away unprocessed.
 const MAX_REOPEN: u8 = 2;
 
-/// Opens the stream again (on another connection): the new stream, and what must be held as
-/// long as it is (its pool slot).
+/// Opens the stream again (on another connection), holding what it needs (its pool slot,
+/// [`H2Io::hold`]).
 pub type Reopen = Box<dyn FnMut() -> Reopening + Send + Sync>;
 
 /// A reopen in progress.
-pub type Reopening =
-    Pin<Box<dyn Future<Output = Result<(H2Io, Box<dyn Send + Sync>), String>> + Send>>;
+pub type Reopening = Pin<Box<dyn Future<Output = Result<H2Io, String>> + Send>>;
 
 /// The receiving half: the body, or (client side, before the answer) the answer to come.
 enum Recv {
@@ -117,18 +121,19 @@ pub enum Refusal {
 
 /// Until the answer: what was written, to send again if the stream is turned away unprocessed.
 struct Early {
-    chunks: Vec<Bytes>,
-    len: usize,
+    /// One buffer (tiny writes would otherwise each keep a `Bytes` alive).
+    bytes: BytesMut,
     /// END_STREAM was sent too.
     end: bool,
     reopen: Reopen,
 }
 
-/// Whether `e`, a stream's failure, says the peer never processed the stream: a GOAWAY from
-/// the peer naming a lower last stream fails exactly those (h2 fails no other stream with a
-/// remote GOAWAY error; streams the peer did process end as reset or broken instead).
+/// Whether `e`, a stream's failure, says a peer shutting down gracefully never processed the
+/// stream: a GOAWAY from the peer naming a lower last stream fails exactly those (h2 fails no
+/// other stream with a remote GOAWAY error; streams the peer did process end as reset or
+/// broken instead), and `NO_ERROR` says it is a shutdown, not a complaint.
 pub fn unprocessed(e: &h2::Error) -> bool {
-    e.is_go_away() && e.is_remote()
+    e.is_go_away() && e.is_remote() && e.reason() == Some(Reason::NO_ERROR)
 }
 
 /// A CONNECT stream's two halves.
@@ -145,7 +150,7 @@ pub struct H2Io {
     owed: usize,
     /// Client side, until the answer, when the stream may be opened again.
     early: Option<Box<Early>>,
-    /// Held as long as a reopened stream is (its pool slot).
+    /// Held as long as the stream is (its pool slot).
     _held: Option<Box<dyn Send + Sync>>,
     /// Times the stream was opened again.
     reopens: u8,
@@ -197,12 +202,16 @@ impl H2Io {
     pub fn reopen_with(&mut self, reopen: Reopen) {
         if matches!(self.recv, Recv::Awaiting(_)) {
             self.early = Some(Box::new(Early {
-                chunks: Vec::new(),
-                len: 0,
+                bytes: BytesMut::new(),
                 end: false,
                 reopen,
             }));
         }
+    }
+
+    /// Keeps `held` as long as the stream (a reopened stream holds its own instead).
+    pub fn hold(&mut self, held: Box<dyn Send + Sync>) {
+        self._held = Some(held);
     }
 
     /// Waits for the answer to the CONNECT (at once for a stream already open).
@@ -299,7 +308,7 @@ impl H2Io {
     pub fn refusal_now(&mut self) -> Option<String> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match self.poll_answer(&mut cx, false) {
-            Poll::Ready(Err(r @ (Refusal::Status(_) | Refusal::Reopen(_)))) => Some(r.to_string()),
+            Poll::Ready(Err(r @ Refusal::Status(_))) => Some(r.to_string()),
             Poll::Ready(Err(Refusal::Again(why))) => Some(why),
             _ => None,
         }
@@ -323,34 +332,38 @@ impl H2Io {
                         return Poll::Ready(Ok(()));
                     }
                     Ok(resp) => Refusal::Status(resp.status()),
-                    Err(e) => {
-                        if !reopen || !unprocessed(&e) {
-                            Refusal::Failed(e)
-                        } else if let Some(early) =
-                            self.early.as_mut().filter(|_| self.reopens < MAX_REOPEN)
-                        {
-                            tracing::debug!(error = %e, "HBONE stream turned away unprocessed; opening it again");
-                            self.recv = Recv::Reopening((early.reopen)());
-                            continue;
-                        } else {
-                            Refusal::Failed(e)
+                    Err(e) => match self.early.as_mut() {
+                        Some(early) if reopen && unprocessed(&e) => {
+                            if self.reopens >= MAX_REOPEN {
+                                Refusal::Reopen(format!(
+                                    "turned away again after {} reopens: {e}",
+                                    self.reopens
+                                ))
+                            } else {
+                                tracing::debug!(error = %e, "HBONE stream turned away unprocessed; opening it again");
+                                self.recv = Recv::Reopening((early.reopen)());
+                                continue;
+                            }
                         }
-                    }
+                        _ => Refusal::Failed(e),
+                    },
                 },
                 // Only a caller that may reopen drives a reopen (not a look at the answer).
                 Recv::Reopening(_) if !reopen => return Poll::Pending,
                 Recv::Reopening(reopening) => match ready!(reopening.as_mut().poll(cx)) {
-                    Ok((mut io, held)) => {
-                        // The new stream's halves become ours (`io` goes with the dead
-                        // ones); what was written before goes out again behind its request.
+                    Ok(mut io) => {
+                        // The new stream's halves and slot become ours (`io` goes with the
+                        // dead ones, and the old slot); what was written before goes out
+                        // again behind its request.
                         std::mem::swap(&mut self.send, &mut io.send);
                         std::mem::swap(&mut self.recv, &mut io.recv);
-                        self._held = Some(held);
+                        std::mem::swap(&mut self._held, &mut io._held);
                         self.reopens += 1;
                         if let Some(early) = &self.early {
-                            for chunk in &early.chunks {
-                                // A failure shows in the answer, as the original's did.
-                                let _ = self.send.send_data(chunk.clone(), false);
+                            // A failure shows in the answer, as the original's did.
+                            if !early.bytes.is_empty() {
+                                let again = Bytes::copy_from_slice(&early.bytes);
+                                let _ = self.send.send_data(again, false);
                             }
                             if early.end {
                                 let _ = self.send.send_data(Bytes::new(), true);
@@ -369,10 +382,10 @@ impl H2Io {
         }
     }
 
-    /// Before a write on a stream not answered yet: a stream being opened again takes no
-    /// writes until it is, and a refusal fails the write. `Ready(Ok)`: write on.
+    /// Before a write: a stream being opened again takes no writes until it is (this drives
+    /// the reopen). `Ready(Ok)`: write on.
     fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.early.is_none() || !matches!(self.recv, Recv::Awaiting(_) | Recv::Reopening(_)) {
+        if !matches!(self.recv, Recv::Reopening(_)) {
             return Poll::Ready(Ok(()));
         }
         match self.poll_answer(cx, true) {
@@ -406,13 +419,12 @@ impl H2Io {
 
     /// Keeps `chunk`, just sent before the answer, for a reopen; past [`REPLAY_MAX`] the
     /// stream can no longer be opened again.
-    fn keep_early(&mut self, chunk: &Bytes) {
+    fn keep_early(&mut self, chunk: &[u8]) {
         if let Some(early) = &mut self.early {
-            if early.len + chunk.len() > REPLAY_MAX {
+            if early.bytes.len() + chunk.len() > REPLAY_MAX {
                 self.early = None;
             } else {
-                early.len += chunk.len();
-                early.chunks.push(chunk.clone());
+                early.bytes.extend_from_slice(chunk);
             }
         }
     }
@@ -499,11 +511,14 @@ impl AsyncWrite for H2Io {
             self.send.reserve_capacity(want);
             let cap = self.send.capacity();
             let failure = if cap > 0 {
-                let chunk = Bytes::copy_from_slice(&buf[..cap.min(want)]);
-                match self.send.send_data(chunk.clone(), false) {
+                let n = cap.min(want);
+                match self
+                    .send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                {
                     Ok(()) => {
-                        self.keep_early(&chunk);
-                        return Poll::Ready(Ok(chunk.len()));
+                        self.keep_early(&buf[..n]);
+                        return Poll::Ready(Ok(n));
                     }
                     Err(e) => e.to_string(),
                 }

@@ -134,11 +134,11 @@ impl Pooled {
     }
 }
 
-/// A CONNECT stream through a pooled connection; holding it keeps its stream slot.
+/// A CONNECT stream through a pooled connection; holding it keeps its stream slot (held by
+/// the stream, so a stream opened again on another connection holds that one's instead).
 pub struct Tunnel {
     /// The byte stream to the destination.
     pub io: H2Io,
-    _slot: Slot,
 }
 
 struct Slot(Arc<Pooled>);
@@ -246,7 +246,7 @@ impl Pool {
     /// Like [`Pool::tunnel`], but returns as soon as the CONNECT is sent, without waiting for
     /// the answer: what is written goes out behind the request (the peer holds it until it
     /// reached the destination), which saves the tunnel one round trip before the first
-    /// byte. A refusal shows on the first read, as a reset.
+    /// byte. A refusal shows on the first read, as a reset (or on a write that fails).
     ///
     /// A stream the peer turns away unprocessed, as a peer shutting down may, is opened again
     /// on another connection with its first bytes (see [`H2Io::reopen_with`]).
@@ -262,11 +262,11 @@ impl Pool {
         tunnel.io.reopen_with(Box::new(move || {
             let (pool, key, cert) = (pool.clone(), key.clone(), cert.clone());
             Box::pin(async move {
-                let Tunnel { io, _slot } = pool
+                let tunnel = pool
                     .stream(&key, &cert, authority, forwarded_for)
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok((io, Box::new(_slot) as Box<dyn Send + Sync>))
+                Ok(tunnel.io)
             })
         }));
         Ok(tunnel)
@@ -303,7 +303,10 @@ impl Pool {
                 None => self.slot_on_new_or_pooled(key, cert).await?,
             };
             match Self::open_stream(&slot, req()?).await {
-                Ok(io) => return Ok(Tunnel { io, _slot: slot }),
+                Ok(mut io) => {
+                    io.hold(Box::new(slot));
+                    return Ok(Tunnel { io });
+                }
                 // Pooled connections are tried each at most once (each is retired); a new
                 // one that goes away at once counts towards the limit.
                 Err(e) if e.is_go_away() && (!fresh || fresh_retired < MAX_RETIRED) => {
