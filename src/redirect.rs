@@ -5,7 +5,8 @@
 //! one `iptables-restore --noflush` transaction whenever the set of local enrolled pods
 //! changes: declaring the chain in the restore input flushes it first, so a restart after a
 //! crash (or `kill -9`) never duplicates rules. Everything is removed on clean exit. IPv4
-//! only for now: pods' IPv6 addresses are not captured.
+//! only for now: pods' IPv6 addresses are not captured, and said so (a warning naming them
+//! here, and one per pod when a mesh file is loaded or checked).
 //!
 //! Only a connection's opening SYN is redirected (`--syn`): later packets of a captured
 //! connection reach weft's socket through the `-m socket --transparent` rule, and connections
@@ -374,18 +375,28 @@ impl Redirector {
         let mut changes = store.subscribe();
         tokio::spawn(async move {
             let mut applied: Option<Vec<PodRule>> = None;
+            let mut uncaptured: Vec<IpAddr> = Vec::new();
             loop {
                 let snap = store.snapshot();
                 let generation = snap.generation;
-                let ips: Vec<Ipv4Addr> = snap
+                let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = snap
                     .local_enrolled(&node)
-                    .flat_map(|w| w.ips.iter())
+                    .flat_map(|w| w.ips.iter().copied())
+                    .partition(IpAddr::is_ipv4);
+                drop(snap);
+                if v6 != uncaptured {
+                    if !v6.is_empty() {
+                        tracing::warn!(addresses = ?v6, "IPv6 addresses of local enrolled pods are not captured (IPv4 only): their IPv6 traffic bypasses mTLS and policy");
+                    }
+                    uncaptured = v6;
+                }
+                let ips: Vec<Ipv4Addr> = v4
+                    .into_iter()
                     .filter_map(|ip| match ip {
-                        IpAddr::V4(v4) => Some(*v4),
+                        IpAddr::V4(v4) => Some(v4),
                         IpAddr::V6(_) => None,
                     })
                     .collect();
-                drop(snap);
                 let me = self.clone();
                 let routes = tokio::task::spawn_blocking(move || {
                     let found = interfaces_to(&ips)?;
