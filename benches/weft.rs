@@ -30,6 +30,7 @@ struct Sizes {
     policies: [usize; 2],
     decisions: usize,
     crypto_bytes: u64,
+    tokens: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -41,6 +42,7 @@ const FULL: Sizes = Sizes {
     policies: [10, 1_000],
     decisions: 1_000_000,
     crypto_bytes: 2 << 30,
+    tokens: 2_000,
 };
 
 const SMOKE: Sizes = Sizes {
@@ -52,6 +54,7 @@ const SMOKE: Sizes = Sizes {
     policies: [10, 20],
     decisions: 100,
     crypto_bytes: 1 << 20,
+    tokens: 2,
 };
 
 // === results ===
@@ -1539,6 +1542,87 @@ fn run_crypto(sz: Sizes, report: &mut Report) {
     );
 }
 
+/// What one JWT costs the waypoint (`authenticate` with an inline key set): RS256 against
+/// ES512, whose pure-Rust P-521 verification is the dearest a client can ask for.
+fn run_jwt(sz: Sizes, report: &mut Report) {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine as _;
+    use p521::ecdsa::signature::Signer as _;
+    use rsa::pkcs1::EncodeRsaPrivateKey as _;
+    use rsa::traits::PublicKeyParts as _;
+    use weft::waypoint::jwt::{AuthnResult, JwksCache, JwksConfig, JwtAuthenticator};
+    let rsa = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
+    let p521 = p521::ecdsa::SigningKey::random(&mut rsa::rand_core::OsRng);
+    let point = p521::ecdsa::VerifyingKey::from(&p521).to_encoded_point(false);
+    let jwks = serde_json::json!({"keys": [
+        {"kty": "RSA", "kid": "rsa", "n": B64.encode(rsa.n().to_bytes_be()), "e": B64.encode(rsa.e().to_bytes_be())},
+        {"kty": "EC", "crv": "P-521", "kid": "p521", "x": B64.encode(point.x().unwrap()), "y": B64.encode(point.y().unwrap())},
+    ]});
+    let rule = weft::model::policy::JwtRule {
+        issuer: "https://issuer.example".into(),
+        jwks: Some(jwks.to_string()),
+        ..Default::default()
+    };
+    let cache = JwksCache::new(JwksConfig {
+        system_roots: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let authn = JwtAuthenticator::new(vec![rule], Arc::new(cache)).unwrap();
+    let claims = serde_json::json!({"iss": "https://issuer.example", "sub": "alice", "exp": 4_000_000_000u64});
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("rsa".into());
+    let der = rsa.to_pkcs1_der().unwrap();
+    let rs256 = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_rsa_der(der.as_bytes()),
+    )
+    .unwrap();
+    let input = format!(
+        "{}.{}",
+        B64.encode(serde_json::json!({"alg": "ES512", "kid": "p521"}).to_string()),
+        B64.encode(claims.to_string())
+    );
+    let sig: p521::ecdsa::Signature = p521.sign(input.as_bytes());
+    let es512 = format!("{input}.{}", B64.encode(sig.to_bytes()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let per_token = |token: &str| {
+        let req = http::Request::get("/")
+            .header("authorization", format!("Bearer {token}"))
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let start = Instant::now();
+        for _ in 0..sz.tokens {
+            let r = rt.block_on(authn.authenticate(&req));
+            assert!(matches!(r, AuthnResult::Valid(_)), "{r:?}");
+        }
+        start.elapsed().as_secs_f64() * 1e6 / sz.tokens as f64
+    };
+    let rs = per_token(&rs256);
+    let es = per_token(&es512);
+    report.add(
+        "JWT check, RS256 (2048-bit key)",
+        "in-proc",
+        rs,
+        None,
+        "µs",
+        "waypoint authenticate, inline key set; one core",
+    );
+    report.add(
+        "JWT check, ES512 (P-521)",
+        "in-proc",
+        es,
+        Some(rs),
+        "µs",
+        "baseline: RS256; what a client sending ES512 tokens costs per request",
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(addr) = args
@@ -1619,6 +1703,7 @@ fn main() {
         run_state(sz, &mut report);
         run_policy(sz, &mut report);
         run_crypto(sz, &mut report);
+        run_jwt(sz, &mut report);
     }
     if let Some(path) = json {
         let mut doc = BTreeMap::new();

@@ -1134,18 +1134,20 @@ impl VerifyKey {
             Some("ES512") => Some(Alg::ES512),
             Some(a) => return Err(format!("alg {a:?} does not fit a P521 key")),
         };
+        // RFC 7518 wants 66 bytes; like Envoy, shorter ones (leading zeros dropped, as some
+        // issuers publish them) are taken as the same number.
         let coordinate = |name: &str| -> Result<Vec<u8>, String> {
             let text = field(name)?.ok_or_else(|| format!("not a JWK: no {name}"))?;
             let bytes = B64URL
                 .decode(text)
                 .map_err(|e| format!("bad key material: {name}: {e}"))?;
-            if bytes.len() != 66 {
+            if bytes.len() > 66 {
                 return Err(format!(
-                    "bad key material: {name} has {} bytes, P-521 needs 66",
+                    "bad key material: {name} has {} bytes, P-521 takes at most 66",
                     bytes.len()
                 ));
             }
-            Ok(bytes)
+            Ok([vec![0; 66 - bytes.len()], bytes].concat())
         };
         // SEC1 uncompressed point: 0x04 || x || y.
         let point = [&[4u8][..], &coordinate("x")?, &coordinate("y")?].concat();
@@ -1426,10 +1428,9 @@ impl JwksCache {
                 (SourceKey::Remote(uri.to_string()), parsed, false)
             }
             None => {
-                let config = format!(
-                    "{}{OPENID_CONFIGURATION}",
-                    rule.issuer.trim_end_matches('/')
-                );
+                // One trailing slash dropped, as istiod's TrimSuffix does.
+                let issuer = rule.issuer.strip_suffix('/').unwrap_or(&rule.issuer);
+                let config = format!("{issuer}{OPENID_CONFIGURATION}");
                 let parsed = http_uri(&config).map_err(|_| JwtError::NoJwksSource {
                     issuer: rule.issuer.clone(),
                 })?;
@@ -1545,26 +1546,44 @@ impl JwksCache {
 
     /// The keys of `remote`: its key set, found first through the issuer's OpenID
     /// configuration when it is discovered.
+    /// Both GETs of a discovery share the rule's timeout: a request waiting for keys waits
+    /// no longer than for a `jwksUri`.
     async fn fetch_remote(&self, remote: &Remote) -> Result<KeySet, JwtError> {
+        let deadline = Instant::now() + remote.timeout;
         let jwks_uri = if remote.discover {
             let config = remote.uri.to_string();
-            let doc = self.get(&remote.uri, remote.timeout).await?;
-            jwks_uri_of(&doc).map_err(|reason| JwtError::Discovery {
-                uri: config,
-                reason,
-            })?
+            let doc = self.get(&remote.uri, deadline, remote.timeout).await?;
+            let uri = std::str::from_utf8(&doc)
+                .map_err(|e| e.to_string())
+                .and_then(jwks_uri_of)
+                .map_err(|reason| JwtError::Discovery {
+                    uri: config.clone(),
+                    reason,
+                })?;
+            if uri.scheme_str() == Some("http") {
+                tracing::warn!(config, jwks_uri = %uri, "discovered jwksUri is plain http");
+            }
+            uri
         } else {
             remote.uri.clone()
         };
-        let doc = self.get(&jwks_uri, remote.timeout).await?;
-        KeySet::parse(&doc).map_err(|reason| JwtError::FetchedJwks {
-            uri: jwks_uri.to_string(),
-            reason,
-        })
+        let uri_s = jwks_uri.to_string();
+        let doc = self.get(&jwks_uri, deadline, remote.timeout).await?;
+        let text = std::str::from_utf8(&doc).map_err(|e| JwtError::FetchedJwks {
+            uri: uri_s.clone(),
+            reason: e.to_string(),
+        })?;
+        KeySet::parse(text).map_err(|reason| JwtError::FetchedJwks { uri: uri_s, reason })
     }
 
-    /// One GET of a JSON document, bounded by `timeout` and [`MAX_JWKS_BYTES`].
-    async fn get(&self, uri: &Uri, timeout: Duration) -> Result<String, JwtError> {
+    /// One GET of a JSON document, bounded by `deadline` (`timeout` is for the message) and
+    /// [`MAX_JWKS_BYTES`].
+    async fn get(
+        &self,
+        uri: &Uri,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Bytes, JwtError> {
         let uri_s = uri.to_string();
         let work = async {
             let req = http::Request::get(uri.clone())
@@ -1596,12 +1615,9 @@ impl JwksCache {
                     source: e,
                 })?
                 .to_bytes();
-            String::from_utf8(body.to_vec()).map_err(|e| JwtError::FetchedJwks {
-                uri: uri_s.clone(),
-                reason: e.to_string(),
-            })
+            Ok(body)
         };
-        tokio::time::timeout(timeout, work)
+        tokio::time::timeout_at(deadline, work)
             .await
             .map_err(|_| JwtError::FetchTimeout {
                 uri: uri_s.clone(),

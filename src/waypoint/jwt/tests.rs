@@ -848,6 +848,8 @@ struct JwksServer {
     body: Arc<Mutex<String>>,
     /// The answer at `/.well-known/openid-configuration` (by default, naming [`JwksServer::uri`]).
     config: Arc<Mutex<String>>,
+    /// Where the key set is served (any other path is a 404).
+    jwks_path: Arc<Mutex<String>>,
     hits: Arc<AtomicUsize>,
     config_hits: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -883,6 +885,8 @@ impl JwksServer {
         let config_hits = Arc::new(AtomicUsize::new(0));
         let (b, h) = (body.clone(), hits.clone());
         let (c, ch) = (config.clone(), config_hits.clone());
+        let jwks_path = Arc::new(Mutex::new("/jwks.json".to_string()));
+        let jp = jwks_path.clone();
         let task = tokio::spawn(async move {
             // Connections live in this set, so aborting the server ends them too.
             let mut conns = tokio::task::JoinSet::new();
@@ -891,23 +895,30 @@ impl JwksServer {
                     return;
                 };
                 let (acceptor, b, h) = (acceptor.clone(), b.clone(), h.clone());
-                let (c, ch) = (c.clone(), ch.clone());
+                let (c, ch, jp) = (c.clone(), ch.clone(), jp.clone());
                 conns.spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
                     let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                        let text = if req.uri().path() == "/.well-known/openid-configuration" {
+                        let path = req.uri().path().to_string();
+                        let found = if path == "/.well-known/openid-configuration" {
                             ch.fetch_add(1, Ordering::SeqCst);
-                            c.lock().unwrap().clone()
-                        } else {
+                            Some(c.lock().unwrap().clone())
+                        } else if path == *jp.lock().unwrap() {
                             h.fetch_add(1, Ordering::SeqCst);
-                            b.lock().unwrap().clone()
+                            Some(b.lock().unwrap().clone())
+                        } else {
+                            None
                         };
                         async move {
-                            Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
-                                Bytes::from(text),
-                            )))
+                            let mut resp = hyper::Response::new(http_body_util::Full::new(
+                                Bytes::from(found.clone().unwrap_or_default()),
+                            ));
+                            if found.is_none() {
+                                *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                            }
+                            Ok::<_, Infallible>(resp)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -920,6 +931,7 @@ impl JwksServer {
             addr,
             body,
             config,
+            jwks_path,
             hits,
             config_hits,
             task,
@@ -1212,6 +1224,7 @@ async fn without_jwks_or_jwks_uri_the_keys_are_found_by_openid_discovery() {
         // The configuration is read again on every fetch: a moved key set is followed.
         let moved = ec_test_key(Algorithm::ES256, "moved");
         server.serve(jwks_of(&[&moved]));
+        *server.jwks_path.lock().unwrap() = "/elsewhere/keys".to_string();
         *server.config.lock().unwrap() = format!(
             r#"{{"jwks_uri":"https://127.0.0.1:{}/elsewhere/keys"}}"#,
             server.addr.port()
@@ -1357,6 +1370,8 @@ async fn es512_tokens_are_verified_with_p521_keys() {
 #[test]
 fn p521_keys_are_checked_like_the_others() {
     let key = p521::ecdsa::SigningKey::random(&mut rsa::rand_core::OsRng);
+    let mut long_x = p521_jwk(&key, "k", "ES512");
+    long_x["x"] = json!(URL_SAFE_NO_PAD.encode([1u8; 67]));
     let mut short_x = p521_jwk(&key, "k", "ES512");
     short_x["x"] = json!(URL_SAFE_NO_PAD.encode([1u8; 32]));
     let mut off_curve = p521_jwk(&key, "k", "ES512");
@@ -1365,7 +1380,9 @@ fn p521_keys_are_checked_like_the_others() {
     enc["use"] = json!("enc");
     for (jwk, why) in [
         (p521_jwk(&key, "k", "ES256"), "does not fit a P521 key"),
-        (short_x, "P-521 needs 66"),
+        (long_x, "at most 66"),
+        // Left-padded to 66 bytes, then not on the curve.
+        (short_x, "not a point on P-521"),
         (off_curve, "not a point on P-521"),
         (enc, "not a signature key"),
     ] {
