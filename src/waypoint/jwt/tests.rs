@@ -1395,3 +1395,21 @@ fn p521_keys_are_checked_like_the_others() {
     let set = KeySet::parse(&json!({ "keys": [no_alg] }).to_string()).unwrap();
     assert!(set.has_kid("k"));
 }
+
+#[test]
+fn the_rfc_7515_es512_example_verifies() {
+    // RFC 7515 Appendix A.4: a P-521 key and an ES512 JWS signed elsewhere, so signing and
+    // verifying do not share this crate's encoding.
+    let set = KeySet::parse(
+        r#"{"keys":[{"kty":"EC","crv":"P-521",
+        "x":"AekpBQ8ST8a8VcfVOTNl353vSrDCLLJXmPk06wTjxrrjcBpXp5EOnYG_NjFZ6OvLFV1jSfS9tsz4qUxcWceqwQGk",
+        "y":"ADSmRA43Z1DSNx_RvcLI87cdL07l6jQyyBXMoxVg_l2Th-x3S1WDhjDly79ajL4Kkd0AZMaZmh9ubmf63e3kyMj2"}]}"#,
+    )
+    .unwrap();
+    let input = b"eyJhbGciOiJFUzUxMiJ9.UGF5bG9hZA";
+    let sig = "AdwMgeerwtHoh-l192l60hp9wAHZFVJbLfD_UxMi70cwnZOYaRI1bKPWROc-mZZqwqT2SI-KGDKB34XO0aw_7XdtAG8GaSwFKdCAPZgoXD2YBJZCPEX3xKpRwcdOO8KpEHwJjyqOgzDO7iKvU8vcnwNrmxYbSW9ERBXukOXolLzeO_Jn";
+    let key = &set.keys[0].key;
+    assert!(key.verifies(Alg::ES512, input, sig));
+    assert!(!key.verifies(Alg::ES512, b"eyJhbGciOiJFUzUxMiJ9.UGF5bG9hZB", sig));
+    assert!(!key.verifies(Alg::Jws(Algorithm::ES384), input, sig));
+}
