@@ -65,7 +65,8 @@
 //!   `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`): the fetch timeout is the rule's `timeout`, 5 s by
 //!   default; istiod refreshes `jwksUri` every 20 minutes ([`DEFAULT_REFRESH_INTERVAL`]). When
 //!   `jwks` and `jwksUri` are both set, `jwks` wins ("jwks_uri will be ignored"). Like istiod,
-//!   weft accepts a plain `http://` `jwksUri` (with a warning). weft also
+//!   weft accepts a plain `http://` `jwksUri` (with a warning), and follows up to 10
+//!   redirects, as istiod's Go client does. weft also
 //!   refetches (rate-limited) when a token names a `kid` the cached set lacks, keeps the last
 //!   good keys when a refresh fails, and treats tokens of an issuer whose keys were never
 //!   fetched as invalid (`401`), like Envoy's `JwksFetchFail`.
@@ -1232,7 +1233,11 @@ struct Remote {
     last_attempt: tokio::sync::Mutex<Option<Instant>>,
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+/// Follows up to 10 redirects, as istiod's Go HTTP client does.
+type HttpsClient = tower_http::follow_redirect::FollowRedirect<
+    Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    tower_http::follow_redirect::policy::Limited,
+>;
 
 /// The issuers' public keys, shared by every [`JwtAuthenticator`] of the process.
 ///
@@ -1298,7 +1303,10 @@ impl JwksCache {
             .enable_http1()
             .enable_http2()
             .build();
-        let client = Client::builder(TokioExecutor::new()).build(https);
+        let client = tower_http::follow_redirect::FollowRedirect::with_policy(
+            Client::builder(TokioExecutor::new()).build(https),
+            tower_http::follow_redirect::policy::Limited::new(10),
+        );
         Ok(JwksCache {
             client,
             config,
@@ -1593,9 +1601,7 @@ impl JwksCache {
                     uri: uri_s.clone(),
                     source: Box::new(e),
                 })?;
-            let resp = self
-                .client
-                .request(req)
+            let resp = tower::ServiceExt::oneshot(self.client.clone(), req)
                 .await
                 .map_err(|e| JwtError::Fetch {
                     uri: uri_s.clone(),

@@ -902,6 +902,12 @@ impl JwksServer {
                     };
                     let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
                         let path = req.uri().path().to_string();
+                        // `/redirect` sends to the key set, `/loop` to itself.
+                        let to = match path.as_str() {
+                            "/redirect" => Some(jp.lock().unwrap().clone()),
+                            "/loop" => Some("/loop".to_string()),
+                            _ => None,
+                        };
                         let found = if path == "/.well-known/openid-configuration" {
                             ch.fetch_add(1, Ordering::SeqCst);
                             Some(c.lock().unwrap().clone())
@@ -915,7 +921,11 @@ impl JwksServer {
                             let mut resp = hyper::Response::new(http_body_util::Full::new(
                                 Bytes::from(found.clone().unwrap_or_default()),
                             ));
-                            if found.is_none() {
+                            if let Some(to) = to {
+                                *resp.status_mut() = http::StatusCode::FOUND;
+                                resp.headers_mut()
+                                    .insert(http::header::LOCATION, to.parse().unwrap());
+                            } else if found.is_none() {
                                 *resp.status_mut() = http::StatusCode::NOT_FOUND;
                             }
                             Ok::<_, Infallible>(resp)
@@ -1412,4 +1422,27 @@ fn the_rfc_7515_es512_example_verifies() {
     assert!(key.verifies(Alg::ES512, input, sig));
     assert!(!key.verifies(Alg::ES512, b"eyJhbGciOiJFUzUxMiJ9.UGF5bG9hZB", sig));
     assert!(!key.verifies(Alg::Jws(Algorithm::ES384), input, sig));
+}
+
+#[tokio::test]
+async fn jwks_redirects_are_followed_as_istiod_does_and_a_loop_ends() {
+    bounded(async {
+        let server = JwksServer::start(jwks_of(&[keys().get(Algorithm::RS256)])).await;
+        let at = |path: &str| JwtRule {
+            jwks_uri: Some(format!("https://127.0.0.1:{}{path}", server.addr.port())),
+            ..server.rule()
+        };
+        let req = bearer(&rs256(&claims(ISS)));
+        let a = JwtAuthenticator::new(vec![at("/redirect")], server.cache(Duration::ZERO)).unwrap();
+        assert!(valid(&a.authenticate(&req).await));
+        assert_eq!(server.hits(), 1);
+        // A redirect loop ends (10 at most): no keys, so tokens fail closed.
+        let b = JwtAuthenticator::new(vec![at("/loop")], server.cache(Duration::ZERO)).unwrap();
+        let r = b.authenticate(&req).await;
+        assert!(
+            matches!(&r, AuthnResult::Invalid(m) if m.contains("no keys")),
+            "{r:?}"
+        );
+    })
+    .await
 }
