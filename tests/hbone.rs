@@ -301,7 +301,7 @@ async fn a_refused_early_tunnel_names_the_status_even_when_a_write_fails_first()
     let s = setup().await;
     let mut t = refused_early(&s).await;
     // Keep writing without reading: the server refuses and closes the stream, so a write
-    // fails, with an error that says nothing of why.
+    // fails; it names the peer's answer, not its own blind error.
     let chunk = vec![0u8; 64 * 1024];
     let failed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -317,7 +317,13 @@ async fn a_refused_early_tunnel_names_the_status_even_when_a_write_fails_first()
         std::io::ErrorKind::ConnectionReset,
         "{failed}"
     );
-    // The answer is known by then, and it is what the access log reports.
+    assert!(
+        failed
+            .to_string()
+            .contains("CONNECT refused: 503 Service Unavailable"),
+        "{failed}"
+    );
+    // The answer is known by then.
     assert_eq!(
         t.io.refusal_now().as_deref(),
         Some("CONNECT refused: 503 Service Unavailable")

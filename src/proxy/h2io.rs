@@ -121,10 +121,9 @@ pub enum Refusal {
 
 /// Until the answer: what was written, to send again if the stream is turned away unprocessed.
 struct Early {
-    /// One buffer (tiny writes would otherwise each keep a `Bytes` alive).
+    /// One buffer (tiny writes would otherwise each keep a `Bytes` alive). Whether
+    /// END_STREAM went too is `sent_end`.
     bytes: BytesMut,
-    /// END_STREAM was sent too.
-    end: bool,
     reopen: Reopen,
 }
 
@@ -203,7 +202,6 @@ impl H2Io {
         if matches!(self.recv, Recv::Awaiting(_)) {
             self.early = Some(Box::new(Early {
                 bytes: BytesMut::new(),
-                end: false,
                 reopen,
             }));
         }
@@ -304,7 +302,7 @@ impl H2Io {
     }
 
     /// Why the CONNECT was refused, if its answer has arrived and was not 200 (without
-    /// waiting). After a failed write this names the real cause: the peer's status.
+    /// waiting).
     pub fn refusal_now(&mut self) -> Option<String> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match self.poll_answer(&mut cx, false) {
@@ -365,7 +363,7 @@ impl H2Io {
                                 let again = Bytes::copy_from_slice(&early.bytes);
                                 let _ = self.send.send_data(again, false);
                             }
-                            if early.end {
+                            if self.sent_end {
                                 let _ = self.send.send_data(Bytes::new(), true);
                             }
                         }
@@ -395,15 +393,16 @@ impl H2Io {
         }
     }
 
-    /// A write (or END_STREAM) failed with `e`. A stream that may be opened again gets the
-    /// chance first: `Ready(Ok)` means write again (on the new stream), `Pending` that the
-    /// reopen is under way; otherwise the failure stands.
+    /// A write (or END_STREAM) failed with `e`. Before the answer, the answer decides: a
+    /// refusal fails the write naming the peer's status (not the write's own, blind error),
+    /// and a stream that may be opened again gets the chance: `Ready(Ok)` means write again
+    /// (on the new stream), `Pending` that the reopen is under way. Otherwise `e` stands.
     fn poll_write_failed(
         &mut self,
         cx: &mut Context<'_>,
         e: impl std::fmt::Display,
     ) -> Poll<io::Result<()>> {
-        if self.early.is_some() && matches!(self.recv, Recv::Awaiting(_)) {
+        if matches!(self.recv, Recv::Awaiting(_)) {
             let reopens = self.reopens;
             // The stream failed as a whole, so its answer is there too (h2 keeps one state).
             match self.poll_answer(cx, true) {
@@ -551,9 +550,6 @@ impl AsyncWrite for H2Io {
                 match self.send.send_data(Bytes::new(), true) {
                     Ok(()) => {
                         self.sent_end = true;
-                        if let Some(early) = &mut self.early {
-                            early.end = true;
-                        }
                         return Poll::Ready(Ok(()));
                     }
                     Err(e) => e.to_string(),

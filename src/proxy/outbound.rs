@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use super::conntrack::{ConnMeta, Direction, Outcome, Peer, Protocol, ServiceRef};
 use super::inbound::{self, Client};
 use super::pool::PoolKey;
-use super::relay::{relay, RelayEnd};
+use super::relay::relay;
 use super::socket;
 use super::ProxyCtx;
 use crate::model::{Service, TargetPort, Workload};
@@ -181,18 +181,10 @@ pub async fn serve_outbound_to(
                 match relay(&mut client, &mut tunnel.io, &conns).await {
                     Ok(()) => guard.set_outcome(Outcome::Closed),
                     Err(e) => {
+                        // A refusal reads, and fails a write, naming the peer's answer.
                         socket::reset_on_close(&client);
-                        // The first bytes went out before the answer: a refusal may surface
-                        // as a failed write. Name the peer's answer, not the write.
-                        let refused = tunnel.io.refusal_now();
                         tunnel.io.reset();
-                        guard.set_outcome(match (e, refused) {
-                            (RelayEnd::Io(_), Some(why)) => {
-                                tracing::info!(src = %peer, dst = %addr, reason = %why, "HBONE tunnel refused");
-                                Outcome::Failed(why)
-                            }
-                            (e, _) => e.into(),
-                        });
+                        guard.set_outcome(e.into());
                     }
                 }
             }
