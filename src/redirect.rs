@@ -193,7 +193,12 @@ fn route_lookup(
         command: command.clone(),
         source,
     };
-    let input: String = ips.iter().map(|ip| format!("route get {ip}\n")).collect();
+    // One question per distinct IP, so answers and failures add up to exactly that many.
+    let distinct: std::collections::BTreeSet<&Ipv4Addr> = ips.iter().collect();
+    let input: String = distinct
+        .iter()
+        .map(|ip| format!("route get {ip}\n"))
+        .collect();
     // `-force`: an unroutable IP fails its own line only (and makes the exit status 1).
     let mut child = cmd
         .stdin(std::process::Stdio::piped())
@@ -213,24 +218,28 @@ fn route_lookup(
         let _ = w.join();
     }
     let out = out?;
-    let found = parse_routes(&String::from_utf8_lossy(&out.stdout));
-    // Each IP gets an answer line or a `Command failed -:N` line; fewer means `ip` itself
-    // failed (not installed right, no permission, killed), which must not read as "every
-    // pod is gone" and remove their capture.
+    let answered = parse_routes(&String::from_utf8_lossy(&out.stdout));
+    // Each IP gets an answer line (routed via a gateway or not) or a `Command failed -:N`
+    // line; fewer means `ip` itself failed (not installed right, no permission, killed),
+    // which must not read as "every pod is gone" and remove their capture.
     let stderr = String::from_utf8_lossy(&out.stderr);
     let failed_lines = stderr.matches("Command failed").count();
-    if found.len() + failed_lines < ips.len() {
+    if answered.len() + failed_lines < distinct.len() {
         return Err(RedirectError::Failed {
             command,
             stderr: format!("{} ({})", stderr.trim(), out.status),
         });
     }
-    Ok(found)
+    Ok(answered
+        .into_iter()
+        .filter_map(|(ip, dev)| Some((ip, dev?)))
+        .collect())
 }
 
-/// `ip -o route get` lines (`[type] DST [via GW] dev IFACE ...`): the interface of each
-/// destination reached directly.
-fn parse_routes(out: &str) -> BTreeMap<Ipv4Addr, String> {
+/// `ip -o route get` lines (`[type] DST [via GW] dev IFACE ...`): every destination answered,
+/// with its interface when it is reached directly (`None` when routed via a gateway: not a
+/// pod on this node).
+fn parse_routes(out: &str) -> BTreeMap<Ipv4Addr, Option<String>> {
     let mut found = BTreeMap::new();
     for line in out.lines() {
         let mut words = line.split_whitespace();
@@ -239,15 +248,11 @@ fn parse_routes(out: &str) -> BTreeMap<Ipv4Addr, String> {
             continue;
         };
         let rest: Vec<&str> = words.collect();
-        if rest.contains(&"via") {
-            // Routed elsewhere: not a pod on this node.
-            continue;
-        }
-        if let Some(i) = rest.iter().position(|w| *w == "dev") {
-            if let Some(dev) = rest.get(i + 1) {
-                found.insert(dst, dev.to_string());
-            }
-        }
+        let dev = match rest.iter().position(|w| *w == "dev") {
+            Some(i) if !rest.contains(&"via") => rest.get(i + 1).map(|d| d.to_string()),
+            _ => None,
+        };
+        found.insert(dst, dev);
     }
     found
 }
@@ -473,13 +478,14 @@ mod tests {
                    10.244.1.9 dev cali12345 src 10.244.1.1 uid 0 \\    cache \n\
                    RTNETLINK answers: Network is unreachable\n";
         let found = parse_routes(out);
-        let want: BTreeMap<Ipv4Addr, String> = [
-            ([10, 244, 1, 5], "veth0a1b"),
-            ([127, 0, 0, 1], "lo"),
-            ([10, 244, 1, 9], "cali12345"),
+        let want: BTreeMap<Ipv4Addr, Option<String>> = [
+            ([10, 244, 1, 5], Some("veth0a1b")),
+            ([10, 244, 2, 7], None),
+            ([127, 0, 0, 1], Some("lo")),
+            ([10, 244, 1, 9], Some("cali12345")),
         ]
         .into_iter()
-        .map(|(ip, d)| (Ipv4Addr::from(ip), d.to_string()))
+        .map(|(ip, d)| (Ipv4Addr::from(ip), d.map(str::to_string)))
         .collect();
         assert_eq!(found, want);
     }
@@ -514,6 +520,12 @@ mod tests {
         // One answered, one failed: the answer counts.
         let one_each = "cat >/dev/null; echo '10.0.0.1 dev veth1 src 10.0.0.254 uid 0'; echo 'Command failed -:2' >&2; exit 1";
         let found = route_lookup(fake(one_each), "fake", &ips).unwrap();
+        assert_eq!(found.get(&ips[0]).map(String::as_str), Some("veth1"));
+        // One reached via a gateway (not local), and an IP asked twice: a whole answer, not a
+        // failure of `ip` (which would freeze the rules in force).
+        let via = "cat >/dev/null; echo '10.0.0.1 dev veth1 src 10.0.0.254 uid 0'; echo '10.0.0.2 via 192.0.2.1 dev eth0 src 192.0.2.2 uid 0'";
+        let found = route_lookup(fake(via), "fake", &[ips[0], ips[1], ips[0]]).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found.get(&ips[0]).map(String::as_str), Some("veth1"));
         // `ip` itself failed: an error with its reason, so the rules in force stay.
         let broken = "cat >/dev/null; echo 'Object \"route\" is unknown' >&2; exit 255";
