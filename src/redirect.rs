@@ -384,10 +384,13 @@ impl Redirector {
             loop {
                 let snap = store.snapshot();
                 let generation = snap.generation;
-                let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = snap
-                    .local_enrolled(&node)
-                    .flat_map(|w| w.ips.iter().copied())
-                    .partition(IpAddr::is_ipv4);
+                let (mut ips, mut v6): (Vec<Ipv4Addr>, Vec<IpAddr>) = (Vec::new(), Vec::new());
+                for ip in snap.local_enrolled(&node).flat_map(|w| w.ips.iter()) {
+                    match ip {
+                        IpAddr::V4(v4) => ips.push(*v4),
+                        IpAddr::V6(_) => v6.push(*ip),
+                    }
+                }
                 drop(snap);
                 if v6 != uncaptured {
                     if !v6.is_empty() {
@@ -395,13 +398,6 @@ impl Redirector {
                     }
                     uncaptured = v6;
                 }
-                let ips: Vec<Ipv4Addr> = v4
-                    .into_iter()
-                    .filter_map(|ip| match ip {
-                        IpAddr::V4(v4) => Some(v4),
-                        IpAddr::V6(_) => None,
-                    })
-                    .collect();
                 let me = self.clone();
                 let routes = tokio::task::spawn_blocking(move || {
                     let found = interfaces_to(&ips)?;
