@@ -852,6 +852,8 @@ struct JwksServer {
     jwks_path: Arc<Mutex<String>>,
     hits: Arc<AtomicUsize>,
     config_hits: Arc<AtomicUsize>,
+    /// Requests to `/loop`, which redirects to itself.
+    loop_hits: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
     ca: tempfile::NamedTempFile,
 }
@@ -885,6 +887,8 @@ impl JwksServer {
         let config_hits = Arc::new(AtomicUsize::new(0));
         let (b, h) = (body.clone(), hits.clone());
         let (c, ch) = (config.clone(), config_hits.clone());
+        let loop_hits = Arc::new(AtomicUsize::new(0));
+        let lh = loop_hits.clone();
         let jwks_path = Arc::new(Mutex::new("/jwks.json".to_string()));
         let jp = jwks_path.clone();
         let task = tokio::spawn(async move {
@@ -895,7 +899,7 @@ impl JwksServer {
                     return;
                 };
                 let (acceptor, b, h) = (acceptor.clone(), b.clone(), h.clone());
-                let (c, ch, jp) = (c.clone(), ch.clone(), jp.clone());
+                let (c, ch, jp, lh) = (c.clone(), ch.clone(), jp.clone(), lh.clone());
                 conns.spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
@@ -905,7 +909,10 @@ impl JwksServer {
                         // `/redirect` sends to the key set, `/loop` to itself.
                         let to = match path.as_str() {
                             "/redirect" => Some(jp.lock().unwrap().clone()),
-                            "/loop" => Some("/loop".to_string()),
+                            "/loop" => {
+                                lh.fetch_add(1, Ordering::SeqCst);
+                                Some("/loop".to_string())
+                            }
                             _ => None,
                         };
                         let found = if path == "/.well-known/openid-configuration" {
@@ -944,6 +951,7 @@ impl JwksServer {
             jwks_path,
             hits,
             config_hits,
+            loop_hits,
             task,
             ca,
         }
@@ -1254,14 +1262,18 @@ async fn a_bad_openid_configuration_keeps_the_keys_in_force_and_no_keys_fail_clo
     bounded(async {
         let (server, jwks, a, req) = discovering().await;
         assert!(valid(&a.authenticate(&req).await));
-        for bad in [
+        for (i, bad) in [
             "not json",
             r#"{"issuer":"x"}"#,
             r#"{"jwks_uri":42}"#,
             r#"{"jwks_uri":"/relative/keys"}"#,
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             *server.config.lock().unwrap() = bad.to_string();
             jwks.refresh_all().await;
+            assert_eq!(server.config_hits(), 2 + i, "{bad}: not read again");
             assert!(
                 valid(&a.authenticate(&req).await),
                 "{bad}: the keys in force were lost"
@@ -1420,6 +1432,20 @@ fn the_rfc_7515_es512_example_verifies() {
     let sig = "AdwMgeerwtHoh-l192l60hp9wAHZFVJbLfD_UxMi70cwnZOYaRI1bKPWROc-mZZqwqT2SI-KGDKB34XO0aw_7XdtAG8GaSwFKdCAPZgoXD2YBJZCPEX3xKpRwcdOO8KpEHwJjyqOgzDO7iKvU8vcnwNrmxYbSW9ERBXukOXolLzeO_Jn";
     let key = &set.keys[0].key;
     assert!(key.verifies(Alg::ES512, input, sig));
+    // Its y starts with a zero byte: published as 65 bytes, it is the same key (left-padded,
+    // as Envoy reads it).
+    let y = B64URL
+        .decode("ADSmRA43Z1DSNx_RvcLI87cdL07l6jQyyBXMoxVg_l2Th-x3S1WDhjDly79ajL4Kkd0AZMaZmh9ubmf63e3kyMj2")
+        .unwrap();
+    assert_eq!((y.len(), y[0]), (66, 0));
+    let short = KeySet::parse(
+        &json!({"keys": [{"kty": "EC", "crv": "P-521",
+            "x": "AekpBQ8ST8a8VcfVOTNl353vSrDCLLJXmPk06wTjxrrjcBpXp5EOnYG_NjFZ6OvLFV1jSfS9tsz4qUxcWceqwQGk",
+            "y": URL_SAFE_NO_PAD.encode(&y[1..])}]})
+        .to_string(),
+    )
+    .unwrap();
+    assert!(short.keys[0].key.verifies(Alg::ES512, input, sig));
     assert!(!key.verifies(Alg::ES512, b"eyJhbGciOiJFUzUxMiJ9.UGF5bG9hZB", sig));
     assert!(!key.verifies(Alg::Jws(Algorithm::ES384), input, sig));
 }
@@ -1443,6 +1469,9 @@ async fn jwks_redirects_are_followed_as_istiod_does_and_a_loop_ends() {
             matches!(&r, AuthnResult::Invalid(m) if m.contains("no keys")),
             "{r:?}"
         );
+        // The first request and 10 redirects, as istiod's client: the limit ended it, not the
+        // rule's timeout.
+        assert_eq!(server.loop_hits.load(Ordering::SeqCst), 11);
     })
     .await
 }
