@@ -102,7 +102,7 @@ impl Serialize for Peer {
 }
 
 /// A service the destination was reached through (by its VIP).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct ServiceRef {
     /// Name.
     pub name: String,
@@ -196,11 +196,7 @@ impl Cached {
             && same(&self.dst, &m.dst_workload)
             && self.src_identity == m.src_identity
             && self.dst_identity == m.dst_identity
-            && match (&self.service, &m.service) {
-                (None, None) => true,
-                (Some(a), Some(b)) => a.name == b.name && a.namespace == b.namespace,
-                _ => false,
-            }
+            && self.service == m.service
     }
 }
 
@@ -213,10 +209,7 @@ fn label_hash(m: &ConnMeta) -> u64 {
     }
     m.src_identity.hash(&mut h);
     m.dst_identity.hash(&mut h);
-    m.service
-        .as_ref()
-        .map(|s| (&s.name, &s.namespace))
-        .hash(&mut h);
+    m.service.hash(&mut h);
     h.finish()
 }
 
