@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminContext};
+use crate::authz::AuthzCache;
 use crate::config::{CaSource, Config, MeshSource, Redirect};
 use crate::identity::ca::{BuiltinCa, CertificateAuthority};
 use crate::identity::istio::IstioCa;
@@ -28,6 +29,7 @@ use crate::redirect::{Ports as RedirectPorts, Redirector};
 use crate::source;
 use crate::state::StateStore;
 use crate::tls::TlsConfigs;
+use crate::waypoint::{Waypoint, WaypointCtx};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -123,17 +125,22 @@ impl Daemon {
                 stop.cancel();
             }));
         }
-        let waypoint = Arc::new(crate::waypoint::Waypoint::new(
+        let policies = Arc::new(AuthzCache::new(&config.root_namespace));
+        let waypoint = Arc::new(Waypoint::new(
+            WaypointCtx {
+                store: store.clone(),
+                policies: policies.clone(),
+                mode,
+                trust_domain: config.trust_domain.clone(),
+            },
             jwks,
             metrics.http.clone(),
-            &config.root_namespace,
         ));
         let proxy_ctx = Arc::new(ProxyCtx {
             waypoint,
             node: config.node_name.clone(),
             trust_domain: config.trust_domain.clone(),
-            root_namespace: config.root_namespace.clone(),
-            authz_cache: arc_swap::ArcSwapOption::empty(),
+            policies,
             denials: metrics.denials.clone(),
             mode,
             store: store.clone(),

@@ -1,5 +1,6 @@
 //! The `weft` command line: parses arguments and calls into the library. Nothing else.
 #![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

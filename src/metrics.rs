@@ -5,12 +5,14 @@
 //! (the config load status, certificates, the process) are read at scrape time by
 //! collectors instead of being copied into counters, so they cannot drift.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -20,7 +22,115 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::identity::manager::CertManager;
+use crate::identity::Identity;
+use crate::model::Workload;
 use crate::state::StateStore;
+
+// === label values ===
+
+/// Defines a metric label value: an enum whose variants encode as Istio's text.
+macro_rules! label_value {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, serde::Serialize)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $text)] $variant,)+
+        }
+
+        impl $name {
+            /// The value as the label (and the access log) writes it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+                encoder.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+label_value! {
+    /// Which side of the mesh this weft handles a connection on.
+    Direction {
+        /// Leaving a local pod (the source side).
+        Outbound => "outbound",
+        /// Arriving at a local pod (the destination side).
+        Inbound => "inbound",
+    }
+}
+
+impl Direction {
+    /// Istio's `reporter` for a connection seen in this direction.
+    pub fn reporter(self) -> Reporter {
+        match self {
+            Direction::Outbound => Reporter::Source,
+            Direction::Inbound => Reporter::Destination,
+        }
+    }
+}
+
+label_value! {
+    /// Istio's `reporter`: which end's proxy counted the traffic.
+    Reporter {
+        /// The client's side.
+        Source => "source",
+        /// The server's side (the waypoint reports as this too).
+        Destination => "destination",
+    }
+}
+
+label_value! {
+    /// Istio's `connection_security_policy`.
+    SecurityPolicy {
+        /// Mutual TLS (HBONE, or same-node traffic between enrolled pods).
+        MutualTls => "mutual_tls",
+        /// Plaintext or not known.
+        Unknown => "unknown",
+    }
+}
+
+label_value! {
+    /// Istio's `request_protocol`.
+    RequestProtocol {
+        /// L4 connections.
+        Tcp => "tcp",
+        /// Requests through the waypoint.
+        Http => "http",
+    }
+}
+
+label_value! {
+    /// How a denied connection arrived (`transport` of the denial counter).
+    Transport {
+        /// HTTP/2 CONNECT over mTLS.
+        Hbone => "hbone",
+        /// Plain TCP.
+        Plaintext => "plaintext",
+        /// Same-node mesh traffic.
+        Local => "local",
+    }
+}
+
+label_value! {
+    /// Why a connection was denied (`reason` of the denial counter).
+    DenialReason {
+        /// An AuthorizationPolicy.
+        Policy => "policy",
+        /// PeerAuthentication STRICT refused plaintext.
+        Mtls => "mtls",
+    }
+}
 
 /// The registry and the handles the data path updates.
 pub struct Metrics {
@@ -38,7 +148,7 @@ pub struct Metrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     /// `source` (outbound side) or `destination` (inbound side).
-    pub reporter: &'static str,
+    pub reporter: Reporter,
     /// Source workload name.
     pub source_workload: String,
     /// Source workload namespace.
@@ -70,11 +180,11 @@ pub struct TcpLabels {
     /// Destination service namespace.
     pub destination_service_namespace: String,
     /// Always `tcp` at L4.
-    pub request_protocol: &'static str,
+    pub request_protocol: RequestProtocol,
     /// `-`, or a short reason flag when the connection failed.
     pub response_flags: &'static str,
     /// `mutual_tls` for HBONE, `unknown` for plaintext.
-    pub connection_security_policy: &'static str,
+    pub connection_security_policy: SecurityPolicy,
 }
 
 /// Labels of denied connections.
@@ -85,9 +195,9 @@ pub struct DenialLabels {
     /// Destination namespace.
     pub destination_workload_namespace: String,
     /// `hbone`, `plaintext` or `local`.
-    pub transport: &'static str,
+    pub transport: Transport,
     /// Why: `policy` (an AuthorizationPolicy), `mtls` (PeerAuthentication STRICT).
-    pub reason: &'static str,
+    pub reason: DenialReason,
     /// The deciding policy (`namespace/name`), or `default` (no ALLOW matched).
     pub policy: String,
 }
@@ -103,7 +213,7 @@ pub struct DenialMetrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Always `destination`.
-    pub reporter: &'static str,
+    pub reporter: Reporter,
     /// Source workload name.
     pub source_workload: String,
     /// Source workload namespace.
@@ -121,11 +231,11 @@ pub struct RequestLabels {
     /// Destination canonical service.
     pub destination_canonical_service: String,
     /// `http`.
-    pub request_protocol: &'static str,
+    pub request_protocol: RequestProtocol,
     /// The HTTP status.
     pub response_code: u16,
     /// `mutual_tls` or `unknown`.
-    pub connection_security_policy: &'static str,
+    pub connection_security_policy: SecurityPolicy,
 }
 
 /// Istio's request metrics.
@@ -149,6 +259,59 @@ impl Default for HttpMetrics {
             }),
         }
     }
+}
+
+impl HttpMetrics {
+    /// Counts one request the waypoint answered with `status` after `ms` milliseconds.
+    pub fn record(&self, req: &RequestSides<'_>, status: u16, ms: f64) {
+        let unknown = || "unknown".to_string();
+        let (src, dst) = (req.src_workload, req.dst_workload);
+        let labels = RequestLabels {
+            reporter: Reporter::Destination,
+            source_workload: src.map(|w| w.workload_name.clone()).unwrap_or_else(unknown),
+            source_workload_namespace: src.map(|w| w.namespace.clone()).unwrap_or_else(unknown),
+            source_principal: req
+                .src_identity
+                .map(|i| i.to_string())
+                .unwrap_or_else(unknown),
+            source_canonical_service: src
+                .map(|w| w.canonical_name.clone())
+                .unwrap_or_else(unknown),
+            destination_workload: dst.map(|w| w.workload_name.clone()).unwrap_or_else(unknown),
+            destination_workload_namespace: dst
+                .map(|w| w.namespace.clone())
+                .unwrap_or_else(unknown),
+            destination_principal: req
+                .dst_identity
+                .map(|i| i.to_string())
+                .unwrap_or_else(unknown),
+            destination_canonical_service: dst
+                .map(|w| w.canonical_name.clone())
+                .unwrap_or_else(unknown),
+            request_protocol: RequestProtocol::Http,
+            response_code: status,
+            connection_security_policy: if req.src_identity.is_some() {
+                SecurityPolicy::MutualTls
+            } else {
+                SecurityPolicy::Unknown
+            },
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.duration.get_or_create(&labels).observe(ms);
+    }
+}
+
+/// The two ends of one request, as the waypoint knows them.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestSides<'a> {
+    /// The client's verified identity (`None` for plaintext).
+    pub src_identity: Option<&'a Identity>,
+    /// The client's workload, when in the mesh state.
+    pub src_workload: Option<&'a Workload>,
+    /// The destination's workload, when in the mesh state.
+    pub dst_workload: Option<&'a Workload>,
+    /// The destination's identity.
+    pub dst_identity: Option<&'a Identity>,
 }
 
 /// The counters of Istio's TCP telemetry.

@@ -36,8 +36,9 @@ use crate::model::policy::{
 
 use crate::model::PolicyKind;
 
-use super::http::{HttpAttributes, HttpCheck};
-use super::{Finding, PolicyRef};
+use super::http::{HttpAttributes, HttpCheck, HttpTest};
+use super::scope::Scope;
+use super::{list, Finding, PolicyRef};
 
 // === compiled types ===
 
@@ -76,6 +77,16 @@ pub(crate) struct Test {
     pub field: String,
 }
 
+impl From<HttpTest> for Test {
+    fn from(t: HttpTest) -> Test {
+        Test {
+            check: Check::Http(t.check),
+            negated: t.negated,
+            field: t.field,
+        }
+    }
+}
+
 /// A conjunction of tests; empty matches everything.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Alternative {
@@ -95,23 +106,6 @@ pub(crate) enum RuleBody {
     Never { why: String },
     /// All clauses must match.
     Clauses(Vec<Clause>),
-}
-
-/// Where a policy applies.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Scope {
-    /// Root namespace, no selector: every workload.
-    Mesh,
-    /// No selector: every workload of the policy's namespace.
-    Namespace,
-    /// Selector in an ordinary namespace: matching workloads of that namespace.
-    Workloads(BTreeMap<String, String>),
-    /// Selector in the root namespace: matching workloads of every namespace (istiod attaches
-    /// selector policies from the workload's namespace and from the root namespace).
-    MeshWorkloads(BTreeMap<String, String>),
-    /// Exactly these workloads, by uid: istiod resolved the selector itself (xDS
-    /// `WORKLOAD_SELECTOR`; xDS workloads carry no labels).
-    Uids(std::collections::BTreeSet<String>),
 }
 
 /// A compiled AuthorizationPolicy.
@@ -142,44 +136,13 @@ impl CompiledPolicy {
         namespace: &str,
         labels: &BTreeMap<String, String>,
     ) -> bool {
-        match &self.scope {
-            Scope::Uids(uids) => uids.contains(uid),
-            Scope::Mesh => true,
-            Scope::Namespace => self.reference.namespace == namespace,
-            Scope::Workloads(sel) => {
-                self.reference.namespace == namespace && crate::model::selector_matches(sel, labels)
-            }
-            Scope::MeshWorkloads(sel) => crate::model::selector_matches(sel, labels),
-        }
+        self.scope
+            .applies_to(&self.reference.namespace, uid, namespace, labels)
     }
 
     /// A human description of the scope.
     pub fn describe_scope(&self) -> String {
-        let labels = |sel: &BTreeMap<String, String>| {
-            sel.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        match &self.scope {
-            Scope::Mesh => format!(
-                "mesh-wide (root namespace {}, no selector)",
-                self.reference.namespace
-            ),
-            Scope::Namespace => format!("namespace {}", self.reference.namespace),
-            Scope::Workloads(sel) => format!(
-                "workloads in namespace {} with {}",
-                self.reference.namespace,
-                labels(sel)
-            ),
-            Scope::MeshWorkloads(sel) => format!(
-                "workloads in every namespace with {} (root namespace selector)",
-                labels(sel)
-            ),
-            Scope::Uids(uids) => {
-                format!("{} workload(s) selected by the control plane", uids.len())
-            }
-        }
+        self.scope.describe(&self.reference.namespace)
     }
 }
 
@@ -201,14 +164,21 @@ pub(crate) fn compile(
         ))
     };
     let spec = &p.spec;
-    if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
-        warn(
-            "ignored at L4: targetRef/targetRefs attach it to a waypoint or gateway, which \
-             enforce it"
-                .to_string(),
-        );
-        return None;
-    }
+    let targeted = spec.target_ref.is_some() || !spec.target_refs.is_empty();
+    let selected = Scope::of(
+        PolicyKind::AuthorizationPolicy,
+        &p.namespace,
+        spec.selector.as_ref(),
+        targeted,
+        root_namespace,
+    );
+    let selected = match selected {
+        Ok(s) => s,
+        Err(why) => {
+            warn(format!("ignored at L4: {}", why.reason()));
+            return None;
+        }
+    };
     // A dry-run policy (istiod passes Istio's `istio.io/dry-run` annotation on) is evaluated
     // and reported like AUDIT, never enforced.
     let action = if spec.dry_run {
@@ -225,23 +195,11 @@ pub(crate) fn compile(
         name: p.name.clone(),
         action,
     };
-    let selector = spec
-        .selector
-        .as_ref()
-        .map(|s| s.match_labels.clone())
-        .filter(|l| !l.is_empty());
     let scope = match &spec.scope {
         crate::model::policy::PolicyScope::Mesh => Scope::Mesh,
         crate::model::policy::PolicyScope::Namespace => Scope::Namespace,
         crate::model::policy::PolicyScope::Workloads(uids) => Scope::Uids(uids.clone()),
-        crate::model::policy::PolicyScope::Selector => {
-            match (selector, p.namespace == root_namespace) {
-                (None, true) => Scope::Mesh,
-                (None, false) => Scope::Namespace,
-                (Some(l), true) => Scope::MeshWorkloads(l),
-                (Some(l), false) => Scope::Workloads(l),
-            }
-        }
+        crate::model::policy::PolicyScope::Selector => selected,
     };
     if action == Action::Custom {
         let provider = spec
@@ -482,7 +440,11 @@ fn compile_source(s: &Source, at: &str, layer: Layer, found: &mut RuleProblems) 
                 }
             }
         }
-        Layer::Http => super::http::compile_source(s, at, &mut tests),
+        Layer::Http => {
+            let mut http = Vec::new();
+            super::http::compile_source(s, at, &mut http);
+            tests.extend(http.into_iter().map(Test::from));
+        }
     }
     if tests.is_empty() && !l7.iter().any(|(set, _)| *set) {
         found
@@ -524,7 +486,11 @@ fn compile_operation(
                 }
             }
         }
-        Layer::Http => super::http::compile_operation(o, at, &mut tests),
+        Layer::Http => {
+            let mut http = Vec::new();
+            super::http::compile_operation(o, at, &mut http);
+            tests.extend(http.into_iter().map(Test::from));
+        }
     }
     if tests.is_empty() && !l7.iter().any(|(set, _)| *set) {
         found
@@ -740,19 +706,6 @@ impl Trace for Record {
     fn test(&mut self, describe: impl FnOnce() -> String) {
         self.0.push(describe());
     }
-}
-
-/// `[a, b]`.
-pub(crate) fn list<T: std::fmt::Display>(values: &[T]) -> String {
-    let mut s = String::from("[");
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            s.push_str(", ");
-        }
-        let _ = write!(s, "{v}");
-    }
-    s.push(']');
-    s
 }
 
 fn eval_test<T: Trace>(test: &Test, peer: &Peer<'_>, t: &mut T) -> bool {

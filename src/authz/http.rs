@@ -1,12 +1,13 @@
-//! L7 evaluation of AuthorizationPolicy, for the in-binary waypoint: [`Authz::check_http`] and
-//! [`Authz::explain_http`] decide one HTTP request.
+//! The HTTP attributes of AuthorizationPolicy, for the in-binary waypoint: the request as
+//! policy sees it ([`HttpRequest`], [`RequestAuth`]) and the HTTP tests of the compiled rules
+//! ([`HttpCheck`]: how each HTTP field and `when` key is compiled and matched). The entry
+//! points that decide one request, [`Authz::check_http`] and [`Authz::explain_http`], are in
+//! `l7`.
 //!
-//! Owns the request as policy sees it ([`HttpRequest`], [`RequestAuth`]), the HTTP tests of
-//! the compiled rules ([`HttpCheck`]: how each HTTP field and `when` key is compiled and
-//! matched), and the two entry points. Does not own path normalization (`path`), JWT
-//! validation (whoever fills [`RequestAuth`] did it), or answering the client: a request that
-//! cannot be evaluated safely is denied with [`DenyReason::BadRequest`] and the proxy answers
-//! 400.
+//! A leaf of `authz`: it knows nothing of the compiled rule's shape (`compile` wraps each
+//! [`HttpTest`] into a rule test). Does not own path normalization (`path`), JWT validation
+//! (whoever fills [`RequestAuth`] did it), or answering the client: a request that cannot be
+//! evaluated safely is denied with [`DenyReason::BadRequest`] and the proxy answers 400.
 //!
 //! Everything L4 evaluates applies unchanged (principals, namespaces, ipBlocks, ports and the
 //! L4 `when` keys), with the same ordering: a matching DENY (or CUSTOM, failing closed)
@@ -47,9 +48,8 @@ use thiserror::Error;
 
 use crate::model::policy::{ConditionKey, Operation, PathMatch, Source, StringMatch};
 
-use super::compile::{list, Check, Peer, Test};
+use super::list;
 use super::path::{normalize_path, PathError};
-use super::{Authz, Connection, Decision, DenyReason, Explanation, Verdict};
 
 /// What an HTTP-aware proxy knows about one request.
 #[derive(Clone, Copy, Debug)]
@@ -116,13 +116,15 @@ pub(crate) struct HttpAttributes<'a> {
     /// Lowercase: hosts match case-insensitively.
     host: String,
     /// Normalized, without the query.
-    path: String,
+    pub(crate) path: String,
     headers: &'a HeaderMap,
     auth: Option<&'a RequestAuth>,
 }
 
 impl<'a> HttpAttributes<'a> {
-    fn new(req: &HttpRequest<'a>) -> Result<Self, RequestError> {
+    /// Prepares `req`; a path that cannot be normalized or a method that is not upper case
+    /// is refused.
+    pub fn new(req: &HttpRequest<'a>) -> Result<Self, RequestError> {
         Ok(HttpAttributes {
             path: req.normalized_path()?,
             method: req.method,
@@ -264,16 +266,27 @@ impl HttpCheck {
 
 // === compilation (called by `compile` for L7 rules) ===
 
+/// One HTTP field of a rule, compiled; `compile` makes it a test of the rule.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct HttpTest {
+    /// What it looks at and the values it accepts.
+    pub check: HttpCheck,
+    /// `notValues`: none may match.
+    pub negated: bool,
+    /// Where it was written, e.g. `to[0].operation.paths`.
+    pub field: String,
+}
+
 fn push<M: Clone>(
-    tests: &mut Vec<Test>,
+    tests: &mut Vec<HttpTest>,
     values: &[M],
     negated: bool,
     field: String,
     make: impl Fn(Vec<M>) -> HttpCheck,
 ) {
     if !values.is_empty() {
-        tests.push(Test {
-            check: Check::Http(make(values.to_vec())),
+        tests.push(HttpTest {
+            check: make(values.to_vec()),
             negated,
             field,
         });
@@ -281,7 +294,7 @@ fn push<M: Clone>(
 }
 
 /// The HTTP fields of a `source`.
-pub(crate) fn compile_source(s: &Source, at: &str, tests: &mut Vec<Test>) {
+pub(crate) fn compile_source(s: &Source, at: &str, tests: &mut Vec<HttpTest>) {
     for (values, negated, name) in [
         (&s.request_principals, false, "requestPrincipals"),
         (&s.not_request_principals, true, "notRequestPrincipals"),
@@ -320,7 +333,7 @@ fn lowercase(m: &StringMatch) -> StringMatch {
 }
 
 /// The HTTP fields of an `operation`.
-pub(crate) fn compile_operation(o: &Operation, at: &str, tests: &mut Vec<Test>) {
+pub(crate) fn compile_operation(o: &Operation, at: &str, tests: &mut Vec<HttpTest>) {
     for (values, negated, name) in [(&o.hosts, false, "hosts"), (&o.not_hosts, true, "notHosts")] {
         let lower: Vec<StringMatch> = values.iter().map(lowercase).collect();
         push(
@@ -385,68 +398,4 @@ pub(crate) fn parse_values(
         ConditionKey::RequestAuthClaims(path) => HttpCheck::Claim(path.clone(), values),
         other => return Err(other.to_string()),
     })
-}
-
-// === entry points ===
-
-/// The request as `explain_http` reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RequestExplanation {
-    /// The method as received.
-    pub method: String,
-    /// The host as received.
-    pub host: String,
-    /// The path as received.
-    pub path: String,
-    /// The path policies were matched against; `None` when it could not be normalized.
-    pub normalized_path: Option<String>,
-    /// Why the request cannot be evaluated (the proxy answers 400).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-const BAD_REQUEST: Decision = Decision::Deny {
-    by: None,
-    reason: DenyReason::BadRequest,
-};
-
-impl Authz {
-    /// Decides an HTTP request by the AuthorizationPolicies that apply to its destination,
-    /// evaluating HTTP attributes for real. A request whose path cannot be normalized or whose
-    /// method is not upper case is denied with [`DenyReason::BadRequest`]: answer 400.
-    pub fn check_http(&self, conn: &Connection<'_>, req: &HttpRequest<'_>) -> Verdict {
-        let Ok(attrs) = HttpAttributes::new(req) else {
-            return Verdict {
-                decision: BAD_REQUEST,
-                audits: Vec::new(),
-            };
-        };
-        let peer =
-            Peer::new(conn.src_identity, conn.src_ip, conn.dst_ip, conn.dst_port).with_http(&attrs);
-        self.verdict(conn.dst, &peer)
-    }
-
-    /// Explains the decision [`Authz::check_http`] makes for `req`.
-    pub fn explain_http(&self, conn: &Connection<'_>, req: &HttpRequest<'_>) -> Explanation {
-        let mut summary = RequestExplanation {
-            method: req.method.to_string(),
-            host: req.host.to_string(),
-            path: req.path.to_string(),
-            normalized_path: None,
-            error: None,
-        };
-        match HttpAttributes::new(req) {
-            Ok(attrs) => {
-                summary.normalized_path = Some(attrs.path.clone());
-                let peer = Peer::new(conn.src_identity, conn.src_ip, conn.dst_ip, conn.dst_port)
-                    .with_http(&attrs);
-                self.explain_peer(conn, &peer, Some(summary))
-            }
-            Err(e) => {
-                summary.error = Some(e.to_string());
-                self.explain_refused(conn, BAD_REQUEST, summary)
-            }
-        }
-    }
 }

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 
 use crate::model::{Mesh, PolicyKind};
 
-use super::compile::{Alternative, Check, Clause, CompiledPolicy, RuleBody, Scope, Test};
+use super::compile::{Alternative, Check, Clause, CompiledPolicy, RuleBody, Test};
+use super::scope::Scope;
 use super::{Action, Authz, Finding, MtlsMode};
 
 /// Risky-policy warnings for a mesh, as text (`<Kind> <ns>/<name>: <message>`).

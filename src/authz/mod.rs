@@ -14,7 +14,8 @@
 //!   [`normalize_path`]).
 //!
 //! Must not touch: sockets, files, the state store, logging of decisions. It is pure: the proxy
-//! builds an [`Authz`] when a snapshot is published, asks it per connection, and enforces
+//! builds an [`Authz`] per snapshot generation ([`AuthzCache`], whose only side effect is
+//! logging the compile warnings once), asks it per connection, and enforces
 //! (refusing plaintext under STRICT is the proxy's job, from [`Authz::mtls_mode`]).
 //!
 //! Semantics follow Istio as ztunnel enforces it (`istio/ztunnel` `src/rbac.rs`,
@@ -30,15 +31,17 @@ mod explain;
 mod http;
 #[cfg(test)]
 mod http_tests;
+mod l7;
 mod lint;
 mod path;
 mod peer;
+mod scope;
 #[cfg(test)]
 mod tests;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
 use serde::Serialize;
@@ -46,18 +49,72 @@ use serde::Serialize;
 use crate::identity::Identity;
 use crate::model::{Mesh, Policy, PolicyKind, Workload};
 
-use compile::{eval_policy, CompiledPolicy, Peer, Scope};
+use compile::{eval_policy, CompiledPolicy, Peer};
 use peer::{PeerAuthChoice, PeerAuths};
+pub(crate) use scope::Scope;
 
 pub use crate::model::policy::Action;
 pub use explain::{Explanation, PolicyExplanation, RuleExplanation};
-pub use http::{HttpRequest, RequestAuth, RequestError, RequestExplanation};
+pub use http::{HttpRequest, RequestAuth, RequestError};
+pub use l7::RequestExplanation;
 pub use lint::{lint, lint_findings};
 pub use path::{normalize_path, PathError};
 pub use peer::{MtlsDecision, MtlsLevel, MtlsMode, PeerAuthRef};
 
+/// `[a, b]`: values as explanations and warnings list them.
+pub(crate) fn list<T: fmt::Display>(values: &[T]) -> String {
+    let mut s = String::from("[");
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        let _ = write!(s, "{v}");
+    }
+    s.push(']');
+    s
+}
+
 /// Istio's default root namespace: policies here without a selector apply mesh-wide.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// The compiled policies of the latest mesh generation asked for, compiled once per
+/// generation on first use and shared by the L4 data path and the waypoint. Reading is a
+/// lock-free load; a new generation compiles (and logs its warnings) once.
+pub struct AuthzCache {
+    root_namespace: String,
+    latest: arc_swap::ArcSwapOption<(u64, std::sync::Arc<Authz>)>,
+}
+
+impl AuthzCache {
+    /// An empty cache for a mesh whose root namespace is `root_namespace`.
+    pub fn new(root_namespace: &str) -> AuthzCache {
+        AuthzCache {
+            root_namespace: root_namespace.to_string(),
+            latest: arc_swap::ArcSwapOption::empty(),
+        }
+    }
+
+    /// The root namespace the policies are compiled for.
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
+    }
+
+    /// The compiled policies of `mesh` at `generation`.
+    pub fn get(&self, generation: u64, mesh: &Mesh) -> std::sync::Arc<Authz> {
+        if let Some(c) = self.latest.load().as_ref() {
+            if c.0 == generation {
+                return c.1.clone();
+            }
+        }
+        let authz = std::sync::Arc::new(Authz::new(mesh, &self.root_namespace));
+        for w in authz.warnings() {
+            tracing::warn!(target: "weft::authz", "{w}");
+        }
+        self.latest
+            .store(Some(std::sync::Arc::new((generation, authz.clone()))));
+        authz
+    }
+}
 
 /// One inbound connection, as the destination side sees it.
 #[derive(Clone, Copy, Debug)]
@@ -250,15 +307,6 @@ pub struct Authz {
     warnings: Vec<String>,
 }
 
-fn scope_rank(s: &Scope) -> u8 {
-    match s {
-        Scope::Mesh => 0,
-        Scope::MeshWorkloads(_) => 1,
-        Scope::Namespace => 2,
-        Scope::Workloads(_) | Scope::Uids(_) => 3,
-    }
-}
-
 impl Authz {
     /// Compiles the mesh's policies and, for a mesh of up to `EAGER_INDEX_LIMIT` workloads,
     /// indexes them for every workload. `root_namespace` is
@@ -279,16 +327,11 @@ impl Authz {
             }
         }
         policies.sort_by(|a, b| {
-            (
-                scope_rank(&a.scope),
-                &a.reference.namespace,
-                &a.reference.name,
-            )
-                .cmp(&(
-                    scope_rank(&b.scope),
-                    &b.reference.namespace,
-                    &b.reference.name,
-                ))
+            (a.scope.rank(), &a.reference.namespace, &a.reference.name).cmp(&(
+                b.scope.rank(),
+                &b.reference.namespace,
+                &b.reference.name,
+            ))
         });
         let mut index_mesh = Vec::new();
         let mut by_namespace: HashMap<String, Vec<u32>> = HashMap::new();

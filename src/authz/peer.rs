@@ -2,9 +2,10 @@
 //!
 //! Istio's resolution, as istiod computes it for ambient (`convertedSelectorPeerAuthentications`
 //! and `fetchPeerAuthentications` in `pilot/pkg/serviceregistry/kube/controller/ambient`):
-//! - three scopes: mesh (root namespace, no selector), namespace (no selector), workload (a
-//!   `matchLabels` selector in the workload's namespace). A selector with no labels counts as
-//!   none. A selector policy in the root namespace is ignored.
+//! - three scopes, decided by [`Scope::of`] (`scope`, shared with the other kinds): mesh
+//!   (root namespace, no selector), namespace (no selector), workload (a `matchLabels`
+//!   selector in the workload's namespace). A selector with no labels counts as none. A
+//!   selector policy in the root namespace is ignored.
 //! - the narrowest scope whose mode is not `UNSET` wins; `UNSET` inherits from the next wider
 //!   scope; nothing set anywhere means PERMISSIVE.
 //! - `portLevelMtls` counts only in workload-selector policies; a port entry overrides the
@@ -19,6 +20,7 @@ use serde::Serialize;
 use crate::model::policy::{MtlsMode as SpecMode, PeerAuthentication};
 use crate::model::PolicyKind;
 
+use super::scope::Scope;
 use super::Finding;
 
 /// The effective mTLS mode of a workload port.
@@ -137,21 +139,25 @@ impl PeerAuths {
                     message,
                 ))
             };
-            let selector = p
-                .spec
-                .selector
-                .as_ref()
-                .map(|s| s.match_labels.clone())
-                .unwrap_or_default();
-            let root = p.namespace == root_namespace;
-            if !selector.is_empty() && root {
-                warn(
-                    "ignored: a PeerAuthentication with a selector in the root namespace \
-                     applies to nothing (Istio ignores it)"
-                        .to_string(),
-                );
-                continue;
-            }
+            let scope = Scope::of(
+                PolicyKind::PeerAuthentication,
+                &p.namespace,
+                p.spec.selector.as_ref(),
+                false,
+                root_namespace,
+            );
+            let (root, selector) = match scope {
+                Ok(Scope::Mesh) => (true, BTreeMap::new()),
+                Ok(Scope::Namespace) => (false, BTreeMap::new()),
+                Ok(Scope::Workloads(labels)) => (false, labels),
+                // Not given to a PeerAuthentication (a root selector is refused below, and
+                // only AuthorizationPolicies come with control-plane uids).
+                Ok(Scope::MeshWorkloads(_) | Scope::Uids(_)) => continue,
+                Err(why) => {
+                    warn(format!("ignored: {}", why.reason()));
+                    continue;
+                }
+            };
             let mut ports = p
                 .spec
                 .port_level_mtls

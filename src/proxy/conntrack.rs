@@ -18,19 +18,11 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::Identity;
-use crate::metrics::{TcpLabels, TcpMetrics};
+use crate::metrics::{
+    Direction, RequestProtocol, SecurityPolicy, TcpLabels, TcpMetrics, Transport,
+};
 use crate::model::Workload;
 use prometheus_client::metrics::counter::Counter;
-
-/// Which side of the mesh this weft handles the connection on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Leaving a local pod (the source side).
-    Outbound,
-    /// Arriving at a local pod (the destination side).
-    Inbound,
-}
 
 /// How the bytes travel between the nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -42,6 +34,25 @@ pub enum Protocol {
     Plain,
     /// Handled inside this weft (same-node mesh traffic), identities known.
     Local,
+}
+
+impl Protocol {
+    /// Istio's `connection_security_policy` for a connection carried this way.
+    pub fn security_policy(self) -> SecurityPolicy {
+        match self {
+            Protocol::Hbone | Protocol::Local => SecurityPolicy::MutualTls,
+            Protocol::Plain => SecurityPolicy::Unknown,
+        }
+    }
+
+    /// The `transport` label of a denial.
+    pub fn transport(self) -> Transport {
+        match self {
+            Protocol::Hbone => Transport::Hbone,
+            Protocol::Plain => Transport::Plaintext,
+            Protocol::Local => Transport::Local,
+        }
+    }
 }
 
 /// One end's workload, as the telemetry reports it (name, workload, namespace, `app`,
@@ -363,10 +374,7 @@ fn labels(m: &ConnMeta, flags: &'static str) -> TcpLabels {
         .as_ref()
         .map(|svc| format!("{}.{}.svc.cluster.local", svc.name, svc.namespace));
     TcpLabels {
-        reporter: match m.direction {
-            Direction::Outbound => "source",
-            Direction::Inbound => "destination",
-        },
+        reporter: m.direction.reporter(),
         source_workload: s.map(|p| p.workload().to_string()).unwrap_or_else(unknown),
         source_workload_namespace: s.map(|p| p.namespace().to_string()).unwrap_or_else(unknown),
         source_principal: m
@@ -408,12 +416,9 @@ fn labels(m: &ConnMeta, flags: &'static str) -> TcpLabels {
             .as_ref()
             .map(|s| s.namespace.clone())
             .unwrap_or_else(unknown),
-        request_protocol: "tcp",
+        request_protocol: RequestProtocol::Tcp,
         response_flags: flags,
-        connection_security_policy: match m.protocol {
-            Protocol::Hbone | Protocol::Local => "mutual_tls",
-            Protocol::Plain => "unknown",
-        },
+        connection_security_policy: m.protocol.security_policy(),
     }
 }
 
@@ -428,15 +433,6 @@ pub enum Outcome {
     Failed(String),
     /// Closed by weft from outside (drain, policy).
     Killed,
-}
-
-impl From<super::relay::RelayEnd> for Outcome {
-    fn from(end: super::relay::RelayEnd) -> Outcome {
-        match end {
-            super::relay::RelayEnd::Io(e) => Outcome::Failed(e.to_string()),
-            super::relay::RelayEnd::Killed => Outcome::Killed,
-        }
-    }
 }
 
 /// Keeps a connection registered; dropping it logs and counts the close.

@@ -13,17 +13,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use super::conntrack::{ConnGuard, ConnMeta, Direction, Outcome, Peer, Protocol};
+use super::conntrack::{ConnGuard, ConnMeta, Outcome, Peer, Protocol};
 use super::h2io::H2Io;
+use super::hbone::{Connect, ConnectError};
 use super::relay::relay;
 use super::socket;
 use super::ProxyCtx;
 use crate::identity::Identity;
+use crate::metrics::{DenialReason, Direction};
 use crate::model::Workload;
 use crate::state::Snapshot;
 
@@ -69,7 +71,7 @@ pub struct Refusal {
     /// For logs.
     pub reason: String,
     /// Set when policy refused it: (`policy` or `mtls`, the deciding policy or `default`).
-    pub denial: Option<(&'static str, String)>,
+    pub denial: Option<(DenialReason, String)>,
 }
 
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Refusal {
@@ -130,7 +132,7 @@ fn decide_at(
                     "plaintext refused: PeerAuthentication {by} is STRICT for port {}",
                     dst.port()
                 ),
-                denial: Some(("mtls", by)),
+                denial: Some((DenialReason::Mtls, by)),
             });
         }
     }
@@ -168,7 +170,7 @@ fn decide_at(
             Err(Refusal {
                 status: StatusCode::FORBIDDEN,
                 reason: format!("denied by policy: {d}"),
-                denial: Some(("policy", by)),
+                denial: Some((DenialReason::Policy, by)),
             })
         }
     }
@@ -192,12 +194,8 @@ fn log_refusal(
         .get_or_create(&crate::metrics::DenialLabels {
             destination_workload: dst_w.workload_name.clone(),
             destination_workload_namespace: dst_w.namespace.clone(),
-            transport: match protocol {
-                Protocol::Hbone => "hbone",
-                Protocol::Plain => "plaintext",
-                Protocol::Local => "local",
-            },
-            reason,
+            transport: protocol.transport(),
+            reason: *reason,
             policy: policy.clone(),
         })
         .inc();
@@ -329,7 +327,7 @@ where
 /// Hands a connection to the in-binary waypoint; true when it failed. Boxed: the HTTP server's
 /// state is large, and a connection that never needs it should not carry room for it.
 async fn to_waypoint<I>(
-    ctx: Arc<ProxyCtx>,
+    ctx: &ProxyCtx,
     io: I,
     who: &Client,
     dst: SocketAddr,
@@ -338,10 +336,8 @@ async fn to_waypoint<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let wp = ctx.waypoint.clone();
     Box::pin(crate::waypoint::http::serve(
-        ctx,
-        wp,
+        ctx.waypoint.clone(),
         io,
         downstream(who),
         dst,
@@ -367,7 +363,7 @@ pub async fn serve_plaintext(ctx: Arc<ProxyCtx>, client: TcpStream, peer: Socket
         }
         Ok(Route::Waypoint(guard)) => {
             drop(snap);
-            to_waypoint(ctx, client, &who, dst, guard).await;
+            to_waypoint(&ctx, client, &who, dst, guard).await;
         }
         Err(r) => {
             tracing::info!(src = %peer, dst = %dst, reason = %r.reason, "plaintext inbound refused");
@@ -396,7 +392,7 @@ pub async fn serve_local(
         Ok(Route::Waypoint(guard)) => {
             drop(snap);
             let mut outbound = outbound;
-            let failed = to_waypoint(ctx, client, &who, dst, guard).await;
+            let failed = to_waypoint(&ctx, client, &who, dst, guard).await;
             outbound.set_outcome(if failed {
                 Outcome::Failed("waypoint connection failed".into())
             } else {
@@ -549,20 +545,6 @@ fn reply(
     respond.send_response(r, end).ok()
 }
 
-/// The address in `forwarded: for="ip:port"` (RFC 7239, as ztunnel sends it).
-fn forwarded_for(req: &Request<RecvStream>) -> Option<SocketAddr> {
-    parse_forwarded_for(req.headers().get("forwarded")?.to_str().ok()?)
-}
-
-/// The first `for=` of a `Forwarded` value, when it is an `IP:port` (quoted or not, IPv6 in
-/// brackets); anything else (obfuscated identifiers, `unknown`, a bare IP) is `None`.
-fn parse_forwarded_for(v: &str) -> Option<SocketAddr> {
-    v.split([';', ','])
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
-        .and_then(|(_, v)| v.trim().trim_matches('"').parse().ok())
-}
-
 async fn handle_connect(
     ctx: Arc<ProxyCtx>,
     req: Request<RecvStream>,
@@ -571,20 +553,20 @@ async fn handle_connect(
     peer: SocketAddr,
     tunnel_ip: IpAddr,
 ) {
-    if req.method() != Method::CONNECT {
-        reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED, true);
-        return;
-    }
-    let Some(dst) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        .filter(|a| a.port() != 0)
-    else {
-        tracing::info!(peer = %peer, uri = %req.uri(), "HBONE CONNECT without an IP:port authority (port 1-65535)");
-        reply(&mut respond, StatusCode::BAD_REQUEST, true);
-        return;
+    let connect = match Connect::parse(&req) {
+        Ok(c) => c,
+        Err(e @ ConnectError::Method(_)) => {
+            tracing::info!(peer = %peer, error = %e, "HBONE request refused");
+            reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED, true);
+            return;
+        }
+        Err(e @ ConnectError::Authority(_)) => {
+            tracing::info!(peer = %peer, error = %e, "HBONE CONNECT without an IP:port authority (port 1-65535)");
+            reply(&mut respond, StatusCode::BAD_REQUEST, true);
+            return;
+        }
     };
+    let dst = connect.authority;
     if dst.ip() != tunnel_ip {
         tracing::info!(peer = %peer, authority = %dst, tunnel = %tunnel_ip, "HBONE authority does not match the tunnel's destination");
         reply(&mut respond, StatusCode::BAD_REQUEST, true);
@@ -592,7 +574,7 @@ async fn handle_connect(
     }
     let snap = ctx.store.snapshot();
     // Believe the claimed client address only if it belongs to the authenticated identity.
-    let src = match forwarded_for(&req) {
+    let src = match connect.forwarded_for {
         Some(addr)
             if snap
                 .workload_by_ip(addr.ip())
@@ -633,40 +615,7 @@ async fn handle_connect(
         Route::Waypoint(guard) => {
             // An unfinished stream resets itself when dropped. The HTTP server stops reading
             // while the app is slow to take a body: the stream's bytes must not pile up in h2.
-            to_waypoint(ctx, io.absorbing(), &who, dst, guard).await;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_forwarded_for;
-
-    #[test]
-    fn forwarded_for_takes_the_first_ip_and_port_and_nothing_else() {
-        let p = |v: &str| parse_forwarded_for(v).map(|a| a.to_string());
-        assert_eq!(
-            p(r#"for="10.0.0.1:4321""#).as_deref(),
-            Some("10.0.0.1:4321")
-        );
-        assert_eq!(p("for=10.0.0.1:4321").as_deref(), Some("10.0.0.1:4321"));
-        assert_eq!(
-            p(r#"proto=https;FOR="[fd00::1]:80";by=x"#).as_deref(),
-            Some("[fd00::1]:80")
-        );
-        assert_eq!(
-            p(r#"for="10.0.0.1:1", for="10.0.0.2:2""#).as_deref(),
-            Some("10.0.0.1:1")
-        );
-        for bad in [
-            "",
-            "for=unknown",
-            r#"for="_hidden""#,
-            "for=10.0.0.1",
-            "by=10.0.0.1:1",
-            "for=10.0.0.1:99999",
-        ] {
-            assert_eq!(p(bad), None, "{bad:?}");
+            to_waypoint(&ctx, io.absorbing(), &who, dst, guard).await;
         }
     }
 }

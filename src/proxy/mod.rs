@@ -7,6 +7,7 @@
 
 pub mod conntrack;
 pub mod h2io;
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::authz::Authz;
+use crate::authz::{Authz, AuthzCache};
 use crate::identity::{CertManager, Identity};
 use crate::model::Workload;
 use crate::state::{Snapshot, StateStore};
@@ -51,10 +52,8 @@ pub struct ProxyCtx {
     pub node: String,
     /// SPIFFE trust domain.
     pub trust_domain: String,
-    /// Namespace whose policies apply mesh-wide.
-    pub root_namespace: String,
-    /// Compiled policies of the latest snapshot seen, with its generation.
-    pub authz_cache: arc_swap::ArcSwapOption<(u64, Arc<Authz>)>,
+    /// Compiled policies of the latest snapshot seen (shared with the waypoint).
+    pub policies: Arc<AuthzCache>,
     /// Denied connections, for metrics.
     pub denials: crate::metrics::DenialMetrics,
     /// The in-binary waypoint for destinations that need L7.
@@ -87,18 +86,7 @@ impl ProxyCtx {
 
     /// The compiled policies of `snap` (compiled once per generation, on first use).
     pub fn authz(&self, snap: &Snapshot) -> Arc<Authz> {
-        if let Some(c) = self.authz_cache.load().as_ref() {
-            if c.0 == snap.generation {
-                return c.1.clone();
-            }
-        }
-        let authz = Arc::new(Authz::new(&snap.mesh, &self.root_namespace));
-        for w in authz.warnings() {
-            tracing::warn!(target: "weft::authz", "{w}");
-        }
-        self.authz_cache
-            .store(Some(Arc::new((snap.generation, authz.clone()))));
-        authz
+        self.policies.get(snap.generation, &snap.mesh)
     }
 }
 
@@ -122,7 +110,7 @@ pub fn spawn_policy_follower(
             ctx.conns.forget_label_sets();
             for conn in ctx.conns.list() {
                 let m = &conn.meta;
-                if m.direction != conntrack::Direction::Inbound {
+                if m.direction != crate::metrics::Direction::Inbound {
                     continue;
                 }
                 let verdict =

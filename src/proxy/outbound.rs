@@ -12,12 +12,13 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::net::TcpStream;
 
-use super::conntrack::{ConnMeta, Direction, Outcome, Peer, Protocol, ServiceRef};
+use super::conntrack::{ConnMeta, Outcome, Peer, Protocol, ServiceRef};
 use super::inbound::{self, Client};
 use super::pool::PoolKey;
 use super::relay::relay;
 use super::socket;
 use super::ProxyCtx;
+use crate::metrics::Direction;
 use crate::model::{Service, TargetPort, Workload};
 use crate::state::{Address, Snapshot};
 

@@ -27,11 +27,12 @@ use std::sync::atomic::AtomicBool;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use h2::client::SendRequest;
-use http::{Method, Request, StatusCode};
+use http::{Request, StatusCode};
 use rustls::pki_types::ServerName;
 use serde::Serialize;
 
 use super::h2io::{H2Io, Refusal};
+use super::hbone::Connect;
 
 use super::socket::{self, SocketMode};
 use crate::identity::{Identity, IssuedCert};
@@ -281,16 +282,12 @@ impl Pool {
         forwarded_for: SocketAddr,
     ) -> Result<Tunnel, TunnelError> {
         let addr = SocketAddr::new(key.dst_ip, self.hbone_port);
+        let connect = Connect::new(authority, forwarded_for);
         let req = || {
-            Request::builder()
-                .method(Method::CONNECT)
-                .uri(authority.to_string())
-                .header("forwarded", format!("for=\"{forwarded_for}\""))
-                .body(())
-                .map_err(|e| TunnelError::Connect {
-                    addr,
-                    source: std::io::Error::other(e),
-                })
+            connect.request().map_err(|e| TunnelError::Connect {
+                addr,
+                source: std::io::Error::other(e),
+            })
         };
         // A connection the peer is shutting down (GOAWAY: a weft draining for a restart)
         // refuses new streams before anything is sent: it is retired and the stream tries

@@ -24,7 +24,7 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::conntrack::Conn;
+use super::conntrack::{Conn, Outcome};
 use super::h2io::H2Io;
 
 /// Scratch buffer size: several TLS records' worth.
@@ -60,6 +60,15 @@ pub enum RelayEnd {
     Io(io::Error),
     /// Weft closed the connection (policy, drain).
     Killed,
+}
+
+impl From<RelayEnd> for Outcome {
+    fn from(end: RelayEnd) -> Outcome {
+        match end {
+            RelayEnd::Io(e) => Outcome::Failed(e.to_string()),
+            RelayEnd::Killed => Outcome::Killed,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -317,7 +326,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::conntrack::{ConnMeta, ConnTable, Direction, Protocol};
+    use crate::metrics::Direction;
+    use crate::proxy::conntrack::{ConnMeta, ConnTable, Protocol};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn table() -> (Arc<ConnTable>, crate::proxy::conntrack::ConnGuard) {

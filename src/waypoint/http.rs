@@ -25,8 +25,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::Waypoint;
 use crate::authz::{Connection, Decision, DenyReason, HttpRequest};
 use crate::identity::Identity;
+use crate::metrics::RequestSides;
 use crate::proxy::conntrack::{ConnGuard, Outcome};
-use crate::proxy::ProxyCtx;
 use crate::waypoint::jwt::AuthnResult;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -66,7 +66,6 @@ fn full_and_close(status: StatusCode, body: &'static str) -> Response<Body> {
 /// Serves HTTP on `io` until the client closes, an error, or the connection is closed from
 /// outside. Returns true when it ended in failure.
 pub async fn serve<I>(
-    ctx: Arc<ProxyCtx>,
     wp: Arc<Waypoint>,
     io: I,
     client: Downstream,
@@ -83,12 +82,12 @@ where
         verdicts.clone(),
     );
     let svc = {
-        let (ctx, wp, client) = (ctx.clone(), wp.clone(), client.clone());
+        let (wp, client) = (wp.clone(), client.clone());
         hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (ctx, wp, client) = (ctx.clone(), wp.clone(), client.clone());
+            let (wp, client) = (wp.clone(), client.clone());
             // HTTP/1 requests are served one at a time, in order: this is this request's.
             let ambiguous = req.version() != Version::HTTP_2 && verdicts.next_is_ambiguous();
-            async move { Ok::<_, Infallible>(handle(ctx, wp, client, dst, req, ambiguous).await) }
+            async move { Ok::<_, Infallible>(handle(wp, client, dst, req, ambiguous).await) }
         })
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -135,7 +134,6 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 async fn handle(
-    ctx: Arc<ProxyCtx>,
     wp: Arc<Waypoint>,
     client: Downstream,
     dst: SocketAddr,
@@ -164,7 +162,6 @@ async fn handle(
         .unwrap_or_else(|| "/".to_string());
     let mut log = RequestLog {
         wp: &wp,
-        ctx: &ctx,
         client: &client,
         dst,
         method: &method,
@@ -194,14 +191,14 @@ async fn handle(
         }
     };
 
-    let snap = ctx.store.snapshot();
+    let snap = wp.ctx.store.snapshot();
     let Some(dst_w) = snap.workload_by_ip(dst.ip()) else {
         return log.done(full(
             StatusCode::SERVICE_UNAVAILABLE,
             "destination unknown\n",
         ));
     };
-    let authz = ctx.authz(&snap);
+    let authz = wp.ctx.policies.get(snap.generation, &snap.mesh);
 
     // RequestAuthentication.
     let authn = wp.authenticator(&snap, dst_w);
@@ -291,7 +288,7 @@ async fn handle(
         Err(_) => return log.done(full_and_close(StatusCode::BAD_REQUEST, "bad request\n")),
     };
     let forwarded = Request::from_parts(parts, body);
-    let upstream = wp.upstream.client(client.addr.ip(), dst, h2, ctx.mode);
+    let upstream = wp.upstream.client(client.addr.ip(), dst, h2, wp.ctx.mode);
     let mut resp = match upstream.request(forwarded).await {
         Ok(r) => r,
         Err(e) => {
@@ -336,7 +333,6 @@ fn path_and_query(raw: &str) -> &str {
 /// One request's telemetry, written when the response is chosen.
 struct RequestLog<'a> {
     wp: &'a Waypoint,
-    ctx: &'a ProxyCtx,
     client: &'a Downstream,
     dst: SocketAddr,
     method: &'a Method,
@@ -351,17 +347,19 @@ impl RequestLog<'_> {
     fn done(self, resp: Response<Body>) -> Response<Body> {
         let status = resp.status().as_u16();
         let ms = self.started.elapsed().as_secs_f64() * 1e3;
-        let snap = self.ctx.store.snapshot();
+        let snap = self.wp.ctx.store.snapshot();
         let src_w = snap.workload_by_ip(self.client.addr.ip()).map(|w| &**w);
         let dst_w = snap.workload_by_ip(self.dst.ip()).map(|w| &**w);
-        self.wp.metrics.record(
-            self.client.identity.as_ref(),
-            src_w,
-            dst_w,
-            self.ctx,
-            status,
-            ms,
-        );
+        let dst_identity = dst_w.and_then(|w| {
+            Identity::new(&self.wp.ctx.trust_domain, &w.namespace, &w.service_account).ok()
+        });
+        let sides = RequestSides {
+            src_identity: self.client.identity.as_ref(),
+            src_workload: src_w,
+            dst_workload: dst_w,
+            dst_identity: dst_identity.as_ref(),
+        };
+        self.wp.metrics.record(&sides, status, ms);
         tracing::info!(
             target: "access",
             kind = "http",

@@ -26,12 +26,11 @@ pub mod upstream;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::authz::Authz;
-use crate::identity::Identity;
-use crate::metrics::{HttpMetrics, RequestLabels};
-use crate::model::{Policy, RequestAuthentication, Workload};
-use crate::proxy::ProxyCtx;
-use crate::state::Snapshot;
+use crate::authz::{Authz, AuthzCache, Scope};
+use crate::metrics::HttpMetrics;
+use crate::model::{Policy, PolicyKind, RequestAuthentication, Workload};
+use crate::proxy::socket::SocketMode;
+use crate::state::{Snapshot, StateStore};
 use jwt::{JwksCache, JwtAuthenticator, JwtError};
 
 /// The label that sends a workload's traffic through a waypoint.
@@ -57,8 +56,9 @@ pub fn applies(snap: &Snapshot, authz: &Authz, w: &Workload) -> bool {
         || snap.services_of(&w.uid).any(|s| named(&s.labels))
 }
 
-/// The RequestAuthentications that apply to `w` (mesh-wide from the root namespace, its
-/// namespace's, and those whose selector matches), in a stable order.
+/// The RequestAuthentications that apply to `w`, by Istio's scope rules (`authz::scope`: the
+/// root namespace's for every workload or, with a selector, for matching workloads of every
+/// namespace; its own namespace's; none with `targetRef`), in a stable order.
 pub fn request_authentications<'a>(
     snap: &'a Snapshot,
     root_namespace: &str,
@@ -72,42 +72,55 @@ pub fn request_authentications<'a>(
             _ => None,
         })
         .filter(|ra| {
-            let in_scope = ra.namespace == w.namespace
-                || (ra.namespace == root_namespace && ra.spec.selector.is_none());
             let targeted = ra.spec.target_ref.is_some() || !ra.spec.target_refs.is_empty();
-            in_scope
-                && !targeted
-                && ra
-                    .spec
-                    .selector
-                    .as_ref()
-                    .is_none_or(|s| crate::model::selector_matches(&s.match_labels, &w.labels))
+            Scope::of(
+                PolicyKind::RequestAuthentication,
+                &ra.namespace,
+                ra.spec.selector.as_ref(),
+                targeted,
+                root_namespace,
+            )
+            .is_ok_and(|scope| scope.applies_to(&ra.namespace, &w.uid, &w.namespace, &w.labels))
         })
         .collect()
 }
 
 type AuthnCache = HashMap<String, (u64, Arc<Result<JwtAuthenticator, JwtError>>)>;
 
+/// What the waypoint reads of the node it runs in: these four things and nothing else (it
+/// never sees the L4 side's pool, listeners or certificates).
+pub struct WaypointCtx {
+    /// The mesh state, read once per request.
+    pub store: Arc<StateStore>,
+    /// The compiled policies, shared with the L4 side (one compile per generation).
+    pub policies: Arc<AuthzCache>,
+    /// How sockets to apps are opened (transparent when capturing, to keep the client's IP).
+    pub mode: SocketMode,
+    /// The SPIFFE trust domain, for destination principals in the telemetry.
+    pub trust_domain: String,
+}
+
 /// The waypoint's shared state.
 pub struct Waypoint {
+    /// What it reads of the node.
+    pub ctx: WaypointCtx,
     /// Issuers' key sets.
     pub jwks: Arc<JwksCache>,
     /// Connections to apps.
     pub upstream: upstream::Upstream,
     /// Request metrics.
     pub metrics: HttpMetrics,
-    root_namespace: String,
     authenticators: Mutex<AuthnCache>,
 }
 
 impl Waypoint {
-    /// A waypoint using `jwks` for token keys and reporting to `metrics`.
-    pub fn new(jwks: Arc<JwksCache>, metrics: HttpMetrics, root_namespace: &str) -> Waypoint {
+    /// A waypoint reading `ctx`, using `jwks` for token keys and reporting to `metrics`.
+    pub fn new(ctx: WaypointCtx, jwks: Arc<JwksCache>, metrics: HttpMetrics) -> Waypoint {
         Waypoint {
+            ctx,
             jwks,
             upstream: upstream::Upstream::default(),
             metrics,
-            root_namespace: root_namespace.to_string(),
             authenticators: Mutex::new(HashMap::new()),
         }
     }
@@ -124,7 +137,7 @@ impl Waypoint {
                 return a.clone();
             }
         }
-        let policies = request_authentications(snap, &self.root_namespace, w);
+        let policies = request_authentications(snap, self.ctx.policies.root_namespace(), w);
         let built = Arc::new(JwtAuthenticator::for_policies(&policies, self.jwks.clone()));
         cache.retain(|_, (g, _)| *g == snap.generation);
         cache.insert(w.uid.clone(), (snap.generation, built.clone()));
@@ -147,50 +160,6 @@ impl Waypoint {
                 tracing::warn!(error = %e, "RequestAuthentication refused");
             }
         }
-    }
-}
-
-impl HttpMetrics {
-    /// Counts one request.
-    pub fn record(
-        &self,
-        src_identity: Option<&Identity>,
-        src: Option<&Workload>,
-        dst: Option<&Workload>,
-        ctx: &ProxyCtx,
-        status: u16,
-        ms: f64,
-    ) {
-        let unknown = || "unknown".to_string();
-        let labels = RequestLabels {
-            reporter: "destination",
-            source_workload: src.map(|w| w.workload_name.clone()).unwrap_or_else(unknown),
-            source_workload_namespace: src.map(|w| w.namespace.clone()).unwrap_or_else(unknown),
-            source_principal: src_identity.map(|i| i.to_string()).unwrap_or_else(unknown),
-            source_canonical_service: src
-                .map(|w| w.canonical_name.clone())
-                .unwrap_or_else(unknown),
-            destination_workload: dst.map(|w| w.workload_name.clone()).unwrap_or_else(unknown),
-            destination_workload_namespace: dst
-                .map(|w| w.namespace.clone())
-                .unwrap_or_else(unknown),
-            destination_principal: dst
-                .and_then(|w| ctx.identity_of(w))
-                .map(|i| i.to_string())
-                .unwrap_or_else(unknown),
-            destination_canonical_service: dst
-                .map(|w| w.canonical_name.clone())
-                .unwrap_or_else(unknown),
-            request_protocol: "http",
-            response_code: status,
-            connection_security_policy: if src_identity.is_some() {
-                "mutual_tls"
-            } else {
-                "unknown"
-            },
-        };
-        self.requests.get_or_create(&labels).inc();
-        self.duration.get_or_create(&labels).observe(ms);
     }
 }
 
