@@ -1,4 +1,4 @@
-//! The daemon's own configuration (`weft run --config FILE`, DESIGN §4) and its environment
+//! The daemon's own configuration (`weft run --config FILE`, ARCHITECTURE.md §6.2) and its environment
 //! overrides.
 //!
 //! Owns reading, defaulting and validating the config; every problem is reported with its

@@ -1,4 +1,4 @@
-//! Capture of local enrolled pods' traffic with iptables TPROXY (DESIGN §7).
+//! Capture of local enrolled pods' traffic with iptables TPROXY (ARCHITECTURE.md §3 "Capture", §6.5).
 //!
 //! Owns the `WEFT_PRE` chain in the mangle table, the jump to it from `PREROUTING`, and the
 //! policy-routing rule that delivers marked packets locally. The whole chain is rewritten in

@@ -1,5 +1,5 @@
 //! mTLS for HBONE: rustls client and server configs built from workload certificates, and the
-//! SPIFFE checks on both sides (DESIGN §6).
+//! SPIFFE checks on both sides (ARCHITECTURE.md §6.4).
 //!
 //! Owns: TLS 1.3 only, ALPN `h2`, the cipher suites ztunnel offers, the client-side *secure
 //! naming* check (the server's one URI SAN must be exactly the identity expected for the

@@ -1,6 +1,6 @@
 //! The mesh as weft sees it: workloads, services and security policies.
 //!
-//! Pure data with no I/O. Sources (`k8s` for the mesh file, later xDS) translate their input
+//! Pure data with no I/O. Sources (`source::file` for the mesh file, `source::xds` for istiod) translate their input
 //! into these types; [`crate::state`] indexes them. Policy types keep Istio's shape
 //! (`security.istio.io` v1/v1beta1) but every value is already parsed and validated, so later
 //! stages (authz) never see a malformed CIDR, port or match pattern.
