@@ -64,24 +64,81 @@ pub struct AdminContext {
     pub shutdown: watch::Sender<bool>,
 }
 
+/// Why the daemon is not ready (`/healthz/ready` answers 503 with it).
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// The first mesh load failed.
+    #[error("mesh not loaded: {0}")]
+    MeshFailed(String),
+    /// The first mesh load has not finished.
+    #[error("mesh not loaded yet from {0}")]
+    MeshPending(String),
+    /// The capture has not caught up with the mesh in force.
+    #[error("capture rules not yet programmed for mesh generation {0}")]
+    CaptureBehind(u64),
+    /// Local enrolled identities without a valid certificate.
+    #[error("waiting for certificates: {}", .0.join(", "))]
+    Certificates(Vec<String>),
+}
+
+/// Why `/debug/explain` cannot answer (400, with the usage).
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// A required parameter is missing.
+    #[error("missing {0}")]
+    Missing(&'static str),
+    /// `src` is no IP address.
+    #[error("src {0:?} is not an IP address")]
+    Src(String),
+    /// `dst` is no IP address or IP:port.
+    #[error("dst {0:?} is not an IP address or IP:port")]
+    Dst(String),
+    /// `dst` carries port 0.
+    #[error("dst {0:?} has port 0 (1-65535)")]
+    DstPortZero(String),
+    /// `port` is no port.
+    #[error("port {0:?} is not a port (1-65535)")]
+    Port(String),
+    /// The destination is not a workload.
+    #[error("dst {0} is not a workload in the mesh")]
+    NotAWorkload(std::net::IpAddr),
+    /// `identity` with `plaintext=true`.
+    #[error("identity and plaintext=true contradict each other")]
+    Contradiction,
+    /// `identity` is no SPIFFE id.
+    #[error("identity {value:?}: {source}")]
+    Identity {
+        /// As given.
+        value: String,
+        /// Why.
+        source: crate::identity::IdentityError,
+    },
+    /// A `header` is not `name:value`.
+    #[error("header {0:?} is not name:value")]
+    Header(String),
+    /// The request cannot be built (a bad method, path or header).
+    #[error("request: {0}")]
+    Request(#[from] http::Error),
+    /// The explanation cannot be written as JSON.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+}
+
 impl AdminContext {
     /// `Ok` when the mesh is loaded and every local enrolled ServiceAccount has a cert;
     /// otherwise why not.
-    pub fn readiness(&self) -> Result<(), String> {
+    pub fn readiness(&self) -> Result<(), NotReady> {
         if !self.store.loaded() {
             let st = self.store.status();
             return Err(match &st.last_error {
-                Some(e) => format!("mesh not loaded: {e}"),
-                None => format!("mesh not loaded yet from {}", st.source),
+                Some(e) => NotReady::MeshFailed(e.to_string()),
+                None => NotReady::MeshPending(st.source.to_string()),
             });
         }
         let snap = self.store.snapshot();
         if let Some(r) = &self.redirect {
             if r.applied_generation() < snap.generation {
-                return Err(format!(
-                    "capture rules not yet programmed for mesh generation {}",
-                    snap.generation
-                ));
+                return Err(NotReady::CaptureBehind(snap.generation));
             }
         }
         let wanted = snap.local_identities(&self.config.node_name, &self.config.trust_domain);
@@ -98,7 +155,7 @@ impl AdminContext {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(format!("waiting for certificates: {}", missing.join(", ")))
+            Err(NotReady::Certificates(missing))
         }
     }
 
@@ -209,7 +266,10 @@ its own identity)";
 /// `/debug/explain`: what the policies in force would decide, without sending traffic. With
 /// `method` or `path` (and optionally `host`, repeated `header=name:value`, `token`) it
 /// explains one HTTP request as the waypoint would decide it.
-async fn explain(ctx: &AdminContext, req: &Request<Incoming>) -> Result<serde_json::Value, String> {
+async fn explain(
+    ctx: &AdminContext,
+    req: &Request<Incoming>,
+) -> Result<serde_json::Value, ExplainError> {
     let pairs: Vec<(String, String)> =
         form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
             .into_owned()
@@ -225,19 +285,19 @@ async fn explain(ctx: &AdminContext, req: &Request<Incoming>) -> Result<serde_js
         .collect();
     let get = |k: &str| q.get(k).copied().filter(|v| !v.is_empty());
     let src_ip: std::net::IpAddr = match get("src") {
-        None => return Err("missing src".into()),
+        None => return Err(ExplainError::Missing("src")),
         Some(s) => s
             .parse::<std::net::IpAddr>()
             .or_else(|_| s.parse::<SocketAddr>().map(|a| a.ip()))
-            .map_err(|_| format!("src {s:?} is not an IP address"))?,
+            .map_err(|_| ExplainError::Src(s.to_string()))?,
     };
-    let dst_raw = get("dst").ok_or("missing dst")?;
+    let dst_raw = get("dst").ok_or(ExplainError::Missing("dst"))?;
     let (dst_ip, port_in_dst) = match dst_raw.parse::<SocketAddr>() {
         Ok(a) => (a.ip(), Some(a.port())),
         Err(_) => (
             dst_raw
                 .parse::<std::net::IpAddr>()
-                .map_err(|_| format!("dst {dst_raw:?} is not an IP address or IP:port"))?,
+                .map_err(|_| ExplainError::Dst(dst_raw.to_string()))?,
             None,
         ),
     };
@@ -246,19 +306,22 @@ async fn explain(ctx: &AdminContext, req: &Request<Incoming>) -> Result<serde_js
             .parse::<u16>()
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| format!("port {p:?} is not a port (1-65535)"))?,
-        (None, Some(0)) => return Err(format!("dst {dst_raw:?} has port 0 (1-65535)")),
+            .ok_or_else(|| ExplainError::Port(p.to_string()))?,
+        (None, Some(0)) => return Err(ExplainError::DstPortZero(dst_raw.to_string())),
         (None, Some(p)) => p,
-        (None, None) => return Err("missing port".into()),
+        (None, None) => return Err(ExplainError::Missing("port")),
     };
     let snap = ctx.store.snapshot();
     let dst = snap
         .workload_by_ip(dst_ip)
-        .ok_or_else(|| format!("dst {dst_ip} is not a workload in the mesh"))?;
+        .ok_or(ExplainError::NotAWorkload(dst_ip))?;
     let plaintext = matches!(get("plaintext"), Some("true" | "1" | "yes"));
     let identity: Option<crate::identity::Identity> = match (get("identity"), plaintext) {
-        (Some(_), true) => return Err("identity and plaintext=true contradict each other".into()),
-        (Some(id), false) => Some(id.parse().map_err(|e| format!("identity {id:?}: {e}"))?),
+        (Some(_), true) => return Err(ExplainError::Contradiction),
+        (Some(id), false) => Some(id.parse().map_err(|source| ExplainError::Identity {
+            value: id.to_string(),
+            source,
+        })?),
         (None, true) => None,
         (None, false) => snap
             .workload_by_ip(src_ip)
@@ -286,16 +349,13 @@ async fn explain(ctx: &AdminContext, req: &Request<Incoming>) -> Result<serde_js
         for h in &headers_in {
             let (name, value) = h
                 .split_once(':')
-                .ok_or_else(|| format!("header {h:?} is not name:value"))?;
+                .ok_or_else(|| ExplainError::Header(h.to_string()))?;
             builder = builder.header(name.trim(), value.trim());
         }
         if let Some(t) = get("token") {
             builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let (parts, ()) = builder
-            .body(())
-            .map_err(|e| format!("request: {e}"))?
-            .into_parts();
+        let (parts, ()) = builder.body(())?.into_parts();
         let authn = ctx.proxy.waypoint.authenticator(&snap, dst);
         let result = match authn.as_ref() {
             Ok(a) => a.authenticate(&parts).await,
@@ -325,7 +385,7 @@ async fn explain(ctx: &AdminContext, req: &Request<Incoming>) -> Result<serde_js
     } else {
         (authz.explain(&conn), None)
     };
-    let mut v = serde_json::to_value(&explanation).map_err(|e| e.to_string())?;
+    let mut v = serde_json::to_value(&explanation)?;
     if let (Some(obj), Some(jwt)) = (v.as_object_mut(), jwt) {
         obj.insert("jwt".into(), jwt);
         obj.insert(

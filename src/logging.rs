@@ -21,16 +21,34 @@ pub enum LogFormat {
 /// The levels `/logging?level=` accepts, alone or as `target=level`.
 pub const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
+/// Why a log filter was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Nothing was given.
+    #[error("empty log level; {}", accepted())]
+    Empty,
+    /// An item is no level or `target=level`.
+    #[error("invalid log level {item:?}; {accepted}", accepted = accepted())]
+    Invalid {
+        /// The item refused.
+        item: String,
+    },
+    /// The subscriber refused the filter.
+    #[error("cannot apply log filter: {0}")]
+    Apply(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+fn accepted() -> String {
+    format!(
+        "accepted: a level ({}) or comma-separated target=level items, e.g. `info,weft::proxy=debug`",
+        LEVELS.join(", ")
+    )
+}
+
 /// Checks a filter: comma-separated `level` or `target=level` items, levels from [`LEVELS`].
-pub fn validate_filter(filter: &str) -> Result<(), String> {
-    let accepted = || {
-        format!(
-            "accepted: a level ({}) or comma-separated target=level items, e.g. `info,weft::proxy=debug`",
-            LEVELS.join(", ")
-        )
-    };
+pub fn validate_filter(filter: &str) -> Result<(), LogError> {
     if filter.trim().is_empty() {
-        return Err(format!("empty log level; {}", accepted()));
+        return Err(LogError::Empty);
     }
     for item in filter.split(',') {
         let item = item.trim();
@@ -44,13 +62,15 @@ pub fn validate_filter(filter: &str) -> Result<(), String> {
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '-')
         });
         if !target_ok || !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-            return Err(format!("invalid log level {item:?}; {}", accepted()));
+            return Err(LogError::Invalid {
+                item: item.to_string(),
+            });
         }
     }
     Ok(())
 }
 
-type Setter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+type Setter = Box<dyn Fn(&str) -> Result<(), LogError> + Send + Sync>;
 
 /// Reads and changes the active filter.
 pub struct LogControl {
@@ -76,7 +96,7 @@ impl LogControl {
     }
 
     /// Validates and applies a new filter.
-    pub fn set(&self, filter: &str) -> Result<(), String> {
+    pub fn set(&self, filter: &str) -> Result<(), LogError> {
         validate_filter(filter)?;
         (self.set)(filter)?;
         match self.current.lock() {
@@ -108,8 +128,8 @@ pub fn init(format: LogFormat) -> Arc<LogControl> {
     Arc::new(LogControl::new(
         &initial,
         Box::new(move |f| {
-            let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
-            handle.reload(filter).map_err(|e| e.to_string())
+            let filter = EnvFilter::try_new(f).map_err(|e| LogError::Apply(e.into()))?;
+            handle.reload(filter).map_err(|e| LogError::Apply(e.into()))
         }),
     ))
 }
@@ -124,7 +144,7 @@ mod tests {
             assert!(validate_filter(ok).is_ok(), "{ok}");
         }
         for bad in ["", "loud", "weft=", "=info", "a b=info", "info,,debug"] {
-            let e = validate_filter(bad).unwrap_err();
+            let e = validate_filter(bad).unwrap_err().to_string();
             assert!(
                 e.contains("accepted: a level (trace, debug, info, warn, error, off)"),
                 "{e}"

@@ -38,7 +38,7 @@ use crate::model::PolicyKind;
 
 use super::http::{HttpAttributes, HttpCheck, HttpTest};
 use super::scope::Scope;
-use super::{list, Finding, PolicyRef};
+use super::{list, BadValue, Finding, PolicyRef};
 
 // === compiled types ===
 
@@ -560,7 +560,7 @@ fn compile_condition(
             Err(bad) => {
                 found
                     .unenforceable
-                    .push(format!("{}: {bad:?} is not a valid value", field(negated)));
+                    .push(format!("{}: {bad}", field(negated)));
                 return None;
             }
         }
@@ -570,10 +570,10 @@ fn compile_condition(
 
 /// Parses a condition's values for its key; the first value that does not parse on error.
 /// HTTP keys are handed to `http` (callers only pass those for L7 rules).
-fn parse_values(key: &ConditionKey, values: &[StringMatch]) -> Result<Check, String> {
+fn parse_values(key: &ConditionKey, values: &[StringMatch]) -> Result<Check, BadValue> {
     let exact = |m: &StringMatch| match m {
         StringMatch::Exact(s) => Ok(s.clone()),
-        other => Err(other.to_string()),
+        other => Err(BadValue(other.to_string())),
     };
     Ok(match key {
         ConditionKey::SourcePrincipal => Check::Principal(values.to_vec()),
@@ -593,7 +593,7 @@ fn parse_values(key: &ConditionKey, values: &[StringMatch]) -> Result<Check, Str
                     let s = exact(m)?;
                     match s.parse::<u16>() {
                         Ok(p) if p != 0 => Ok(p),
-                        _ => Err(s),
+                        _ => Err(BadValue(s)),
                     }
                 })
                 .collect::<Result<Vec<_>, _>>()?,
@@ -604,15 +604,15 @@ fn parse_values(key: &ConditionKey, values: &[StringMatch]) -> Result<Check, Str
 }
 
 /// Condition values that must be addresses or CIDRs.
-fn parse_nets(values: &[StringMatch]) -> Result<Vec<IpNet>, String> {
+fn parse_nets(values: &[StringMatch]) -> Result<Vec<IpNet>, BadValue> {
     values
         .iter()
         .map(|m| match m {
             StringMatch::Exact(s) => s
                 .parse::<crate::model::policy::IpBlock>()
                 .map(|b| b.0)
-                .map_err(|_| s.clone()),
-            other => Err(other.to_string()),
+                .map_err(|_| BadValue(s.clone())),
+            other => Err(BadValue(other.to_string())),
         })
         .collect()
 }

@@ -48,8 +48,8 @@ use thiserror::Error;
 
 use crate::model::policy::{ConditionKey, Operation, PathMatch, Source, StringMatch};
 
-use super::list;
 use super::path::{normalize_path, PathError};
+use super::{list, BadValue};
 
 /// What an HTTP-aware proxy knows about one request.
 #[derive(Clone, Copy, Debug)]
@@ -385,17 +385,17 @@ pub(crate) fn supported_key(key: &ConditionKey) -> Result<(), &'static str> {
 pub(crate) fn parse_values(
     key: &ConditionKey,
     values: &[StringMatch],
-) -> Result<HttpCheck, String> {
+) -> Result<HttpCheck, BadValue> {
     let values = values.to_vec();
     Ok(match key {
         ConditionKey::RequestHeader(name) => HttpCheck::Header(
-            HeaderName::from_bytes(name.as_bytes()).map_err(|_| name.clone())?,
+            HeaderName::from_bytes(name.as_bytes()).map_err(|_| BadValue(name.clone()))?,
             values,
         ),
         ConditionKey::RequestAuthPrincipal => HttpCheck::RequestPrincipal(values),
         ConditionKey::RequestAuthAudiences => HttpCheck::Audiences(values),
         ConditionKey::RequestAuthPresenter => HttpCheck::Presenter(values),
         ConditionKey::RequestAuthClaims(path) => HttpCheck::Claim(path.clone(), values),
-        other => return Err(other.to_string()),
+        other => return Err(BadValue(other.to_string())),
     })
 }

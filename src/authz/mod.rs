@@ -74,6 +74,11 @@ pub(crate) fn list<T: fmt::Display>(values: &[T]) -> String {
     s
 }
 
+/// A condition value that does not parse for its key (the value as written).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a valid value")]
+pub(crate) struct BadValue(pub String);
+
 /// Istio's default root namespace: policies here without a selector apply mesh-wide.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 

@@ -54,8 +54,12 @@ const MAX_REOPEN: u8 = 2;
 /// [`H2Io::hold`]).
 pub type Reopen = Box<dyn FnMut() -> Reopening + Send + Sync>;
 
-/// A reopen in progress.
-pub type Reopening = Pin<Box<dyn Future<Output = Result<H2Io, String>> + Send>>;
+/// A reopen in progress; it fails with whatever kept the stream from opening again (the
+/// pool's error: this module sits below the pool and does not name its type).
+pub type Reopening = Pin<Box<dyn Future<Output = Result<H2Io, ReopenError>> + Send>>;
+
+/// Why a reopen failed.
+pub type ReopenError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The receiving half: the body, or (client side, before the answer) the answer to come.
 enum Recv {
@@ -116,7 +120,7 @@ pub enum Refusal {
     Again(String),
     /// Turned away unprocessed (GOAWAY), and opening it again failed.
     #[error("turned away by a peer going away; opening the stream again failed: {0}")]
-    Reopen(String),
+    Reopen(#[source] ReopenError),
 }
 
 /// Until the answer: what was written, to send again if the stream is turned away unprocessed.
@@ -333,10 +337,13 @@ impl H2Io {
                     Err(e) => match self.early.as_mut() {
                         Some(early) if reopen && unprocessed(&e) => {
                             if self.reopens >= MAX_REOPEN {
-                                Refusal::Reopen(format!(
-                                    "turned away again after {} reopens: {e}",
-                                    self.reopens
-                                ))
+                                Refusal::Reopen(
+                                    format!(
+                                        "turned away again after {} reopens: {e}",
+                                        self.reopens
+                                    )
+                                    .into(),
+                                )
                             } else {
                                 tracing::debug!(error = %e, "HBONE stream turned away unprocessed; opening it again");
                                 self.recv = Recv::Reopening((early.reopen)());

@@ -237,7 +237,11 @@ impl Pool {
                 status,
             }),
             Err(Refusal::Failed(source)) => Err(TunnelError::Http { addr, source }),
-            Err(Refusal::Again(why) | Refusal::Reopen(why)) => Err(TunnelError::Connect {
+            Err(Refusal::Again(why)) => Err(TunnelError::Connect {
+                addr,
+                source: std::io::Error::other(why),
+            }),
+            Err(Refusal::Reopen(why)) => Err(TunnelError::Connect {
                 addr,
                 source: std::io::Error::other(why),
             }),
@@ -263,10 +267,7 @@ impl Pool {
         tunnel.io.reopen_with(Box::new(move || {
             let (pool, key, cert) = (pool.clone(), key.clone(), cert.clone());
             Box::pin(async move {
-                let tunnel = pool
-                    .stream(&key, &cert, authority, forwarded_for)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let tunnel = pool.stream(&key, &cert, authority, forwarded_for).await?;
                 Ok(tunnel.io)
             })
         }));
