@@ -837,135 +837,141 @@ mod tests {
     // === The incremental path against the snapshot built from scratch ===
 
     use crate::model::{selector_matches, AuthorizationPolicy};
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::select;
     use std::collections::BTreeMap as Map;
 
     const NAMESPACES: [&str; 3] = ["ns0", "ns1", "ns2"];
     const APPS: [&str; 3] = ["a", "b", "c"];
 
     /// An address from a small pool, so that pods and services collide now and then.
-    fn pool_ip(rng: &mut StdRng) -> IpAddr {
-        IpAddr::from([10, 0, 0, rng.random_range(0..40u8)])
+    fn pool_ip() -> impl Strategy<Value = IpAddr> {
+        (0..40u8).prop_map(|last| IpAddr::from([10, 0, 0, last]))
     }
 
-    fn random_labels(rng: &mut StdRng) -> BTreeMap<String, String> {
-        let mut l = BTreeMap::new();
-        if rng.random_bool(0.8) {
-            l.insert("app".into(), APPS[rng.random_range(0..3)].into());
-        }
-        if rng.random_bool(0.5) {
-            l.insert("version".into(), format!("v{}", rng.random_range(1..3)));
-        }
-        l
+    fn namespace() -> impl Strategy<Value = &'static str> {
+        select(&NAMESPACES[..])
     }
 
-    fn random_workload(rng: &mut StdRng) -> Workload {
-        let name = format!("p{}", rng.random_range(0..30));
-        // The namespace is not part of the uid here, so a workload can move between them.
-        let namespace = NAMESPACES[rng.random_range(0..3)];
-        let ips = (0..rng.random_range(0..3)).map(|_| pool_ip(rng)).collect();
-        let enrollment = match rng.random_range(0..10) {
-            0 => Enrollment::HostNetwork,
-            1 => Enrollment::NotEnrolled,
-            _ => Enrollment::Enrolled,
-        };
-        Workload {
-            uid: format!("uid/{name}"),
-            name: name.clone(),
-            namespace: namespace.into(),
-            service_account: "sa".into(),
-            node: format!("n{}", rng.random_range(0..2)),
-            ips,
-            labels: random_labels(rng),
-            named_ports: BTreeMap::new(),
-            enrollment,
-            workload_name: name.clone(),
-            canonical_name: name,
-            canonical_revision: "latest".into(),
-        }
+    fn labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+        (
+            proptest::option::weighted(0.8, select(&APPS[..])),
+            proptest::option::weighted(0.5, 1..3u8),
+        )
+            .prop_map(|(app, version)| {
+                let mut l = BTreeMap::new();
+                if let Some(app) = app {
+                    l.insert("app".into(), app.into());
+                }
+                if let Some(v) = version {
+                    l.insert("version".into(), format!("v{v}"));
+                }
+                l
+            })
     }
 
-    fn random_service(rng: &mut StdRng) -> (String, Service) {
-        let i = rng.random_range(0..10);
-        let namespace = NAMESPACES[rng.random_range(0..3)];
-        let selector = if rng.random_bool(0.7) {
-            random_labels(rng).into_iter().take(1).collect()
-        } else {
-            BTreeMap::new()
-        };
-        let vips = (0..rng.random_range(0..2))
-            .map(|_| {
-                if rng.random_bool(0.3) {
-                    pool_ip(rng)
-                } else {
-                    IpAddr::from([10, 96, 0, rng.random_range(0..8u8)])
+    fn workload() -> impl Strategy<Value = Workload> {
+        (
+            0..30u8,
+            namespace(),
+            vec(pool_ip(), 0..3),
+            0..10u8,
+            0..2u8,
+            labels(),
+        )
+            .prop_map(|(i, namespace, ips, enrolled, node, labels)| {
+                let name = format!("p{i}");
+                let enrollment = match enrolled {
+                    0 => Enrollment::HostNetwork,
+                    1 => Enrollment::NotEnrolled,
+                    _ => Enrollment::Enrolled,
+                };
+                Workload {
+                    // The namespace is not part of the uid here, so a workload can move
+                    // between them.
+                    uid: format!("uid/{name}"),
+                    name: name.clone(),
+                    namespace: namespace.into(),
+                    service_account: "sa".into(),
+                    node: format!("n{node}"),
+                    ips,
+                    labels,
+                    named_ports: BTreeMap::new(),
+                    enrollment,
+                    workload_name: name.clone(),
+                    canonical_name: name,
+                    canonical_revision: "latest".into(),
                 }
             })
-            .collect();
-        // Given endpoints: kept without a selector, replaced with one.
-        let endpoints = (0..rng.random_range(0..3))
-            .map(|_| format!("uid/p{}", rng.random_range(0..30)))
-            .collect();
-        // Two keys may carry the same name (xDS: one ServiceEntry, several hostnames).
-        let key = format!("{namespace}/svc{i}.host{}", rng.random_range(0..2));
-        let service = Service {
-            name: format!("svc{i}"),
-            namespace: namespace.into(),
-            vips,
-            ports: Vec::new(),
-            selector,
-            endpoints,
-            labels: BTreeMap::new(),
-        };
-        (key, service)
     }
 
-    fn random_policy(rng: &mut StdRng) -> Policy {
-        Policy::AuthorizationPolicy(AuthorizationPolicy {
-            name: format!("p{}", rng.random_range(0..4)),
-            namespace: NAMESPACES[rng.random_range(0..3)].into(),
-            spec: crate::model::policy::AuthorizationPolicySpec {
-                dry_run: rng.random_bool(0.5),
-                ..Default::default()
-            },
+    fn service() -> impl Strategy<Value = (String, Service)> {
+        let vip = prop_oneof![
+            3 => pool_ip(),
+            7 => (0..8u8).prop_map(|last| IpAddr::from([10, 96, 0, last])),
+        ];
+        (
+            0..10u8,
+            namespace(),
+            proptest::option::weighted(0.7, labels()),
+            vec(vip, 0..2),
+            // Given endpoints: kept without a selector, replaced with one.
+            vec((0..30u8).prop_map(|i| format!("uid/p{i}")), 0..3),
+            0..2u8,
+        )
+            .prop_map(|(i, namespace, selector, vips, endpoints, host)| {
+                // Two keys may carry the same name (xDS: one ServiceEntry, several hostnames).
+                let key = format!("{namespace}/svc{i}.host{host}");
+                let service = Service {
+                    name: format!("svc{i}"),
+                    namespace: namespace.into(),
+                    vips,
+                    ports: Vec::new(),
+                    selector: selector
+                        .map(|l| l.into_iter().take(1).collect())
+                        .unwrap_or_default(),
+                    endpoints,
+                    labels: BTreeMap::new(),
+                };
+                (key, service)
+            })
+    }
+
+    fn policy() -> impl Strategy<Value = AuthorizationPolicy> {
+        (0..4u8, namespace(), any::<bool>()).prop_map(|(i, namespace, dry_run)| {
+            AuthorizationPolicy {
+                name: format!("p{i}"),
+                namespace: namespace.into(),
+                spec: crate::model::policy::AuthorizationPolicySpec {
+                    dry_run,
+                    ..Default::default()
+                },
+            }
         })
     }
 
-    fn random_edit(rng: &mut StdRng) -> Edit {
-        match rng.random_range(0..100) {
-            0..=39 => Edit::UpsertWorkload(random_workload(rng)),
-            40..=54 => Edit::RemoveWorkload(format!("uid/p{}", rng.random_range(0..30))),
-            55..=74 => {
-                let (key, service) = random_service(rng);
-                Edit::UpsertService { key, service }
-            }
-            75..=82 => {
-                let (key, _) = random_service(rng);
-                Edit::RemoveService(key)
-            }
-            83..=88 => Edit::UpsertPolicy(random_policy(rng)),
-            89..=92 => {
-                let Policy::AuthorizationPolicy(p) = random_policy(rng) else {
-                    unreachable!()
-                };
-                Edit::RemovePolicy {
-                    kind: PolicyKind::AuthorizationPolicy,
-                    namespace: p.namespace,
-                    name: p.name,
-                }
-            }
-            93..=94 => Edit::SetPolicies(
-                (0..rng.random_range(0..3))
-                    .map(|_| random_policy(rng))
-                    .collect(),
-            ),
-            95..=97 => Edit::UpsertNamespace(Namespace {
-                name: NAMESPACES[rng.random_range(0..3)].into(),
-                labels: random_labels(rng),
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            40 => workload().prop_map(Edit::UpsertWorkload),
+            15 => (0..30u8).prop_map(|i| Edit::RemoveWorkload(format!("uid/p{i}"))),
+            20 => service().prop_map(|(key, service)| Edit::UpsertService { key, service }),
+            8 => service().prop_map(|(key, _)| Edit::RemoveService(key)),
+            6 => policy().prop_map(|p| Edit::UpsertPolicy(Policy::AuthorizationPolicy(p))),
+            4 => policy().prop_map(|p| Edit::RemovePolicy {
+                kind: PolicyKind::AuthorizationPolicy,
+                namespace: p.namespace,
+                name: p.name,
             }),
-            _ => Edit::RemoveNamespace(NAMESPACES[rng.random_range(0..3)].into()),
-        }
+            2 => vec(policy().prop_map(Policy::AuthorizationPolicy), 0..3)
+                .prop_map(Edit::SetPolicies),
+            3 => (namespace(), labels())
+                .prop_map(|(name, labels)| Edit::UpsertNamespace(Namespace {
+                    name: name.into(),
+                    labels,
+                })),
+            2 => namespace().prop_map(|name| Edit::RemoveNamespace(name.into())),
+        ]
     }
 
     /// The mesh the edits describe, kept the plain way.
@@ -1098,34 +1104,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn any_sequence_of_edits_gives_the_snapshot_built_from_scratch() {
-        for seed in 0..8 {
-            let mut rng = StdRng::seed_from_u64(seed);
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Batches of random edits, each applied to the store and to a plain model; after
+        /// every batch the store's snapshot equals the one built from scratch from the model's
+        /// mesh, indexes included (a failure shrinks to the shortest sequence that shows it).
+        #[test]
+        fn any_sequence_of_edits_gives_the_snapshot_built_from_scratch(
+            batches in vec(vec(edit(), 1..4), 1..120)
+        ) {
             let store = StateStore::new("test");
             store.publish(Mesh::default(), vec![]);
             let mut model = Model::default();
-            for _ in 0..400 {
-                let batch: Vec<Edit> = (0..rng.random_range(1..4))
-                    .map(|_| random_edit(&mut rng))
-                    .collect();
+            for batch in batches {
                 for e in &batch {
                     model.apply(e);
                 }
                 let generation = store.apply(batch);
                 let snap = store.snapshot();
                 let scratch = Snapshot::new(generation, model.mesh());
-                assert_eq!(snap.mesh, scratch.mesh, "seed {seed}");
-                assert!(*snap == scratch, "seed {seed}: indexes differ");
+                prop_assert_eq!(&snap.mesh, &scratch.mesh);
+                prop_assert!(*snap == scratch, "indexes differ");
                 // The namespace index compares by uid: check it holds the versions in force.
                 for (ns, set) in snap.index.ns_workloads.iter() {
                     for w in set {
                         let current = &snap.mesh.workloads[&w.0.uid];
-                        assert!(
-                            Arc::ptr_eq(&w.0, current),
-                            "seed {seed}: stale {ns}/{}",
-                            w.0.uid
-                        );
+                        prop_assert!(Arc::ptr_eq(&w.0, current), "stale {}/{}", ns, w.0.uid);
                     }
                 }
                 model.check(&snap);

@@ -176,6 +176,57 @@ mod tests {
     }
 
     #[test]
+    fn request_authentications_apply_by_istios_scope_rules() {
+        let ra = |ns: &str, name: &str, scope: &str| {
+            format!(
+                "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\n\
+                 metadata: {{name: {name}, namespace: {ns}}}\n\
+                 spec: {{{scope}jwtRules: [{{issuer: https://issuer.example, jwksUri: https://issuer.example/jwks}}]}}\n"
+            )
+        };
+        let extra = [
+            ra("istio-system", "mesh-wide", ""),
+            ra("istio-system", "mesh-empty-selector", "selector: {}, "),
+            ra(
+                "istio-system",
+                "mesh-web",
+                "selector: {matchLabels: {app: web}}, ",
+            ),
+            ra(
+                "istio-system",
+                "mesh-other",
+                "selector: {matchLabels: {app: other}}, ",
+            ),
+            ra("shop", "shop-wide", ""),
+            ra("shop", "shop-web", "selector: {matchLabels: {app: web}}, "),
+            ra("other", "other-wide", ""),
+            ra(
+                "shop",
+                "targeted",
+                "targetRefs: [{kind: Service, group: '', name: web}], ",
+            ),
+        ]
+        .concat();
+        let s = snap(&extra);
+        let web = s.workload("Kubernetes//Pod/shop/web").unwrap();
+        let mut names: Vec<&str> = request_authentications(&s, "istio-system", web)
+            .iter()
+            .map(|ra| ra.name.as_str())
+            .collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "mesh-empty-selector",
+                "mesh-web",
+                "mesh-wide",
+                "shop-web",
+                "shop-wide"
+            ]
+        );
+    }
+
+    #[test]
     fn the_waypoint_is_chosen_by_l7_policy_or_by_label_on_pod_namespace_or_service() {
         let check = |extra: &str| {
             let s = snap(extra);
