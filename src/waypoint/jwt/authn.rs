@@ -23,7 +23,8 @@ use http::request::Parts;
 use serde_json::Value;
 
 use super::jwks::{JwksCache, KeySource};
-use super::token::{audiences_of, Token};
+use super::keys::SignatureError;
+use super::token::{audiences_of, Token, TokenError};
 use super::JwtError;
 use crate::model::policy::{JwtRule, RequestAuthentication};
 
@@ -129,6 +130,38 @@ struct VerifiedToken {
     location: usize,
     payload_b64: String,
     payload: Value,
+}
+
+/// Why a request's token is not accepted: the text of [`AuthnResult::Invalid`].
+#[derive(Debug, thiserror::Error)]
+enum Rejection {
+    /// The token cannot be decoded.
+    #[error(transparent)]
+    Malformed(TokenError),
+    /// Its `iss` is no rule's that reads the location it was found at.
+    #[error("issuer {issuer:?} is not accepted at this location")]
+    Issuer { issuer: String },
+    #[error("token of {issuer:?} is not valid yet")]
+    NotYetValid { issuer: String },
+    #[error("token of {issuer:?} has expired")]
+    Expired { issuer: String },
+    #[error("token of {issuer:?}: audiences {audiences:?} are not accepted")]
+    Audiences {
+        issuer: String,
+        audiences: Vec<String>,
+    },
+    /// The issuer's key set was never fetched.
+    #[error("no keys for issuer {issuer:?} (JWKS not fetched)")]
+    NoKeys { issuer: String },
+    #[error("token of {issuer:?}: {source}")]
+    Signature {
+        issuer: String,
+        #[source]
+        source: SignatureError,
+    },
+    /// No rule passed and none said why (cannot happen: a token is read by some rule).
+    #[error("token not accepted")]
+    NotAccepted,
 }
 
 // === impl JwtAuthenticator ===
@@ -297,14 +330,14 @@ impl JwtAuthenticator {
         if found.is_empty() {
             return AuthnResult::NoToken;
         }
-        let mut parsed: HashMap<&str, Result<Token<'_>, String>> = HashMap::new();
+        let mut parsed: HashMap<&str, Result<Token<'_>, TokenError>> = HashMap::new();
         for (_, token) in &found {
             parsed
                 .entry(token.as_str())
                 .or_insert_with(|| Token::parse(token));
         }
         let now = unix_now();
-        let mut first_error: Option<String> = None;
+        let mut first_error: Option<Rejection> = None;
         let mut passing: Option<usize> = None;
         let mut verified = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
@@ -323,7 +356,7 @@ impl JwtAuthenticator {
             for (loc, raw) in at_rule {
                 let outcome = match &parsed[raw] {
                     Ok(token) => self.verify(rule, token, now).await,
-                    Err(e) => Err(e.clone()),
+                    Err(e) => Err(Rejection::Malformed(e.clone())),
                 };
                 match outcome {
                     Ok(()) => {
@@ -348,13 +381,11 @@ impl JwtAuthenticator {
             }
         }
         let Some(rule) = passing else {
-            return AuthnResult::Invalid(
-                first_error.unwrap_or_else(|| "token not accepted".to_string()),
-            );
+            return AuthnResult::Invalid(first_error.unwrap_or(Rejection::NotAccepted).to_string());
         };
         // Invariant: a passing rule verified at least one token, recorded above.
         let Some(primary) = verified.iter().find(|v| v.rule == rule) else {
-            return AuthnResult::Invalid("token not accepted".to_string());
+            return AuthnResult::Invalid(Rejection::NotAccepted.to_string());
         };
         let payload = primary.payload.clone();
         let str_claim = |k: &str| payload.get(k).and_then(Value::as_str).map(str::to_owned);
@@ -434,36 +465,37 @@ impl JwtAuthenticator {
     }
 
     /// Verifies one parsed token under one rule: issuer, time, audience, signature.
-    async fn verify(&self, rule: &Rule, token: &Token<'_>, now: u64) -> Result<(), String> {
+    async fn verify(&self, rule: &Rule, token: &Token<'_>, now: u64) -> Result<(), Rejection> {
         if token.issuer != rule.issuer {
-            return Err(format!(
-                "issuer {:?} is not accepted at this location",
-                token.issuer
-            ));
+            return Err(Rejection::Issuer {
+                issuer: token.issuer.clone(),
+            });
         }
+        let of_rule = || rule.issuer.clone();
         let skew = CLOCK_SKEW.as_secs();
         if let Some(nbf) = token.nbf {
             if now.saturating_add(skew) < nbf {
-                return Err(format!("token of {:?} is not valid yet", rule.issuer));
+                return Err(Rejection::NotYetValid { issuer: of_rule() });
             }
         }
         if let Some(exp) = token.exp {
             if now > exp.saturating_add(skew) {
-                return Err(format!("token of {:?} has expired", rule.issuer));
+                return Err(Rejection::Expired { issuer: of_rule() });
             }
         }
         if !audience_allowed(&rule.audiences, &token.audiences) {
-            return Err(format!(
-                "token of {:?}: audiences {:?} are not accepted",
-                rule.issuer, token.audiences
-            ));
+            return Err(Rejection::Audiences {
+                issuer: of_rule(),
+                audiences: token.audiences.clone(),
+            });
         }
+        let signature = |source| Rejection::Signature {
+            issuer: of_rule(),
+            source,
+        };
         let keys = self.jwks.keys(&rule.keys, None).await;
         let Some(keys) = keys else {
-            return Err(format!(
-                "no keys for issuer {:?} (JWKS not fetched)",
-                rule.issuer
-            ));
+            return Err(Rejection::NoKeys { issuer: of_rule() });
         };
         match keys.verify(token) {
             Ok(()) => Ok(()),
@@ -471,13 +503,13 @@ impl JwtAuthenticator {
                 // A kid the set lacks may be a rotated key: fetch again (rate-limited).
                 let unknown_kid = token.kid.as_deref().is_some_and(|kid| !keys.has_kid(kid));
                 if !unknown_kid {
-                    return Err(format!("token of {:?}: {reason}", rule.issuer));
+                    return Err(signature(reason));
                 }
                 match self.jwks.keys(&rule.keys, Some(&keys)).await {
-                    Some(fresh) if !Arc::ptr_eq(&fresh, &keys) => fresh
-                        .verify(token)
-                        .map_err(|r| format!("token of {:?}: {r}", rule.issuer)),
-                    _ => Err(format!("token of {:?}: {reason}", rule.issuer)),
+                    Some(fresh) if !Arc::ptr_eq(&fresh, &keys) => {
+                        fresh.verify(token).map_err(signature)
+                    }
+                    _ => Err(signature(reason)),
                 }
             }
         }

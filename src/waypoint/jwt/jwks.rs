@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::keys::KeySet;
+use super::keys::{JwksError, KeySet};
 use super::JwtError;
 use crate::model::policy::{JwtRule, RequestAuthentication};
 
@@ -41,6 +41,57 @@ pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(20 * 60);
 pub const DEFAULT_MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 /// The largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+/// Why a URI (`jwksUri`, a discovered `jwks_uri`) cannot be fetched from.
+#[derive(Debug, thiserror::Error)]
+pub enum UriError {
+    /// Not a URI.
+    #[error("{0}")]
+    Invalid(#[from] http::uri::InvalidUri),
+    /// A URI, but not an absolute `http://` or `https://` one.
+    #[error("not an absolute http(s) URI")]
+    NotAbsoluteHttp,
+}
+
+/// Why an issuer's OpenID configuration names no usable key set.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The document is not UTF-8.
+    #[error("{0}")]
+    NotUtf8(#[from] std::str::Utf8Error),
+    /// The document is not JSON.
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// It has no `jwks_uri`.
+    #[error("no jwks_uri")]
+    Missing,
+    /// Its `jwks_uri` is not a string.
+    #[error("jwks_uri is not a string: {value}")]
+    NotAString {
+        /// The `jwks_uri` found.
+        value: Value,
+    },
+    /// Its `jwks_uri` is not an absolute http(s) URI.
+    #[error("jwks_uri {uri:?}: {source}")]
+    JwksUri {
+        /// The `jwks_uri` found.
+        uri: String,
+        /// Why it cannot be fetched from.
+        #[source]
+        source: UriError,
+    },
+}
+
+/// Why the extra CA file of the JWKS client cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    /// It cannot be read, or holds a malformed PEM section.
+    #[error("{0}")]
+    Read(#[source] std::io::Error),
+    /// It holds no certificate.
+    #[error("no certificate in the file")]
+    NoCertificate,
+}
 
 // === impl JwksCache ===
 
@@ -139,16 +190,16 @@ impl JwksCache {
             roots.add_parsable_certificates(native.certs);
         }
         if let Some(path) = &config.extra_ca_file {
-            let ca_error = |reason: String| JwtError::CaFile {
+            let ca_error = |source: CaFileError| JwtError::CaFile {
                 path: path.clone(),
-                reason,
+                source,
             };
-            let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+            let pem = std::fs::read(path).map_err(|e| ca_error(CaFileError::Read(e)))?;
             let certs = rustls_pemfile::certs(&mut pem.as_slice())
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ca_error(e.to_string()))?;
+                .map_err(|e| ca_error(CaFileError::Read(e)))?;
             if certs.is_empty() {
-                return Err(ca_error("no certificate in the file".to_string()));
+                return Err(ca_error(CaFileError::NoCertificate));
             }
             for cert in certs {
                 roots.add(cert)?;
@@ -286,10 +337,10 @@ impl JwksCache {
         };
         let (key, uri, discover) = match rule.jwks_uri.as_deref().filter(|u| !u.is_empty()) {
             Some(uri) => {
-                let parsed = http_uri(uri).map_err(|reason| JwtError::JwksUri {
+                let parsed = http_uri(uri).map_err(|source| JwtError::JwksUri {
                     issuer: rule.issuer.clone(),
                     uri: uri.to_string(),
-                    reason,
+                    source,
                 })?;
                 if parsed.scheme_str() == Some("http") {
                     // istiod fetches plain http too; allowed, but the keys can then be
@@ -336,9 +387,9 @@ impl JwksCache {
         }
         let source = match (&key, remote) {
             (SourceKey::Inline(text), _) => {
-                let keys = KeySet::parse(text).map_err(|reason| JwtError::InlineJwks {
+                let keys = KeySet::parse(text).map_err(|source| JwtError::InlineJwks {
                     issuer: rule.issuer.clone(),
-                    reason,
+                    source,
                 })?;
                 KeySource {
                     remote: None,
@@ -429,11 +480,11 @@ impl JwksCache {
             let config = remote.uri.to_string();
             let doc = self.get(&remote.uri, deadline, remote.timeout).await?;
             let uri = std::str::from_utf8(&doc)
-                .map_err(|e| e.to_string())
+                .map_err(DiscoveryError::from)
                 .and_then(jwks_uri_of)
-                .map_err(|reason| JwtError::Discovery {
+                .map_err(|source| JwtError::Discovery {
                     uri: config.clone(),
-                    reason,
+                    source,
                 })?;
             if uri.scheme_str() == Some("http") {
                 tracing::warn!(config, jwks_uri = %uri, "discovered jwksUri is plain http");
@@ -446,9 +497,9 @@ impl JwksCache {
         let doc = self.get(&jwks_uri, deadline, remote.timeout).await?;
         let text = std::str::from_utf8(&doc).map_err(|e| JwtError::FetchedJwks {
             uri: uri_s.clone(),
-            reason: e.to_string(),
+            source: JwksError::from(e),
         })?;
-        KeySet::parse(text).map_err(|reason| JwtError::FetchedJwks { uri: uri_s, reason })
+        KeySet::parse(text).map_err(|source| JwtError::FetchedJwks { uri: uri_s, source })
     }
 
     /// One GET of a JSON document, bounded by `deadline` (`timeout` is for the message) and
@@ -500,24 +551,27 @@ impl JwksCache {
 }
 
 /// `text` as an absolute http(s) URI, or why not.
-fn http_uri(text: &str) -> Result<Uri, String> {
-    let parsed = Uri::from_str(text).map_err(|e| e.to_string())?;
+fn http_uri(text: &str) -> Result<Uri, UriError> {
+    let parsed = Uri::from_str(text)?;
     match parsed.scheme_str() {
         Some("https" | "http") if parsed.host().is_some() => Ok(parsed),
-        _ => Err("not an absolute http(s) URI".to_string()),
+        _ => Err(UriError::NotAbsoluteHttp),
     }
 }
 
 /// The `jwks_uri` of an OpenID configuration document: a string holding an absolute
 /// http(s) URI (istiod refuses any other value as well).
-fn jwks_uri_of(doc: &str) -> Result<Uri, String> {
-    let value: Value = serde_json::from_str(doc).map_err(|e| format!("not JSON: {e}"))?;
+fn jwks_uri_of(doc: &str) -> Result<Uri, DiscoveryError> {
+    let value: Value = serde_json::from_str(doc).map_err(DiscoveryError::NotJson)?;
     match value.get("jwks_uri") {
-        Some(Value::String(uri)) => {
-            http_uri(uri).map_err(|reason| format!("jwks_uri {uri:?}: {reason}"))
-        }
-        Some(other) => Err(format!("jwks_uri is not a string: {other}")),
-        None => Err("no jwks_uri".to_string()),
+        Some(Value::String(uri)) => http_uri(uri).map_err(|source| DiscoveryError::JwksUri {
+            uri: uri.clone(),
+            source,
+        }),
+        Some(other) => Err(DiscoveryError::NotAString {
+            value: other.clone(),
+        }),
+        None => Err(DiscoveryError::Missing),
     }
 }
 

@@ -38,11 +38,16 @@ impl std::fmt::Debug for Alg {
 
 /// The type of a public key, as far as the algorithms care.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum KeyType {
+pub enum KeyType {
+    /// RSA, for `RS*` and `PS*`.
     Rsa,
+    /// EC P-256, for `ES256`.
     P256,
+    /// EC P-384, for `ES384`.
     P384,
+    /// EC P-521, for `ES512`.
     P521,
+    /// OKP Ed25519, for `EdDSA`.
     Ed25519,
 }
 
@@ -108,33 +113,161 @@ impl std::fmt::Debug for KeySet {
     }
 }
 
+/// Why a JWKS document yields no usable key (part of [`JwtError`](super::JwtError)'s text).
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    /// The document is not UTF-8.
+    #[error("{0}")]
+    NotUtf8(#[from] std::str::Utf8Error),
+    /// The document is not a JSON object with a `keys` list.
+    #[error("not a JWKS: {0}")]
+    NotAJwks(#[source] serde_json::Error),
+    /// `keys` is empty.
+    #[error("the key set is empty")]
+    Empty,
+    /// Every key was skipped.
+    #[error("no usable signing key ({})", skipped_text(.skipped))]
+    NoUsableKey {
+        /// Each key, and why it was skipped.
+        skipped: Vec<SkippedKey>,
+    },
+}
+
+/// A key of a JWKS that cannot verify a signature.
+#[derive(Debug, thiserror::Error)]
+#[error("key {index}: {reason}")]
+pub struct SkippedKey {
+    /// Its position in `keys`.
+    pub index: usize,
+    /// Why it cannot be used.
+    #[source]
+    pub reason: KeyError,
+}
+
+/// The skipped keys as one line, `; `-separated.
+fn skipped_text(skipped: &[SkippedKey]) -> String {
+    skipped
+        .iter()
+        .map(SkippedKey::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Why one JWK cannot verify a signature.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Not a JWK `jsonwebtoken` can read.
+    #[error("not a JWK: {0}")]
+    NotAJwk(#[source] serde_json::Error),
+    /// A member of a P-521 JWK that is not a string.
+    #[error("not a JWK: {field} is not a string")]
+    NotAString {
+        /// The member.
+        field: &'static str,
+    },
+    /// A member a P-521 JWK lacks.
+    #[error("not a JWK: no {field}")]
+    Missing {
+        /// The member.
+        field: &'static str,
+    },
+    /// `use` is not `sig`.
+    #[error("not a signature key (use)")]
+    NotForSignatures,
+    /// `alg` names an algorithm weft does not verify.
+    #[error("alg {alg:?} is not accepted")]
+    AlgNotAccepted {
+        /// The `alg`.
+        alg: KeyAlgorithm,
+    },
+    /// `alg` does not fit the key's type.
+    #[error("alg {alg:?} does not fit a {key_type:?} key")]
+    AlgDoesNotFit {
+        /// The `alg`.
+        alg: Algorithm,
+        /// The key's type.
+        key_type: KeyType,
+    },
+    /// `alg` of a P-521 key is not `ES512`.
+    #[error("alg {alg:?} does not fit a P521 key")]
+    AlgDoesNotFitP521 {
+        /// The `alg`, as written.
+        alg: String,
+    },
+    /// An EC or OKP curve weft does not verify with.
+    #[error("unsupported {kty} curve {curve:?}")]
+    UnsupportedCurve {
+        /// `EC` or `OKP`.
+        kty: &'static str,
+        /// The curve.
+        curve: EllipticCurve,
+    },
+    /// An `oct` key: a secret, never in a public key set.
+    #[error("symmetric (oct) keys are not accepted")]
+    Symmetric,
+    /// Key material `jsonwebtoken` refuses.
+    #[error("bad key material: {0}")]
+    Material(#[source] jsonwebtoken::errors::Error),
+    /// A P-521 coordinate that is not base64url.
+    #[error("bad key material: {field}: {source}")]
+    CoordinateEncoding {
+        /// `x` or `y`.
+        field: &'static str,
+        /// The decoding error.
+        #[source]
+        source: base64::DecodeError,
+    },
+    /// A P-521 coordinate longer than 66 bytes.
+    #[error("bad key material: {field} has {len} bytes, P-521 takes at most 66")]
+    CoordinateTooLong {
+        /// `x` or `y`.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// `x`, `y` is not a point on P-521.
+    #[error("bad key material: not a point on P-521")]
+    NotOnCurve,
+}
+
+/// Why no key of a set verifies a token's signature.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SignatureError {
+    #[error("no {alg:?} key with kid {kid:?}")]
+    NoKeyWithKid { alg: Alg, kid: String },
+    #[error("no {alg:?} key")]
+    NoKey { alg: Alg },
+    #[error("signature verification failed")]
+    Mismatch,
+}
+
 impl KeySet {
     /// Parses a JWKS document, keeping the keys that can verify a signature. Keys of other
     /// kinds (symmetric, encryption, unknown curves) are skipped; a set with no usable key
     /// is an error.
-    pub fn parse(text: &str) -> Result<KeySet, String> {
+    pub fn parse(text: &str) -> Result<KeySet, JwksError> {
         #[derive(Deserialize)]
         struct Doc {
             keys: Vec<Value>,
         }
-        let doc: Doc = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+        let doc: Doc = serde_json::from_str(text).map_err(JwksError::NotAJwks)?;
         let mut keys = Vec::new();
         let mut skipped = Vec::new();
         for (i, raw) in doc.keys.into_iter().enumerate() {
             match VerifyKey::from_json(raw) {
                 Ok(k) => keys.push(k),
-                Err(why) => skipped.push(format!("key {i}: {why}")),
+                Err(reason) => skipped.push(SkippedKey { index: i, reason }),
             }
         }
         if keys.is_empty() {
             return Err(if skipped.is_empty() {
-                "the key set is empty".to_string()
+                JwksError::Empty
             } else {
-                format!("no usable signing key ({})", skipped.join("; "))
+                JwksError::NoUsableKey { skipped }
             });
         }
         if !skipped.is_empty() {
-            tracing::debug!(skipped = %skipped.join("; "), "JWKS: keys skipped");
+            tracing::debug!(skipped = %skipped_text(&skipped), "JWKS: keys skipped");
         }
         Ok(KeySet { keys })
     }
@@ -149,7 +282,7 @@ impl KeySet {
     }
 
     /// Tries every key that may have signed the token (`jwt_verify_lib`'s selection).
-    pub(super) fn verify(&self, token: &Token<'_>) -> Result<(), String> {
+    pub(super) fn verify(&self, token: &Token<'_>) -> Result<(), SignatureError> {
         let mut tried = 0;
         for key in &self.keys {
             let kid_fits = match (&token.kid, &key.kid) {
@@ -168,56 +301,68 @@ impl KeySet {
             }
         }
         Err(match (tried, &token.kid) {
-            (0, Some(kid)) => format!("no {:?} key with kid {kid:?}", token.alg),
-            (0, None) => format!("no {:?} key", token.alg),
-            _ => "signature verification failed".to_string(),
+            (0, Some(kid)) => SignatureError::NoKeyWithKid {
+                alg: token.alg,
+                kid: kid.clone(),
+            },
+            (0, None) => SignatureError::NoKey { alg: token.alg },
+            _ => SignatureError::Mismatch,
         })
     }
 }
 
 impl VerifyKey {
-    fn from_json(raw: Value) -> Result<VerifyKey, String> {
+    fn from_json(raw: Value) -> Result<VerifyKey, KeyError> {
         if raw.get("kty").and_then(Value::as_str) == Some("EC")
             && raw.get("crv").and_then(Value::as_str) == Some("P-521")
         {
             return VerifyKey::p521_from_json(&raw);
         }
-        let jwk: Jwk = serde_json::from_value(raw).map_err(|e| format!("not a JWK: {e}"))?;
+        let jwk: Jwk = serde_json::from_value(raw).map_err(KeyError::NotAJwk)?;
         if let Some(u) = &jwk.common.public_key_use {
             if *u != PublicKeyUse::Signature {
-                return Err("not a signature key (use)".to_string());
+                return Err(KeyError::NotForSignatures);
             }
         }
         let alg = match &jwk.common.key_algorithm {
             None => None,
-            Some(a) => Some(Alg::Jws(
-                signature_alg(a).ok_or_else(|| format!("alg {a:?} is not accepted"))?,
-            )),
+            Some(a) => Some(signature_alg(a).ok_or(KeyError::AlgNotAccepted { alg: *a })?),
         };
         let ty = match &jwk.algorithm {
             AlgorithmParameters::RSA(_) => KeyType::Rsa,
             AlgorithmParameters::EllipticCurve(p) => match p.curve {
                 EllipticCurve::P256 => KeyType::P256,
                 EllipticCurve::P384 => KeyType::P384,
-                ref c => return Err(format!("unsupported EC curve {c:?}")),
+                ref c => {
+                    return Err(KeyError::UnsupportedCurve {
+                        kty: "EC",
+                        curve: c.clone(),
+                    })
+                }
             },
             AlgorithmParameters::OctetKeyPair(p) => match p.curve {
                 EllipticCurve::Ed25519 => KeyType::Ed25519,
-                ref c => return Err(format!("unsupported OKP curve {c:?}")),
+                ref c => {
+                    return Err(KeyError::UnsupportedCurve {
+                        kty: "OKP",
+                        curve: c.clone(),
+                    })
+                }
             },
-            AlgorithmParameters::OctetKey(_) => {
-                return Err("symmetric (oct) keys are not accepted".to_string())
-            }
+            AlgorithmParameters::OctetKey(_) => return Err(KeyError::Symmetric),
         };
         if let Some(a) = alg {
-            if !ty.fits(a) {
-                return Err(format!("alg {a:?} does not fit a {ty:?} key"));
+            if !ty.fits(Alg::Jws(a)) {
+                return Err(KeyError::AlgDoesNotFit {
+                    alg: a,
+                    key_type: ty,
+                });
             }
         }
-        let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("bad key material: {e}"))?;
+        let key = DecodingKey::from_jwk(&jwk).map_err(KeyError::Material)?;
         Ok(VerifyKey {
             kid: jwk.common.key_id,
-            alg,
+            alg: alg.map(Alg::Jws),
             ty,
             key: KeyMaterial::Jws(key),
         })
@@ -225,39 +370,42 @@ impl VerifyKey {
 
     /// An EC P-521 JWK (RFC 7518 §6.2.1), which `jsonwebtoken` cannot read: the same checks
     /// as the others (`use`, `alg`), and a point on the curve.
-    fn p521_from_json(raw: &Value) -> Result<VerifyKey, String> {
-        let field = |name: &str| match raw.get(name) {
+    fn p521_from_json(raw: &Value) -> Result<VerifyKey, KeyError> {
+        let field = |name: &'static str| match raw.get(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.as_str())),
-            Some(_) => Err(format!("not a JWK: {name} is not a string")),
+            Some(_) => Err(KeyError::NotAString { field: name }),
         };
         if field("use")?.is_some_and(|u| u != "sig") {
-            return Err("not a signature key (use)".to_string());
+            return Err(KeyError::NotForSignatures);
         }
         let alg = match field("alg")? {
             None => None,
             Some("ES512") => Some(Alg::ES512),
-            Some(a) => return Err(format!("alg {a:?} does not fit a P521 key")),
+            Some(a) => return Err(KeyError::AlgDoesNotFitP521 { alg: a.to_string() }),
         };
         // RFC 7518 wants 66 bytes; like Envoy, shorter ones (leading zeros dropped, as some
         // issuers publish them) are taken as the same number.
-        let coordinate = |name: &str| -> Result<Vec<u8>, String> {
-            let text = field(name)?.ok_or_else(|| format!("not a JWK: no {name}"))?;
+        let coordinate = |name: &'static str| -> Result<Vec<u8>, KeyError> {
+            let text = field(name)?.ok_or(KeyError::Missing { field: name })?;
             let bytes = B64URL
                 .decode(text)
-                .map_err(|e| format!("bad key material: {name}: {e}"))?;
+                .map_err(|source| KeyError::CoordinateEncoding {
+                    field: name,
+                    source,
+                })?;
             if bytes.len() > 66 {
-                return Err(format!(
-                    "bad key material: {name} has {} bytes, P-521 takes at most 66",
-                    bytes.len()
-                ));
+                return Err(KeyError::CoordinateTooLong {
+                    field: name,
+                    len: bytes.len(),
+                });
             }
             Ok([vec![0; 66 - bytes.len()], bytes].concat())
         };
         // SEC1 uncompressed point: 0x04 || x || y.
         let point = [&[4u8][..], &coordinate("x")?, &coordinate("y")?].concat();
-        let key = p521::ecdsa::VerifyingKey::from_sec1_bytes(&point)
-            .map_err(|_| "bad key material: not a point on P-521".to_string())?;
+        let key =
+            p521::ecdsa::VerifyingKey::from_sec1_bytes(&point).map_err(|_| KeyError::NotOnCurve)?;
         Ok(VerifyKey {
             kid: field("kid")?.map(str::to_string),
             alg,

@@ -110,10 +110,10 @@ use crate::model::policy::RequestAuthentication;
 
 pub use authn::{AuthnResult, Claims, JwtAuthenticator, CLOCK_SKEW};
 pub use jwks::{
-    JwksCache, JwksConfig, DEFAULT_FETCH_TIMEOUT, DEFAULT_MIN_REFETCH_INTERVAL,
-    DEFAULT_REFRESH_INTERVAL,
+    CaFileError, DiscoveryError, JwksCache, JwksConfig, UriError, DEFAULT_FETCH_TIMEOUT,
+    DEFAULT_MIN_REFETCH_INTERVAL, DEFAULT_REFRESH_INTERVAL,
 };
-pub use keys::KeySet;
+pub use keys::{JwksError, KeyError, KeySet, KeyType, SkippedKey};
 
 /// base64url that accepts the segment with or without padding, as `jwt_verify_lib` does.
 const B64URL: GeneralPurpose = GeneralPurpose::new(
@@ -146,22 +146,24 @@ pub enum JwtError {
         issuer: String,
     },
     /// An inline `jwks` that is not a usable key set.
-    #[error("jwtRule for issuer {issuer:?}: inline jwks: {reason}")]
+    #[error("jwtRule for issuer {issuer:?}: inline jwks: {source}")]
     InlineJwks {
         /// The rule's issuer.
         issuer: String,
         /// Why it cannot be used.
-        reason: String,
+        #[source]
+        source: JwksError,
     },
     /// A `jwksUri` that is not an absolute http(s) URI.
-    #[error("jwtRule for issuer {issuer:?}: jwksUri {uri:?}: {reason}")]
+    #[error("jwtRule for issuer {issuer:?}: jwksUri {uri:?}: {source}")]
     JwksUri {
         /// The rule's issuer.
         issuer: String,
         /// The URI as written.
         uri: String,
         /// Why it cannot be used.
-        reason: String,
+        #[source]
+        source: UriError,
     },
     /// A `timeout` that is not a duration.
     #[error("jwtRule for issuer {issuer:?}: timeout {value:?}: {source}")]
@@ -211,28 +213,31 @@ pub enum JwtError {
         status: http::StatusCode,
     },
     /// The fetched document is not a usable key set.
-    #[error("fetching JWKS {uri}: {reason}")]
+    #[error("fetching JWKS {uri}: {source}")]
     FetchedJwks {
         /// The `jwksUri`.
         uri: String,
         /// Why it cannot be used.
-        reason: String,
+        #[source]
+        source: JwksError,
     },
     /// The issuer's OpenID configuration names no usable `jwks_uri`.
-    #[error("OpenID discovery {uri}: {reason}")]
+    #[error("OpenID discovery {uri}: {source}")]
     Discovery {
         /// The configuration document's URL.
         uri: String,
         /// Why it cannot be used.
-        reason: String,
+        #[source]
+        source: DiscoveryError,
     },
     /// The extra CA file could not be read or holds no certificate.
-    #[error("JWKS client: extra CA file {path}: {reason}")]
+    #[error("JWKS client: extra CA file {path}: {source}")]
     CaFile {
         /// The file.
         path: PathBuf,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: CaFileError,
     },
     /// The TLS client configuration could not be built.
     #[error("JWKS client: TLS configuration: {0}")]

@@ -361,7 +361,7 @@ fn the_jwks_uri_of_an_openid_configuration_is_checked() {
         ),
     ] {
         let err = jwks_uri_of(doc).unwrap_err();
-        assert!(err.contains(why), "{doc}: {err}");
+        assert!(err.to_string().contains(why), "{doc}: {err}");
     }
 }
 
