@@ -5,7 +5,10 @@
 //!   once one exists it is valid (parse, don't validate).
 //! - [`ca`]: certificate authority backends behind [`ca::CertificateAuthority`]: the
 //!   built-in CA that reads Istio's plugin-CA files ([`ca::BuiltinCa`]), and
-//!   [`istio`]: Istio's CA over gRPC ([`istio::IstioCa`]).
+//!   [`istio`]: Istio's CA over gRPC ([`istio::IstioCa`]). `ca` is split by concern:
+//!   `ca::certificate` ([`IssuedCert`] and its encodings), `ca::init` (`weft ca init`,
+//!   [`ca::init_dir`]), `ca::builtin` (loading and checking a plugin-CA directory, issuing),
+//!   `ca::files` (reading its PEM files) and `ca::key` (the CA key's accepted formats).
 //! - [`manager`]: [`manager::CertManager`], which keeps one leaf certificate per wanted identity
 //!   and renews it before it expires.
 //!
