@@ -26,7 +26,7 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rustls::pki_types::CertificateDer;
 use tonic::transport::Channel;
 
-use super::ca::{hex, read_certs, verify_leaf, CertificateAuthority, IssuedCert};
+use super::ca::{read_certs, verify_leaf, CertificateAuthority, IssuedCert};
 use super::{Identity, IdentityError};
 use crate::config::ControlPlane;
 use crate::istiod::Istiod;
@@ -282,7 +282,7 @@ fn check_chain(
         && parsed[last].verify_signature(None).is_ok())
     .then(|| chain[last].clone());
     Ok(CheckedChain {
-        serial_hex: hex(leaf.raw_serial()),
+        serial_hex: hex::encode(leaf.raw_serial()),
         not_before: at(validity.not_before.timestamp()),
         not_after: at(validity.not_after.timestamp()),
         self_signed_root,

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::pin::Pin;
 use time::OffsetDateTime;
 
-use super::certificate::{hex, pem_encode_cert, random_serial, unix_seconds, whole_seconds};
+use super::certificate::{pem_encode_cert, random_serial, unix_seconds, whole_seconds};
 use super::files::{invalid, no_certificate, parse_cert, read_certs, read_key};
 use super::key::to_pkcs8;
 use super::{
@@ -266,7 +266,7 @@ impl BuiltinCa {
             key_pem: leaf.key.serialize_pem(),
             chain_pem,
             chain_der,
-            serial_hex: hex(&leaf.serial),
+            serial_hex: hex::encode(leaf.serial),
             not_before: leaf.not_before,
             not_after: leaf.not_after,
             key_pkcs8: PrivatePkcs8KeyDer::from(leaf.key.serialize_der()),

@@ -1,5 +1,5 @@
 //! [`IssuedCert`], the workload certificate every backend hands out, and the encodings of its
-//! fields: random serial numbers and their hex form, whole-second validity times, PEM.
+//! fields: random serial numbers, whole-second validity times, PEM.
 //!
 //! Owns: the type's invariants (see its doc) and how its text forms are written.
 //! Does not own: issuing (`builtin`, `super::super::istio`), reading files (`files`).
@@ -105,10 +105,6 @@ pub(super) fn random_serial() -> [u8; 16] {
     serial
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 // === Validity times ===
 
 /// X.509 times have whole seconds; truncating first keeps `IssuedCert`'s times equal to the
@@ -130,29 +126,10 @@ pub(super) fn pem_encode_cert(der: &[u8]) -> String {
 
 /// PEM with 64-column lines and `\n` endings, as rcgen and openssl write it.
 pub(super) fn pem_encode(label: &str, der: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
-    // `chunks` never yields an empty chunk, so `chunk[0]` exists.
-    for chunk in der.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let sextet = |shift: u32| ALPHABET[((n >> shift) & 63) as usize];
-        b64.push(sextet(18));
-        b64.push(sextet(12));
-        b64.push(if chunk.len() > 1 { sextet(6) } else { b'=' });
-        b64.push(if chunk.len() > 2 { sextet(0) } else { b'=' });
-    }
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.chunks(64) {
-        out.extend(line.iter().map(|&c| char::from(c)));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+    pem::encode_config(
+        &pem::Pem::new(label, der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 #[cfg(test)]
@@ -169,7 +146,7 @@ mod tests {
         assert_ne!(a.serial_hex, b.serial_hex);
         assert_eq!(a.serial_hex.len(), 32);
         let (_, leaf) = x509_parser::parse_x509_certificate(&a.chain_der[0]).unwrap();
-        assert_eq!(hex(leaf.raw_serial()), a.serial_hex);
+        assert_eq!(hex::encode(leaf.raw_serial()), a.serial_hex);
         assert!(leaf.raw_serial()[0] < 0x80);
     }
 

@@ -1,11 +1,15 @@
 //! The CA private key's accepted formats: PKCS#8 (`PRIVATE KEY`), SEC1 (`EC PRIVATE KEY`) and
 //! PKCS#1 (`RSA PRIVATE KEY`), all turned into the PKCS#8 that the signer (*ring*) reads.
 //!
-//! Owns: that conversion ([`to_pkcs8`]). Does not own: reading the key file (`files`), or
+//! Owns: that conversion ([`to_pkcs8`]): a SEC1 or PKCS#1 key must decode as such, and is then
+//! wrapped as is. Does not own: reading the key file (`files`), or
 //! checking that the key is the CA certificate's (`builtin`, after conversion).
 
 use std::path::Path;
 
+use pkcs8::der::{Decode, Encode};
+use pkcs8::spki::SubjectPublicKeyInfoRef;
+use pkcs8::PrivateKeyInfo;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::files::invalid;
@@ -20,90 +24,32 @@ pub(super) fn to_pkcs8(
 ) -> Result<PrivatePkcs8KeyDer<'static>, IdentityError> {
     match key {
         PrivateKeyDer::Pkcs8(k) => Ok(k),
-        PrivateKeyDer::Sec1(k) => wrap_in_pkcs8(k.secret_sec1_der(), cert_spki)
-            .ok_or_else(|| invalid(key_path, "malformed EC PRIVATE KEY")),
-        PrivateKeyDer::Pkcs1(k) => wrap_in_pkcs8(k.secret_pkcs1_der(), cert_spki)
-            .ok_or_else(|| invalid(key_path, "malformed RSA PRIVATE KEY")),
+        PrivateKeyDer::Sec1(k) => {
+            let key_der = k.secret_sec1_der();
+            sec1::EcPrivateKey::from_der(key_der)
+                .ok()
+                .and_then(|_| wrap_in_pkcs8(key_der, cert_spki))
+                .ok_or_else(|| invalid(key_path, "malformed EC PRIVATE KEY"))
+        }
+        PrivateKeyDer::Pkcs1(k) => {
+            let key_der = k.secret_pkcs1_der();
+            pkcs1::RsaPrivateKey::from_der(key_der)
+                .ok()
+                .and_then(|_| wrap_in_pkcs8(key_der, cert_spki))
+                .ok_or_else(|| invalid(key_path, "malformed RSA PRIVATE KEY"))
+        }
         _ => Err(invalid(key_path, "unsupported private key format")),
     }
 }
 
-/// Wraps a SEC1 (`EC PRIVATE KEY`) or PKCS#1 (`RSA PRIVATE KEY`) key in a PKCS#8
+/// Wraps a SEC1 (`EC PRIVATE KEY`) or PKCS#1 (`RSA PRIVATE KEY`) key, as is, in a PKCS#8
 /// PrivateKeyInfo, which is all *ring* reads. The algorithm identifier (including the curve)
 /// is taken from the public key of the certificate the key belongs to; if the key is not
 /// that certificate's, the result fails to load or fails the key-match check.
 fn wrap_in_pkcs8(legacy_key: &[u8], cert_spki: &[u8]) -> Option<PrivatePkcs8KeyDer<'static>> {
-    const SEQUENCE: u8 = 0x30;
-    const OCTET_STRING: u8 = 0x04;
-    let spki = der::read_tlv(cert_spki).filter(|t| t.tag == SEQUENCE && t.rest.is_empty())?;
-    let algorithm_identifier = der::read_tlv(spki.contents).filter(|t| t.tag == SEQUENCE)?;
-    // PrivateKeyInfo ::= SEQUENCE { version INTEGER (0), algorithm, privateKey OCTET STRING }
-    let mut body = vec![0x02, 0x01, 0x00];
-    body.extend_from_slice(algorithm_identifier.whole);
-    der::write_tlv(OCTET_STRING, legacy_key, &mut body);
-    let mut out = Vec::new();
-    der::write_tlv(SEQUENCE, &body, &mut out);
-    Some(PrivatePkcs8KeyDer::from(out))
-}
-
-/// Just enough DER to re-wrap a private key: definite lengths, low tag numbers.
-mod der {
-    /// One tag-length-value element, split off the front of some input.
-    pub(super) struct Tlv<'a> {
-        pub(super) tag: u8,
-        /// The whole element: tag, length and contents.
-        pub(super) whole: &'a [u8],
-        pub(super) contents: &'a [u8],
-        /// The input after this element.
-        pub(super) rest: &'a [u8],
-    }
-
-    /// Splits one TLV off `input`; `None` if it is malformed or uses forms we do not need.
-    pub(super) fn read_tlv(input: &[u8]) -> Option<Tlv<'_>> {
-        let (&tag, after_tag) = input.split_first()?;
-        if tag & 0x1f == 0x1f {
-            return None;
-        }
-        let (&first, mut rest) = after_tag.split_first()?;
-        let len = if first < 0x80 {
-            usize::from(first)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let (len_bytes, after) = rest.split_at(n);
-            rest = after;
-            len_bytes
-                .iter()
-                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b))
-        };
-        if rest.len() < len {
-            return None;
-        }
-        let header = input.len() - rest.len();
-        Some(Tlv {
-            tag,
-            whole: &input[..header + len],
-            contents: &rest[..len],
-            rest: &rest[len..],
-        })
-    }
-
-    /// Appends one TLV to `out`.
-    pub(super) fn write_tlv(tag: u8, contents: &[u8], out: &mut Vec<u8>) {
-        out.push(tag);
-        let len = contents.len();
-        if len < 0x80 {
-            out.push(len as u8);
-        } else {
-            let bytes = len.to_be_bytes();
-            let skip = bytes.iter().take_while(|&&b| b == 0).count();
-            out.push(0x80 | (bytes.len() - skip) as u8);
-            out.extend_from_slice(&bytes[skip..]);
-        }
-        out.extend_from_slice(contents);
-    }
+    let spki = SubjectPublicKeyInfoRef::from_der(cert_spki).ok()?;
+    let info = PrivateKeyInfo::new(spki.algorithm, legacy_key);
+    info.to_der().ok().map(PrivatePkcs8KeyDer::from)
 }
 
 #[cfg(test)]
@@ -127,12 +73,9 @@ mod tests {
             panic!("init_dir writes PKCS#8");
         };
         // PrivateKeyInfo ::= SEQUENCE { version, algorithm, privateKey OCTET STRING (SEC1) }
-        let info = der::read_tlv(pkcs8.secret_pkcs8_der()).unwrap();
-        let version = der::read_tlv(info.contents).unwrap();
-        let algorithm = der::read_tlv(version.rest).unwrap();
-        let private_key = der::read_tlv(algorithm.rest).unwrap();
-        assert_eq!(private_key.tag, 0x04);
-        write(&path, pem_encode("EC PRIVATE KEY", private_key.contents));
+        let info = PrivateKeyInfo::from_der(pkcs8.secret_pkcs8_der()).unwrap();
+        sec1::EcPrivateKey::from_der(info.private_key).unwrap();
+        write(&path, pem_encode("EC PRIVATE KEY", info.private_key));
     }
 
     #[test]
@@ -153,6 +96,23 @@ mod tests {
         fs::copy(other.path().join(CA_KEY_FILE), dir.path().join(CA_KEY_FILE)).unwrap();
         let err = load_err(dir.path());
         assert!(err.contains(CA_KEY_FILE), "{err}");
+    }
+
+    #[test]
+    fn a_key_that_does_not_decode_as_its_label_says_is_refused_naming_the_key_file() {
+        for (label, reason) in [
+            ("EC PRIVATE KEY", "malformed EC PRIVATE KEY"),
+            ("RSA PRIVATE KEY", "malformed RSA PRIVATE KEY"),
+        ] {
+            let (dir, _ca) = test_ca();
+            write(
+                &dir.path().join(CA_KEY_FILE),
+                pem_encode(label, &[0x30, 0x00]),
+            );
+            let err = load_err(dir.path());
+            assert!(err.contains(CA_KEY_FILE), "{err}");
+            assert!(err.contains(reason), "{err}");
+        }
     }
 
     // --- Plugin-CA directories made by openssl, as Istio's guides do. Skipped (with a note) if

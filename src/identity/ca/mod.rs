@@ -14,7 +14,7 @@
 //! Owns the trait, the file names of the layout and the path validation every backend runs on
 //! a leaf ([`verify_leaf`]). The rest lives in sub-modules:
 //! - `certificate`: [`IssuedCert`], what every backend hands out, and the encodings of its
-//!   fields (serial in hex, whole-second times, PEM);
+//!   fields (random serials, whole-second times, PEM);
 //! - `init`: creating a plugin-CA directory ([`init_dir`], `weft ca init`);
 //! - `builtin`: validating and loading one ([`BuiltinCa::load`]) and issuing SPIFFE leaves;
 //! - `files`: reading the PEM files of the layout, every failure naming its file;
@@ -48,7 +48,6 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use super::{Identity, IdentityError};
 
 pub use builtin::BuiltinCa;
-pub(crate) use certificate::hex;
 pub use certificate::IssuedCert;
 pub(crate) use files::read_certs;
 pub use init::init_dir;
