@@ -31,6 +31,23 @@ use super::{
 /// Leaf certificates are back-dated by this much to tolerate clock skew between peers.
 const LEAF_BACKDATE: Duration = Duration::from_secs(60);
 
+/// Why the built-in CA could not sign a leaf.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// `ca-cert.pem` is past its end of validity.
+    #[error("the CA certificate has expired")]
+    CaExpired,
+    /// The identity's URI could not be put in the URI SAN.
+    #[error("URI SAN: {0}")]
+    UriSan(rcgen::Error),
+    /// Generating the leaf's key pair failed.
+    #[error("generating a key: {0}")]
+    GenerateKey(rcgen::Error),
+    /// Signing the leaf failed.
+    #[error("signing: {0}")]
+    Sign(rcgen::Error),
+}
+
 /// The built-in CA: signs workload leaves with the key of `ca-cert.pem`. See the module doc
 /// for the files and the invariants checked when loading them.
 pub struct BuiltinCa {
@@ -246,13 +263,13 @@ impl BuiltinCa {
     /// until the CA certificate expires if that is sooner. The key pair (ECDSA P-256) is
     /// generated here and never leaves the process except inside the returned value.
     pub fn issue(&self, id: &Identity, ttl: Duration) -> Result<IssuedCert, IdentityError> {
-        let fail = |reason: String| IdentityError::Issue {
+        let fail = |e: SignError| IdentityError::Issue {
             identity: id.clone(),
-            reason,
+            reason: e.into(),
         };
         // Cannot fail: an Identity's URI is ASCII (see `Identity::new`).
         let uri = rcgen::string::Ia5String::try_from(id.to_string())
-            .map_err(|e| fail(format!("URI SAN: {e}")))?;
+            .map_err(|e| fail(SignError::UriSan(e)))?;
         let leaf = self.sign_leaf(vec![SanType::URI(uri)], ttl).map_err(fail)?;
 
         let mut chain_der = Vec::with_capacity(1 + self.chain_der.len());
@@ -280,10 +297,10 @@ impl BuiltinCa {
         &self.roots_pem
     }
 
-    fn sign_leaf(&self, sans: Vec<SanType>, ttl: Duration) -> Result<Leaf, String> {
+    fn sign_leaf(&self, sans: Vec<SanType>, ttl: Duration) -> Result<Leaf, SignError> {
         let now = whole_seconds(SystemTime::now());
         if now >= self.ca_not_after {
-            return Err("the CA certificate has expired".to_string());
+            return Err(SignError::CaExpired);
         }
         let not_before = now.checked_sub(LEAF_BACKDATE).unwrap_or(now);
         let mut not_after = now.checked_add(ttl).unwrap_or(self.ca_not_after);
@@ -296,7 +313,7 @@ impl BuiltinCa {
         }
         let serial = random_serial();
 
-        let key = KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
+        let key = KeyPair::generate().map_err(SignError::GenerateKey)?;
         let mut params = CertificateParams::default();
         // Like Istio's workload certificates: empty subject, identity only in the (then
         // critical) SAN.
@@ -317,7 +334,7 @@ impl BuiltinCa {
         params.use_authority_key_identifier_extension = true;
         let cert = params
             .signed_by(&key, &self.issuer)
-            .map_err(|e| format!("signing: {e}"))?;
+            .map_err(SignError::Sign)?;
         Ok(Leaf {
             pem: cert.pem(),
             der: cert.der().clone(),

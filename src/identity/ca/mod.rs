@@ -12,7 +12,7 @@
 //! | `cert-chain.pem` | `ca-cert.pem` followed by the rest of the chain up to the root |
 //!
 //! Owns the trait, the file names of the layout and the path validation every backend runs on
-//! a leaf ([`verify_leaf`]). The rest lives in sub-modules:
+//! a leaf ([`verify_leaf`], failing with a [`ChainError`]). The rest lives in sub-modules:
 //! - `certificate`: [`IssuedCert`], what every backend hands out, and the encodings of its
 //!   fields (random serials, whole-second times, PEM);
 //! - `init`: creating a plugin-CA directory ([`init_dir`], `weft ca init`);
@@ -47,7 +47,7 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 
 use super::{Identity, IdentityError};
 
-pub use builtin::BuiltinCa;
+pub use builtin::{BuiltinCa, SignError};
 pub use certificate::IssuedCert;
 pub(crate) use files::read_certs;
 pub use init::init_dir;
@@ -82,19 +82,33 @@ pub trait CertificateAuthority: Send + Sync + 'static {
 
 // === Path validation ===
 
+/// Why a leaf does not validate up to a trust root ([`verify_leaf`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// One of the roots cannot be used as a trust anchor.
+    #[error("trust anchor: {0}")]
+    TrustAnchor(webpki::Error),
+    /// The leaf is not a usable end-entity certificate.
+    #[error("leaf: {0}")]
+    Leaf(webpki::Error),
+    /// No valid path leads from the leaf to a root for the usage asked.
+    #[error("{0}")]
+    Path(webpki::Error),
+}
+
 /// Validates `leaf` up to one of `roots` through `intermediates` (webpki, at the current time).
 pub(crate) fn verify_leaf(
     leaf: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     roots: &[CertificateDer<'_>],
     usage: webpki::KeyUsage,
-) -> Result<(), String> {
+) -> Result<(), ChainError> {
     let anchors = roots
         .iter()
         .map(webpki::anchor_from_trusted_cert)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("trust anchor: {e}"))?;
-    let leaf = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("leaf: {e}"))?;
+        .map_err(ChainError::TrustAnchor)?;
+    let leaf = webpki::EndEntityCert::try_from(leaf).map_err(ChainError::Leaf)?;
     leaf.verify_for_usage(
         webpki::ALL_VERIFICATION_ALGS,
         &anchors,
@@ -105,5 +119,5 @@ pub(crate) fn verify_leaf(
         None,
     )
     .map(|_| ())
-    .map_err(|e| e.to_string())
+    .map_err(ChainError::Path)
 }
