@@ -8,6 +8,9 @@
 //! and the [`CertManager`](super::CertManager) keeps the old certificate and retries with
 //! backoff.
 //!
+//! Every failure is an [`IstioCaError`], naming istiod's address when it refused, or the
+//! chain entry or check that failed.
+//!
 //! A returned chain is used only if all of these hold:
 //! - it holds at least one PEM certificate, each valid X.509, leaf first;
 //! - the leaf's public key is the key generated for this request;
@@ -26,10 +29,10 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rustls::pki_types::CertificateDer;
 use tonic::transport::Channel;
 
-use super::ca::{hex, read_certs, verify_leaf, CertificateAuthority, IssuedCert};
+use super::ca::{read_certs, verify_leaf, CertificateAuthority, ChainError, IssuedCert};
 use super::{Identity, IdentityError};
 use crate::config::ControlPlane;
-use crate::istiod::Istiod;
+use crate::istiod::{Istiod, IstiodError};
 use crate::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::proto::istio::v1::auth::IstioCertificateRequest;
 
@@ -37,6 +40,96 @@ use crate::proto::istio::v1::auth::IstioCertificateRequest;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The request-metadata key ztunnel uses to ask for a workload's identity (caclient.rs).
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+/// Why Istio's CA gave no usable certificate: asking failed (naming istiod's address where it
+/// answered), or the chain it returned failed a check of the module doc (naming the entry).
+#[derive(Debug, thiserror::Error)]
+pub enum IstioCaError {
+    /// Generating the key for the CSR failed.
+    #[error("generating a key: {0}")]
+    GenerateKey(rcgen::Error),
+    /// The identity's URI could not be put in the CSR's URI SAN.
+    #[error("URI SAN: {0}")]
+    UriSan(rcgen::Error),
+    /// Building or encoding the CSR failed.
+    #[error("building the CSR: {0}")]
+    Csr(rcgen::Error),
+    /// istiod's credentials could not be attached to the request.
+    #[error("{0}")]
+    Authorize(IstiodError),
+    /// No channel to istiod.
+    #[error("{0}")]
+    Connect(IstiodError),
+    /// istiod answered `CreateCertificate` with an error status.
+    #[error("{address} refused: {code}: {message}")]
+    Refused {
+        /// istiod's address.
+        address: String,
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The status message.
+        message: String,
+    },
+    /// An entry of the returned `cert_chain` is not PEM.
+    #[error("istiod returned an unusable chain: cert_chain[{index}] is not valid PEM: {source}")]
+    ChainNotPem {
+        /// Which entry of `cert_chain`.
+        index: usize,
+        /// The PEM parser's error.
+        source: std::io::Error,
+    },
+    /// An entry of the returned `cert_chain` holds no certificate.
+    #[error("istiod returned an unusable chain: cert_chain[{index}] holds no PEM certificate")]
+    ChainEntryEmpty {
+        /// Which entry of `cert_chain`.
+        index: usize,
+    },
+    /// The returned `cert_chain` is empty.
+    #[error("istiod returned an unusable chain: cert_chain is empty")]
+    ChainEmpty,
+    /// A certificate of the chain is not X.509.
+    #[error(
+        "istiod returned an unusable chain: certificate #{number} is not valid X.509: {source}"
+    )]
+    NotX509 {
+        /// Its position in the chain, from 1 (the leaf).
+        number: usize,
+        /// The parser's error.
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    /// The leaf certifies another key than the CSR's.
+    #[error("istiod returned an unusable chain: the leaf's public key is not the key of our CSR")]
+    LeafKeyMismatch,
+    /// The leaf's subjectAltName extension does not parse.
+    #[error("istiod returned an unusable chain: the leaf's subjectAltName is malformed: {0}")]
+    MalformedSan(x509_parser::error::X509Error),
+    /// The leaf has no subjectAltName extension.
+    #[error("istiod returned an unusable chain: the leaf has no subjectAltName")]
+    NoSan,
+    /// The leaf's one URI SAN is another identity.
+    #[error("istiod returned an unusable chain: the leaf is for {found:?}, not {wanted:?}")]
+    OtherIdentity {
+        /// The URI SAN the leaf has.
+        found: String,
+        /// The SPIFFE id asked for.
+        wanted: String,
+    },
+    /// The leaf has no or several URI SANs.
+    #[error(
+        "istiod returned an unusable chain: the leaf has {} URI SANs {found:?}; exactly one \
+         ({wanted:?}) is required",
+        found.len()
+    )]
+    UriSanCount {
+        /// The URI SANs the leaf has.
+        found: Vec<String>,
+        /// The SPIFFE id asked for.
+        wanted: String,
+    },
+    /// The chain does not validate up to a root of `rootCertFile`.
+    #[error("istiod returned an unusable chain: the chain does not lead to a trusted root: {0}")]
+    Untrusted(ChainError),
+}
 
 /// Istio's CA as a [`CertificateAuthority`].
 pub struct IstioCa {
@@ -87,9 +180,9 @@ impl IstioCa {
 
     /// Generates a key, asks istiod to sign a CSR for `id`, and validates what comes back.
     pub async fn issue(&self, id: &Identity, ttl: Duration) -> Result<IssuedCert, IdentityError> {
-        let fail = |reason: String| IdentityError::Issue {
+        let fail = |e: IstioCaError| IdentityError::Issue {
             identity: id.clone(),
-            reason,
+            reason: e.into(),
         };
         let (key, csr) = csr_for(id).map_err(fail)?;
         let mut request = tonic::Request::new(IstioCertificateRequest {
@@ -108,8 +201,11 @@ impl IstioCa {
         self.istiod
             .authorize(request.metadata_mut())
             .await
-            .map_err(|e| fail(e.to_string()))?;
-        let channel = self.channel().await.map_err(fail)?;
+            .map_err(|e| fail(IstioCaError::Authorize(e)))?;
+        let channel = self
+            .channel()
+            .await
+            .map_err(|e| fail(IstioCaError::Connect(e)))?;
         let response = match IstioCertificateServiceClient::new(channel)
             .create_certificate(request)
             .await
@@ -122,17 +218,15 @@ impl IstioCa {
                 ) {
                     *self.channel.lock().await = None;
                 }
-                return Err(fail(format!(
-                    "{} refused: {}: {}",
-                    self.istiod.address(),
-                    status.code(),
-                    status.message()
-                )));
+                return Err(fail(IstioCaError::Refused {
+                    address: self.istiod.address().to_string(),
+                    code: status.code(),
+                    message: status.message().to_string(),
+                }));
             }
         };
         let roots = self.roots_der();
-        let checked = check_chain(id, &key, &response.cert_chain, &roots)
-            .map_err(|e| fail(format!("istiod returned an unusable chain: {e}")))?;
+        let checked = check_chain(id, &key, &response.cert_chain, &roots).map_err(fail)?;
         if let Some(root) = checked.self_signed_root.clone() {
             let mut roots = crate::sync::lock(&self.roots);
             if !roots.contains(&root) {
@@ -150,12 +244,12 @@ impl IstioCa {
         ))
     }
 
-    async fn channel(&self) -> Result<Channel, String> {
+    async fn channel(&self) -> Result<Channel, IstiodError> {
         let mut guard = self.channel.lock().await;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let c = self.istiod.connect().await.map_err(|e| e.to_string())?;
+        let c = self.istiod.connect().await?;
         *guard = Some(c.clone());
         Ok(c)
     }
@@ -183,19 +277,18 @@ impl CertificateAuthority for IstioCa {
 
 /// A fresh P-256 key and a PEM CSR for `id`: empty subject, the SPIFFE id as the only
 /// (URI) SAN, like ztunnel's.
-fn csr_for(id: &Identity) -> Result<(KeyPair, String), String> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| format!("generating a key: {e}"))?;
+fn csr_for(id: &Identity) -> Result<(KeyPair, String), IstioCaError> {
+    let key =
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(IstioCaError::GenerateKey)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     // An Identity's URI is ASCII (see `Identity::new`), so this cannot fail in practice.
-    let uri =
-        rcgen::string::Ia5String::try_from(id.to_string()).map_err(|e| format!("URI SAN: {e}"))?;
+    let uri = rcgen::string::Ia5String::try_from(id.to_string()).map_err(IstioCaError::UriSan)?;
     params.subject_alt_names = vec![SanType::URI(uri)];
     let csr = params
         .serialize_request(&key)
         .and_then(|csr| csr.pem())
-        .map_err(|e| format!("building the CSR: {e}"))?;
+        .map_err(IstioCaError::Csr)?;
     Ok((key, csr))
 }
 
@@ -216,37 +309,38 @@ fn check_chain(
     key: &KeyPair,
     pem_chain: &[String],
     roots: &[CertificateDer<'static>],
-) -> Result<CheckedChain, String> {
+) -> Result<CheckedChain, IstioCaError> {
     let mut chain = Vec::new();
-    for (i, pem) in pem_chain.iter().enumerate() {
+    for (index, pem) in pem_chain.iter().enumerate() {
         let before = chain.len();
         for item in rustls_pemfile::certs(&mut pem.as_bytes()) {
-            chain.push(item.map_err(|e| format!("cert_chain[{i}] is not valid PEM: {e}"))?);
+            chain.push(item.map_err(|source| IstioCaError::ChainNotPem { index, source })?);
         }
         if chain.len() == before {
-            return Err(format!("cert_chain[{i}] holds no PEM certificate"));
+            return Err(IstioCaError::ChainEntryEmpty { index });
         }
     }
-    let (leaf_der, rest) = chain
-        .split_first()
-        .ok_or_else(|| "cert_chain is empty".to_string())?;
+    let (leaf_der, rest) = chain.split_first().ok_or(IstioCaError::ChainEmpty)?;
     let parsed = chain
         .iter()
         .enumerate()
         .map(|(i, der)| {
             x509_parser::parse_x509_certificate(der)
                 .map(|(_, c)| c)
-                .map_err(|e| format!("certificate #{} is not valid X.509: {e}", i + 1))
+                .map_err(|source| IstioCaError::NotX509 {
+                    number: i + 1,
+                    source,
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let leaf = &parsed[0];
     if leaf.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-        return Err("the leaf's public key is not the key of our CSR".into());
+        return Err(IstioCaError::LeafKeyMismatch);
     }
     let san = leaf
         .subject_alternative_name()
-        .map_err(|e| format!("the leaf's subjectAltName is malformed: {e}"))?
-        .ok_or("the leaf has no subjectAltName")?;
+        .map_err(IstioCaError::MalformedSan)?
+        .ok_or(IstioCaError::NoSan)?;
     let uris: Vec<&str> = san
         .value
         .general_names
@@ -259,20 +353,24 @@ fn check_chain(
     let wanted = id.to_string();
     match uris.as_slice() {
         [uri] if *uri == wanted => {}
-        [uri] => return Err(format!("the leaf is for {uri:?}, not {wanted:?}")),
+        [uri] => {
+            return Err(IstioCaError::OtherIdentity {
+                found: uri.to_string(),
+                wanted,
+            })
+        }
         _ => {
-            return Err(format!(
-                "the leaf has {} URI SANs {uris:?}; exactly one ({wanted:?}) is required",
-                uris.len()
-            ))
+            return Err(IstioCaError::UriSanCount {
+                found: uris.iter().map(|u| u.to_string()).collect(),
+                wanted,
+            })
         }
     }
     for usage in [
         webpki::KeyUsage::client_auth(),
         webpki::KeyUsage::server_auth(),
     ] {
-        verify_leaf(leaf_der, rest, roots, usage)
-            .map_err(|e| format!("the chain does not lead to a trusted root: {e}"))?;
+        verify_leaf(leaf_der, rest, roots, usage).map_err(IstioCaError::Untrusted)?;
     }
     let validity = leaf.validity();
     let at = |t: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
@@ -282,7 +380,7 @@ fn check_chain(
         && parsed[last].verify_signature(None).is_ok())
     .then(|| chain[last].clone());
     Ok(CheckedChain {
-        serial_hex: hex(leaf.raw_serial()),
+        serial_hex: hex::encode(leaf.raw_serial()),
         not_before: at(validity.not_before.timestamp()),
         not_after: at(validity.not_after.timestamp()),
         self_signed_root,
@@ -336,7 +434,9 @@ mod tests {
     fn a_chain_for_another_identity_is_refused() {
         let (key, csr) = csr_for(&id("a")).unwrap();
         let (chain, root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/b");
-        let e = check_chain(&id("a"), &key, &chain, &[root]).unwrap_err();
+        let e = check_chain(&id("a"), &key, &chain, &[root])
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("not \"spiffe://cluster.local/ns/ns1/sa/a\""),
             "{e}"
@@ -348,7 +448,9 @@ mod tests {
         let (key, csr) = csr_for(&id("a")).unwrap();
         let (chain, _root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/a");
         let (_dir, trusted) = test_ca();
-        let e = check_chain(&id("a"), &key, &chain, &trusted.roots_der()).unwrap_err();
+        let e = check_chain(&id("a"), &key, &chain, &trusted.roots_der())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not lead to a trusted root"), "{e}");
     }
 
@@ -357,7 +459,9 @@ mod tests {
         let (_key, csr) = csr_for(&id("a")).unwrap();
         let (other_key, _) = csr_for(&id("a")).unwrap();
         let (chain, root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/a");
-        let e = check_chain(&id("a"), &other_key, &chain, &[root]).unwrap_err();
+        let e = check_chain(&id("a"), &other_key, &chain, &[root])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("public key"), "{e}");
     }
 
@@ -368,13 +472,16 @@ mod tests {
         let roots = ca.roots_der();
         assert!(check_chain(&id("a"), &key, &[], &roots)
             .unwrap_err()
+            .to_string()
             .contains("empty"));
         assert!(check_chain(&id("a"), &key, &["hello".into()], &roots)
             .unwrap_err()
+            .to_string()
             .contains("no PEM certificate"));
         let junk = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
         assert!(check_chain(&id("a"), &key, &[junk.into()], &roots)
             .unwrap_err()
+            .to_string()
             .contains("not valid X.509"));
     }
 

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::{CertificateAuthority, Identity, IdentityError, IssuedCert};
+use super::{CertificateAuthority, Identity, IdentityError, IssueError, IssuedCert};
 
 /// First retry delay after a failed issuance; doubles per consecutive failure.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -300,7 +300,7 @@ impl Driver {
                     Ok(result) => result,
                     Err(_) => Err(IdentityError::Issue {
                         identity: task_id,
-                        reason: format!("the CA did not answer within {ISSUE_TIMEOUT:?}"),
+                        reason: IssueError::Timeout(ISSUE_TIMEOUT),
                     }),
                 }
             });
@@ -454,7 +454,9 @@ mod tests {
             let result = if self.fail_calls.contains(&index) {
                 Err(IdentityError::Issue {
                     identity: id.clone(),
-                    reason: format!("planned failure of call {index}"),
+                    // A planned failure of call `index`, as the wrapped built-in CA would
+                    // report one.
+                    reason: crate::identity::ca::SignError::CaExpired.into(),
                 })
             } else {
                 self.inner.issue(id, ttl)

@@ -5,9 +5,16 @@
 //!   once one exists it is valid (parse, don't validate).
 //! - [`ca`]: certificate authority backends behind [`ca::CertificateAuthority`]: the
 //!   built-in CA that reads Istio's plugin-CA files ([`ca::BuiltinCa`]), and
-//!   [`istio`]: Istio's CA over gRPC ([`istio::IstioCa`]).
+//!   [`istio`]: Istio's CA over gRPC ([`istio::IstioCa`]). `ca` is split by concern:
+//!   `ca::certificate` ([`IssuedCert`] and its encodings), `ca::init` (`weft ca init`,
+//!   [`ca::init_dir`]), `ca::builtin` (loading and checking a plugin-CA directory, issuing),
+//!   `ca::files` (reading its PEM files) and `ca::key` (the CA key's accepted formats).
 //! - [`manager`]: [`manager::CertManager`], which keeps one leaf certificate per wanted identity
 //!   and renews it before it expires.
+//!
+//! Errors: [`IdentityError`] for everything this module's public functions do, with the file
+//! or identity concerned; an issuance failure carries an [`IssueError`] naming the backend's
+//! own error ([`ca::SignError`], [`istio::IstioCaError`]).
 //!
 //! Does not own: deciding *which* identities are wanted (whoever knows the local enrolled pods
 //! feeds a `watch` channel), nor building TLS configs or verifying peers (`tls`).
@@ -88,8 +95,22 @@ pub enum IdentityError {
         /// The identity the certificate was for.
         identity: Identity,
         /// Why it failed.
-        reason: String,
+        reason: IssueError,
     },
+}
+
+/// Why a certificate authority did not issue a certificate, by backend.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// The built-in CA could not sign the leaf.
+    #[error(transparent)]
+    Builtin(#[from] ca::SignError),
+    /// Istio's CA could not be asked, refused, or returned an unusable chain.
+    #[error(transparent)]
+    Istio(#[from] istio::IstioCaError),
+    /// The CA did not answer in time ([`CertManager`] gives each issuance a deadline).
+    #[error("the CA did not answer within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 // === impl Identity ===

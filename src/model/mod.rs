@@ -4,6 +4,11 @@
 //! into these types; [`crate::state`] indexes them. Policy types keep Istio's shape
 //! (`security.istio.io` v1/v1beta1) but every value is already parsed and validated, so later
 //! stages (authz) never see a malformed CIDR, port or match pattern.
+//!
+//! [`policy`] holds those policy types, one file per CRD (`policy::authorization_policy`,
+//! `policy::peer_authentication`, `policy::request_authentication`) and the values they share
+//! apart (`policy::selection`, `policy::matching`, `policy::scalar`); every type is
+//! re-exported as `model::policy::X`.
 
 pub mod policy;
 
