@@ -1337,7 +1337,7 @@ fn run_state(sz: Sizes, report: &mut Report) {
         let (parsed, parse) = std::thread::spawn(move || {
             let text = mesh_text(n);
             let t = Instant::now();
-            let parsed = weft::k8s::parse_mesh("bench.yaml", &text).unwrap();
+            let parsed = weft::source::file::parse_mesh("bench.yaml", &text).unwrap();
             (parsed, t.elapsed())
         })
         .join()
@@ -1436,7 +1436,7 @@ fn run_policy(sz: Sizes, report: &mut Report) {
                 1000 + i % 5000
             ));
         }
-        let mesh = weft::k8s::parse_mesh("p.yaml", &y).unwrap().mesh;
+        let mesh = weft::source::file::parse_mesh("p.yaml", &y).unwrap().mesh;
         let authz = weft::authz::Authz::new(&mesh, "istio-system");
         let dst = mesh.workloads.values().next().unwrap().clone();
         let id = weft::identity::Identity::new("cluster.local", "x7", "y").unwrap();
