@@ -51,7 +51,7 @@ pub fn run(path: &Path, out: &mut impl Write) -> ExitCode {
 /// `file:line: finding`, or `file: finding` when the policy cannot be located.
 fn locate(path: &Path, text: &str, f: &Finding) -> String {
     let line = f.policy.as_ref().and_then(|(kind, ns, name)| {
-        crate::k8s::locate_object(text, &format!("{kind:?}"), ns, name)
+        crate::source::file::locate_object(text, &format!("{kind:?}"), ns, name)
     });
     match line {
         Some(l) => format!("{}:{l}: {f}", path.display()),

@@ -342,7 +342,7 @@ impl Config {
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_path_buf(),
             line: e.location().map(|l| l.line()).unwrap_or(0),
-            message: crate::k8s::yaml_message(&e),
+            message: crate::source::file::yaml_message(&e),
         })?;
         let base = file.parent().unwrap_or(Path::new("."));
         let mut problems = Vec::new();

@@ -21,7 +21,6 @@ pub mod ctl;
 pub mod daemon;
 pub mod identity;
 pub mod istiod;
-pub mod k8s;
 pub mod logging;
 pub mod metrics;
 pub mod model;

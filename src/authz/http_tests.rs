@@ -403,10 +403,13 @@ fn invalid_path_templates_are_refused_by_the_parser() {
             docs[0].2, docs[0].1, docs[0].3
         );
         assert!(
-            crate::k8s::parse_mesh("case.yaml", &text).is_err(),
+            crate::source::file::parse_mesh("case.yaml", &text).is_err(),
             "{bad} should be refused"
         );
         let good = text.replace(bad, "/a/{*}/b/{**}");
-        assert!(crate::k8s::parse_mesh("case.yaml", &good).is_ok(), "{good}");
+        assert!(
+            crate::source::file::parse_mesh("case.yaml", &good).is_ok(),
+            "{good}"
+        );
     }
 }

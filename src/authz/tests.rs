@@ -3,7 +3,7 @@
 //! explain agreeing with check; compile-time warnings.
 
 use super::*;
-use crate::k8s::parse_mesh;
+use crate::source::file::parse_mesh;
 
 pub(super) const ROOT: &str = "istio-system";
 /// `spiffe://cluster.local/ns/bar/sa/client`.

@@ -172,7 +172,12 @@ mod tests {
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
              apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop, labels: {{app: web}}}}\nstatus: {{podIP: 10.0.0.1}}\n{extra}"
         );
-        Snapshot::new(1, crate::k8s::parse_mesh("m.yaml", &text).unwrap().mesh)
+        Snapshot::new(
+            1,
+            crate::source::file::parse_mesh("m.yaml", &text)
+                .unwrap()
+                .mesh,
+        )
     }
 
     #[test]

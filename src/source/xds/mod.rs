@@ -132,6 +132,47 @@ enum StreamError {
     Closed { address: String },
 }
 
+/// Why a response is refused (NACKed); the text goes back to istiod as `error_detail`.
+#[derive(Debug, thiserror::Error)]
+enum ResponseError {
+    #[error("type {0:?} was not subscribed to")]
+    Unsubscribed(String),
+    /// Every bad resource, in order.
+    #[error("{}", join(.0))]
+    Resources(Vec<ResourceError>),
+}
+
+fn join(errors: &[ResourceError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One bad resource of a response, by name.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {problem}")]
+struct ResourceError {
+    name: String,
+    problem: ResourceProblem,
+}
+
+/// What is wrong with one resource.
+#[derive(Debug, thiserror::Error)]
+enum ResourceProblem {
+    #[error("resource body missing")]
+    MissingBody,
+    #[error("body is a {body:?}, not a {want:?}")]
+    WrongType { body: String, want: &'static str },
+    #[error("undecodable: {0}")]
+    Undecodable(#[from] prost::DecodeError),
+    #[error(transparent)]
+    Address(#[from] translate::AddressError),
+    #[error(transparent)]
+    Authorization(#[from] translate::AuthorizationError),
+}
+
 /// The versions of the last good resources of each type; survives reconnects.
 #[derive(Default)]
 struct Known {
@@ -274,7 +315,8 @@ impl XdsClient {
                         ..DeltaDiscoveryRequest::default()
                     }
                 }
-                Err(message) => {
+                Err(e) => {
+                    let message = e.to_string();
                     tracing::error!(target: "weft::xds", %type_url, %nonce, "NACK, the state in force stays: {message}");
                     self.store.reject(format!("xDS {type_url}: {message}"));
                     DeltaDiscoveryRequest {
@@ -296,11 +338,11 @@ impl XdsClient {
     }
 
     /// Applies one response whole, or returns why it is refused (state untouched).
-    fn apply(&mut self, response: DeltaDiscoveryResponse) -> Result<(), String> {
+    fn apply(&mut self, response: DeltaDiscoveryResponse) -> Result<(), ResponseError> {
         let type_url: &'static str = match response.type_url.as_str() {
             ADDRESS_TYPE => ADDRESS_TYPE,
             AUTHORIZATION_TYPE => AUTHORIZATION_TYPE,
-            other => return Err(format!("type {other:?} was not subscribed to")),
+            other => return Err(ResponseError::Unsubscribed(other.to_string())),
         };
         let mut errors = Vec::new();
         let mut addresses = Vec::new();
@@ -308,32 +350,38 @@ impl XdsClient {
         for r in response.resources {
             let name = r.name;
             let Some(any) = r.resource else {
-                errors.push(format!("{name}: resource body missing"));
+                errors.push(ResourceError {
+                    name,
+                    problem: ResourceProblem::MissingBody,
+                });
                 continue;
             };
             if any.type_url != type_url {
-                errors.push(format!(
-                    "{name}: body is a {:?}, not a {type_url:?}",
-                    any.type_url
-                ));
+                errors.push(ResourceError {
+                    name,
+                    problem: ResourceProblem::WrongType {
+                        body: any.type_url,
+                        want: type_url,
+                    },
+                });
                 continue;
             }
-            let result = match type_url {
+            let result: Result<(), ResourceProblem> = match type_url {
                 ADDRESS_TYPE => Address::decode(any.value.as_slice())
-                    .map_err(|e| format!("undecodable: {e}"))
-                    .and_then(translate::address)
+                    .map_err(ResourceProblem::from)
+                    .and_then(|a| Ok(translate::address(a)?))
                     .map(|a| addresses.push((name.clone(), (r.version, a)))),
                 _ => Authorization::decode(any.value.as_slice())
-                    .map_err(|e| format!("undecodable: {e}"))
-                    .and_then(translate::authorization)
+                    .map_err(ResourceProblem::from)
+                    .and_then(|a| Ok(translate::authorization(a)?))
                     .map(|a| authorizations.push((name.clone(), (r.version, a)))),
             };
-            if let Err(e) = result {
-                errors.push(format!("{name}: {e}"));
+            if let Err(problem) = result {
+                errors.push(ResourceError { name, problem });
             }
         }
         if !errors.is_empty() {
-            return Err(errors.join("; "));
+            return Err(ResponseError::Resources(errors));
         }
         let (added, removed) = (
             addresses.len() + authorizations.len(),

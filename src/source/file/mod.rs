@@ -5,6 +5,18 @@
 //! `notify`) on the file's directory, so editors that write a new file and rename it, and
 //! Kubernetes ConfigMap volumes that swap a symlink, are both seen; a slow poll backs it up
 //! in case an event is missed. Unchanged content is not republished.
+//!
+//! The file is Kubernetes-style YAML (as `kubectl get -o yaml` prints it): Namespaces, Pods,
+//! Services and Istio's security CRDs, in multi-document files and `kind: List`s. Turning
+//! its text into the model is split by concern:
+//! - [`parse`](parse_mesh): the entry point, its result and `file:line` error types;
+//! - `kinds`: the object kinds and the two reading passes (kinds first, then typed objects);
+//! - `locate`: the line of a field or object, for errors found after reading;
+//! - `translate`: objects → the model.
+//!
+//! Every error carries `file:line` (a contract: `weft check` and reload failures print it).
+//! This module owns the file I/O and the watch; the submodules never touch files, state or
+//! sockets.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,8 +26,48 @@ use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
-use crate::k8s;
 use crate::state::StateStore;
+
+mod kinds;
+mod locate;
+mod parse;
+mod translate;
+
+pub use locate::locate_object;
+pub(crate) use locate::yaml_message;
+pub use parse::{parse_mesh, MeshError, MeshErrors, Parsed};
+
+/// Why the mesh file could not be loaded; the text is what the status and logs show.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The bytes are not UTF-8 text.
+    #[error("{}: not UTF-8 text: {source}", path.display())]
+    NotUtf8 {
+        /// The file.
+        path: PathBuf,
+        /// Where the text stops being UTF-8.
+        source: std::str::Utf8Error,
+    },
+    /// The text is not a valid mesh (every problem, `file:line: message` each).
+    #[error(transparent)]
+    Mesh(#[from] MeshErrors),
+    /// The blocking task reading or parsing the file failed.
+    #[error("{}: load task failed: {source}", path.display())]
+    Task {
+        /// The file.
+        path: PathBuf,
+        /// Why the task ended.
+        source: tokio::task::JoinError,
+    },
+}
 
 /// How long to let a burst of file events settle before reading.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -35,20 +87,25 @@ fn is_change(kind: &EventKind) -> bool {
 }
 
 /// Reads and parses `path`; the error text is what the status and logs show.
-pub fn read(path: &Path) -> Result<k8s::Parsed, String> {
+pub fn read(path: &Path) -> Result<Parsed, FileError> {
     parse(path, &read_bytes(path)?)
 }
 
 /// The file's bytes; the error text is what the status and logs show.
-pub fn read_bytes(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>, FileError> {
+    std::fs::read(path).map_err(|source| FileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Parses the bytes read from `path`.
-pub fn parse(path: &Path, bytes: &[u8]) -> Result<k8s::Parsed, String> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| format!("{}: not UTF-8 text: {e}", path.display()))?;
-    k8s::parse_mesh(&path.display().to_string(), text).map_err(|e| e.to_string())
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, FileError> {
+    let text = std::str::from_utf8(bytes).map_err(|source| FileError::NotUtf8 {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(parse_mesh(&path.display().to_string(), text)?)
 }
 
 /// The outcome of one load attempt.
@@ -101,7 +158,7 @@ pub async fn load_once(
         }
         Err(e) => {
             tracing::error!(target: "weft::config", file = %path.display(), "mesh rejected, previous state stays in force:\n{e}");
-            store.reject(e);
+            store.reject(e.to_string());
             // Remember the bad content too, so the poll does not report the same error again.
             *last = Some(bytes);
             Loaded::Rejected
@@ -112,11 +169,16 @@ pub async fn load_once(
 /// Runs `f` (file I/O or a parse of `path`) on a blocking thread.
 async fn blocking<T: Send + 'static>(
     path: &Path,
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
+    f: impl FnOnce() -> Result<T, FileError> + Send + 'static,
+) -> Result<T, FileError> {
     tokio::task::spawn_blocking(f)
         .await
-        .unwrap_or_else(|e| Err(format!("{}: load task failed: {e}", path.display())))
+        .unwrap_or_else(|source| {
+            Err(FileError::Task {
+                path: path.to_path_buf(),
+                source,
+            })
+        })
 }
 
 /// Loads the file now, then keeps watching it until `shutdown` turns true.

@@ -1,0 +1,336 @@
+//! The app and the load clients every case shares: one server protocol (the client's first
+//! byte picks the mode: 'S' sink (read to EOF, answer with the byte count), 'E' echo 1 KiB
+//! messages until EOF, 'P' one-byte ping then close, 'H' hold until EOF), the [`Route`]s a
+//! client reaches it by, and the measurements made over a route (throughput, latency,
+//! connection rate, time to first byte, idle connections, thread wake-up).
+//!
+//! Owns how a measurement is taken, not where (loopback or mesh) or how it is reported.
+
+use super::*;
+
+pub(crate) async fn serve_app(listener: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut mode = [0u8; 1];
+            if s.read_exact(&mut mode).await.is_err() {
+                return;
+            }
+            match mode[0] {
+                b'S' => {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    let mut n = 0u64;
+                    while let Ok(k) = s.read(&mut buf).await {
+                        if k == 0 {
+                            break;
+                        }
+                        n += k as u64;
+                    }
+                    let _ = s.write_all(&n.to_be_bytes()).await;
+                }
+                b'E' => {
+                    let mut buf = [0u8; 1024];
+                    while s.read_exact(&mut buf).await.is_ok() {
+                        if s.write_all(&buf).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                b'P' => {
+                    let _ = s.write_all(b"p").await;
+                }
+                _ => {
+                    let mut buf = [0u8; 64];
+                    while let Ok(k) = s.read(&mut buf).await {
+                        if k == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// How the bench reaches a server: sockets made up front (unconnected, bound where the route
+/// needs it, inside a pod's namespace for the mesh), then connected without blocking. Making
+/// them outside the timed loops keeps thread hops out of the measurement: a connect on a
+/// blocking-pool thread, or a thread entering a namespace per connection, cost more than the
+/// connection itself and flattered every ratio.
+pub(crate) trait Route: Send + Sync {
+    /// `n` fresh unconnected sockets.
+    fn sockets(&self, n: usize) -> std::io::Result<Vec<socket2::Socket>>;
+    /// Where they connect to.
+    fn dst(&self) -> SocketAddr;
+}
+
+pub(crate) fn new_socket(bind: Option<IpAddr>) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    if let Some(ip) = bind {
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s)
+}
+
+/// Connects one socket made by `route.sockets`.
+pub(crate) async fn connect_with(
+    route: &Arc<dyn Route>,
+    s: socket2::Socket,
+) -> std::io::Result<TcpStream> {
+    let s: std::net::TcpStream = s.into();
+    tokio::net::TcpSocket::from_std_stream(s)
+        .connect(route.dst())
+        .await
+}
+
+/// `route.sockets(n)` on a blocking thread (entering a namespace blocks).
+pub(crate) async fn sockets(route: &Arc<dyn Route>, n: usize) -> Vec<socket2::Socket> {
+    let r = route.clone();
+    tokio::task::spawn_blocking(move || r.sockets(n))
+        .await
+        .expect("socket task")
+        .expect("sockets")
+}
+
+pub(crate) async fn dial(route: &Arc<dyn Route>) -> std::io::Result<TcpStream> {
+    let s = sockets(route, 1).await.remove(0);
+    connect_with(route, s).await
+}
+
+pub(crate) async fn stream_once(route: Arc<dyn Route>, bytes: u64) -> u64 {
+    let mut s = dial(&route).await.expect("connect");
+    s.write_all(b"S").await.unwrap();
+    let buf = vec![0x5au8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..k]).await.unwrap();
+        left -= k as u64;
+    }
+    s.shutdown().await.unwrap();
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n).await.unwrap();
+    u64::from_be_bytes(n)
+}
+
+/// Gbit/s over `streams` parallel connections carrying `bytes` in total.
+pub(crate) async fn throughput(route: Arc<dyn Route>, bytes: u64, streams: usize) -> f64 {
+    let per = bytes / streams as u64;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..streams)
+        .map(|_| tokio::spawn(stream_once(route.clone(), per)))
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, per * streams as u64, "bytes lost");
+    total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// Runs a client measurement on a thread of its own with a runtime that drives its sockets
+/// itself, like the app server. Run inline in the bench's `block_on`, every socket event took
+/// an extra hop: a runtime worker saw it and woke the blocked main thread.
+pub(crate) async fn on_client<T: Send + 'static>(
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    on_own_thread("bench-client", f)
+        .await
+        .expect("client measurement panicked")
+}
+
+/// Runs `f` on a new thread named `name`, on a current-thread runtime of its own (one that
+/// drives its sockets itself and parks at once, without spinning); its output comes back
+/// through the receiver.
+pub(crate) fn on_own_thread<T: Send + 'static>(
+    name: &str,
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> tokio::sync::oneshot::Receiver<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let _ = tx.send(rt.block_on(f));
+        })
+        .expect("thread");
+    rx
+}
+
+/// Round trips [`latencies`] makes for `n` samples (it warms up first).
+pub(crate) fn round_trips(n: usize) -> usize {
+    n + n.min(200)
+}
+
+/// Round-trip times of 1 KiB ping-pong on one connection, sorted, in µs.
+pub(crate) async fn latencies(route: Arc<dyn Route>, n: usize) -> Vec<f64> {
+    on_client(latencies_here(route, n)).await
+}
+
+pub(crate) async fn latencies_here(route: Arc<dyn Route>, n: usize) -> Vec<f64> {
+    let mut s = dial(&route).await.expect("connect");
+    s.write_all(b"E").await.unwrap();
+    let msg = [7u8; 1024];
+    let mut back = [0u8; 1024];
+    for _ in 0..n.min(200) {
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+/// Rounds of each rate measurement (baseline and weft alternate).
+pub(crate) const ROUNDS: usize = 3;
+
+/// µs of CPU per connection, from the CPU seconds of `ROUNDS` connection-rate runs.
+pub(crate) fn per_conn_us(cpu: f64, sz: Sizes) -> f64 {
+    cpu * 1e6 / (ROUNDS * sz.conns) as f64
+}
+
+/// GiB one side carries over `ROUNDS` single-stream throughput runs.
+pub(crate) fn gib_in_rounds(sz: Sizes) -> f64 {
+    (sz.stream_bytes * ROUNDS as u64) as f64 / (1u64 << 30) as f64
+}
+
+/// `f` on the baseline route, then on the measured one, `ROUNDS` times: the medians of each
+/// side, so a burst of noise hits one round of both rather than one side of the ratio.
+pub(crate) async fn alternate<F, Fut>(
+    base: &Arc<dyn Route>,
+    other: &Arc<dyn Route>,
+    f: F,
+) -> (f64, f64)
+where
+    F: Fn(Arc<dyn Route>) -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    let (b, o, _) = alternate_cpu(base, other, &|| 0.0, f).await;
+    (b, o)
+}
+
+/// Like [`alternate`], and also the CPU seconds `cpu` counted during the runs on `other`.
+pub(crate) async fn alternate_cpu<F, Fut>(
+    base: &Arc<dyn Route>,
+    other: &Arc<dyn Route>,
+    cpu: &dyn Fn() -> f64,
+    f: F,
+) -> (f64, f64, f64)
+where
+    F: Fn(Arc<dyn Route>) -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    let (mut b, mut o, mut used) = (Vec::new(), Vec::new(), 0.0);
+    for _ in 0..ROUNDS {
+        b.push(f(base.clone()).await);
+        let c0 = cpu();
+        o.push(f(other.clone()).await);
+        used += cpu() - c0;
+    }
+    (median(&mut b), median(&mut o), used)
+}
+
+/// `n` ping-pong round trips on each route, in `ROUNDS` alternating rounds: sorted samples of
+/// each, and the CPU seconds `cpu` counted per round trip on `other`, in µs.
+pub(crate) async fn alternate_latencies_cpu(
+    base: &Arc<dyn Route>,
+    other: &Arc<dyn Route>,
+    cpu: &dyn Fn() -> f64,
+    n: usize,
+) -> (Vec<f64>, Vec<f64>, f64) {
+    let (mut b, mut o, mut used) = (Vec::new(), Vec::new(), 0.0);
+    let per = n.div_ceil(ROUNDS);
+    for _ in 0..ROUNDS {
+        b.extend(latencies(base.clone(), per).await);
+        let c0 = cpu();
+        o.extend(latencies(other.clone(), per).await);
+        used += cpu() - c0;
+    }
+    b.sort_by(f64::total_cmp);
+    o.sort_by(f64::total_cmp);
+    (b, o, used * 1e6 / (ROUNDS * round_trips(per)) as f64)
+}
+
+/// Connections per second: connect, one round trip, close.
+pub(crate) async fn conn_rate(route: Arc<dyn Route>, n: usize) -> f64 {
+    on_client(conn_rate_here(route, n)).await
+}
+
+pub(crate) async fn conn_rate_here(route: Arc<dyn Route>, n: usize) -> f64 {
+    let made = sockets(&route, n).await;
+    let start = Instant::now();
+    for sock in made {
+        let mut s = connect_with(&route, sock).await.expect("connect");
+        s.write_all(b"P").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+pub(crate) async fn first_byte_ms(route: Arc<dyn Route>) -> f64 {
+    on_client(first_byte_ms_here(route)).await
+}
+
+pub(crate) async fn first_byte_ms_here(route: Arc<dyn Route>) -> f64 {
+    let sock = sockets(&route, 1).await.remove(0);
+    let t = Instant::now();
+    let mut s = connect_with(&route, sock).await.expect("connect");
+    s.write_all(b"P").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Opens `n` idle connections (held until the returned vector drops).
+pub(crate) async fn hold(route: Arc<dyn Route>, n: usize) -> Vec<TcpStream> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = dial(&route).await.expect("connect");
+        s.write_all(b"H").await.unwrap();
+        v.push(s);
+    }
+    // Let the far side finish accepting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    v
+}
+
+/// One-way wake-up of a thread blocked reading a socket, the median of `n` (µs): what each
+/// extra hop on a path costs at least when its thread sleeps between messages.
+pub(crate) fn wake_up_us(n: usize) -> f64 {
+    use std::os::unix::net::UnixStream;
+    let (mut a, mut b) = UnixStream::pair().expect("socket pair");
+    let echo = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while b.read_exact(&mut byte).is_ok() {
+            if b.write_all(&byte).is_err() {
+                return;
+            }
+        }
+    });
+    let mut byte = [0u8; 1];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        a.write_all(&byte).expect("wake write");
+        a.read_exact(&mut byte).expect("wake read");
+        v.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
+    }
+    drop(a);
+    let _ = echo.join();
+    median(&mut v)
+}

@@ -1,0 +1,183 @@
+//! weft's benchmarks: what the tunnel costs against plain TCP on the same path, measured in
+//! the same run, on loopback (two daemons in this process, no root) and across the
+//! network-namespace mesh (two weft processes with real TPROXY capture; needs root).
+//!
+//! `cargo bench --bench weft` runs everything (`-- --json FILE` also writes JSON; `-- --only
+//! loopback|mesh|micro` narrows it; `-- --loop CASE` repeats one loopback case for profiling,
+//! see [`run_loop`]). Run any other way (as `cargo test --all-targets` does)
+//! it does one tiny iteration of every case, so CI proves the harness works without timing
+//! anything. Numbers are never asserted: the machines are shared and noisy.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+mod accounting;
+mod client;
+mod loopback;
+mod measure;
+mod mesh;
+mod micro;
+mod report;
+
+use accounting::*;
+use client::*;
+use loopback::*;
+use measure::*;
+use mesh::*;
+use micro::*;
+use report::*;
+
+// === sizes ===
+
+#[derive(Clone, Copy)]
+struct Sizes {
+    stream_bytes: u64,
+    pings: usize,
+    conns: usize,
+    idle: [usize; 2],
+    workloads: [usize; 2],
+    policies: [usize; 2],
+    decisions: usize,
+    crypto_bytes: u64,
+    tokens: usize,
+}
+
+const FULL: Sizes = Sizes {
+    stream_bytes: 2 << 30,
+    pings: 20_000,
+    conns: 2_000,
+    idle: [1_000, 10_000],
+    workloads: [10_000, 100_000],
+    policies: [10, 1_000],
+    decisions: 1_000_000,
+    crypto_bytes: 2 << 30,
+    tokens: 2_000,
+};
+
+const SMOKE: Sizes = Sizes {
+    stream_bytes: 1 << 20,
+    pings: 20,
+    conns: 10,
+    idle: [5, 10],
+    workloads: [100, 200],
+    policies: [10, 20],
+    decisions: 100,
+    crypto_bytes: 1 << 20,
+    tokens: 2,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(addr) = args
+        .iter()
+        .position(|a| a == "--app")
+        .and_then(|i| args.get(i + 1))
+    {
+        // The app server of the mesh cases, run inside a pod namespace.
+        let addr: SocketAddr = addr.parse().expect("--app ADDR");
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        // One thread that drives its own sockets, as the loopback app (a multi-thread runtime's
+        // `block_on` accepted on the main thread, woken by a worker: one more hop per accept).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(
+            async move { serve_app(TcpListener::bind(addr).await.expect("app bind")).await },
+        );
+        return;
+    }
+    if let Some(case) = args
+        .iter()
+        .position(|a| a == "--loop")
+        .and_then(|i| args.get(i + 1))
+    {
+        // For profiling (`perf record -p PID`): one loopback case through weft, over and
+        // over, printing its figure each round.
+        app_runtime().block_on(run_loop(case));
+        return;
+    }
+    let full = args.iter().any(|a| a == "--bench");
+    let sz = if full { FULL } else { SMOKE };
+    let json = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let want = |what: &str| only.as_deref().is_none_or(|o| o == what);
+    let weft_bin = PathBuf::from(env!("CARGO_BIN_EXE_weft"));
+    // 10,000 tunnelled connections are 20,000 sockets in this process alone; as root, lift
+    // the hard limit too (the daemons inherit it).
+    if let Err(e) = rlimit::setrlimit(rlimit::Resource::NOFILE, 200_000, 200_000) {
+        eprintln!("cannot lift the open-file limit ({e}); large connection counts may fail");
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+    }
+    if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        eprintln!("open-file limit: {soft}");
+    }
+
+    println!(
+        "weft benchmarks ({}), {}",
+        if full {
+            "full"
+        } else {
+            "smoke run: one tiny iteration each, numbers meaningless"
+        },
+        machine()
+    );
+    println!(
+        "{:<44} {:<9} {:>12} {:>12} {:<12} {:>7}  note",
+        "case", "where", "weft", "baseline", "unit", "ratio"
+    );
+    let mut report = Report::default();
+    let rt = app_runtime();
+    if want("loopback") {
+        rt.block_on(run_loopback(sz, &mut report));
+    }
+    if want("mesh") {
+        rt.block_on(run_mesh(&weft_bin, sz, &mut report));
+    }
+    if want("micro") {
+        run_state(sz, &mut report);
+        run_policy(sz, &mut report);
+        run_crypto(sz, &mut report);
+        run_jwt(sz, &mut report);
+    }
+    if let Some(path) = json {
+        let mut doc = BTreeMap::new();
+        doc.insert("machine", serde_json::Value::String(machine()));
+        doc.insert("full", serde_json::Value::Bool(full));
+        doc.insert("rows", serde_json::to_value(&report.rows).unwrap());
+        std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+        println!("written {}", path.display());
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    format!(
+        "{} cores, {cpu}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    )
+}

@@ -1,0 +1,252 @@
+//! Locating things in a mesh file's YAML after parsing: the line of a field below an object
+//! ([`locate`], for errors found once the objects are read: duplicate pod IPs, an unparsable
+//! pod IP, ...) and the line of a named object ([`locate_object`], for `weft check`'s policy
+//! warnings). Each walks the document again to the field, which the deserializer then marks;
+//! that costs a re-parse, but only on the error path.
+//!
+//! Owns the path walk and the YAML error message without its position ([`yaml_message`]).
+//! Knows no object kinds and never touches files, state or sockets.
+
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+// === locating fields after parsing ===
+
+/// A step on the way to a field: a mapping key or a sequence index.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+const LOCATED: &str = "\u{0}weft-located";
+
+/// Walks to `path` inside document `doc` and makes the deserializer mark it: returns the
+/// 1-based line of the node the path names (or of the deepest ancestor that exists).
+pub(super) fn locate(text: &str, doc: usize, path: &[Seg<'_>]) -> Option<usize> {
+    let de = serde_yaml_ng::Deserializer::from_str(text).nth(doc)?;
+    let err = match (LocateSeed { path }).deserialize(de) {
+        Ok(()) => return None,
+        Err(e) => e,
+    };
+    if err.to_string().contains(LOCATED) {
+        err.location().map(|l| l.line())
+    } else {
+        None
+    }
+}
+
+/// The 1-based line of `metadata.name` of the object of `kind` named `namespace/name` (an
+/// object without a namespace is in `default`), searching documents and `kind: List` items.
+/// For messages about objects found after parsing, such as `weft check`'s policy warnings.
+pub fn locate_object(text: &str, kind: &str, namespace: &str, name: &str) -> Option<usize> {
+    #[derive(Deserialize)]
+    struct Named {
+        #[serde(default)]
+        kind: Option<String>,
+        #[serde(default)]
+        metadata: Option<NamedMeta>,
+        #[serde(default)]
+        items: Option<Vec<Named>>,
+    }
+    #[derive(Deserialize)]
+    struct NamedMeta {
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        namespace: Option<String>,
+    }
+    let is = |o: &Named| {
+        o.kind.as_deref() == Some(kind)
+            && o.metadata.as_ref().is_some_and(|m| {
+                m.name.as_deref() == Some(name)
+                    && m.namespace
+                        .as_deref()
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or("default")
+                        == namespace
+            })
+    };
+    for (doc, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        // Stop at an error: after a syntax error the iterator would repeat it. Files that
+        // `parse_mesh` accepted have none.
+        let Ok(head) = Option::<Named>::deserialize(de) else {
+            return None;
+        };
+        let Some(head) = head else { continue };
+        let mut path: Vec<Seg<'_>> = if is(&head) {
+            Vec::new()
+        } else if let Some(i) = head.items.iter().flatten().position(is) {
+            vec![Seg::Key("items"), Seg::Index(i)]
+        } else {
+            continue;
+        };
+        path.extend([Seg::Key("metadata"), Seg::Key("name")]);
+        return locate(text, doc, &path);
+    }
+    None
+}
+
+struct LocateSeed<'p, 'a> {
+    path: &'p [Seg<'a>],
+}
+
+impl<'de> DeserializeSeed<'de> for LocateSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        match self.path.first() {
+            None => d.deserialize_any(Here),
+            Some(Seg::Key(_)) => d.deserialize_map(self),
+            Some(Seg::Index(_)) => d.deserialize_seq(self),
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for LocateSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a path")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Some(Seg::Key(want)) = self.path.first() else {
+            return Err(serde::de::Error::custom(LOCATED));
+        };
+        while let Some(key) = map.next_key::<AnyKey>()? {
+            if key.0.as_deref() == Some(*want) {
+                return map.next_value_seed(LocateSeed {
+                    path: &self.path[1..],
+                });
+            }
+            map.next_value::<IgnoredAny>()?;
+        }
+        // Not found: mark the mapping that should have had the key.
+        Err(serde::de::Error::custom(LOCATED))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Some(Seg::Index(want)) = self.path.first() else {
+            return Err(serde::de::Error::custom(LOCATED));
+        };
+        for _ in 0..*want {
+            if seq.next_element::<IgnoredAny>()?.is_none() {
+                return Err(serde::de::Error::custom(LOCATED));
+            }
+        }
+        match seq.next_element_seed(LocateSeed {
+            path: &self.path[1..],
+        })? {
+            Some(()) => Ok(()),
+            None => Err(serde::de::Error::custom(LOCATED)),
+        }
+    }
+}
+
+/// A mapping key of any scalar type (`None` for non-string keys).
+struct AnyKey(Option<String>);
+
+impl<'de> Deserialize<'de> for AnyKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AnyKey;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AnyKey, E> {
+                Ok(AnyKey(Some(v.to_string())))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<AnyKey, E> {
+                Ok(AnyKey(None))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<AnyKey, E> {
+                Ok(AnyKey(None))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<AnyKey, E> {
+                Ok(AnyKey(None))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<AnyKey, E> {
+                Ok(AnyKey(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Marks the node it is asked to deserialize.
+struct Here;
+
+impl<'de> Visitor<'de> for Here {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("anything")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(serde::de::Error::custom(LOCATED))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(serde::de::Error::custom(LOCATED))
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+        Err(E::custom(LOCATED))
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        Err(E::custom(LOCATED))
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        Err(E::custom(LOCATED))
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        Err(E::custom(LOCATED))
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        Err(E::custom(LOCATED))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Err(E::custom(LOCATED))
+    }
+}
+
+/// The message of a YAML error without the trailing ` at line N column M` (the line is
+/// reported separately, as `file:line:`). Also used for the daemon config.
+pub(crate) fn yaml_message(e: &serde_yaml_ng::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse::fixtures::{line_of, LIST};
+    use super::*;
+
+    #[test]
+    fn objects_are_located_by_kind_namespace_and_name() {
+        let at = line_of(LIST, "name: web-allow-frontend", 0);
+        assert_eq!(
+            locate_object(LIST, "AuthorizationPolicy", "shop", "web-allow-frontend"),
+            Some(at)
+        );
+        assert_eq!(
+            locate_object(LIST, "PeerAuthentication", "shop", "web-allow-frontend"),
+            None
+        );
+        assert_eq!(
+            locate_object(LIST, "AuthorizationPolicy", "other", "web-allow-frontend"),
+            None
+        );
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n";
+        assert_eq!(
+            locate_object(text, "AuthorizationPolicy", "default", "p"),
+            Some(8)
+        );
+    }
+}

@@ -1,0 +1,698 @@
+//! Kubernetes objects → the mesh [`model`](crate::model): Namespaces, Pods (workloads, with
+//! their enrollment, identity and owning workload), Services (VIPs and ports) and Istio's
+//! security policies, checking what spans objects (duplicate objects, IPs claimed twice).
+//!
+//! Owns the translation rules. Does not read YAML (`kinds` does) and never touches files,
+//! state or sockets; errors and warnings go to the [`Parser`], located at their field.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::kinds::{Object, Origin};
+use super::locate::Seg;
+use super::parse::Parser;
+use crate::model::{
+    AuthorizationPolicy, Enrollment, Mesh, Namespace, PeerAuthentication, Policy,
+    RequestAuthentication, Service, ServicePort, TargetPort, Workload,
+};
+
+impl Parser<'_> {
+    /// Checks metadata.name and returns (namespace, name).
+    fn name_of(
+        &mut self,
+        origin: Origin,
+        meta: &ObjectMeta,
+        namespaced: bool,
+    ) -> Option<(String, String)> {
+        let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
+            self.error_in(
+                origin,
+                &[Seg::Key("metadata")],
+                "metadata.name is required".into(),
+            );
+            return None;
+        };
+        let ns = if namespaced {
+            meta.namespace
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "default".to_string())
+        } else {
+            String::new()
+        };
+        Some((ns, name))
+    }
+
+    pub(super) fn translate(&mut self, objects: Vec<(Origin, Object)>) -> Mesh {
+        let mut mesh = Mesh::default();
+        // Namespaces first: pods need their labels whatever the order in the file.
+        for (origin, obj) in &objects {
+            if let Object::Namespace(ns) = obj {
+                let Some((_, name)) = self.name_of(*origin, &ns.metadata, false) else {
+                    continue;
+                };
+                if mesh.namespaces.contains_key(&name) {
+                    self.error_in(
+                        *origin,
+                        &[Seg::Key("metadata"), Seg::Key("name")],
+                        format!("duplicate Namespace {name:?}"),
+                    );
+                    continue;
+                }
+                let labels = ns.metadata.labels.clone().unwrap_or_default();
+                mesh.namespaces
+                    .insert(name.clone(), Namespace { name, labels });
+            }
+        }
+        let mut pod_keys: HashSet<String> = HashSet::new();
+        let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
+        let mut services_seen: HashSet<String> = HashSet::new();
+        let mut policies_seen: HashSet<(crate::model::PolicyKind, String, String)> = HashSet::new();
+        for (origin, obj) in objects {
+            match obj {
+                Object::Namespace(_) => {}
+                Object::Pod(pod) => {
+                    if let Some(w) = self.workload(origin, &pod, &mesh.namespaces) {
+                        let key = format!("{}/{}", w.namespace, w.name);
+                        if !pod_keys.insert(key.clone()) {
+                            self.error_in(
+                                origin,
+                                &[Seg::Key("metadata"), Seg::Key("name")],
+                                format!("duplicate Pod {key}"),
+                            );
+                            continue;
+                        }
+                        if w.enrollment != Enrollment::HostNetwork {
+                            for (i, ip) in w.ips.iter().enumerate() {
+                                if let Some(other) = ip_owner.insert(*ip, format!("Pod {key}")) {
+                                    self.error_in(
+                                        origin,
+                                        &[Seg::Key("status"), Seg::Key("podIPs"), Seg::Index(i)],
+                                        format!("duplicate IP {ip}: Pod {key} and {other} both claim it"),
+                                    );
+                                }
+                            }
+                        }
+                        if w.enrollment.is_enrolled() {
+                            if let Some(v6) = w.ips.iter().find(|ip| ip.is_ipv6()) {
+                                self.warn_in(
+                                    origin,
+                                    &[Seg::Key("status")],
+                                    format!(
+                                        "Pod {key}: its IPv6 address {v6} is not captured (weft \
+                                         captures IPv4 only): IPv6 traffic to and from it bypasses \
+                                         mTLS and policy"
+                                    ),
+                                );
+                            }
+                        }
+                        mesh.insert_workload(w);
+                    }
+                }
+                Object::Service(svc) => {
+                    if let Some(s) = self.service(origin, &svc) {
+                        let key = s.key();
+                        if !services_seen.insert(key.clone()) {
+                            self.error_in(
+                                origin,
+                                &[Seg::Key("metadata"), Seg::Key("name")],
+                                format!("duplicate Service {key}"),
+                            );
+                            continue;
+                        }
+                        for ip in &s.vips {
+                            if let Some(other) = ip_owner.insert(*ip, format!("Service {key}")) {
+                                self.error_in(
+                                    origin,
+                                    &[Seg::Key("spec"), Seg::Key("clusterIP")],
+                                    format!("duplicate IP {ip}: Service {key} and {other} both claim it"),
+                                );
+                            }
+                        }
+                        mesh.insert_service(s);
+                    }
+                }
+                Object::AuthorizationPolicy(crd) => {
+                    if let Some((namespace, name)) = self.name_of(origin, &crd.metadata, true) {
+                        let p = Policy::AuthorizationPolicy(AuthorizationPolicy {
+                            name,
+                            namespace,
+                            spec: crd.spec,
+                        });
+                        self.push_policy(origin, p, &mut policies_seen, &mut mesh);
+                    }
+                }
+                Object::PeerAuthentication(crd) => {
+                    if let Some((namespace, name)) = self.name_of(origin, &crd.metadata, true) {
+                        let p = Policy::PeerAuthentication(PeerAuthentication {
+                            name,
+                            namespace,
+                            spec: crd.spec,
+                        });
+                        self.push_policy(origin, p, &mut policies_seen, &mut mesh);
+                    }
+                }
+                Object::RequestAuthentication(crd) => {
+                    if let Some((namespace, name)) = self.name_of(origin, &crd.metadata, true) {
+                        let p = Policy::RequestAuthentication(RequestAuthentication {
+                            name,
+                            namespace,
+                            spec: crd.spec,
+                        });
+                        self.push_policy(origin, p, &mut policies_seen, &mut mesh);
+                    }
+                }
+            }
+        }
+        mesh
+    }
+
+    fn push_policy(
+        &mut self,
+        origin: Origin,
+        p: Policy,
+        seen: &mut HashSet<(crate::model::PolicyKind, String, String)>,
+        mesh: &mut Mesh,
+    ) {
+        let (ns, name) = p.key();
+        let key = (p.kind(), ns.to_string(), name.to_string());
+        if !seen.insert(key) {
+            self.error_in(
+                origin,
+                &[Seg::Key("metadata"), Seg::Key("name")],
+                format!("duplicate {:?} {ns}/{name}", p.kind()),
+            );
+            return;
+        }
+        mesh.policies.push_back(p);
+    }
+
+    fn workload(
+        &mut self,
+        origin: Origin,
+        pod: &core::Pod,
+        namespaces: &imbl::OrdMap<String, Namespace>,
+    ) -> Option<Workload> {
+        let (namespace, name) = self.name_of(origin, &pod.metadata, true)?;
+        let spec = pod.spec.clone().unwrap_or_default();
+        let status = pod.status.clone().unwrap_or_default();
+        if matches!(status.phase.as_deref(), Some("Succeeded") | Some("Failed")) {
+            // Terminal pods hold no address any more (and theirs may be reused).
+            return None;
+        }
+        let mut ips = Vec::new();
+        let mut bad = false;
+        match status.pod_ips.as_deref() {
+            Some(list) if !list.is_empty() => {
+                for (i, entry) in list.iter().enumerate() {
+                    match entry.ip.parse::<IpAddr>() {
+                        Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+                        Ok(_) => {}
+                        Err(_) => {
+                            bad = true;
+                            self.error_in(
+                                origin,
+                                &[
+                                    Seg::Key("status"),
+                                    Seg::Key("podIPs"),
+                                    Seg::Index(i),
+                                    Seg::Key("ip"),
+                                ],
+                                format!("status.podIPs[{i}].ip: invalid IP address {:?}", entry.ip),
+                            );
+                        }
+                    }
+                }
+            }
+            _ => {
+                if let Some(ip) = status.pod_ip.as_deref().filter(|s| !s.is_empty()) {
+                    match ip.parse::<IpAddr>() {
+                        Ok(ip) => ips.push(ip),
+                        Err(_) => {
+                            bad = true;
+                            self.error_in(
+                                origin,
+                                &[Seg::Key("status"), Seg::Key("podIP")],
+                                format!("status.podIP: invalid IP address {ip:?}"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if bad {
+            return None;
+        }
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let ns_labels = namespaces
+            .get(&namespace)
+            .map(|n| n.labels.clone())
+            .unwrap_or_default();
+        let enrollment =
+            Enrollment::decide(&ns_labels, &labels, spec.host_network.unwrap_or(false));
+        let mut named_ports = BTreeMap::new();
+        for c in &spec.containers {
+            for p in c.ports.as_deref().unwrap_or_default() {
+                if let (Some(n), Ok(port)) = (&p.name, u16::try_from(p.container_port)) {
+                    named_ports.insert(n.clone(), port);
+                }
+            }
+        }
+        let service_account = spec
+            .service_account_name
+            .clone()
+            .or(spec.service_account.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_string());
+        let workload_name = owner_workload(&pod.metadata).unwrap_or_else(|| name.clone());
+        let (canonical_name, canonical_revision) = Workload::canonical(&labels, &workload_name);
+        Some(Workload {
+            uid: Workload::pod_uid(&namespace, &name),
+            workload_name,
+            canonical_name,
+            canonical_revision,
+            name,
+            namespace,
+            service_account,
+            node: spec.node_name.clone().unwrap_or_default(),
+            ips,
+            labels,
+            named_ports,
+            enrollment,
+        })
+    }
+
+    fn service(&mut self, origin: Origin, svc: &core::Service) -> Option<Service> {
+        let (namespace, name) = self.name_of(origin, &svc.metadata, true)?;
+        let spec = svc.spec.clone().unwrap_or_default();
+        let mut vips = Vec::new();
+        let listed: Vec<(Seg<'static>, String)> = match spec.cluster_ips.as_deref() {
+            Some(l) if !l.is_empty() => l
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (Seg::Index(i), s.clone()))
+                .collect(),
+            _ => spec
+                .cluster_ip
+                .iter()
+                .map(|s| (Seg::Key("clusterIP"), s.clone()))
+                .collect(),
+        };
+        for (seg, s) in listed {
+            if s.is_empty() || s == "None" {
+                continue;
+            }
+            match s.parse::<IpAddr>() {
+                Ok(ip) if !vips.contains(&ip) => vips.push(ip),
+                Ok(_) => {}
+                Err(_) => {
+                    let (path, field): (Vec<Seg<'_>>, String) = match seg {
+                        Seg::Index(i) => (
+                            vec![Seg::Key("spec"), Seg::Key("clusterIPs"), seg],
+                            format!("spec.clusterIPs[{i}]"),
+                        ),
+                        _ => (vec![Seg::Key("spec"), seg], "spec.clusterIP".into()),
+                    };
+                    self.error_in(origin, &path, format!("{field}: invalid IP address {s:?}"));
+                    return None;
+                }
+            }
+        }
+        let mut ports = Vec::new();
+        for (i, p) in spec.ports.as_deref().unwrap_or_default().iter().enumerate() {
+            if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                continue;
+            }
+            let Ok(port) = u16::try_from(p.port).map_err(|_| ()).and_then(|v| {
+                if v == 0 {
+                    Err(())
+                } else {
+                    Ok(v)
+                }
+            }) else {
+                self.error_in(
+                    origin,
+                    &[
+                        Seg::Key("spec"),
+                        Seg::Key("ports"),
+                        Seg::Index(i),
+                        Seg::Key("port"),
+                    ],
+                    format!("spec.ports[{i}].port: {} is not a port (1-65535)", p.port),
+                );
+                return None;
+            };
+            let target_port = match &p.target_port {
+                None => TargetPort::Number(port),
+                Some(IntOrString::Int(n)) => match u16::try_from(*n) {
+                    Ok(t) if t != 0 => TargetPort::Number(t),
+                    _ => {
+                        self.error_in(
+                            origin,
+                            &[
+                                Seg::Key("spec"),
+                                Seg::Key("ports"),
+                                Seg::Index(i),
+                                Seg::Key("targetPort"),
+                            ],
+                            format!("spec.ports[{i}].targetPort: {n} is not a port (1-65535)"),
+                        );
+                        return None;
+                    }
+                },
+                Some(IntOrString::String(s)) => match s.parse::<u16>() {
+                    Ok(t) if t != 0 => TargetPort::Number(t),
+                    _ => TargetPort::Named(s.clone()),
+                },
+            };
+            ports.push(ServicePort {
+                name: p.name.clone().unwrap_or_default(),
+                port,
+                target_port,
+            });
+        }
+        Some(Service {
+            name,
+            namespace,
+            vips,
+            ports,
+            selector: spec.selector.clone().unwrap_or_default(),
+            endpoints: Vec::new(),
+            labels: svc.metadata.labels.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// The workload a pod belongs to, from its controller owner: a ReplicaSet `web-7d9c6b5f4`
+/// is Deployment `web`'s (the pod-template hash is dropped), other owners name themselves.
+fn owner_workload(meta: &ObjectMeta) -> Option<String> {
+    let owners = meta.owner_references.as_deref().unwrap_or_default();
+    let owner = owners
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .or(owners.first())?;
+    Some(match (owner.kind.as_str(), owner.name.rsplit_once('-')) {
+        ("ReplicaSet", Some((deployment, hash))) if !hash.is_empty() => deployment.to_string(),
+        _ => owner.name.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse::fixtures::{errors, line_of, LIST};
+    use super::super::parse_mesh;
+    use super::*;
+    use crate::model::policy::{
+        Action, AuthorizationPolicySpec, ConditionKey, IpBlock, MtlsMode, PortNumber, StringMatch,
+    };
+    use crate::model::DATAPLANE_MODE_LABEL;
+
+    #[test]
+    fn a_kubectl_list_becomes_the_expected_model() {
+        let parsed = parse_mesh("list.yaml", LIST).unwrap();
+        let m = &parsed.mesh;
+        assert_eq!(m.namespaces.len(), 2);
+        assert_eq!(m.namespaces["shop"].labels[DATAPLANE_MODE_LABEL], "ambient");
+
+        // Workloads are keyed by uid: `Kubernetes//Pod/<namespace>/<name>`.
+        let names: Vec<_> = m.workloads.values().map(|w| w.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "old-0",
+                "cart-0",
+                "web-7d9c6b5f4-abcde",
+                "web-7d9c6b5f4-fghij",
+            ]
+        );
+        let pod = |name: &str| {
+            m.workloads
+                .values()
+                .find(|w| w.name == name)
+                .unwrap()
+                .clone()
+        };
+        let web = pod("web-7d9c6b5f4-abcde");
+        assert_eq!(web.uid, "Kubernetes//Pod/shop/web-7d9c6b5f4-abcde");
+        assert_eq!(web.namespace, "shop");
+        assert_eq!(web.service_account, "web");
+        assert_eq!(web.node, "node-1");
+        assert_eq!(
+            web.ips,
+            vec![
+                "10.244.1.10".parse::<IpAddr>().unwrap(),
+                "fd00:10:244:1::a".parse().unwrap()
+            ]
+        );
+        assert_eq!(web.named_ports["http"], 8080);
+        assert_eq!(web.labels["app"], "web");
+        assert_eq!(web.enrollment, Enrollment::Enrolled);
+        assert_eq!(
+            web.workload_name, "web",
+            "the Deployment behind the ReplicaSet"
+        );
+        assert_eq!(
+            (web.canonical_name.as_str(), web.canonical_revision.as_str()),
+            ("web", "latest")
+        );
+        assert_eq!(
+            pod("cart-0").workload_name,
+            "cart-0",
+            "no owner: the pod itself"
+        );
+        assert_eq!(pod("web-7d9c6b5f4-fghij").node, "node-2");
+        assert_eq!(pod("cart-0").enrollment, Enrollment::OptedOut);
+        assert_eq!(pod("old-0").enrollment, Enrollment::NotEnrolled);
+        assert_eq!(pod("old-0").service_account, "default");
+
+        assert_eq!(m.services.len(), 2);
+        let svc = &m.services["shop/web"];
+        assert_eq!(svc.vips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            svc.ports,
+            vec![
+                ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    target_port: TargetPort::Named("http".into())
+                },
+                ServicePort {
+                    name: "metrics".into(),
+                    port: 9090,
+                    target_port: TargetPort::Number(9090)
+                },
+            ]
+        );
+        // Endpoints are resolved from the selector by the snapshot (one owner of that rule).
+        let snap = crate::state::Snapshot::new(1, m.clone());
+        assert_eq!(
+            snap.mesh.services["shop/web"].endpoints,
+            vec![
+                "Kubernetes//Pod/shop/web-7d9c6b5f4-abcde".to_string(),
+                "Kubernetes//Pod/shop/web-7d9c6b5f4-fghij".to_string()
+            ]
+        );
+        let headless = &m.services["shop/web-headless"];
+        assert!(headless.vips.is_empty(), "headless service has no VIP");
+        assert_eq!(headless.ports[0].target_port, TargetPort::Number(8080));
+
+        assert_eq!(m.policies.len(), 7);
+        let Policy::AuthorizationPolicy(ap) = &m.policies[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (ap.namespace.as_str(), ap.name.as_str()),
+            ("shop", "web-allow-frontend")
+        );
+        assert_eq!(ap.spec.action, Action::Allow);
+        assert_eq!(
+            ap.spec.selector.as_ref().unwrap().match_labels["app"],
+            "web"
+        );
+        let rule = &ap.spec.rules[0];
+        let src = &rule.from[0].source;
+        assert_eq!(
+            src.principals,
+            vec![
+                StringMatch::Exact("cluster.local/ns/shop/sa/frontend".into()),
+                StringMatch::Prefix("cluster.local/ns/ops/".into())
+            ]
+        );
+        assert_eq!(src.namespaces, vec![StringMatch::Exact("shop".into())]);
+        assert_eq!(
+            src.ip_blocks,
+            vec![IpBlock("10.244.0.0/16".parse().unwrap())]
+        );
+        assert_eq!(
+            src.not_ip_blocks,
+            vec![IpBlock("10.244.9.9/32".parse().unwrap())]
+        );
+        let op = &rule.to[0].operation;
+        assert_eq!(op.ports, vec![PortNumber(8080)]);
+        assert_eq!(op.not_ports, vec![PortNumber(9090)]);
+        assert_eq!(rule.when[0].key, ConditionKey::SourceNamespace);
+        assert_eq!(
+            rule.when[1].key,
+            ConditionKey::RequestAuthClaims(vec!["groups".into(), "admin".into()])
+        );
+        assert_eq!(
+            rule.when[1].not_values,
+            vec![StringMatch::Exact("false".into())]
+        );
+
+        let Policy::AuthorizationPolicy(deny) = &m.policies[1] else {
+            panic!()
+        };
+        assert_eq!(deny.spec.action, Action::Deny);
+        assert_eq!(deny.namespace, "istio-system");
+        let Policy::AuthorizationPolicy(all) = &m.policies[2] else {
+            panic!()
+        };
+        assert_eq!(
+            all.spec,
+            AuthorizationPolicySpec::default(),
+            "spec: {{}} is an ALLOW with no rules"
+        );
+
+        let Policy::PeerAuthentication(pa) = &m.policies[3] else {
+            panic!()
+        };
+        assert_eq!(pa.spec.mtls.unwrap().mode, MtlsMode::Strict);
+        let Policy::PeerAuthentication(pa) = &m.policies[4] else {
+            panic!()
+        };
+        assert_eq!(pa.spec.mtls.unwrap().mode, MtlsMode::Permissive);
+        assert_eq!(pa.spec.port_level_mtls[&9090].mode, MtlsMode::Disable);
+
+        let Policy::RequestAuthentication(ra) = &m.policies[5] else {
+            panic!()
+        };
+        let rule = &ra.spec.jwt_rules[0];
+        assert_eq!(rule.issuer, "https://issuer.example");
+        assert_eq!(rule.from_headers[0].prefix.as_deref(), Some("Bearer "));
+        assert!(rule.forward_original_token);
+        let Policy::RequestAuthentication(ra) = &m.policies[6] else {
+            panic!()
+        };
+        assert_eq!(ra.spec.jwt_rules[0].output_claim_to_headers[0].claim, "sub");
+
+        // The Deployment is skipped with a warning that points at it; the dual-stack enrolled
+        // pod's IPv6 address is named as not captured.
+        assert_eq!(parsed.warnings.len(), 2, "{:?}", parsed.warnings);
+        let v6 = parsed.warnings[1].to_string();
+        assert!(
+            v6.contains("IPv6 address fd00:10:244:1::a is not captured"),
+            "{v6}"
+        );
+        let w = parsed.warnings[0].to_string();
+        let line = line_of(LIST, "kind: Deployment", 0) - 1;
+        assert!(
+            w.starts_with(&format!(
+                "list.yaml:{line}: skipping unsupported object Deployment"
+            )),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn an_enrolled_pod_with_an_ipv6_address_is_a_warning_at_its_status() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
+                    apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n---\n\
+                    apiVersion: v1\nkind: Pod\nmetadata: {name: dual, namespace: mesh}\nstatus:\n  podIPs:\n  - ip: 10.0.0.1\n  - ip: fd00::1\n---\n\
+                    apiVersion: v1\nkind: Pod\nmetadata: {name: outside, namespace: plain}\nstatus:\n  podIPs:\n  - ip: 10.0.0.2\n  - ip: fd00::2\n---\n\
+                    apiVersion: v1\nkind: Pod\nmetadata: {name: v4, namespace: mesh}\nstatus: {podIP: 10.0.0.3}\n";
+        let parsed = parse_mesh("m.yaml", text).unwrap();
+        let w: Vec<String> = parsed.warnings.iter().map(|w| w.to_string()).collect();
+        // Only the enrolled pod with an IPv6 address, at its status (the block's first line).
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("m.yaml:13: Pod mesh/dual: its IPv6 address fd00::1 is not captured"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn duplicate_pod_ips_are_refused_at_the_second_claim() {
+        let text = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: n}
+status:
+  podIP: 10.0.0.1
+  podIPs:
+  - ip: 10.0.0.1
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: n}
+status:
+  podIP: 10.0.0.1
+  podIPs:
+  - ip: 10.0.0.1
+";
+        let e = errors(text);
+        assert_eq!(
+            e,
+            ["mesh.yaml:15: duplicate IP 10.0.0.1: Pod n/b and Pod n/a both claim it"]
+        );
+    }
+
+    #[test]
+    fn a_service_vip_may_not_reuse_a_pod_ip() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {podIP: 10.0.0.1}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  clusterIP: 10.0.0.1\n";
+        let e = errors(text);
+        assert_eq!(e, ["mesh.yaml:10: duplicate IP 10.0.0.1: Service default/s and Pod default/a both claim it"]);
+    }
+
+    #[test]
+    fn invalid_service_addresses_and_ports_are_refused_where_they_stand() {
+        let svc = |spec: &str| {
+            errors(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: a}}\nspec:\n{spec}"
+            ))
+        };
+        let e = svc("  clusterIPs:\n  - 10.96.0.1\n  - 10.96.0.300\n  ports: [{port: 80}]\n");
+        assert_eq!(
+            e,
+            ["mesh.yaml:7: spec.clusterIPs[1]: invalid IP address \"10.96.0.300\""]
+        );
+        let e = svc("  clusterIP: banana\n  ports: [{port: 80}]\n");
+        assert_eq!(
+            e,
+            ["mesh.yaml:5: spec.clusterIP: invalid IP address \"banana\""]
+        );
+        for bad in ["0", "70000"] {
+            let e = svc(&format!(
+                "  clusterIP: 10.96.0.1\n  ports: [{{port: {bad}}}]\n"
+            ));
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(e[0].starts_with("mesh.yaml:6: spec.ports[0]"), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_pod_ips_and_missing_names_are_refused() {
+        let e = errors("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus:\n  podIPs:\n  - ip: 10.0.0.300\n");
+        assert_eq!(
+            e,
+            ["mesh.yaml:6: status.podIPs[0].ip: invalid IP address \"10.0.0.300\""]
+        );
+        let e = errors("apiVersion: v1\nkind: Namespace\nmetadata:\n  labels: {a: b}\n");
+        assert_eq!(e, ["mesh.yaml:4: metadata.name is required"]);
+        let e = errors("apiVersion: v1\nmetadata: {name: x}\n");
+        assert!(
+            e[0].starts_with("mesh.yaml:1: object has no `kind`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn duplicate_objects_are_refused() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n";
+        assert_eq!(errors(text), ["mesh.yaml:8: duplicate Pod default/a"]);
+    }
+}

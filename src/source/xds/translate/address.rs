@@ -1,0 +1,235 @@
+//! `istio.workload.Address` resources (a `Workload` or a `Service`) → accepted entries:
+//! [`address`] checks one resource and translates it into an [`AddressEntry`] (the model
+//! workload or service and what the assembly needs besides), or refuses it with an
+//! [`AddressError`] naming the resource and the field.
+//!
+//! Owns the per-resource rules only; what spans resources (endpoints, target ports, policy
+//! scopes) is the assembly's. No I/O, no protocol state.
+
+use std::collections::BTreeMap;
+
+use super::{ip_from_bytes, port, FieldError};
+use crate::model::{Enrollment, Service, Workload};
+use crate::proto::istio::workload as xw;
+
+/// A workload as accepted, with what [`assemble`] needs besides the model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkloadEntry {
+    /// The model workload (labels and named ports empty: xDS carries none).
+    pub workload: Workload,
+    /// Trust domain istiod gave (empty: the mesh default).
+    pub trust_domain: String,
+    /// Whether the workload may receive traffic as a service endpoint.
+    pub healthy: bool,
+    /// Services it backs (`<namespace>/<hostname>`) with per-workload `(service port, target
+    /// port)` overrides (target 0: none).
+    pub services: BTreeMap<String, Vec<(u16, u16)>>,
+    /// Selector policies (`<namespace>/<name>`) that select it.
+    pub policies: Vec<String>,
+}
+
+/// A service as accepted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceEntry {
+    /// The model service, endpoints not yet resolved.
+    pub service: Service,
+    /// `<namespace>/<hostname>`: what workloads name it by.
+    pub key: String,
+    /// `(service port, default target port)`; target 0 means per endpoint only.
+    pub ports: Vec<(u16, u16)>,
+}
+
+/// One accepted `istio.workload.Address`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AddressEntry {
+    /// A workload.
+    Workload(WorkloadEntry),
+    /// A service.
+    Service(ServiceEntry),
+}
+
+/// Why an `Address` resource is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    /// Neither a workload nor a service.
+    #[error("Address holds neither a workload nor a service")]
+    Empty,
+    /// A workload without a uid.
+    #[error("workload: uid is required")]
+    WorkloadUid,
+    /// A workload without a namespace.
+    #[error("workload {uid}: namespace is required (it is part of the identity)")]
+    WorkloadNamespace {
+        /// The workload.
+        uid: String,
+    },
+    /// A workload field that does not hold what it must.
+    #[error("workload {uid}: {error}")]
+    Workload {
+        /// The workload.
+        uid: String,
+        /// The field and what is wrong.
+        #[source]
+        error: FieldError,
+    },
+    /// A service missing its name, namespace or hostname.
+    #[error("service {namespace}/{hostname}: name, namespace and hostname are required")]
+    ServiceNames {
+        /// Its namespace as sent.
+        namespace: String,
+        /// Its hostname as sent.
+        hostname: String,
+    },
+    /// A service field that does not hold what it must.
+    #[error("service {key}: {error}")]
+    Service {
+        /// `<namespace>/<hostname>`.
+        key: String,
+        /// The field and what is wrong.
+        #[source]
+        error: FieldError,
+    },
+}
+
+/// Checks and translates one `Address`.
+pub fn address(a: xw::Address) -> Result<AddressEntry, AddressError> {
+    match a.r#type {
+        Some(xw::address::Type::Workload(w)) => workload(w).map(AddressEntry::Workload),
+        Some(xw::address::Type::Service(s)) => service(s).map(AddressEntry::Service),
+        None => Err(AddressError::Empty),
+    }
+}
+
+fn ports(list: &[xw::Port], what: &str) -> Result<Vec<(u16, u16)>, FieldError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Ok((
+                port(p.service_port, &format!("{what}[{i}].service_port"), false)?,
+                port(p.target_port, &format!("{what}[{i}].target_port"), true)?,
+            ))
+        })
+        .collect()
+}
+
+fn workload(w: xw::Workload) -> Result<WorkloadEntry, AddressError> {
+    if w.uid.is_empty() {
+        return Err(AddressError::WorkloadUid);
+    }
+    let ctx = |error: FieldError| AddressError::Workload {
+        uid: w.uid.clone(),
+        error,
+    };
+    if w.namespace.is_empty() {
+        return Err(AddressError::WorkloadNamespace { uid: w.uid.clone() });
+    }
+    let mut ips = Vec::with_capacity(w.addresses.len());
+    for (i, a) in w.addresses.iter().enumerate() {
+        let ip = ip_from_bytes(a, &format!("addresses[{i}]")).map_err(ctx)?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let mut services = BTreeMap::new();
+    for (key, list) in &w.services {
+        services.insert(
+            key.clone(),
+            ports(&list.ports, &format!("services[{key}].ports")).map_err(ctx)?,
+        );
+    }
+    let host_network = w.network_mode == xw::NetworkMode::HostNetwork as i32;
+    let hbone = w.tunnel_protocol == xw::TunnelProtocol::Hbone as i32;
+    let enrollment = match (host_network, hbone) {
+        (true, _) => Enrollment::HostNetwork,
+        (false, true) => Enrollment::Enrolled,
+        (false, false) => Enrollment::NotEnrolled,
+    };
+    let name = if w.name.is_empty() {
+        w.uid.clone()
+    } else {
+        w.name.clone()
+    };
+    let workload_name = if w.workload_name.is_empty() {
+        name.clone()
+    } else {
+        w.workload_name.clone()
+    };
+    let (default_name, default_revision) = Workload::canonical(&BTreeMap::new(), &workload_name);
+    let or = |v: &str, d: String| if v.is_empty() { d } else { v.to_string() };
+    Ok(WorkloadEntry {
+        workload: Workload {
+            uid: w.uid.clone(),
+            name,
+            namespace: w.namespace.clone(),
+            service_account: or(&w.service_account, "default".into()),
+            node: w.node.clone(),
+            ips,
+            labels: BTreeMap::new(),
+            named_ports: BTreeMap::new(),
+            enrollment,
+            canonical_name: or(&w.canonical_name, default_name),
+            canonical_revision: or(&w.canonical_revision, default_revision),
+            workload_name,
+        },
+        trust_domain: w.trust_domain,
+        healthy: w.status != xw::WorkloadStatus::Unhealthy as i32,
+        services,
+        policies: w.authorization_policies,
+    })
+}
+
+fn service(s: xw::Service) -> Result<ServiceEntry, AddressError> {
+    if s.name.is_empty() || s.namespace.is_empty() || s.hostname.is_empty() {
+        return Err(AddressError::ServiceNames {
+            namespace: s.namespace,
+            hostname: s.hostname,
+        });
+    }
+    let key = format!("{}/{}", s.namespace, s.hostname);
+    let ctx = |error: FieldError| AddressError::Service {
+        key: key.clone(),
+        error,
+    };
+    let mut vips = Vec::new();
+    for (i, a) in s.addresses.iter().enumerate() {
+        let ip = ip_from_bytes(&a.address, &format!("addresses[{i}].address")).map_err(ctx)?;
+        if !vips.contains(&ip) {
+            vips.push(ip);
+        }
+    }
+    let ports = ports(&s.ports, "ports").map_err(ctx)?;
+    Ok(ServiceEntry {
+        service: Service {
+            name: s.name,
+            namespace: s.namespace,
+            vips,
+            ports: Vec::new(),
+            selector: BTreeMap::new(),
+            endpoints: Vec::new(),
+            labels: Default::default(),
+        },
+        key,
+        ports,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::wl;
+    use super::*;
+
+    #[test]
+    fn malformed_addresses_are_refused() {
+        assert!(address(xw::Address { r#type: None }).is_err());
+        let mut bad = wl("a", [10, 0, 0, 1], &[]);
+        if let Some(xw::address::Type::Workload(w)) = &mut bad.r#type {
+            w.addresses = vec![vec![1, 2, 3, 4, 5]];
+        }
+        assert!(address(bad).unwrap_err().to_string().contains("5 bytes"));
+        let bad_port = wl("a", [10, 0, 0, 1], &[("ns1/x", 70000, 1)]);
+        assert!(address(bad_port)
+            .unwrap_err()
+            .to_string()
+            .contains("70000 is not a port"));
+    }
+}
