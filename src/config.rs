@@ -186,20 +186,9 @@ pub enum CaSource {
     Istio(ControlPlane),
 }
 
-/// How to reach an Istio control plane (istiod) over gRPC: `mesh.xds` and `ca.istio`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ControlPlane {
-    /// `https://host:port`, e.g. `https://istiod.istio-system.svc:15012`.
-    pub address: String,
-    /// PEM trust root(s) that istiod's serving certificate must chain to (Istio's
-    /// `istio-ca-root-cert` ConfigMap). For the CA these are also the data path's roots.
-    pub root_cert_file: PathBuf,
-    /// A Kubernetes ServiceAccount token (audience `istio-ca`), sent as a bearer token; read
-    /// again on every connection, so a rotated token is picked up.
-    pub token_file: PathBuf,
-    /// The cluster id (header `clusterid`, node metadata `CLUSTER_ID`); default `Kubernetes`.
-    pub cluster_id: String,
-}
+/// How to reach istiod (`mesh.xds`, `ca.istio`): its type lives with the connection that
+/// uses it, validated here like every other section.
+pub use crate::istiod::ControlPlane;
 
 /// Istio's default cluster id (ztunnel's `CLUSTER_ID` default).
 pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
@@ -342,7 +331,7 @@ impl Config {
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_path_buf(),
             line: e.location().map(|l| l.line()).unwrap_or(0),
-            message: crate::source::file::yaml_message(&e),
+            message: crate::yaml::message(&e),
         })?;
         let base = file.parent().unwrap_or(Path::new("."));
         let mut problems = Vec::new();

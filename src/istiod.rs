@@ -13,8 +13,6 @@ use std::time::Duration;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use crate::config::ControlPlane;
-
 /// How long establishing TCP + TLS + h2 to istiod may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// h2 pings keep long-lived xDS streams alive through NAT and detect a dead istiod.
@@ -48,6 +46,22 @@ pub enum IstiodError {
         /// Why (with the transport's cause chain).
         reason: String,
     },
+}
+
+/// How to reach an Istio control plane (istiod) over gRPC: the daemon config's `mesh.xds`
+/// and `ca.istio` sections (validated by `config`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlPlane {
+    /// `https://host:port`, e.g. `https://istiod.istio-system.svc:15012`.
+    pub address: String,
+    /// PEM trust root(s) that istiod's serving certificate must chain to (Istio's
+    /// `istio-ca-root-cert` ConfigMap). For the CA these are also the data path's roots.
+    pub root_cert_file: PathBuf,
+    /// A Kubernetes ServiceAccount token (audience `istio-ca`), sent as a bearer token; read
+    /// again on every connection, so a rotated token is picked up.
+    pub token_file: PathBuf,
+    /// The cluster id (header `clusterid`, node metadata `CLUSTER_ID`); default `Kubernetes`.
+    pub cluster_id: String,
 }
 
 /// A handle on one istiod: knows how to connect and how to authenticate requests.

@@ -32,3 +32,4 @@ pub mod state;
 mod sync;
 pub mod tls;
 pub mod waypoint;
+mod yaml;

@@ -31,7 +31,7 @@ use tonic::transport::Channel;
 
 use super::ca::{read_certs, verify_leaf, CertificateAuthority, ChainError, IssuedCert};
 use super::{Identity, IdentityError};
-use crate::config::ControlPlane;
+use crate::istiod::ControlPlane;
 use crate::istiod::{Istiod, IstiodError};
 use crate::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::proto::istio::v1::auth::IstioCertificateRequest;

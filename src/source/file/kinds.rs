@@ -4,8 +4,9 @@
 //! ([`Object`]), directly on the YAML so the deserializer's errors keep their positions.
 //!
 //! Owns the serde shapes (k8s-openapi's for Namespace, Pod, Service; [`Crd`] for Istio's
-//! `security.istio.io` v1 and v1beta1 CRDs) and where each object sits ([`Origin`]). Does
-//! not turn objects into the model (`translate`) and never touches files, state or sockets.
+//! `security.istio.io` v1 and v1beta1 CRDs). Does not own where each object sits
+//! (`parse::Origin`, recorded by the parser), does not turn objects into the model
+//! (`translate`) and never touches files, state or sockets.
 
 use std::fmt;
 
@@ -14,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::parse::Parser;
+use super::parse::{Origin, Parser};
 use crate::model::policy::{
     AuthorizationPolicySpec, PeerAuthenticationSpec, RequestAuthenticationSpec,
 };
@@ -96,13 +97,6 @@ pub(super) enum Object {
     AuthorizationPolicy(Crd<AuthorizationPolicySpec>),
     PeerAuthentication(Crd<PeerAuthenticationSpec>),
     RequestAuthentication(Crd<RequestAuthenticationSpec>),
-}
-
-/// Where an object sits: document index and, inside a `List`, the item index.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Origin {
-    pub(super) doc: usize,
-    pub(super) item: Option<usize>,
 }
 
 struct ObjectSeed<'k>(&'k Kind);

@@ -4,8 +4,7 @@
 //! warnings). Each walks the document again to the field, which the deserializer then marks;
 //! that costs a re-parse, but only on the error path.
 //!
-//! Owns the path walk and the YAML error message without its position ([`yaml_message`]).
-//! Knows no object kinds and never touches files, state or sockets.
+//! Owns the path walk. Knows no object kinds and never touches files, state or sockets.
 
 use std::fmt;
 
@@ -210,16 +209,6 @@ impl<'de> Visitor<'de> for Here {
     }
     fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
         Err(E::custom(LOCATED))
-    }
-}
-
-/// The message of a YAML error without the trailing ` at line N column M` (the line is
-/// reported separately, as `file:line:`). Also used for the daemon config.
-pub(crate) fn yaml_message(e: &serde_yaml_ng::Error) -> String {
-    let s = e.to_string();
-    match s.rfind(" at line ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
     }
 }
 

@@ -34,7 +34,6 @@ mod parse;
 mod translate;
 
 pub use locate::locate_object;
-pub(crate) use locate::yaml_message;
 pub use parse::{parse_mesh, MeshError, MeshErrors, Parsed};
 
 /// Why the mesh file could not be loaded; the text is what the status and logs show.

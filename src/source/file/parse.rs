@@ -8,9 +8,9 @@
 
 use std::fmt;
 
-use super::kinds::Origin;
-use super::locate::{locate, yaml_message, Seg};
+use super::locate::{locate, Seg};
 use crate::model::Mesh;
+use crate::yaml::message as yaml_message;
 
 /// One problem in a mesh file, with its position.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +80,13 @@ pub fn parse_mesh(file: &str, text: &str) -> Result<Parsed, MeshErrors> {
         mesh,
         warnings: p.warnings,
     })
+}
+
+/// Where an object sits: document index and, inside a `List`, the item index.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Origin {
+    pub(super) doc: usize,
+    pub(super) item: Option<usize>,
 }
 
 /// One parse: the text, and the errors and warnings found so far.

@@ -12,8 +12,9 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::kinds::{Object, Origin};
+use super::kinds::Object;
 use super::locate::Seg;
+use super::parse::Origin;
 use super::parse::Parser;
 use crate::model::{
     AuthorizationPolicy, Enrollment, Mesh, Namespace, PeerAuthentication, Policy,

@@ -33,7 +33,7 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::config::ControlPlane;
+use crate::istiod::ControlPlane;
 use crate::istiod::{chain, Istiod};
 use crate::proto::envoy::config::core::v3::{node::UserAgentVersionType, Node};
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;

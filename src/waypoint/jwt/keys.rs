@@ -15,26 +15,10 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::token::Token;
+use super::token::{Alg, Token};
 use super::B64URL;
 
 // === impl KeySet ===
-
-/// A signature algorithm weft verifies: `jsonwebtoken`'s, and ES512, which it lacks.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Alg {
-    Jws(Algorithm),
-    ES512,
-}
-
-impl std::fmt::Debug for Alg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Alg::Jws(a) => a.fmt(f),
-            Alg::ES512 => f.write_str("ES512"),
-        }
-    }
-}
 
 /// The type of a public key, as far as the algorithms care.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -16,8 +16,23 @@ use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::keys::Alg;
 use super::B64URL;
+
+/// A signature algorithm weft verifies: `jsonwebtoken`'s, and ES512, which it lacks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Alg {
+    Jws(Algorithm),
+    ES512,
+}
+
+impl std::fmt::Debug for Alg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Alg::Jws(a) => a.fmt(f),
+            Alg::ES512 => f.write_str("ES512"),
+        }
+    }
+}
 
 // === impl Token ===
 
