@@ -5,6 +5,7 @@
 //! prints how to look inside; `--weft PATH` names the weft binary (default
 //! `target/debug/weft`).
 
+use anyhow::{anyhow, bail, Context};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::path::PathBuf;
@@ -61,14 +62,14 @@ struct Demo {
 
 fn main() {
     if let Err(e) = run() {
-        eprintln!("demo: {e}");
+        eprintln!("demo: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run() -> Result<(), String> {
+fn run() -> anyhow::Result<()> {
     // Before any thread: Ctrl-C must tear the namespaces down.
-    weft_testbed::install_signal_cleanup().map_err(|e| e.to_string())?;
+    weft_testbed::install_signal_cleanup()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let keep = args.iter().any(|a| a == "--keep");
     let weft = args
@@ -79,9 +80,8 @@ fn run() -> Result<(), String> {
         .unwrap_or_else(|| PathBuf::from("target/debug/weft"));
     let weft = weft
         .canonicalize()
-        .map_err(|e| format!("{}: {e}", weft.display()))?;
-    weft_testbed::Prereqs::check()
-        .map_err(|e| format!("the demo needs root and iproute2/iptables/tcpdump: {e}"))?;
+        .with_context(|| weft.display().to_string())?;
+    weft_testbed::Prereqs::check().context("the demo needs root and iproute2/iptables/tcpdump")?;
     let _ = weft_testbed::cleanup_stale();
 
     let demo = build(&weft)?;
@@ -119,28 +119,25 @@ fn run() -> Result<(), String> {
         println!("\nall paths work; mesh traffic used HBONE where expected. Namespaces removed.");
         Ok(())
     } else {
-        Err("some path failed or used an unexpected protocol (see the table)".into())
+        Err(anyhow!(
+            "some path failed or used an unexpected protocol (see the table)"
+        ))
     }
 }
 
-fn build(weft: &std::path::Path) -> Result<Demo, String> {
-    let e = |e: std::io::Error| e.to_string();
-    let mut bed = Testbed::new(2).map_err(e)?;
+fn build(weft: &std::path::Path) -> anyhow::Result<Demo> {
+    let mut bed = Testbed::new(2)?;
     for p in PODS {
-        bed.add_pod(p.node, p.name).map_err(e)?;
+        bed.add_pod(p.node, p.name)?;
     }
     let dir = bed.temp_dir().to_path_buf();
     let ca = dir.join("ca");
     let out = std::process::Command::new(weft)
         .args(["ca", "init", "--dir"])
         .arg(&ca)
-        .output()
-        .map_err(e)?;
+        .output()?;
     if !out.status.success() {
-        return Err(format!(
-            "weft ca init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
+        bail!("weft ca init: {}", String::from_utf8_lossy(&out.stderr));
     }
     let mut mesh = String::from(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n",
@@ -155,7 +152,7 @@ fn build(weft: &std::path::Path) -> Result<Demo, String> {
     mesh.push_str(&format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: payments, namespace: shop}}\nspec: {{clusterIP: {VIP}, selector: {{app: payments}}, ports: [{{port: 80, targetPort: 8080}}]}}\n"
     ));
-    std::fs::write(dir.join("mesh.yaml"), mesh).map_err(e)?;
+    std::fs::write(dir.join("mesh.yaml"), mesh)?;
     let mut daemons = Vec::new();
     for n in 1..=2 {
         let cfg = dir.join(format!("weft-{n}.yaml"));
@@ -166,11 +163,10 @@ fn build(weft: &std::path::Path) -> Result<Demo, String> {
                 dir.join("mesh.yaml").display(),
                 ca.display()
             ),
-        )
-        .map_err(e)?;
+        )?;
         let mut cmd = bed.node(n).ns.command(weft, ["run", "--config"]);
         cmd.arg(&cfg);
-        daemons.push(bed.spawn(&format!("weft-{n}"), cmd).map_err(e)?);
+        daemons.push(bed.spawn(&format!("weft-{n}"), cmd)?);
     }
     let demo = Demo { bed, daemons, dir };
     for n in 1..=2 {
@@ -185,10 +181,7 @@ fn build(weft: &std::path::Path) -> Result<Demo, String> {
                 break;
             }
             if start.elapsed() > Duration::from_secs(20) {
-                return Err(format!(
-                    "weft on node-{n} not ready:\n{}",
-                    demo.daemons[n - 1].log()
-                ));
+                bail!("weft on node-{n} not ready:\n{}", demo.daemons[n - 1].log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -223,13 +216,11 @@ fn path(
     server: &str,
     via: Option<SocketAddr>,
     port: u16,
-) -> Result<Row, String> {
+) -> anyhow::Result<Row> {
     let len = 1024 * 1024;
     let s = demo.bed.pod(server);
     let c = demo.bed.pod(client);
-    let listener =
-        s.ns.tcp_listen(SocketAddr::new(IpAddr::V4(s.ip), port))
-            .map_err(|e| e.to_string())?;
+    let listener = s.ns.tcp_listen(SocketAddr::new(IpAddr::V4(s.ip), port))?;
     let dst = via.unwrap_or(SocketAddr::new(IpAddr::V4(s.ip), port));
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let srv = std::thread::spawn(move || -> std::io::Result<(SocketAddr, usize)> {
@@ -244,13 +235,12 @@ fn path(
     });
     let mut conn =
         c.ns.tcp_connect(dst, Duration::from_secs(5))
-            .map_err(|e| format!("{name}: connect: {e}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
+            .with_context(|| format!("{name}: connect"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    conn.write_all(&data).map_err(|e| {
+    conn.write_all(&data).with_context(|| {
         format!(
-            "{name}: send: {e}\n--- weft on node-{} ---\n{}",
+            "{name}: send\n--- weft on node-{} ---\n{}",
             c.node,
             demo.daemons[c.node - 1].log()
         )
@@ -258,12 +248,10 @@ fn path(
     std::thread::sleep(Duration::from_millis(100));
     let (protocol, seen) = observe(demo, c.node, s.node, s.ip);
     let _ = go_tx.send(());
-    conn.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    conn.shutdown(Shutdown::Write)?;
     let mut back = Vec::new();
     let read = conn.read_to_end(&mut back);
-    let served = srv
-        .join()
-        .map_err(|_| "server thread panicked".to_string())?;
+    let served = srv.join().map_err(|_| anyhow!("server thread panicked"))?;
     let (ok, note) = match (&read, &served) {
         (Ok(_), Ok((peer, n))) if back == data && *n == len => {
             (true, format!("app saw {}", peer.ip()))

@@ -14,6 +14,27 @@ use crate::registry;
 /// The programs the mesh and weft's mesh tests run.
 pub const REQUIRED_TOOLS: [&str; 4] = ["ip", "iptables", "iptables-restore", "tcpdump"];
 
+/// Why the machine cannot run mesh tests (the reason a skip message prints). `Clone`, since
+/// the answer is cached for the process: causes are kept as their text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unmet {
+    /// Not running as root.
+    #[error("mesh tests need root (euid is {0})")]
+    NotRoot(u32),
+    /// Tools missing from `PATH`.
+    #[error("mesh tests need {} on PATH", .0.join(", "))]
+    Tools(Vec<String>),
+    /// The testbed registry could not be used.
+    #[error("{0}")]
+    Registry(String),
+    /// A network namespace could not be created or could not run iptables.
+    #[error("cannot use a network namespace: {0}")]
+    Namespace(String),
+    /// The probe namespace could not be deleted.
+    #[error("cannot delete a network namespace: {0}")]
+    Cleanup(String),
+}
+
 /// The machine's readiness for mesh tests. See [`Prereqs::check`].
 #[derive(Clone, Copy, Debug)]
 pub struct Prereqs;
@@ -24,23 +45,24 @@ impl Prereqs {
     /// Checks, once per process (the result is cached): running as root (euid 0), the
     /// [`REQUIRED_TOOLS`] on `PATH`, and that a network namespace can be created and can
     /// run `iptables`. The error is the reason, for a skip message.
-    pub fn check() -> Result<(), String> {
-        static RESULT: OnceLock<Result<(), String>> = OnceLock::new();
+    pub fn check() -> Result<(), Unmet> {
+        static RESULT: OnceLock<Result<(), Unmet>> = OnceLock::new();
         RESULT.get_or_init(check_uncached).clone()
     }
 }
 
-fn check_uncached() -> Result<(), String> {
+fn check_uncached() -> Result<(), Unmet> {
     let euid = geteuid();
     if !euid.is_root() {
-        return Err(format!("mesh tests need root (euid is {euid})"));
+        return Err(Unmet::NotRoot(euid.as_raw()));
     }
-    let missing: Vec<&str> = REQUIRED_TOOLS
+    let missing: Vec<String> = REQUIRED_TOOLS
         .into_iter()
         .filter(|tool| !on_path(tool))
+        .map(str::to_string)
         .collect();
     if !missing.is_empty() {
-        return Err(format!("mesh tests need {} on PATH", missing.join(", ")));
+        return Err(Unmet::Tools(missing));
     }
     probe_namespace()
 }
@@ -59,15 +81,15 @@ fn is_executable(path: &Path) -> bool {
 
 /// Creates a throwaway namespace (named like a testbed's, so a crash leaves nothing that
 /// `cleanup_stale` would not remove) and runs `iptables` in it.
-fn probe_namespace() -> Result<(), String> {
-    let prefix = registry::register_bed(None).map_err(|e| e.to_string())?;
+fn probe_namespace() -> Result<(), Unmet> {
+    let prefix = registry::register_bed(None).map_err(|e| Unmet::Registry(e.to_string()))?;
     let result = registry::create_namespace(&prefix, &format!("{prefix}-probe"))
         .and_then(|ns| ns.exec("iptables", ["-t", "mangle", "-S"]).map(drop))
-        .map_err(|e| format!("cannot use a network namespace: {e}"));
+        .map_err(|e| Unmet::Namespace(e.to_string()));
     let errors = registry::remove_bed(&prefix);
     result?;
     match errors.first() {
-        Some(e) => Err(format!("cannot delete a network namespace: {e}")),
+        Some(e) => Err(Unmet::Cleanup(e.to_string())),
         None => Ok(()),
     }
 }

@@ -453,6 +453,8 @@ mod tests {
     use super::*;
     use crate::model::Enrollment;
     use crate::proto::istio::workload as xw;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
 
     #[test]
     fn services_get_endpoints_and_per_endpoint_target_ports() {
@@ -516,114 +518,172 @@ mod tests {
             .all(|w| w.enrollment == Enrollment::Enrolled));
     }
 
-    #[test]
-    fn incremental_edits_give_the_mesh_assembled_from_scratch() {
-        use crate::state::StateStore;
-        use rand::rngs::StdRng;
-        use rand::{Rng, SeedableRng};
-        for seed in 0..6 {
-            let mut rng = StdRng::seed_from_u64(seed);
+    /// One change of a random sequence: a response's addresses, or one selector policy.
+    #[derive(Clone, Debug)]
+    enum Change {
+        /// Upserts and removals of one address response.
+        Addresses(Vec<AddressOp>),
+        /// `ns1/sel<i>` upserted (dry-run or not) or removed.
+        Policy { i: u8, remove: bool, dry_run: bool },
+    }
+
+    /// One address of a response.
+    #[derive(Clone, Debug)]
+    enum AddressOp {
+        /// Removes `w<r>` (r < 7) or service `s<r-7>`.
+        Remove(u8),
+        /// Upserts workload `w<r>` at 10.0.0.`ip`, in services `s<svc>` with a target port
+        /// (0, 8080 or 9090 by index), bound to `ns1/sel<sel>`.
+        Workload {
+            r: u8,
+            ip: u8,
+            services: Vec<(u8, usize)>,
+            sel: u8,
+            unhealthy: bool,
+        },
+        /// Upserts service `s<i>` at 10.96.0.`vip`, target port 0 or 8080 by index.
+        Service { i: u8, vip: u8, target: usize },
+    }
+
+    fn address_op() -> impl Strategy<Value = AddressOp> {
+        prop_oneof![
+            2 => (0..10u8).prop_map(AddressOp::Remove),
+            6 => (
+                0..7u8,
+                0..9u8,
+                vec((0..3u8, 0..3usize), 0..3),
+                0..2u8,
+                proptest::bool::weighted(0.2),
+            )
+                .prop_map(|(r, ip, services, sel, unhealthy)| AddressOp::Workload {
+                    r,
+                    ip,
+                    services,
+                    sel,
+                    unhealthy,
+                }),
+            2 => (0..3u8, 0..3u8, 0..2usize)
+                .prop_map(|(i, vip, target)| AddressOp::Service { i, vip, target }),
+        ]
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            8 => vec(address_op(), 1..4).prop_map(Change::Addresses),
+            2 => (0..3u8, proptest::bool::weighted(0.3), any::<bool>())
+                .prop_map(|(i, remove, dry_run)| Change::Policy { i, remove, dry_run }),
+        ]
+    }
+
+    fn service_name(i: u8) -> String {
+        format!("ns1/s{i}.ns1.svc")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Random responses applied as edits to a store give, after each one, the mesh
+        /// assembled from scratch from every resource held (a failure shrinks to the shortest
+        /// sequence that shows it).
+        #[test]
+        fn incremental_edits_give_the_mesh_assembled_from_scratch(
+            changes in vec(change(), 1..150)
+        ) {
+            use crate::state::StateStore;
             let mut assembly = Assembly::new("cluster.local");
             let store = StateStore::new("test");
             store.publish(Mesh::default(), vec![]);
             let mut addrs: BTreeMap<String, AddressEntry> = BTreeMap::new();
             let mut pols: BTreeMap<String, AuthorizationPolicy> = BTreeMap::new();
-            for _ in 0..300 {
-                let edits = if rng.random_bool(0.8) {
-                    let mut upserts = Vec::new();
-                    let mut removed = Vec::new();
-                    for _ in 0..rng.random_range(1..4) {
-                        let r = rng.random_range(0..10);
-                        if rng.random_bool(0.2) {
-                            let name = if r < 7 {
-                                format!("w{r}")
-                            } else {
-                                format!("ns1/s{}.ns1.svc", r - 7)
-                            };
-                            if !upserts.iter().any(|(n, _)| *n == name) {
-                                removed.push(name);
-                            }
-                        } else if r < 7 {
-                            let svcs: Vec<(String, u32, u32)> = (0..rng.random_range(0..3))
-                                .map(|_| {
-                                    (
-                                        format!("ns1/s{}.ns1.svc", rng.random_range(0..3)),
-                                        80,
-                                        [0, 8080, 9090][rng.random_range(0..3)],
-                                    )
-                                })
-                                .collect();
-                            let svcs: Vec<(&str, u32, u32)> =
-                                svcs.iter().map(|(k, p, t)| (k.as_str(), *p, *t)).collect();
-                            let mut a =
-                                wl(&format!("w{r}"), [10, 0, 0, rng.random_range(0..9)], &svcs);
-                            if let Some(xw::address::Type::Workload(w)) = &mut a.r#type {
-                                w.authorization_policies =
-                                    vec![format!("ns1/sel{}", rng.random_range(0..2))];
-                                if rng.random_bool(0.2) {
-                                    w.status = xw::WorkloadStatus::Unhealthy as i32;
+            for change in changes {
+                let edits = match change {
+                    Change::Addresses(ops) => {
+                        let mut upserts = Vec::new();
+                        let mut removed = Vec::new();
+                        for op in ops {
+                            match op {
+                                AddressOp::Remove(r) => {
+                                    let name = if r < 7 {
+                                        format!("w{r}")
+                                    } else {
+                                        service_name(r - 7)
+                                    };
+                                    if !upserts.iter().any(|(n, _)| *n == name) {
+                                        removed.push(name);
+                                    }
+                                }
+                                AddressOp::Workload { r, ip, services, sel, unhealthy } => {
+                                    let svcs: Vec<(String, u32, u32)> = services
+                                        .iter()
+                                        .map(|&(s, t)| (service_name(s), 80, [0, 8080, 9090][t]))
+                                        .collect();
+                                    let svcs: Vec<(&str, u32, u32)> =
+                                        svcs.iter().map(|(k, p, t)| (k.as_str(), *p, *t)).collect();
+                                    let mut a = wl(&format!("w{r}"), [10, 0, 0, ip], &svcs);
+                                    if let Some(xw::address::Type::Workload(w)) = &mut a.r#type {
+                                        w.authorization_policies = vec![format!("ns1/sel{sel}")];
+                                        if unhealthy {
+                                            w.status = xw::WorkloadStatus::Unhealthy as i32;
+                                        }
+                                    }
+                                    let name = format!("w{r}");
+                                    removed.retain(|n| *n != name);
+                                    upserts.push((name, address(a).unwrap()));
+                                }
+                                AddressOp::Service { i, vip, target } => {
+                                    let svc = xw::Address {
+                                        r#type: Some(xw::address::Type::Service(xw::Service {
+                                            name: "web".into(),
+                                            namespace: "ns1".into(),
+                                            hostname: format!("s{i}.ns1.svc"),
+                                            addresses: vec![xw::NetworkAddress {
+                                                network: String::new(),
+                                                address: vec![10, 96, 0, vip],
+                                            }],
+                                            ports: vec![xw::Port {
+                                                service_port: 80,
+                                                target_port: [0, 8080][target],
+                                            }],
+                                        })),
+                                    };
+                                    let name = service_name(i);
+                                    removed.retain(|n| *n != name);
+                                    upserts.push((name, address(svc).unwrap()));
                                 }
                             }
-                            let name = format!("w{r}");
-                            removed.retain(|n| *n != name);
-                            upserts.push((name, address(a).unwrap()));
-                        } else {
-                            let i = r - 7;
-                            let svc = xw::Address {
-                                r#type: Some(xw::address::Type::Service(xw::Service {
-                                    name: "web".into(),
-                                    namespace: "ns1".into(),
-                                    hostname: format!("s{i}.ns1.svc"),
-                                    addresses: vec![xw::NetworkAddress {
-                                        network: String::new(),
-                                        address: vec![10, 96, 0, rng.random_range(0..3)],
-                                    }],
-                                    ports: vec![xw::Port {
-                                        service_port: 80,
-                                        target_port: [0, 8080][rng.random_range(0..2)],
-                                    }],
-                                })),
-                            };
-                            let name = format!("ns1/s{i}.ns1.svc");
-                            removed.retain(|n| *n != name);
-                            upserts.push((name, address(svc).unwrap()));
                         }
+                        for n in &removed {
+                            addrs.remove(n);
+                        }
+                        addrs.extend(upserts.iter().cloned());
+                        assembly.update_addresses(upserts, &removed)
                     }
-                    for n in &removed {
-                        addrs.remove(n);
-                    }
-                    addrs.extend(upserts.iter().cloned());
-                    assembly.update_addresses(upserts, &removed)
-                } else {
-                    let i = rng.random_range(0..3);
-                    let name = format!("ns1/sel{i}");
-                    if rng.random_bool(0.3) {
-                        pols.remove(&name);
-                        assembly.update_policies(Vec::new(), &[name])
-                    } else {
-                        let mut p = authorization(policy(vec![])).unwrap();
-                        p.name = format!("sel{i}");
-                        p.spec.scope = PolicyScope::Workloads(BTreeSet::new());
-                        p.spec.dry_run = rng.random_bool(0.5);
-                        pols.insert(name.clone(), p.clone());
-                        assembly.update_policies(vec![(name, p)], &[])
+                    Change::Policy { i, remove, dry_run } => {
+                        let name = format!("ns1/sel{i}");
+                        if remove {
+                            pols.remove(&name);
+                            assembly.update_policies(Vec::new(), &[name])
+                        } else {
+                            let mut p = authorization(policy(vec![])).unwrap();
+                            p.name = format!("sel{i}");
+                            p.spec.scope = PolicyScope::Workloads(BTreeSet::new());
+                            p.spec.dry_run = dry_run;
+                            pols.insert(name.clone(), p.clone());
+                            assembly.update_policies(vec![(name, p)], &[])
+                        }
                     }
                 };
                 store.apply(edits);
                 let snap = store.snapshot();
                 let (mesh, _) = assemble(&addrs, &pols, "cluster.local");
-                assert_eq!(snap.mesh.workloads, mesh.workloads, "seed {seed}");
-                assert_eq!(snap.mesh.services, mesh.services, "seed {seed}");
+                prop_assert_eq!(&snap.mesh.workloads, &mesh.workloads);
+                prop_assert_eq!(&snap.mesh.services, &mesh.services);
                 let sorted = |p: &imbl::Vector<Policy>| {
                     let mut v: Vec<Policy> = p.iter().cloned().collect();
                     v.sort_by(|a, b| a.key().cmp(&b.key()));
                     v
                 };
-                assert_eq!(
-                    sorted(&snap.mesh.policies),
-                    sorted(&mesh.policies),
-                    "seed {seed}"
-                );
+                prop_assert_eq!(sorted(&snap.mesh.policies), sorted(&mesh.policies));
             }
         }
     }
