@@ -181,8 +181,8 @@ impl Daemon {
                     .map_err(|e| DaemonError::Internal(format!("redirect task: {e}")));
                 match installed {
                     Ok(Ok(())) => {}
+                    // The rules in force (if any) stay: fail closed.
                     Ok(Err(e)) => {
-                        r.remove();
                         stop_tasks(&shutdown, tasks).await;
                         return Err(e.into());
                     }
@@ -203,9 +203,6 @@ impl Daemon {
             Ok(p) => p,
             Err(e) => {
                 stop_tasks(&shutdown, tasks).await;
-                if let Some(r) = redirector {
-                    r.remove();
-                }
                 return Err(e.into());
             }
         };
@@ -224,9 +221,6 @@ impl Daemon {
             Err(e) => {
                 stop_tasks(&shutdown, tasks).await;
                 proxy.drain(Duration::ZERO).await;
-                if let Some(r) = redirector {
-                    r.remove();
-                }
                 return Err(e.into());
             }
         };
@@ -273,9 +267,9 @@ impl Daemon {
         }
         let admin = self.admin;
         let _ = tokio::task::spawn_blocking(move || admin.join()).await;
-        if let Some(r) = self.redirector {
-            let _ = tokio::task::spawn_blocking(move || r.remove()).await;
-            tracing::info!("capture rules removed");
+        if self.redirector.is_some() {
+            // Fail closed: captured connections are dropped until the next weft listens.
+            tracing::info!("capture rules left in force (`weft uninstall` removes them)");
         }
         tracing::info!("weft stopped");
     }

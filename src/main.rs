@@ -45,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: weft::ctl::CtlCommand,
     },
+    /// Remove every capture rule and route weft installed on this node (the `WEFT_PRE` chain
+    /// and its jump, the policy-routing rule and table). For taking weft off a node: a
+    /// stopped weft leaves its capture in force, so enrolled pods take no connection while
+    /// no weft runs.
+    Uninstall,
     /// Validate a mesh file offline: `file:line: message` per error, warnings for risky policy.
     Check {
         /// The mesh file (Kubernetes-style YAML).
@@ -105,6 +110,11 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 .build()
                 .context("cannot start the runtime")?;
             rt.block_on(weft::daemon::run(cfg, log))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Uninstall => {
+            weft::redirect::Redirector::uninstall()?;
+            println!("capture rules and routes removed");
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { mesh } => Ok(weft::check::run(&mesh, &mut std::io::stdout())),

@@ -3,8 +3,16 @@
 //! Owns the `WEFT_PRE` chain in the mangle table, the jump to it from `PREROUTING`, and the
 //! policy-routing rule that delivers marked packets locally. The whole chain is rewritten in
 //! one `iptables-restore --noflush` transaction whenever the set of local enrolled pods
-//! changes: declaring the chain in the restore input flushes it first, so a restart after a
-//! crash (or `kill -9`) never duplicates rules. Everything is removed on clean exit. IPv4
+//! changes: declaring the chain in the restore input flushes it first, so a restart never
+//! duplicates rules.
+//!
+//! Fail closed: the capture outlives the process. Stopping weft (SIGTERM, `/quitquitquit`, a
+//! crash) leaves the rules in force; while no weft listens, TPROXY finds no socket for a
+//! captured SYN and drops it, so the connection is never carried in plaintext (and the
+//! client's SYN retransmission reaches the next weft once it listens). A starting weft takes
+//! the chain over unchanged and rewrites it only after its first complete mesh load; a load
+//! that fails keeps the rules in force. Only `weft uninstall` ([`Redirector::uninstall`])
+//! removes them. IPv4
 //! only for now: pods' IPv6 addresses are not captured, and said so (a warning naming them
 //! here, and one per pod when a mesh file is loaded or checked).
 //!
@@ -279,10 +287,18 @@ impl Redirector {
         self.applied.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Installs the chain (with no pods yet), the jump to it and the policy routing; checks
-    /// on the way that the tools exist and the kernel takes the rules.
+    /// Takes over the capture: the chain in force is left exactly as it is (a previous
+    /// weft's rules keep capturing until this weft's first complete mesh load, see
+    /// [`Redirector::follow`]); only a node with no chain yet gets an empty one. Then the jump
+    /// to it and the policy routing are added where missing. Checks on the way that the tools
+    /// exist and the kernel takes the rules.
     pub fn install(&self) -> Result<(), RedirectError> {
-        self.apply(&[])?;
+        match run("iptables", &["-w", "-t", "mangle", "-S", CHAIN], None) {
+            Ok(_) => {}
+            // No such chain: a node weft has not run on (or after `weft uninstall`).
+            Err(RedirectError::Failed { .. }) => self.apply(&[])?,
+            Err(e) => return Err(e),
+        }
         if run(
             "iptables",
             &["-w", "-t", "mangle", "-C", "PREROUTING", "-j", CHAIN],
@@ -340,8 +356,13 @@ impl Redirector {
         Ok(())
     }
 
-    /// Removes everything [`Redirector::install`] added; missing pieces are not an error.
-    pub fn remove(&self) {
+    /// Removes everything [`Redirector::install`] and [`Redirector::apply`] added (the jump,
+    /// the chain, the policy-routing rule and its table): `weft uninstall`, for taking weft
+    /// off a node. Nothing else ever removes them: a stopped weft leaves its capture in force
+    /// (fail closed). Missing pieces are not an error; tools that cannot be run are.
+    pub fn uninstall() -> Result<(), RedirectError> {
+        run("iptables", &["--version"], None)?;
+        run("ip", &["-V"], None)?;
         while run(
             "iptables",
             &["-w", "-t", "mangle", "-D", "PREROUTING", "-j", CHAIN],
@@ -367,6 +388,7 @@ impl Redirector {
         .is_ok()
         {}
         let _ = run("ip", &["-4", "route", "flush", "table", ROUTE_TABLE], None);
+        Ok(())
     }
 
     /// Keeps the rules equal to the local enrolled pods of the state in force, until
@@ -382,6 +404,16 @@ impl Redirector {
             let mut applied: Option<Vec<PodRule>> = None;
             let mut uncaptured: Vec<IpAddr> = Vec::new();
             loop {
+                if !store.loaded() {
+                    // Until the first complete mesh load the chain in force (a previous
+                    // weft's) stays as it is: rewritten from an empty mesh it would let the
+                    // pods it captures take connections nobody decided on.
+                    tokio::select! {
+                        r = changes.changed() => if r.is_err() { return },
+                        _ = crate::sync::shut_down(&mut shutdown) => return,
+                    }
+                    continue;
+                }
                 let snap = store.snapshot();
                 let generation = snap.generation;
                 let (mut ips, mut v6): (Vec<Ipv4Addr>, Vec<IpAddr>) = (Vec::new(), Vec::new());

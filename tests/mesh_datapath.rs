@@ -366,12 +366,28 @@ fn capture_rules_follow_the_enrolled_pods_and_survive_restarts() {
     // Traffic still works after the restart.
     check_path(&env, "a", "c", addr(&env, "c", 8090), 8090, MIB, 21);
 
-    // A clean exit removes everything.
+    // A clean exit leaves the capture in force (fail closed) ...
     let status = env.daemon(1).stop(Duration::from_secs(10)).unwrap();
     assert!(status.success(), "{status:?}\n{}", env.log(1));
+    assert_eq!(env.weft_rules(1), after, "a stopped weft leaves its rules");
+    let ip_rules = env.bed.node(1).ns.ip(["rule", "show"]).unwrap();
+    assert!(ip_rules.contains("lookup 100"), "{ip_rules}");
+    // ... and `weft uninstall` removes everything.
+    env.bed
+        .node(1)
+        .ns
+        .exec(env!("CARGO_BIN_EXE_weft"), ["uninstall"])
+        .unwrap();
     assert!(env.weft_rules(1).is_empty(), "{:#?}", env.weft_rules(1));
     let ip_rules = env.bed.node(1).ns.ip(["rule", "show"]).unwrap();
     assert!(!ip_rules.contains("lookup 100"), "{ip_rules}");
+    let table = env
+        .bed
+        .node(1)
+        .ns
+        .ip(["route", "show", "table", "100"])
+        .unwrap();
+    assert!(table.trim().is_empty(), "{table}");
 }
 
 fn expect_reset(mut s: std::net::TcpStream, what: &str) -> Duration {
@@ -444,6 +460,8 @@ fn a_missing_iptables_is_a_clear_start_up_error() {
         return;
     };
     env.daemon(1).stop(Duration::from_secs(10)).unwrap();
+    let before = env.weft_rules(1);
+    assert!(!before.is_empty(), "the stopped weft's capture stays");
     // The same daemon with no iptables on its PATH must refuse to start, not run uncaptured.
     // A PATH with `ip` (so `ip netns exec` and weft's routing setup work) but no iptables.
     let bin = env.bed.temp_dir().join("bin-without-iptables");
@@ -464,13 +482,13 @@ fn a_missing_iptables_is_a_clear_start_up_error() {
     assert!(!status.success());
     let log = child.log();
     assert!(
-        log.contains("traffic capture: cannot run `iptables-restore"),
+        log.contains("traffic capture: cannot run `iptables"),
         "{log}"
     );
-    assert!(
-        env.weft_rules(1).is_empty(),
-        "nothing half-installed: {:?}",
-        env.weft_rules(1)
+    assert_eq!(
+        env.weft_rules(1),
+        before,
+        "the failed start changed the rules in force"
     );
 }
 

@@ -1,0 +1,144 @@
+//! Capture fails closed: an enrolled pod under PeerAuthentication STRICT takes no plaintext
+//! connection from a pod outside the mesh while weft runs, after it was stopped, while a new
+//! weft starts on a broken mesh file, or while it starts and its control plane does not
+//! answer. Real namespaces, real iptables/TPROXY, real daemons. Needs root.
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::mesh::*;
+
+const STRICT: &str = "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+";
+
+/// Accepts every connection to `addr` in the listener's pod and records the peer, so a test
+/// can tell whether anything reached the app.
+fn record_accepts(listener: TcpListener) -> Arc<Mutex<Vec<SocketAddr>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { return };
+            if let Ok(peer) = s.peer_addr() {
+                record.lock().unwrap().push(peer);
+            }
+        }
+    });
+    seen
+}
+
+/// `y` (not enrolled, same node) tries a plaintext exchange with `a`; true when the app
+/// answered. A refused, reset or unanswered connection is false.
+fn plaintext_gets_through(env: &MeshEnv, dst: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = env.pod("y").ns.tcp_connect(dst, Duration::from_secs(2)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _ = s.write_all(b"hello");
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(1))
+}
+
+/// Polls readiness for `wait`; the last status seen.
+fn readiness_after(env: &MeshEnv, wait: Duration) -> (u16, String) {
+    let deadline = Instant::now() + wait;
+    loop {
+        let r = env.admin(1, "/healthz/ready");
+        if Instant::now() >= deadline {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_enrolled_pod_takes_no_plaintext_while_weft_is_stopped_or_starting_without_a_mesh() {
+    let Some(mut env) = MeshEnv::start(
+        1,
+        &[("shop", true), ("legacy", false)],
+        &[pod("a", 1, "shop"), pod("y", 1, "legacy")],
+        &[],
+    ) else {
+        return;
+    };
+    env.extra_yaml = STRICT.to_string();
+    env.write_mesh();
+    env.wait_generation(1, 2);
+    let dst = env.addr("a", 8080);
+    let listener = env.pod("a").ns.tcp_listen(dst).unwrap();
+    let seen = record_accepts(listener);
+    let rules = env.weft_rules(1);
+    assert!(!rules.is_empty());
+
+    // (a) weft runs: STRICT refuses the plaintext client.
+    assert!(!plaintext_gets_through(&env, dst), "{}", env.log(1));
+    assert!(seen.lock().unwrap().is_empty());
+
+    // (b) weft stopped with SIGTERM: the rules stay and the SYN finds no listener.
+    let status = env.daemon(1).stop(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!plaintext_gets_through(&env, dst));
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a plaintext connection reached the app while no weft ran: {:?}",
+        seen.lock().unwrap()
+    );
+    assert_eq!(env.weft_rules(1), rules, "the stopped weft's rules stay");
+
+    // (c) a new weft starts on a truncated mesh file: unready, rules unchanged, refused.
+    let good = env.mesh_yaml();
+    std::fs::write(env.mesh_path(), &good[..good.len() / 2]).unwrap();
+    env.start_daemon(1);
+    let (status, body) = readiness_after(&env, Duration::from_secs(3));
+    assert_eq!(status, 503, "{body}\n{}", env.log(1));
+    assert!(body.contains("mesh not loaded"), "{body}");
+    assert!(!plaintext_gets_through(&env, dst));
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    assert_eq!(
+        env.weft_rules(1),
+        rules,
+        "the starting weft rewrote the rules"
+    );
+    env.daemon(1).stop(Duration::from_secs(10)).unwrap();
+
+    // (d) a new weft whose control plane does not answer: the same.
+    let ca = env.bed.temp_dir().join("ca");
+    let token = env.bed.temp_dir().join("token");
+    std::fs::write(&token, "not-a-real-token").unwrap();
+    std::fs::write(
+        env.config_path(1),
+        format!(
+            "nodeName: node-1\nmesh: {{xds: {{address: \"https://127.0.0.1:15999\", rootCertFile: {}, tokenFile: {}}}}}\nca: {{builtin: {{dir: {}}}}}\n",
+            ca.join("root-cert.pem").display(),
+            token.display(),
+            ca.display()
+        ),
+    )
+    .unwrap();
+    env.start_daemon(1);
+    let (status, body) = readiness_after(&env, Duration::from_secs(3));
+    assert_eq!(status, 503, "{body}\n{}", env.log(1));
+    assert!(!plaintext_gets_through(&env, dst));
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    assert_eq!(
+        env.weft_rules(1),
+        rules,
+        "the starting weft rewrote the rules"
+    );
+}
