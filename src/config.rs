@@ -62,6 +62,8 @@ struct RawConfig {
     waypoint: RawWaypoint,
     #[serde(default)]
     worker_threads: Option<i64>,
+    #[serde(default)]
+    drain_grace: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -287,7 +289,39 @@ pub struct Config {
     pub waypoint: WaypointConfig,
     /// Data-path worker threads.
     pub worker_threads: usize,
+    /// How long a stopping weft lets live connections finish before closing them.
+    pub drain_grace: Duration,
 }
+
+/// The environment variables the config honours, read by the caller (parsing never reads the
+/// process environment, so tests set them explicitly).
+#[derive(Clone, Debug, Default)]
+pub struct Env {
+    /// `NODE_NAME`: overrides `nodeName`.
+    pub node_name: Option<String>,
+    /// `TERMINATION_GRACE_PERIOD_SECONDS`: the pod's termination grace period (the
+    /// DaemonSet passes it down); `drainGrace` defaults to it minus [`DRAIN_MARGIN`].
+    pub termination_grace_period_seconds: Option<String>,
+}
+
+impl Env {
+    /// The variables of this process.
+    pub fn from_process() -> Env {
+        Env {
+            node_name: std::env::var("NODE_NAME").ok(),
+            termination_grace_period_seconds: std::env::var("TERMINATION_GRACE_PERIOD_SECONDS")
+                .ok(),
+        }
+    }
+}
+
+/// `drainGrace` when neither the config nor `TERMINATION_GRACE_PERIOD_SECONDS` sets it.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// What is kept of the pod's termination grace period for exiting after the drain (as
+/// ztunnel does): the drain gets the rest.
+pub const DRAIN_MARGIN: Duration = Duration::from_secs(5);
+/// Longest `drainGrace` accepted.
+pub const MAX_DRAIN_GRACE: Duration = Duration::from_secs(3600);
 
 /// Most worker threads a config may ask for.
 pub const MAX_WORKER_THREADS: usize = 256;
@@ -314,20 +348,16 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 impl Config {
     /// Reads and validates `file`; `node_name_env` is the value of `NODE_NAME`, if set.
-    pub fn load(file: &Path, node_name_env: Option<String>) -> Result<Config, ConfigError> {
+    pub fn load(file: &Path, env: &Env) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
             file: file.to_path_buf(),
             source,
         })?;
-        Config::parse(file, &text, node_name_env)
+        Config::parse(file, &text, env)
     }
 
     /// Parses and validates config text; `file` names it in errors and anchors relative paths.
-    pub fn parse(
-        file: &Path,
-        text: &str,
-        node_name_env: Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub fn parse(file: &Path, text: &str, env: &Env) -> Result<Config, ConfigError> {
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_path_buf(),
             line: e.location().map(|l| l.line()).unwrap_or(0),
@@ -336,7 +366,9 @@ impl Config {
         let base = file.parent().unwrap_or(Path::new("."));
         let mut problems = Vec::new();
 
-        let node_name = node_name_env
+        let node_name = env
+            .node_name
+            .clone()
             .filter(|n| !n.is_empty())
             .or(raw.node_name)
             .unwrap_or_default();
@@ -454,6 +486,7 @@ impl Config {
                 1
             }
         };
+        let drain_grace = drain_grace(raw.drain_grace.as_deref(), env, &mut problems);
         let (Some(mesh), Some(ca), true) = (mesh, ca, problems.is_empty()) else {
             return Err(ConfigError::Invalid {
                 file: file.to_path_buf(),
@@ -473,7 +506,40 @@ impl Config {
                 jwks_ca_file: raw.waypoint.jwks_ca_file.map(|f| base.join(f)),
             },
             worker_threads,
+            drain_grace,
         })
+    }
+}
+
+/// `drainGrace` as written, else the pod's termination grace period less [`DRAIN_MARGIN`],
+/// else [`DEFAULT_DRAIN_GRACE`].
+fn drain_grace(raw: Option<&str>, env: &Env, problems: &mut Vec<String>) -> Duration {
+    if let Some(s) = raw {
+        return match humantime::parse_duration(s) {
+            Ok(d) if d <= MAX_DRAIN_GRACE => d,
+            Ok(_) => {
+                problems.push(format!("drainGrace: {s:?} is longer than the 1h maximum"));
+                Duration::ZERO
+            }
+            Err(e) => {
+                problems.push(format!("drainGrace: {s:?} is not a duration ({e})"));
+                Duration::ZERO
+            }
+        };
+    }
+    match env.termination_grace_period_seconds.as_deref() {
+        None | Some("") => DEFAULT_DRAIN_GRACE,
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(secs) => Duration::from_secs(secs)
+                .saturating_sub(DRAIN_MARGIN)
+                .min(MAX_DRAIN_GRACE),
+            Err(_) => {
+                problems.push(format!(
+                    "TERMINATION_GRACE_PERIOD_SECONDS: {v:?} is not a number of seconds"
+                ));
+                Duration::ZERO
+            }
+        },
     }
 }
 
@@ -482,7 +548,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("/etc/weft/weft.yaml"), text, None)
+        Config::parse(Path::new("/etc/weft/weft.yaml"), text, &Env::default())
     }
 
     #[test]
@@ -496,6 +562,51 @@ mod tests {
         assert_eq!(c.listen.hbone, "0.0.0.0:15008".parse().unwrap());
         assert_eq!(c.redirect, Redirect::Tproxy);
         assert_eq!(c.worker_threads, default_worker_threads());
+        assert_eq!(c.drain_grace, DEFAULT_DRAIN_GRACE);
+    }
+
+    #[test]
+    fn the_drain_grace_comes_from_the_config_else_the_pods_grace_period_less_five_seconds() {
+        let base = "nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\n";
+        let with = |extra: &str, tgps: Option<&str>| {
+            Config::parse(
+                Path::new("w.yaml"),
+                &format!("{base}{extra}"),
+                &Env {
+                    termination_grace_period_seconds: tgps.map(str::to_string),
+                    ..Env::default()
+                },
+            )
+        };
+        let grace = |extra: &str, tgps: Option<&str>| with(extra, tgps).unwrap().drain_grace;
+        assert_eq!(grace("", Some("30")), Duration::from_secs(25));
+        assert_eq!(grace("", Some("3")), Duration::ZERO);
+        assert_eq!(grace("", None), DEFAULT_DRAIN_GRACE);
+        assert_eq!(
+            grace("drainGrace: 12s\n", Some("30")),
+            Duration::from_secs(12)
+        );
+        assert_eq!(grace("drainGrace: 0s\n", None), Duration::ZERO);
+        for (extra, tgps, want) in [
+            (
+                "drainGrace: soon\n",
+                None,
+                "drainGrace: \"soon\" is not a duration",
+            ),
+            (
+                "drainGrace: 2h\n",
+                None,
+                "drainGrace: \"2h\" is longer than the 1h maximum",
+            ),
+            (
+                "",
+                Some("thirty"),
+                "TERMINATION_GRACE_PERIOD_SECONDS: \"thirty\" is not a number",
+            ),
+        ] {
+            let e = with(extra, tgps).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]
@@ -529,7 +640,10 @@ mod tests {
         let c = Config::parse(
             Path::new("w.yaml"),
             "nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\n",
-            Some("n9".into()),
+            &Env {
+                node_name: Some("n9".into()),
+                ..Env::default()
+            },
         )
         .unwrap();
         assert_eq!(c.node_name, "n9");

@@ -56,6 +56,8 @@ pub enum DaemonError {
 
 /// A running daemon.
 pub struct Daemon {
+    /// How long live connections may finish after shutdown is asked for (`drainGrace`).
+    pub drain_grace: Duration,
     /// The state store (read-only use outside).
     pub store: Arc<StateStore>,
     /// Workload certificates.
@@ -68,9 +70,6 @@ pub struct Daemon {
     proxy: Proxy,
     redirector: Option<Arc<Redirector>>,
 }
-
-/// How long live connections may take to finish after SIGTERM.
-pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 impl Daemon {
     /// Starts every part; returns once the listeners are bound (not yet ready).
@@ -232,6 +231,7 @@ impl Daemon {
             "weft started"
         );
         Ok(Daemon {
+            drain_grace: config.drain_grace,
             store,
             certs,
             admin_addrs: admin.addrs,
@@ -261,7 +261,7 @@ impl Daemon {
     /// Stops everything and waits for it.
     pub async fn stop(self) {
         self.shutdown.send_replace(true);
-        self.proxy.drain(DRAIN_GRACE).await;
+        self.proxy.drain(self.drain_grace).await;
         for t in self.tasks {
             let _ = t.await;
         }

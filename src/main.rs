@@ -101,7 +101,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 Ok(n) => tracing::debug!(limit = n, "open file limit"),
                 Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
             }
-            let cfg = weft::config::Config::load(&config, std::env::var("NODE_NAME").ok())?;
+            let cfg = weft::config::Config::load(&config, &weft::config::Env::from_process())?;
             tracing::info!(threads = cfg.worker_threads, "data-path worker threads");
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(cfg.worker_threads)

@@ -146,6 +146,20 @@ fn the_daemonset_references_only_what_exists() {
             .field_path,
         "spec.nodeName"
     );
+    // The drain's default follows the pod's grace period: the two must agree.
+    let tgps = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "TERMINATION_GRACE_PERIOD_SECONDS")
+        .and_then(|e| e.value.clone())
+        .expect("TERMINATION_GRACE_PERIOD_SECONDS");
+    assert_eq!(
+        Some(tgps.parse::<i64>().unwrap()),
+        pod.termination_grace_period_seconds,
+        "TERMINATION_GRACE_PERIOD_SECONDS and terminationGracePeriodSeconds differ"
+    );
 
     // Volumes: every mount names a volume; the config volume names the ConfigMap and a key
     // it has; the token is projected for istiod's audience.
@@ -208,8 +222,15 @@ fn the_daemonset_references_only_what_exists() {
     assert!(args
         .windows(2)
         .any(|w| w[0] == "--config" && Path::new(&w[1]) == config_path));
-    let config = Config::parse(&config_path, &data["weft.yaml"], Some("node-1".into()))
-        .expect("the ConfigMap's weft.yaml is a valid config");
+    let config = Config::parse(
+        &config_path,
+        &data["weft.yaml"],
+        &weft::config::Env {
+            node_name: Some("node-1".into()),
+            ..Default::default()
+        },
+    )
+    .expect("the ConfigMap's weft.yaml is a valid config");
     let MeshSource::Xds(xds) = &config.mesh else {
         panic!("not in istiod mode")
     };

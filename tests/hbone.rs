@@ -48,11 +48,25 @@ async fn setup() -> Setup {
 
 /// [`setup`] with the mesh file edited by `edit`.
 async fn setup_with(edit: impl Fn(String) -> String) -> Setup {
+    setup_configured(edit, "").await
+}
+
+/// [`setup_with`], with `config_extra` appended to the daemon's config.
+async fn setup_configured(edit: impl Fn(String) -> String, config_extra: &str) -> Setup {
     let client_ip = unique_loopback();
     let node = NodeDir::new("");
     let server_ip = node.ip;
     std::fs::write(node.mesh_path(), edit(mesh(server_ip, client_ip))).unwrap();
-    let daemon = start(&node, "node-b").await;
+    let config_path = node.path("weft.yaml");
+    std::fs::write(
+        &config_path,
+        format!("{}{config_extra}", node.config_text("node-b")),
+    )
+    .unwrap();
+    let config = weft::config::Config::load(&config_path, &weft::config::Env::default()).unwrap();
+    let daemon = weft::daemon::Daemon::start(config, quiet_log())
+        .await
+        .unwrap();
     assert!(wait_ready(node.readiness(), Duration::from_secs(10)).await);
     let ca = BuiltinCa::load(&node.path("ca")).unwrap();
     let tls = Arc::new(TlsConfigs::new(ca.roots_der()).unwrap());
@@ -703,6 +717,31 @@ async fn pooled_connections_are_reused_reaped_when_idle_and_never_reused_once_cl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_lasts_the_configured_drain_grace_then_closes_what_is_left() {
+    let s = setup_configured(|m| m, "drainGrace: 1s\n").await;
+    echo_app(TcpListener::bind(s.app_addr(8080)).await.unwrap());
+    let mut t = s.open(8080).await.unwrap();
+    round_trip(&mut t).await;
+    let began = std::time::Instant::now();
+    // The stream stays open: the drain waits for its grace, then closes it.
+    let stopping = tokio::spawn(s.daemon.stop());
+    tokio::time::timeout(weft::config::DEFAULT_DRAIN_GRACE, stopping)
+        .await
+        .expect("the drain outlasted its configured grace")
+        .unwrap();
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "the drain ended after {took:?}, before its grace"
+    );
+    let mut b = [0u8; 1];
+    assert!(
+        !matches!(t.io.read(&mut b).await, Ok(n) if n > 0),
+        "the stream outlived the drain"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_daemon_sends_goaway_and_lets_the_stream_in_flight_finish() {
     let s = setup().await;
     echo_app(TcpListener::bind(s.app_addr(8080)).await.unwrap());
@@ -731,13 +770,13 @@ async fn a_draining_daemon_sends_goaway_and_lets_the_stream_in_flight_finish() {
     round_trip(&mut t).await;
     // Once it ends, the drain is over, well before its deadline.
     drop(t);
-    tokio::time::timeout(weft::daemon::DRAIN_GRACE * 2, stopping)
+    tokio::time::timeout(weft::config::DEFAULT_DRAIN_GRACE * 2, stopping)
         .await
         .expect("the drain never ended")
         .unwrap();
     let took = began.elapsed();
     assert!(
-        took < weft::daemon::DRAIN_GRACE - Duration::from_secs(1),
+        took < weft::config::DEFAULT_DRAIN_GRACE - Duration::from_secs(1),
         "the drain took {took:?}: it waited for its deadline"
     );
 }
@@ -780,7 +819,7 @@ async fn a_drain_waits_for_a_stream_still_connecting_to_its_app() {
         .unwrap();
     assert_eq!(&b, b"ping");
     drop(t);
-    tokio::time::timeout(weft::daemon::DRAIN_GRACE, stopping)
+    tokio::time::timeout(weft::config::DEFAULT_DRAIN_GRACE, stopping)
         .await
         .expect("the drain did not end with its last stream")
         .unwrap();

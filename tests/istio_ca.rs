@@ -163,7 +163,7 @@ async fn a_daemon_whose_ca_is_down_at_start_becomes_ready_when_it_comes_up() {
     );
     let path = node.path("weft.yaml");
     std::fs::write(&path, text).unwrap();
-    let config = weft::config::Config::load(&path, None).unwrap();
+    let config = weft::config::Config::load(&path, &weft::config::Env::default()).unwrap();
     let daemon = weft::daemon::Daemon::start(config, quiet_log())
         .await
         .unwrap();
@@ -226,7 +226,7 @@ async fn a_daemon_in_istiod_mode_syncs_over_xds_and_gets_its_certificates_from_i
     );
     let path = node.path("weft.yaml");
     std::fs::write(&path, text).unwrap();
-    let config = weft::config::Config::load(&path, None).unwrap();
+    let config = weft::config::Config::load(&path, &weft::config::Env::default()).unwrap();
     let daemon = weft::daemon::Daemon::start(config, quiet_log())
         .await
         .unwrap();

@@ -48,7 +48,7 @@ pub(crate) fn loop_config(dir: &Path, node: &str, ip: IpAddr) -> weft::config::C
     );
     let path = dir.join(format!("{node}.yaml"));
     std::fs::write(&path, &text).unwrap();
-    weft::config::Config::load(&path, None).unwrap()
+    weft::config::Config::load(&path, &weft::config::Env::default()).unwrap()
 }
 
 pub(crate) async fn loopback() -> Loop {

@@ -119,7 +119,7 @@ impl NodeDir {
     pub fn config(&self, node: &str) -> Config {
         let path = self.path("weft.yaml");
         std::fs::write(&path, self.config_text(node)).unwrap();
-        Config::load(&path, None).unwrap()
+        Config::load(&path, &weft::config::Env::default()).unwrap()
     }
 
     pub fn admin(&self) -> SocketAddr {
