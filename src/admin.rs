@@ -214,6 +214,7 @@ impl AdminContext {
             "services": snap.mesh.services.values().collect::<Vec<_>>(),
             "policies": snap.mesh.policies,
             "certificates": certificates,
+            "capture": self.redirect.as_ref().map(|r| r.status()),
         })
     }
 }

@@ -169,11 +169,14 @@ impl Daemon {
         let redirector = match config.redirect {
             Redirect::None => None,
             Redirect::Tproxy => {
-                let r = Arc::new(Redirector::new(RedirectPorts {
-                    outbound: listeners.outbound,
-                    inbound_plaintext: listeners.inbound_plaintext,
-                    hbone: listeners.hbone,
-                }));
+                let r = Arc::new(Redirector::new(
+                    RedirectPorts {
+                        outbound: listeners.outbound,
+                        inbound_plaintext: listeners.inbound_plaintext,
+                        hbone: listeners.hbone,
+                    },
+                    metrics.capture.clone(),
+                ));
                 let installer = r.clone();
                 let installed = tokio::task::spawn_blocking(move || installer.install())
                     .await

@@ -141,6 +141,39 @@ pub struct Metrics {
     pub denials: DenialMetrics,
     /// Request metrics of the waypoint.
     pub http: HttpMetrics,
+    /// Capture programming.
+    pub capture: CaptureMetrics,
+}
+
+label_value! {
+    /// How one programming of the capture rules went.
+    RunResult {
+        /// The kernel took the rules.
+        Success => "success",
+        /// The rules (or the routes they need) could not be programmed; the previous stay.
+        Failure => "failure",
+    }
+}
+
+/// Labels of capture programming runs.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaptureRunLabels {
+    /// `success` or `failure`.
+    pub result: RunResult,
+}
+
+/// `weft_capture_programming_runs_total`: rewrites of the capture rules, by result.
+#[derive(Clone, Default)]
+pub struct CaptureMetrics {
+    /// The counter family.
+    pub runs: Family<CaptureRunLabels, Counter>,
+}
+
+impl CaptureMetrics {
+    /// Counts one run.
+    pub fn run(&self, result: RunResult) {
+        self.runs.get_or_create(&CaptureRunLabels { result }).inc();
+    }
 }
 
 /// Istio's labels on TCP metrics (the subset weft knows; values are `unknown` when a side is
@@ -367,6 +400,12 @@ impl Metrics {
             "Connections refused by policy (AuthorizationPolicy or PeerAuthentication)",
             denials.denied.clone(),
         );
+        let capture = CaptureMetrics::default();
+        registry.register(
+            "weft_capture_programming_runs",
+            "Programmings of the capture rules (iptables and the routes to pods), by result",
+            capture.runs.clone(),
+        );
         let http = HttpMetrics::default();
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register("requests", "Total requests", http.requests.clone());
@@ -380,6 +419,7 @@ impl Metrics {
             tcp,
             denials,
             http,
+            capture,
         }
     }
 

@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::metrics::{CaptureMetrics, RunResult};
 use crate::state::StateStore;
 
 /// The mark TPROXY sets and the policy routing keys on.
@@ -265,20 +266,72 @@ fn parse_routes(out: &str) -> BTreeMap<Ipv4Addr, Option<String>> {
     found
 }
 
+/// What the capture does for one address of a local enrolled pod (`/config_dump`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase", tag = "state")]
+pub enum PodCapture {
+    /// Its rules are in force.
+    Programmed {
+        /// The pod's address.
+        ip: IpAddr,
+        /// The host-side interface its traffic enters by.
+        interface: String,
+    },
+    /// Not captured (yet): why.
+    Pending {
+        /// The pod's address.
+        ip: IpAddr,
+        /// Why not.
+        reason: String,
+    },
+}
+
+/// The capture's state, as the last pass of [`Redirector::follow`] left it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaptureStatus {
+    /// Until the first complete mesh load the rules in force (a previous weft's, or none)
+    /// are kept untouched.
+    pub waiting_for_mesh: bool,
+    /// The state generation of the last pass.
+    pub generation: u64,
+    /// Every address of every local enrolled pod.
+    pub pods: Vec<PodCapture>,
+    /// The last failure to program the rules, while it lasts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
 /// Programs and removes the capture rules.
 pub struct Redirector {
     ports: Ports,
     /// The state generation whose local enrolled pods the rules in force capture.
     applied: std::sync::atomic::AtomicU64,
+    status: std::sync::Mutex<CaptureStatus>,
+    metrics: CaptureMetrics,
 }
 
 impl Redirector {
-    /// A redirector sending captured traffic to `ports`.
-    pub fn new(ports: Ports) -> Redirector {
+    /// A redirector sending captured traffic to `ports`, counting its runs in `metrics`.
+    pub fn new(ports: Ports, metrics: CaptureMetrics) -> Redirector {
         Redirector {
             ports,
             applied: std::sync::atomic::AtomicU64::new(0),
+            status: std::sync::Mutex::new(CaptureStatus {
+                waiting_for_mesh: true,
+                ..CaptureStatus::default()
+            }),
+            metrics,
         }
+    }
+
+    /// The capture's state per local enrolled pod.
+    pub fn status(&self) -> CaptureStatus {
+        crate::sync::lock(&self.status).clone()
+    }
+
+    fn set_status(&self, status: CaptureStatus) {
+        *crate::sync::lock(&self.status) = status;
     }
 
     /// The state generation the rules in force were computed from (0: none yet). Readiness
@@ -428,7 +481,7 @@ impl Redirector {
                     if !v6.is_empty() {
                         tracing::warn!(addresses = ?v6, "IPv6 addresses of local enrolled pods are not captured (IPv4 only): their IPv6 traffic bypasses mTLS and policy");
                     }
-                    uncaptured = v6;
+                    uncaptured = v6.clone();
                 }
                 let me = self.clone();
                 let routes = tokio::task::spawn_blocking(move || {
@@ -451,6 +504,11 @@ impl Redirector {
                     Err(e) => {
                         // Nothing learnt about the pods: the rules in force stay.
                         tracing::error!(error = %e, "cannot read the routes to the pods; capture rules unchanged, retrying");
+                        self.metrics.run(RunResult::Failure);
+                        let mut status = self.status();
+                        status.last_error =
+                            Some(format!("cannot read the routes to the pods: {e}"));
+                        self.set_status(status);
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                             _ = crate::sync::shut_down(&mut shutdown) => return,
@@ -460,25 +518,46 @@ impl Redirector {
                 if !missing.is_empty() {
                     tracing::warn!(pods = ?missing, "no local interface for these enrolled pods yet; retrying");
                 }
+                let mut last_error = None;
+                let wanted = desired.clone();
                 if applied.as_ref() != Some(&desired) {
                     let rules = desired.clone();
                     let result = tokio::task::spawn_blocking(move || me.apply(&rules)).await;
                     match result {
                         Ok(Ok(())) => {
                             tracing::info!(pods = desired.len(), "capture rules updated");
+                            self.metrics.run(RunResult::Success);
                             applied = Some(desired);
                             self.applied
                                 .store(generation, std::sync::atomic::Ordering::Release);
                         }
                         Ok(Err(e)) => {
-                            tracing::error!(error = %e, "capture rules rejected; previous rules stay")
+                            tracing::error!(error = %e, "capture rules rejected; previous rules stay");
+                            self.metrics.run(RunResult::Failure);
+                            last_error = Some(format!("capture rules rejected: {e}"));
                         }
-                        Err(e) => tracing::error!(error = %e, "capture rule task failed"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "capture rule task failed");
+                            self.metrics.run(RunResult::Failure);
+                            last_error = Some(format!("capture rule task failed: {e}"));
+                        }
                     }
                 } else {
                     self.applied
                         .store(generation, std::sync::atomic::Ordering::Release);
                 }
+                self.set_status(CaptureStatus {
+                    waiting_for_mesh: false,
+                    generation,
+                    pods: pod_captures(
+                        applied.as_deref().unwrap_or(&[]),
+                        &wanted,
+                        &missing,
+                        &v6,
+                        last_error.as_deref(),
+                    ),
+                    last_error,
+                });
                 let retry = if missing.is_empty() {
                     Duration::from_secs(30)
                 } else {
@@ -494,9 +573,85 @@ impl Redirector {
     }
 }
 
+/// Each address of the local enrolled pods as the capture stands: the rules in force
+/// (`programmed`), then the `wanted` ones a failed rewrite (`failed`) left out, addresses with
+/// no interface yet, and IPv6 addresses.
+fn pod_captures(
+    programmed: &[PodRule],
+    wanted: &[PodRule],
+    missing: &[Ipv4Addr],
+    v6: &[IpAddr],
+    failed: Option<&str>,
+) -> Vec<PodCapture> {
+    let mut out: Vec<PodCapture> = programmed
+        .iter()
+        .map(|p| PodCapture::Programmed {
+            ip: IpAddr::V4(p.ip),
+            interface: p.veth.clone(),
+        })
+        .collect();
+    if let Some(why) = failed {
+        out.extend(wanted.iter().filter(|w| !programmed.contains(w)).map(|w| {
+            PodCapture::Pending {
+                ip: IpAddr::V4(w.ip),
+                reason: why.to_string(),
+            }
+        }));
+    }
+    out.extend(missing.iter().map(|ip| PodCapture::Pending {
+        ip: IpAddr::V4(*ip),
+        reason: "no local interface for the pod yet".to_string(),
+    }));
+    out.extend(v6.iter().map(|ip| PodCapture::Pending {
+        ip: *ip,
+        reason: "IPv6 is not captured (IPv4 only)".to_string(),
+    }));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_pod_address_is_programmed_or_pending_with_its_reason() {
+        let rule = |last: u8, veth: &str| PodRule {
+            ip: Ipv4Addr::new(10, 0, 0, last),
+            veth: veth.into(),
+        };
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        let pods = pod_captures(
+            &[rule(1, "va")],
+            &[rule(1, "va"), rule(2, "vb")],
+            &[Ipv4Addr::new(10, 0, 0, 3)],
+            &[v6],
+            Some("capture rules rejected: boom"),
+        );
+        let pending = |ip: IpAddr, reason: &str| PodCapture::Pending {
+            ip,
+            reason: reason.into(),
+        };
+        assert_eq!(
+            pods,
+            [
+                PodCapture::Programmed {
+                    ip: "10.0.0.1".parse().unwrap(),
+                    interface: "va".into()
+                },
+                pending("10.0.0.2".parse().unwrap(), "capture rules rejected: boom"),
+                pending(
+                    "10.0.0.3".parse().unwrap(),
+                    "no local interface for the pod yet"
+                ),
+                pending(v6, "IPv6 is not captured (IPv4 only)"),
+            ]
+        );
+        // Without a failure, wanted rules not yet in force are not reported twice.
+        assert_eq!(
+            pod_captures(&[rule(1, "va")], &[rule(1, "va")], &[], &[], None).len(),
+            1
+        );
+    }
 
     #[test]
     fn route_lines_give_the_interface_of_directly_reached_destinations() {

@@ -78,6 +78,29 @@ fn an_enrolled_pod_takes_no_plaintext_while_weft_is_stopped_or_starting_without_
     let rules = env.weft_rules(1);
     assert!(!rules.is_empty());
 
+    // The capture is visible: the pod's address programmed on its interface, and counted.
+    let capture = &env.admin_json(1, "/config_dump")["capture"];
+    assert_eq!(capture["waitingForMesh"], false, "{capture}");
+    let a_ip = env.pod("a").ip.to_string();
+    let a = capture["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["ip"] == a_ip.as_str())
+        .unwrap_or_else(|| panic!("{capture}"));
+    assert_eq!(a["state"], "programmed", "{capture}");
+    assert_eq!(a["interface"], env.pod("a").host_veth.as_str(), "{capture}");
+    let (_, metrics) = env
+        .bed
+        .node(1)
+        .ns
+        .http_get("127.0.0.1:15020".parse().unwrap(), "/metrics")
+        .unwrap();
+    assert!(
+        metrics.contains("weft_capture_programming_runs_total{result=\"success\"}"),
+        "{metrics}"
+    );
+
     // (a) weft runs: STRICT refuses the plaintext client.
     assert!(!plaintext_gets_through(&env, dst), "{}", env.log(1));
     assert!(seen.lock().unwrap().is_empty());
@@ -100,6 +123,8 @@ fn an_enrolled_pod_takes_no_plaintext_while_weft_is_stopped_or_starting_without_
     let (status, body) = readiness_after(&env, Duration::from_secs(3));
     assert_eq!(status, 503, "{body}\n{}", env.log(1));
     assert!(body.contains("mesh not loaded"), "{body}");
+    let capture = &env.admin_json(1, "/config_dump")["capture"];
+    assert_eq!(capture["waitingForMesh"], true, "{capture}");
     assert!(!plaintext_gets_through(&env, dst));
     assert!(
         seen.lock().unwrap().is_empty(),
