@@ -81,7 +81,8 @@ fn run() -> anyhow::Result<()> {
     let weft = weft
         .canonicalize()
         .with_context(|| weft.display().to_string())?;
-    weft_testbed::Prereqs::check().context("the demo needs root and iproute2/iptables/tcpdump")?;
+    weft_testbed::Prereqs::check()
+        .context("the demo needs root and iproute2/iptables/nftables/tcpdump")?;
     let _ = weft_testbed::cleanup_stale();
 
     let demo = build(&weft)?;

@@ -138,6 +138,59 @@ pub fn rules(pods: &[PodRule], ports: &Ports) -> String {
     out
 }
 
+/// The nftables table holding the capture of connections DNATed to a pod (ClusterIPs and
+/// NodePorts served by a local endpoint).
+pub const NFT_TABLE: &str = "weft";
+
+/// The `nft -f` input for exactly these pods: one transaction that replaces the table.
+///
+/// Why a second tool: kube-proxy DNATs a Service or NodePort connection in the nat table's
+/// PREROUTING (priority -100), after mangle's (-150) where `WEFT_PRE` looked at its
+/// destination, then still a VIP or the node's address. When the endpoint it picks is a
+/// local enrolled pod, the connection would reach the pod around weft. iptables' mangle
+/// chains run at a fixed priority; an nftables chain on the prerouting hook at priority
+/// `dstnat + 10` sees the connection after the DNAT, with the pod as its destination, and
+/// TPROXYs it to the inbound listeners like any other connection to the pod. Only DNATed
+/// connections (`ct status dnat`) are taken here, and only those not already captured
+/// (mark bit 0 unset: a pod's own outbound connections are taken by `WEFT_PRE`). Later
+/// packets of such a connection reach weft's socket through `socket transparent`, as in
+/// `WEFT_PRE`, so connections DNATed before the pod was enrolled keep flowing.
+pub fn nft_rules(pods: &[PodRule], ports: &Ports) -> String {
+    let to = |addr: SocketAddr| match addr.ip() {
+        IpAddr::V4(ip) if !ip.is_unspecified() => format!("{ip}:{}", addr.port()),
+        _ => format!(":{}", addr.port()),
+    };
+    let mut out = String::new();
+    // Declaring then deleting makes the replacement work whether or not the table exists.
+    out.push_str(&format!(
+        "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n"
+    ));
+    out.push_str(&format!("table ip {NFT_TABLE} {{\n  chain after_dnat {{\n"));
+    out.push_str("    type filter hook prerouting priority dstnat + 10; policy accept;\n");
+    out.push_str("    meta mark & 0x1 == 0x1 return\n");
+    out.push_str("    ct status & dnat != dnat return\n");
+    out.push_str(
+        "    meta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 meta mark set meta mark | 0x1 return\n",
+    );
+    for p in pods {
+        out.push_str(&format!(
+            "    ip daddr {} iifname != \"{}\" tcp dport {} tcp flags & (syn | ack) == syn tproxy to {} meta mark set meta mark | 0x1 return\n",
+            p.ip,
+            p.veth,
+            ports.hbone.port(),
+            to(ports.hbone)
+        ));
+        out.push_str(&format!(
+            "    ip daddr {} iifname != \"{}\" tcp flags & (syn | ack) == syn tproxy to {} meta mark set meta mark | 0x1 return\n",
+            p.ip,
+            p.veth,
+            to(ports.inbound_plaintext)
+        ));
+    }
+    out.push_str("  }\n}\n");
+    out
+}
+
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, RedirectError> {
     use std::io::Write;
     let command = format!("{program} {}", args.join(" "));
@@ -352,6 +405,13 @@ impl Redirector {
             Err(RedirectError::Failed { .. }) => self.apply(&[])?,
             Err(e) => return Err(e),
         }
+        match run("nft", &["list", "table", "ip", NFT_TABLE], None) {
+            Ok(_) => {}
+            Err(RedirectError::Failed { .. }) => {
+                run("nft", &["-f", "-"], Some(&nft_rules(&[], &self.ports)))?;
+            }
+            Err(e) => return Err(e),
+        }
         if run(
             "iptables",
             &["-w", "-t", "mangle", "-C", "PREROUTING", "-j", CHAIN],
@@ -406,6 +466,7 @@ impl Redirector {
             &["-w", "5", "--noflush"],
             Some(&rules(pods, &self.ports)),
         )?;
+        run("nft", &["-f", "-"], Some(&nft_rules(pods, &self.ports)))?;
         Ok(())
     }
 
@@ -416,6 +477,7 @@ impl Redirector {
     pub fn uninstall() -> Result<(), RedirectError> {
         run("iptables", &["--version"], None)?;
         run("ip", &["-V"], None)?;
+        run("nft", &["--version"], None)?;
         while run(
             "iptables",
             &["-w", "-t", "mangle", "-D", "PREROUTING", "-j", CHAIN],
@@ -441,6 +503,7 @@ impl Redirector {
         .is_ok()
         {}
         let _ = run("ip", &["-4", "route", "flush", "table", ROUTE_TABLE], None);
+        let _ = run("nft", &["delete", "table", "ip", NFT_TABLE], None);
         Ok(())
     }
 
@@ -612,6 +675,35 @@ fn pod_captures(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_after_dnat_table_is_replaced_whole_and_takes_only_new_connections_to_the_pods() {
+        let ports = Ports {
+            outbound: "0.0.0.0:15001".parse().unwrap(),
+            inbound_plaintext: "0.0.0.0:15006".parse().unwrap(),
+            hbone: "0.0.0.0:15008".parse().unwrap(),
+        };
+        let pod = PodRule {
+            ip: Ipv4Addr::new(10, 244, 1, 10),
+            veth: "va".into(),
+        };
+        let text = nft_rules(&[pod], &ports);
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        assert_eq!(
+            lines[..3],
+            [
+                "table ip weft {}",
+                "delete table ip weft",
+                "table ip weft {"
+            ]
+        );
+        assert!(lines.contains(&"type filter hook prerouting priority dstnat + 10; policy accept;"));
+        assert!(lines.contains(&"ct status & dnat != dnat return"));
+        assert!(lines.contains(&"ip daddr 10.244.1.10 iifname != \"va\" tcp flags & (syn | ack) == syn tproxy to :15006 meta mark set meta mark | 0x1 return"), "{text}");
+        assert!(lines.contains(&"ip daddr 10.244.1.10 iifname != \"va\" tcp dport 15008 tcp flags & (syn | ack) == syn tproxy to :15008 meta mark set meta mark | 0x1 return"), "{text}");
+        // No pods: the chain and its pass-through rules only.
+        assert!(!nft_rules(&[], &ports).contains("tproxy"));
+    }
 
     #[test]
     fn each_pod_address_is_programmed_or_pending_with_its_reason() {

@@ -1,7 +1,13 @@
 //! Capture fails closed: an enrolled pod under PeerAuthentication STRICT takes no plaintext
 //! connection from a pod outside the mesh while weft runs, after it was stopped, while a new
 //! weft starts on a broken mesh file, or while it starts and its control plane does not
-//! answer. Real namespaces, real iptables/TPROXY, real daemons. Needs root.
+//! answer; and no path goes around weft: connections kube-proxy would DNAT to a local
+//! enrolled pod (a ClusterIP from the same node, a NodePort from another node) pass weft's
+//! inbound decision. Real namespaces, real iptables/TPROXY, real daemons. Needs root.
+//!
+//! The DNAT rules stand in for kube-proxy's iptables mode, which writes the same shape of
+//! rule (nat PREROUTING → `-j DNAT --to-destination <pod IP>:<target port>`; here without its
+//! KUBE-SERVICES chains, probability splits or masquerading).
 
 mod support;
 
@@ -25,10 +31,18 @@ fn record_accepts(listener: TcpListener) -> Arc<Mutex<Vec<SocketAddr>>> {
     let record = seen.clone();
     std::thread::spawn(move || {
         for s in listener.incoming() {
-            let Ok(s) = s else { return };
+            let Ok(mut s) = s else { return };
             if let Ok(peer) = s.peer_addr() {
                 record.lock().unwrap().push(peer);
             }
+            // Answer one byte, so a client can tell the app took its connection.
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut b = [0u8; 5];
+                if s.read_exact(&mut b).is_ok() {
+                    let _ = s.write_all(b"k");
+                }
+            });
         }
     });
     seen
@@ -37,8 +51,13 @@ fn record_accepts(listener: TcpListener) -> Arc<Mutex<Vec<SocketAddr>>> {
 /// `y` (not enrolled, same node) tries a plaintext exchange with `a`; true when the app
 /// answered. A refused, reset or unanswered connection is false.
 fn plaintext_gets_through(env: &MeshEnv, dst: SocketAddr) -> bool {
+    plaintext_from(env, "y", dst)
+}
+
+/// Pod `from` tries a plaintext exchange with `dst`; true when the app answered.
+fn plaintext_from(env: &MeshEnv, from: &str, dst: SocketAddr) -> bool {
     use std::io::{Read, Write};
-    let Ok(mut s) = env.pod("y").ns.tcp_connect(dst, Duration::from_secs(2)) else {
+    let Ok(mut s) = env.pod(from).ns.tcp_connect(dst, Duration::from_secs(2)) else {
         return false;
     };
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -166,4 +185,104 @@ fn an_enrolled_pod_takes_no_plaintext_while_weft_is_stopped_or_starting_without_
         rules,
         "the starting weft rewrote the rules"
     );
+}
+
+const PERMISSIVE: &str = "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: PERMISSIVE}}
+";
+
+#[test]
+fn connections_dnated_to_a_local_enrolled_pod_pass_weft_inbound_decision() {
+    let Some(mut env) = MeshEnv::start(
+        2,
+        &[("shop", true), ("legacy", false)],
+        &[
+            pod("a", 1, "shop"),
+            pod("y", 1, "legacy"),
+            pod("z", 2, "legacy"),
+        ],
+        &[],
+    ) else {
+        return;
+    };
+    env.extra_yaml = STRICT.to_string();
+    env.write_mesh();
+    env.wait_generation(1, 2);
+    let a = env.addr("a", 8080);
+    let seen = record_accepts(env.pod("a").ns.tcp_listen(a).unwrap());
+    // kube-proxy on node 1: a ClusterIP and a NodePort, both served by a.
+    let node1 = env.bed.node(1);
+    let vip: SocketAddr = "10.96.0.50:80".parse().unwrap();
+    let node_port = SocketAddr::new(std::net::IpAddr::V4(node1.underlay_ip), 30080);
+    for (dst, port) in [
+        (vip.ip().to_string(), "80"),
+        (node_port.ip().to_string(), "30080"),
+    ] {
+        node1
+            .ns
+            .exec(
+                "iptables",
+                [
+                    "-w",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-p",
+                    "tcp",
+                    "-d",
+                    &dst,
+                    "--dport",
+                    port,
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &a.to_string(),
+                ],
+            )
+            .unwrap();
+    }
+
+    // STRICT: refused on both paths, nothing reaches the app.
+    assert!(
+        !plaintext_from(&env, "y", vip),
+        "ClusterIP from the same node"
+    );
+    assert!(
+        !plaintext_from(&env, "z", node_port),
+        "NodePort from node 2"
+    );
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "DNATed plaintext reached the app around weft: {:?}\n{}",
+        seen.lock().unwrap(),
+        env.log(1)
+    );
+
+    // PERMISSIVE: both allowed through weft, the app seeing the real clients, and logged.
+    env.extra_yaml = PERMISSIVE.to_string();
+    env.write_mesh();
+    env.wait_generation(1, 3);
+    assert!(plaintext_from(&env, "y", vip), "{}", env.log(1));
+    assert!(plaintext_from(&env, "z", node_port), "{}", env.log(1));
+    let peers: Vec<std::net::IpAddr> = seen.lock().unwrap().iter().map(|p| p.ip()).collect();
+    assert_eq!(
+        peers,
+        [
+            std::net::IpAddr::V4(env.pod("y").ip),
+            std::net::IpAddr::V4(env.pod("z").ip)
+        ]
+    );
+    let log = env.log(1);
+    for client in ["y", "z"] {
+        let ip = env.pod(client).ip.to_string();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("access") && l.contains(&ip) && l.contains(&a.to_string())),
+            "no access log for {client}:\n{log}"
+        );
+    }
 }

@@ -372,6 +372,14 @@ fn capture_rules_follow_the_enrolled_pods_and_survive_restarts() {
     assert_eq!(env.weft_rules(1), after, "a stopped weft leaves its rules");
     let ip_rules = env.bed.node(1).ns.ip(["rule", "show"]).unwrap();
     assert!(ip_rules.contains("lookup 100"), "{ip_rules}");
+    let nft_table = |env: &MeshEnv| {
+        env.bed
+            .node(1)
+            .ns
+            .exec("nft", ["list", "table", "ip", "weft"])
+            .is_ok()
+    };
+    assert!(nft_table(&env), "the after-DNAT capture stays too");
     // ... and `weft uninstall` removes everything.
     env.bed
         .node(1)
@@ -388,6 +396,7 @@ fn capture_rules_follow_the_enrolled_pods_and_survive_restarts() {
         .ip(["route", "show", "table", "100"])
         .unwrap();
     assert!(table.trim().is_empty(), "{table}");
+    assert!(!nft_table(&env), "the nftables table is left");
 }
 
 fn expect_reset(mut s: std::net::TcpStream, what: &str) -> Duration {

@@ -12,7 +12,7 @@ use nix::unistd::geteuid;
 use crate::registry;
 
 /// The programs the mesh and weft's mesh tests run.
-pub const REQUIRED_TOOLS: [&str; 4] = ["ip", "iptables", "iptables-restore", "tcpdump"];
+pub const REQUIRED_TOOLS: [&str; 5] = ["ip", "iptables", "iptables-restore", "nft", "tcpdump"];
 
 /// Why the machine cannot run mesh tests (the reason a skip message prints). `Clone`, since
 /// the answer is cached for the process: causes are kept as their text.
