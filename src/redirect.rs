@@ -12,9 +12,12 @@
 //! client's SYN retransmission reaches the next weft once it listens). A starting weft takes
 //! the chain over unchanged and rewrites it only after its first complete mesh load; a load
 //! that fails keeps the rules in force. Only `weft uninstall` ([`Redirector::uninstall`])
-//! removes them. IPv4
-//! only for now: pods' IPv6 addresses are not captured, and said so (a warning naming them
-//! here, and one per pod when a mesh file is loaded or checked).
+//! removes them.
+//!
+//! IPv6 is not captured; instead, the `WEFT_V6` chain of ip6tables' filter table refuses (TCP
+//! reset) every new IPv6 TCP connection to or from a local enrolled pod's IPv6 address, so
+//! that traffic never bypasses mTLS and policy; a warning names them here, `/config_dump`
+//! shows them pending with the reason, and `weft check` warns per pod.
 //!
 //! Only a connection's opening SYN is redirected (`--syn`): later packets of a captured
 //! connection reach weft's socket through the `-m socket --transparent` rule, and connections
@@ -28,7 +31,7 @@
 //! by the sender's outbound rule, as it would be across nodes.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +47,9 @@ pub const TPROXY_MARK: &str = "0x1/0x1";
 pub const ROUTE_TABLE: &str = "100";
 /// weft's chain in the mangle table.
 pub const CHAIN: &str = "WEFT_PRE";
+/// weft's IPv6 chain in the filter table: refuses the IPv6 TCP connections of local enrolled
+/// pods, which are not captured.
+pub const CHAIN_V6: &str = "WEFT_V6";
 
 /// Errors programming the capture.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +142,28 @@ pub fn rules(pods: &[PodRule], ports: &Ports) -> String {
     }
     out.push_str("COMMIT\n");
     out
+}
+
+/// The `ip6tables-restore` input refusing every new IPv6 TCP connection to or from these
+/// addresses (local enrolled pods' IPv6 addresses): IPv6 is not captured, so its traffic
+/// would otherwise bypass mTLS and policy. The node's own connections (kubelet probes) leave
+/// through OUTPUT and stay exempt, as for IPv4.
+pub fn rules_v6(v6: &[Ipv6Addr]) -> String {
+    let mut out = format!("*filter\n:{CHAIN_V6} - [0:0]\n");
+    for ip in v6 {
+        for side in ["-d", "-s"] {
+            out.push_str(&format!(
+                "-A {CHAIN_V6} -p tcp {side} {ip}/128 -m tcp --syn -j REJECT --reject-with tcp-reset\n"
+            ));
+        }
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// Whether the kernel has IPv6 at all (without it there is no IPv6 traffic to refuse).
+fn kernel_has_ipv6() -> bool {
+    std::path::Path::new("/proc/sys/net/ipv6").exists()
 }
 
 /// The nftables table holding the capture of connections DNATed to a pod (ClusterIPs and
@@ -402,8 +430,28 @@ impl Redirector {
         match run("iptables", &["-w", "-t", "mangle", "-S", CHAIN], None) {
             Ok(_) => {}
             // No such chain: a node weft has not run on (or after `weft uninstall`).
-            Err(RedirectError::Failed { .. }) => self.apply(&[])?,
+            Err(RedirectError::Failed { .. }) => self.apply(&[], &[])?,
             Err(e) => return Err(e),
+        }
+        if kernel_has_ipv6() {
+            match run("ip6tables", &["-w", "-S", CHAIN_V6], None) {
+                Ok(_) => {}
+                Err(RedirectError::Failed { .. }) => {
+                    run(
+                        "ip6tables-restore",
+                        &["-w", "5", "--noflush"],
+                        Some(&rules_v6(&[])),
+                    )?;
+                }
+                Err(e) => return Err(e),
+            }
+            if run("ip6tables", &["-w", "-C", "FORWARD", "-j", CHAIN_V6], None).is_err() {
+                run(
+                    "ip6tables",
+                    &["-w", "-I", "FORWARD", "1", "-j", CHAIN_V6],
+                    None,
+                )?;
+            }
         }
         match run("nft", &["list", "table", "ip", NFT_TABLE], None) {
             Ok(_) => {}
@@ -459,13 +507,21 @@ impl Redirector {
         Ok(())
     }
 
-    /// Rewrites the chain for exactly `pods`, in one transaction.
-    pub fn apply(&self, pods: &[PodRule]) -> Result<(), RedirectError> {
+    /// Rewrites the chains for exactly `pods` (and the refusal of `v6`, their IPv6
+    /// addresses), one transaction per tool.
+    pub fn apply(&self, pods: &[PodRule], v6: &[Ipv6Addr]) -> Result<(), RedirectError> {
         run(
             "iptables-restore",
             &["-w", "5", "--noflush"],
             Some(&rules(pods, &self.ports)),
         )?;
+        if kernel_has_ipv6() {
+            run(
+                "ip6tables-restore",
+                &["-w", "5", "--noflush"],
+                Some(&rules_v6(v6)),
+            )?;
+        }
         run("nft", &["-f", "-"], Some(&nft_rules(pods, &self.ports)))?;
         Ok(())
     }
@@ -504,6 +560,11 @@ impl Redirector {
         {}
         let _ = run("ip", &["-4", "route", "flush", "table", ROUTE_TABLE], None);
         let _ = run("nft", &["delete", "table", "ip", NFT_TABLE], None);
+        if kernel_has_ipv6() {
+            while run("ip6tables", &["-w", "-D", "FORWARD", "-j", CHAIN_V6], None).is_ok() {}
+            let _ = run("ip6tables", &["-w", "-F", CHAIN_V6], None);
+            let _ = run("ip6tables", &["-w", "-X", CHAIN_V6], None);
+        }
         Ok(())
     }
 
@@ -517,7 +578,7 @@ impl Redirector {
     ) -> tokio::task::JoinHandle<()> {
         let mut changes = store.subscribe();
         tokio::spawn(async move {
-            let mut applied: Option<Vec<PodRule>> = None;
+            let mut applied: Option<(Vec<PodRule>, Vec<Ipv6Addr>)> = None;
             let mut uncaptured: Vec<IpAddr> = Vec::new();
             loop {
                 if !store.loaded() {
@@ -542,7 +603,7 @@ impl Redirector {
                 drop(snap);
                 if v6 != uncaptured {
                     if !v6.is_empty() {
-                        tracing::warn!(addresses = ?v6, "IPv6 addresses of local enrolled pods are not captured (IPv4 only): their IPv6 traffic bypasses mTLS and policy");
+                        tracing::warn!(addresses = ?v6, "IPv6 addresses of local enrolled pods are not captured (IPv4 only): their IPv6 TCP connections are refused");
                     }
                     uncaptured = v6.clone();
                 }
@@ -583,12 +644,21 @@ impl Redirector {
                 }
                 let mut last_error = None;
                 let wanted = desired.clone();
+                let refused: Vec<Ipv6Addr> = v6
+                    .iter()
+                    .filter_map(|ip| match ip {
+                        IpAddr::V6(v6) => Some(*v6),
+                        IpAddr::V4(_) => None,
+                    })
+                    .collect();
+                let desired = (desired, refused);
                 if applied.as_ref() != Some(&desired) {
-                    let rules = desired.clone();
-                    let result = tokio::task::spawn_blocking(move || me.apply(&rules)).await;
+                    let (rules, refused) = desired.clone();
+                    let result =
+                        tokio::task::spawn_blocking(move || me.apply(&rules, &refused)).await;
                     match result {
                         Ok(Ok(())) => {
-                            tracing::info!(pods = desired.len(), "capture rules updated");
+                            tracing::info!(pods = desired.0.len(), "capture rules updated");
                             self.metrics.run(RunResult::Success);
                             applied = Some(desired);
                             self.applied
@@ -613,7 +683,7 @@ impl Redirector {
                     waiting_for_mesh: false,
                     generation,
                     pods: pod_captures(
-                        applied.as_deref().unwrap_or(&[]),
+                        applied.as_ref().map(|a| &a.0[..]).unwrap_or(&[]),
                         &wanted,
                         &missing,
                         &v6,
@@ -667,7 +737,7 @@ fn pod_captures(
     }));
     out.extend(v6.iter().map(|ip| PodCapture::Pending {
         ip: *ip,
-        reason: "IPv6 is not captured (IPv4 only)".to_string(),
+        reason: "IPv6 is not captured: its TCP connections are refused".to_string(),
     }));
     out
 }
@@ -706,6 +776,19 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_refusal_resets_new_tcp_connections_both_ways_and_nothing_else() {
+        let ip: Ipv6Addr = "fd00:10:244:1::a".parse().unwrap();
+        assert_eq!(
+            rules_v6(&[ip]),
+            "*filter\n:WEFT_V6 - [0:0]\n\
+             -A WEFT_V6 -p tcp -d fd00:10:244:1::a/128 -m tcp --syn -j REJECT --reject-with tcp-reset\n\
+             -A WEFT_V6 -p tcp -s fd00:10:244:1::a/128 -m tcp --syn -j REJECT --reject-with tcp-reset\n\
+             COMMIT\n"
+        );
+        assert_eq!(rules_v6(&[]), "*filter\n:WEFT_V6 - [0:0]\nCOMMIT\n");
+    }
+
+    #[test]
     fn each_pod_address_is_programmed_or_pending_with_its_reason() {
         let rule = |last: u8, veth: &str| PodRule {
             ip: Ipv4Addr::new(10, 0, 0, last),
@@ -735,7 +818,7 @@ mod tests {
                     "10.0.0.3".parse().unwrap(),
                     "no local interface for the pod yet"
                 ),
-                pending(v6, "IPv6 is not captured (IPv4 only)"),
+                pending(v6, "IPv6 is not captured: its TCP connections are refused"),
             ]
         );
         // Without a failure, wanted rules not yet in force are not reported twice.

@@ -286,3 +286,75 @@ fn connections_dnated_to_a_local_enrolled_pod_pass_weft_inbound_decision() {
         );
     }
 }
+
+#[test]
+fn ipv6_connections_to_and_from_enrolled_pods_are_refused_not_passed() {
+    let Some(mut env) = MeshEnv::start(
+        1,
+        &[("shop", true), ("legacy", false)],
+        &[
+            pod("a", 1, "shop"),
+            pod("y", 1, "legacy"),
+            pod("z", 1, "legacy"),
+        ],
+        &[],
+    ) else {
+        return;
+    };
+    for p in ["a", "y", "z"] {
+        let v6 = env.bed.add_ipv6(p).unwrap();
+        env.ipv6.insert(p, v6);
+    }
+    env.write_mesh();
+    env.wait_generation(1, 2);
+    // The capture follows the new generation a moment later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.admin_json(1, "/config_dump")["capture"]["generation"] != 2 {
+        assert!(Instant::now() < deadline, "capture never caught up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v6 = |p: &str| SocketAddr::new(std::net::IpAddr::V6(env.ipv6[p]), 8080);
+    let seen_a = record_accepts(env.pod("a").ns.tcp_listen(v6("a")).unwrap());
+    let seen_y = record_accepts(env.pod("y").ns.tcp_listen(v6("y")).unwrap());
+    let seen_z = record_accepts(env.pod("z").ns.tcp_listen(v6("z")).unwrap());
+    // The IPv6 path itself works: between two pods outside the mesh.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !plaintext_from(&env, "y", v6("z")) {
+        assert!(Instant::now() < deadline, "no IPv6 between y and z");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(seen_z.lock().unwrap().len(), 1);
+    // To and from the enrolled pod: refused.
+    assert!(
+        !plaintext_from(&env, "y", v6("a")),
+        "IPv6 into the enrolled pod"
+    );
+    assert!(
+        !plaintext_from(&env, "a", v6("y")),
+        "IPv6 out of the enrolled pod"
+    );
+    assert!(
+        seen_a.lock().unwrap().is_empty(),
+        "{:?}",
+        seen_a.lock().unwrap()
+    );
+    assert!(
+        seen_y.lock().unwrap().is_empty(),
+        "{:?}",
+        seen_y.lock().unwrap()
+    );
+    // Visible: the address is pending with the reason.
+    let capture = &env.admin_json(1, "/config_dump")["capture"];
+    let a6 = env.ipv6["a"].to_string();
+    let entry = capture["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["ip"] == a6.as_str())
+        .unwrap_or_else(|| panic!("{capture}"));
+    assert_eq!(entry["state"], "pending", "{capture}");
+    assert!(
+        entry["reason"].as_str().unwrap().contains("refused"),
+        "{capture}"
+    );
+}

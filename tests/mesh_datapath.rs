@@ -380,6 +380,15 @@ fn capture_rules_follow_the_enrolled_pods_and_survive_restarts() {
             .is_ok()
     };
     assert!(nft_table(&env), "the after-DNAT capture stays too");
+    let v6_chain = |env: &MeshEnv| {
+        env.bed
+            .node(1)
+            .ns
+            .exec("ip6tables-save", Vec::<String>::new())
+            .unwrap()
+            .contains("WEFT_V6")
+    };
+    assert!(v6_chain(&env), "the IPv6 refusal stays too");
     // ... and `weft uninstall` removes everything.
     env.bed
         .node(1)
@@ -397,6 +406,7 @@ fn capture_rules_follow_the_enrolled_pods_and_survive_restarts() {
         .unwrap();
     assert!(table.trim().is_empty(), "{table}");
     assert!(!nft_table(&env), "the nftables table is left");
+    assert!(!v6_chain(&env), "the IPv6 chain is left");
 }
 
 fn expect_reset(mut s: std::net::TcpStream, what: &str) -> Duration {

@@ -317,6 +317,51 @@ impl Testbed {
         Ok(pod)
     }
 
+    /// Gives pod `name` an IPv6 address beside its IPv4 one (dual stack, same node only: the
+    /// underlay stays IPv4): `fd00:10:244:<node>::<host>` from its IPv4 `10.244.<node>.<host>`,
+    /// routed by the node to the pod's veth, the pod's default route via `fe80::1` on the host
+    /// side. Returns the address.
+    pub fn add_ipv6(&self, name: &str) -> io::Result<std::net::Ipv6Addr> {
+        let pod =
+            self.pods.iter().find(|p| p.name == name).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("no pod {name:?}"))
+            })?;
+        let [_, _, node, host] = pod.ip.octets();
+        let v6 = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, node.into(), 0, 0, 0, host.into());
+        let node_ns = &self.node(pod.node).ns;
+        node_ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        node_ns.ip([
+            "-6",
+            "addr",
+            "replace",
+            "fe80::1/64",
+            "dev",
+            &pod.host_veth,
+            "nodad",
+        ])?;
+        node_ns.ip([
+            "-6",
+            "route",
+            "replace",
+            &format!("{v6}/128"),
+            "dev",
+            &pod.host_veth,
+        ])?;
+        pod.ns.ip([
+            "-6",
+            "addr",
+            "add",
+            &format!("{v6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        pod.ns.ip([
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ])?;
+        Ok(v6)
+    }
+
     /// The per-run name prefix of every namespace of this testbed, e.g. `wt12345a`.
     pub fn prefix(&self) -> &str {
         &self.prefix

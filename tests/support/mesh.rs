@@ -49,6 +49,8 @@ pub struct MeshEnv {
     pub services: Vec<SvcSpec>,
     pub daemons: Vec<Option<ChildGuard>>,
     pub extra_yaml: String,
+    /// IPv6 addresses given to pods (dual stack), listed in their `podIPs`.
+    pub ipv6: std::collections::BTreeMap<&'static str, std::net::Ipv6Addr>,
 }
 
 impl MeshEnv {
@@ -73,6 +75,7 @@ impl MeshEnv {
             services: services.to_vec(),
             daemons: Vec::new(),
             extra_yaml: String::new(),
+            ipv6: std::collections::BTreeMap::new(),
         };
         std::fs::write(env.mesh_path(), env.mesh_yaml()).unwrap();
         for i in 1..=nodes {
@@ -118,8 +121,13 @@ impl MeshEnv {
         for p in &self.pods {
             let ip = self.bed.pod(p.name).ip;
             let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let v6 = self
+                .ipv6
+                .get(p.name)
+                .map(|v6| format!(", {{ip: \"{v6}\"}}"))
+                .unwrap_or_default();
             y.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\nspec:\n  nodeName: node-{}\n  serviceAccountName: {}\n  containers: [{{name: app, image: app, ports: [{{name: http, containerPort: 8080}}]}}]\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs: [{{ip: {ip}}}]\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\nspec:\n  nodeName: node-{}\n  serviceAccountName: {}\n  containers: [{{name: app, image: app, ports: [{{name: http, containerPort: 8080}}]}}]\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs: [{{ip: {ip}}}{v6}]\n",
                 p.name, p.namespace, labels.join(", "), p.node, p.sa
             ));
         }

@@ -105,8 +105,8 @@ impl Parser<'_> {
                                     &[Seg::Key("status")],
                                     format!(
                                         "Pod {key}: its IPv6 address {v6} is not captured (weft \
-                                         captures IPv4 only): IPv6 traffic to and from it bypasses \
-                                         mTLS and policy"
+                                         captures IPv4 only): weft refuses IPv6 TCP connections to \
+                                         and from it"
                                     ),
                                 );
                             }
