@@ -407,6 +407,11 @@ fn capture_rules_follow_the_enrolled_pods_and_survive_restarts() {
     assert!(table.trim().is_empty(), "{table}");
     assert!(!nft_table(&env), "the nftables table is left");
     assert!(!v6_chain(&env), "the IPv6 chain is left");
+    assert_eq!(
+        env.firewall(1),
+        env.pristine[0],
+        "uninstall must leave the rules as they were before weft ran"
+    );
 }
 
 fn expect_reset(mut s: std::net::TcpStream, what: &str) -> Duration {

@@ -51,6 +51,8 @@ pub struct MeshEnv {
     pub extra_yaml: String,
     /// IPv6 addresses given to pods (dual stack), listed in their `podIPs`.
     pub ipv6: std::collections::BTreeMap<&'static str, std::net::Ipv6Addr>,
+    /// Each node's firewall and routing rules before any weft ran ([`MeshEnv::firewall`]).
+    pub pristine: Vec<String>,
 }
 
 impl MeshEnv {
@@ -76,7 +78,12 @@ impl MeshEnv {
             daemons: Vec::new(),
             extra_yaml: String::new(),
             ipv6: std::collections::BTreeMap::new(),
+            pristine: Vec::new(),
         };
+        for i in 1..=nodes {
+            let before = env.firewall(i);
+            env.pristine.push(before);
+        }
         std::fs::write(env.mesh_path(), env.mesh_yaml()).unwrap();
         for i in 1..=nodes {
             std::fs::write(
@@ -248,6 +255,49 @@ impl MeshEnv {
     }
 
     /// The mangle-table rules of weft's chain on a node.
+    /// The node's rules as weft could change them: every rule and user chain of
+    /// `iptables-save` and `ip6tables-save` (without comments and counters, and without the
+    /// built-in chains, which a table shows once anything loaded it), `ip rule`, the routes
+    /// of table 100, and the nftables tables other than the ones iptables itself keeps there
+    /// (whose rules `iptables-save` shows).
+    pub fn firewall(&self, node: usize) -> String {
+        let ns = &self.bed.node(node).ns;
+        let rules = |tool: &str| -> String {
+            let out = ns.exec(tool, Vec::<String>::new()).unwrap();
+            out.lines()
+                .filter(|l| {
+                    l.starts_with("-A")
+                        || (l.starts_with(':')
+                            && !l.starts_with(":PREROUTING ")
+                            && !l.starts_with(":INPUT ")
+                            && !l.starts_with(":FORWARD ")
+                            && !l.starts_with(":OUTPUT ")
+                            && !l.starts_with(":POSTROUTING "))
+                })
+                .map(|l| l.split(" [").next().unwrap_or(l))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        format!(
+            "iptables:\n{}\nip6tables:\n{}\nip rule:\n{}\ntable 100:\n{}\nnft:\n{}",
+            rules("iptables-save"),
+            rules("ip6tables-save"),
+            ns.ip(["rule", "show"]).unwrap(),
+            ns.ip(["route", "show", "table", "100"]).unwrap_or_default(),
+            ns.exec("nft", ["list", "tables"])
+                .unwrap()
+                .lines()
+                .filter(|t| {
+                    let mut words = t.split_whitespace().skip(1);
+                    let (family, name) = (words.next(), words.next());
+                    !(matches!(family, Some("ip" | "ip6"))
+                        && matches!(name, Some("filter" | "mangle" | "nat" | "raw" | "security")))
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    }
+
     pub fn weft_rules(&self, node: usize) -> Vec<String> {
         let out = self
             .bed
