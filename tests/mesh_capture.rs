@@ -17,12 +17,18 @@ use std::time::{Duration, Instant};
 
 use support::mesh::*;
 
-const STRICT: &str = "---
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: shop}
-spec: {mtls: {mode: STRICT}}
-";
+/// PeerAuthentication of namespace `shop` in `mode` (STRICT, PERMISSIVE).
+fn shop_mtls(mode: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {{name: shop-mtls, namespace: shop}}\nspec: {{mtls: {{mode: {mode}}}}}\n"
+    )
+}
+
+/// A mesh of `nodes` nodes, namespace `shop` enrolled and `legacy` not, with `pods`.
+fn shop_and_legacy(nodes: usize, pods: &[PodSpec]) -> Option<MeshEnv> {
+    MeshEnv::start(nodes, &[("shop", true), ("legacy", false)], pods, &[])
+}
 
 /// Accepts every connection to `addr` in the listener's pod and records the peer, so a test
 /// can tell whether anything reached the app.
@@ -80,15 +86,10 @@ fn readiness_after(env: &MeshEnv, wait: Duration) -> (u16, String) {
 
 #[test]
 fn an_enrolled_pod_takes_no_plaintext_while_weft_is_stopped_or_starting_without_a_mesh() {
-    let Some(mut env) = MeshEnv::start(
-        1,
-        &[("shop", true), ("legacy", false)],
-        &[pod("a", 1, "shop"), pod("y", 1, "legacy")],
-        &[],
-    ) else {
+    let Some(mut env) = shop_and_legacy(1, &[pod("a", 1, "shop"), pod("y", 1, "legacy")]) else {
         return;
     };
-    env.extra_yaml = STRICT.to_string();
+    env.extra_yaml = shop_mtls("STRICT");
     env.write_mesh();
     env.wait_generation(1, 2);
     let dst = env.addr("a", 8080);
@@ -187,28 +188,19 @@ fn an_enrolled_pod_takes_no_plaintext_while_weft_is_stopped_or_starting_without_
     );
 }
 
-const PERMISSIVE: &str = "---
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: shop}
-spec: {mtls: {mode: PERMISSIVE}}
-";
-
 #[test]
 fn connections_dnated_to_a_local_enrolled_pod_pass_weft_inbound_decision() {
-    let Some(mut env) = MeshEnv::start(
+    let Some(mut env) = shop_and_legacy(
         2,
-        &[("shop", true), ("legacy", false)],
         &[
             pod("a", 1, "shop"),
             pod("y", 1, "legacy"),
             pod("z", 2, "legacy"),
         ],
-        &[],
     ) else {
         return;
     };
-    env.extra_yaml = STRICT.to_string();
+    env.extra_yaml = shop_mtls("STRICT");
     env.write_mesh();
     env.wait_generation(1, 2);
     let a = env.addr("a", 8080);
@@ -263,7 +255,7 @@ fn connections_dnated_to_a_local_enrolled_pod_pass_weft_inbound_decision() {
     );
 
     // PERMISSIVE: both allowed through weft, the app seeing the real clients, and logged.
-    env.extra_yaml = PERMISSIVE.to_string();
+    env.extra_yaml = shop_mtls("PERMISSIVE");
     env.write_mesh();
     env.wait_generation(1, 3);
     assert!(plaintext_from(&env, "y", vip), "{}", env.log(1));
@@ -289,15 +281,13 @@ fn connections_dnated_to_a_local_enrolled_pod_pass_weft_inbound_decision() {
 
 #[test]
 fn ipv6_connections_to_and_from_enrolled_pods_are_refused_not_passed() {
-    let Some(mut env) = MeshEnv::start(
+    let Some(mut env) = shop_and_legacy(
         1,
-        &[("shop", true), ("legacy", false)],
         &[
             pod("a", 1, "shop"),
             pod("y", 1, "legacy"),
             pod("z", 1, "legacy"),
         ],
-        &[],
     ) else {
         return;
     };
