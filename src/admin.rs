@@ -561,10 +561,23 @@ pub fn start(
     shutdown: watch::Receiver<bool>,
 ) -> Result<AdminServers, AdminError> {
     let l = &ctx.config.listen;
+    // Capturing, the ports are shared (`SO_REUSEPORT`) like the data path's, so a new weft
+    // starts beside a draining one.
+    let shared = ctx.config.redirect == crate::config::Redirect::Tproxy;
     let bind = |what: &'static str, addr: SocketAddr| {
-        std::net::TcpListener::bind(addr)
-            .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            .map_err(|source| AdminError::Bind { what, addr, source })
+        let listen = || -> std::io::Result<std::net::TcpListener> {
+            let domain = socket2::Domain::for_address(addr);
+            let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            if shared {
+                s.set_reuse_port(true)?;
+            }
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            Ok(s.into())
+        };
+        listen().map_err(|source| AdminError::Bind { what, addr, source })
     };
     let admin_l = bind("admin", l.admin)?;
     let metrics_l = bind("metrics", l.metrics)?;

@@ -193,6 +193,9 @@ impl Daemon {
                         return Err(e);
                     }
                 }
+                if let Err(e) = crate::proxy::socket::enable_listener_handover() {
+                    tracing::warn!(error = %e, "cannot enable net.ipv4.tcp_migrate_req: connections queued on a stopping weft's listeners are reset instead of handed to the next");
+                }
                 tasks.push(r.clone().follow(
                     store.clone(),
                     config.node_name.clone(),

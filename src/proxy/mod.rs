@@ -84,6 +84,18 @@ impl ProxyCtx {
         Identity::new(&self.trust_domain, &w.namespace, &w.service_account).ok()
     }
 
+    /// Whether connections can be served: a mesh is loaded and every local enrolled
+    /// identity has its certificate.
+    pub fn can_serve(&self) -> bool {
+        self.store.loaded()
+            && self
+                .store
+                .snapshot()
+                .local_identities(&self.node, &self.trust_domain)
+                .iter()
+                .all(|id| self.certs.get(id).is_some())
+    }
+
     /// The compiled policies of `snap` (compiled once per generation, on first use).
     pub fn authz(&self, snap: &Snapshot) -> Arc<Authz> {
         self.policies.get(snap.generation, &snap.mesh)
@@ -149,8 +161,24 @@ impl Proxy {
         listeners: Listeners,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Proxy, ProxyError> {
-        let bind = |what, addr| {
-            socket::listen(addr, ctx.mode).map_err(|source| ProxyError::Bind { what, addr, source })
+        // Capturing, a listener is bound now (a port taken by something else fails here) and
+        // listens from the first complete mesh load on; otherwise it listens at once.
+        let bind = |what, addr| -> Result<Listener, ProxyError> {
+            let bound = socket::bind(addr, ctx.mode).map_err(|source| ProxyError::Bind {
+                what,
+                addr,
+                source,
+            })?;
+            Ok(match ctx.mode {
+                SocketMode::Transparent => Listener::Deferred(bound),
+                SocketMode::Plain => Listener::Listening(
+                    socket::listen_on(bound).map_err(|source| ProxyError::Bind {
+                        what,
+                        addr,
+                        source,
+                    })?,
+                ),
+            })
         };
         let out = bind("outbound", listeners.outbound)?;
         let plain = bind("inboundPlaintext", listeners.inbound_plaintext)?;
@@ -202,8 +230,14 @@ impl Proxy {
     }
 }
 
+/// A data-path listener: listening, or bound and waiting for the first mesh load.
+enum Listener {
+    Listening(TcpListener),
+    Deferred(socket2::Socket),
+}
+
 fn accept_loop<F, Fut>(
-    listener: TcpListener,
+    listener: Listener,
     ctx: Arc<ProxyCtx>,
     mut shutdown: watch::Receiver<bool>,
     handler: F,
@@ -213,6 +247,31 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     tokio::spawn(async move {
+        let listener = match listener {
+            Listener::Listening(l) => l,
+            Listener::Deferred(socket) => {
+                // Captured connections are taken only once they can be served: the first
+                // complete mesh load done and every local identity's certificate issued. Until
+                // then the kernel hands them to a weft still running beside this one (the port
+                // is shared), or TPROXY drops them and the client sends them again.
+                let mut changes = ctx.store.subscribe();
+                while !ctx.can_serve() {
+                    tokio::select! {
+                        r = changes.changed() => if r.is_err() { return },
+                        // Certificates are issued without a notification: look again soon.
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        _ = crate::sync::shut_down(&mut shutdown) => return,
+                    }
+                }
+                match socket::listen_on(socket) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen");
+                        return;
+                    }
+                }
+            }
+        };
         loop {
             tokio::select! {
                 r = listener.accept() => match r {

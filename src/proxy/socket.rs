@@ -27,6 +27,15 @@ pub enum SocketMode {
 /// Binds a listener; in transparent mode it accepts connections for any destination that
 /// TPROXY sends it, and the accepted socket's local address is the original destination.
 pub fn listen(addr: SocketAddr, mode: SocketMode) -> io::Result<TcpListener> {
+    listen_on(bind(addr, mode)?)
+}
+
+/// Binds a listener's socket without listening yet (a bound socket takes no connection). In
+/// transparent mode the port is shared (`SO_REUSEPORT`): a new weft binds beside a draining
+/// one and takes the connections the kernel hands its socket; with `tcp_migrate_req` (see
+/// [`enable_listener_handover`]) those queued on the old one move to it when the old one
+/// closes.
+pub fn bind(addr: SocketAddr, mode: SocketMode) -> io::Result<Socket> {
     let domain = if addr.is_ipv4() {
         Domain::IPV4
     } else {
@@ -37,11 +46,24 @@ pub fn listen(addr: SocketAddr, mode: SocketMode) -> io::Result<TcpListener> {
     if mode == SocketMode::Transparent {
         set_transparent(&s, addr.ip())?;
         s.set_mark(WEFT_MARK)?;
+        s.set_reuse_port(true)?;
     }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
+    Ok(s)
+}
+
+/// Starts listening on a socket from [`bind`].
+pub fn listen_on(s: Socket) -> io::Result<TcpListener> {
     s.listen(1024)?;
     TcpListener::from_std(s.into())
+}
+
+/// Lets a closing listener hand the connections queued on it to another listener of its
+/// port (`net.ipv4.tcp_migrate_req`, Linux 5.14, per network namespace), so a weft that
+/// stops beside a new one drops none of them.
+pub fn enable_listener_handover() -> io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
 }
 
 fn set_transparent(s: &Socket, ip: IpAddr) -> io::Result<()> {
