@@ -141,15 +141,10 @@ impl AdminContext {
                 return Err(NotReady::CaptureBehind(snap.generation));
             }
         }
-        let wanted = snap.local_identities(&self.config.node_name, &self.config.trust_domain);
-        let missing: Vec<String> = wanted
+        let missing: Vec<String> = self
+            .proxy
+            .missing_certificates(&snap)
             .iter()
-            .filter(|id| {
-                // A certificate whose renewals kept failing past its expiry does not count.
-                self.certs
-                    .get(id)
-                    .is_none_or(|c| c.not_after <= SystemTime::now())
-            })
             .map(|id| id.to_string())
             .collect();
         if missing.is_empty() {
@@ -565,19 +560,11 @@ pub fn start(
     // starts beside a draining one.
     let shared = ctx.config.redirect == crate::config::Redirect::Tproxy;
     let bind = |what: &'static str, addr: SocketAddr| {
-        let listen = || -> std::io::Result<std::net::TcpListener> {
-            let domain = socket2::Domain::for_address(addr);
-            let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-            s.set_reuse_address(true)?;
-            if shared {
-                s.set_reuse_port(true)?;
-            }
-            s.set_nonblocking(true)?;
-            s.bind(&addr.into())?;
-            s.listen(1024)?;
-            Ok(s.into())
-        };
-        listen().map_err(|source| AdminError::Bind { what, addr, source })
+        crate::proxy::socket::listen_plain(addr, shared).map_err(|source| AdminError::Bind {
+            what,
+            addr,
+            source,
+        })
     };
     let admin_l = bind("admin", l.admin)?;
     let metrics_l = bind("metrics", l.metrics)?;

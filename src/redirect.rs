@@ -161,6 +161,20 @@ pub fn rules_v6(v6: &[Ipv6Addr]) -> String {
     out
 }
 
+/// Runs `create` when `program args` (a listing) answers that the object is missing; a
+/// listing that cannot be run at all is an error (a missing tool must fail start-up).
+fn unless_present(
+    program: &str,
+    args: &[&str],
+    create: impl FnOnce() -> Result<String, RedirectError>,
+) -> Result<(), RedirectError> {
+    match run(program, args, None) {
+        Ok(_) => Ok(()),
+        Err(RedirectError::Failed { .. }) => create().map(drop),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether the kernel has IPv6 at all (without it there is no IPv6 traffic to refuse).
 fn kernel_has_ipv6() -> bool {
     std::path::Path::new("/proc/sys/net/ipv6").exists()
@@ -427,24 +441,26 @@ impl Redirector {
     /// to it and the policy routing are added where missing. Checks on the way that the tools
     /// exist and the kernel takes the rules.
     pub fn install(&self) -> Result<(), RedirectError> {
-        match run("iptables", &["-w", "-t", "mangle", "-S", CHAIN], None) {
-            Ok(_) => {}
-            // No such chain: a node weft has not run on (or after `weft uninstall`).
-            Err(RedirectError::Failed { .. }) => self.apply(&[], &[])?,
-            Err(e) => return Err(e),
-        }
+        // Each piece is created empty only where it is missing (a node weft has not run on,
+        // or after `weft uninstall`); one in force is never rewritten here.
+        unless_present("iptables", &["-w", "-t", "mangle", "-S", CHAIN], || {
+            run(
+                "iptables-restore",
+                &["-w", "5", "--noflush"],
+                Some(&rules(&[], &self.ports)),
+            )
+        })?;
+        unless_present("nft", &["list", "table", "ip", NFT_TABLE], || {
+            run("nft", &["-f", "-"], Some(&nft_rules(&[], &self.ports)))
+        })?;
         if kernel_has_ipv6() {
-            match run("ip6tables", &["-w", "-S", CHAIN_V6], None) {
-                Ok(_) => {}
-                Err(RedirectError::Failed { .. }) => {
-                    run(
-                        "ip6tables-restore",
-                        &["-w", "5", "--noflush"],
-                        Some(&rules_v6(&[])),
-                    )?;
-                }
-                Err(e) => return Err(e),
-            }
+            unless_present("ip6tables", &["-w", "-S", CHAIN_V6], || {
+                run(
+                    "ip6tables-restore",
+                    &["-w", "5", "--noflush"],
+                    Some(&rules_v6(&[])),
+                )
+            })?;
             if run("ip6tables", &["-w", "-C", "FORWARD", "-j", CHAIN_V6], None).is_err() {
                 run(
                     "ip6tables",
@@ -452,13 +468,6 @@ impl Redirector {
                     None,
                 )?;
             }
-        }
-        match run("nft", &["list", "table", "ip", NFT_TABLE], None) {
-            Ok(_) => {}
-            Err(RedirectError::Failed { .. }) => {
-                run("nft", &["-f", "-"], Some(&nft_rules(&[], &self.ports)))?;
-            }
-            Err(e) => return Err(e),
         }
         if run(
             "iptables",
@@ -579,7 +588,7 @@ impl Redirector {
         let mut changes = store.subscribe();
         tokio::spawn(async move {
             let mut applied: Option<(Vec<PodRule>, Vec<Ipv6Addr>)> = None;
-            let mut uncaptured: Vec<IpAddr> = Vec::new();
+            let mut uncaptured: Vec<Ipv6Addr> = Vec::new();
             loop {
                 if !store.loaded() {
                     // Until the first complete mesh load the chain in force (a previous
@@ -593,11 +602,11 @@ impl Redirector {
                 }
                 let snap = store.snapshot();
                 let generation = snap.generation;
-                let (mut ips, mut v6): (Vec<Ipv4Addr>, Vec<IpAddr>) = (Vec::new(), Vec::new());
+                let (mut ips, mut v6): (Vec<Ipv4Addr>, Vec<Ipv6Addr>) = (Vec::new(), Vec::new());
                 for ip in snap.local_enrolled(&node).flat_map(|w| w.ips.iter()) {
                     match ip {
-                        IpAddr::V4(v4) => ips.push(*v4),
-                        IpAddr::V6(_) => v6.push(*ip),
+                        IpAddr::V4(ip) => ips.push(*ip),
+                        IpAddr::V6(ip) => v6.push(*ip),
                     }
                 }
                 drop(snap);
@@ -644,14 +653,7 @@ impl Redirector {
                 }
                 let mut last_error = None;
                 let wanted = desired.clone();
-                let refused: Vec<Ipv6Addr> = v6
-                    .iter()
-                    .filter_map(|ip| match ip {
-                        IpAddr::V6(v6) => Some(*v6),
-                        IpAddr::V4(_) => None,
-                    })
-                    .collect();
-                let desired = (desired, refused);
+                let desired = (desired, v6.clone());
                 if applied.as_ref() != Some(&desired) {
                     let (rules, refused) = desired.clone();
                     let result =
@@ -713,7 +715,7 @@ fn pod_captures(
     programmed: &[PodRule],
     wanted: &[PodRule],
     missing: &[Ipv4Addr],
-    v6: &[IpAddr],
+    v6: &[Ipv6Addr],
     failed: Option<&str>,
 ) -> Vec<PodCapture> {
     let mut out: Vec<PodCapture> = programmed
@@ -736,7 +738,7 @@ fn pod_captures(
         reason: "no local interface for the pod yet".to_string(),
     }));
     out.extend(v6.iter().map(|ip| PodCapture::Pending {
-        ip: *ip,
+        ip: IpAddr::V6(*ip),
         reason: "IPv6 is not captured: its TCP connections are refused".to_string(),
     }));
     out
@@ -794,7 +796,7 @@ mod tests {
             ip: Ipv4Addr::new(10, 0, 0, last),
             veth: veth.into(),
         };
-        let v6: IpAddr = "fd00::1".parse().unwrap();
+        let v6: Ipv6Addr = "fd00::1".parse().unwrap();
         let pods = pod_captures(
             &[rule(1, "va")],
             &[rule(1, "va"), rule(2, "vb")],
@@ -818,7 +820,10 @@ mod tests {
                     "10.0.0.3".parse().unwrap(),
                     "no local interface for the pod yet"
                 ),
-                pending(v6, "IPv6 is not captured: its TCP connections are refused"),
+                pending(
+                    IpAddr::V6(v6),
+                    "IPv6 is not captured: its TCP connections are refused"
+                ),
             ]
         );
         // Without a failure, wanted rules not yet in force are not reported twice.

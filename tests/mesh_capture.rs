@@ -62,14 +62,18 @@ fn plaintext_gets_through(env: &MeshEnv, dst: SocketAddr) -> bool {
 
 /// Pod `from` tries a plaintext exchange with `dst`; true when the app answered.
 fn plaintext_from(env: &MeshEnv, from: &str, dst: SocketAddr) -> bool {
+    exchange(&env.pod(from).ns, dst, Duration::from_secs(2)).is_ok()
+}
+
+/// One exchange with a [`record_accepts`] app from `ns`: connect, send 5 bytes, read its
+/// one-byte answer, each step within `timeout`.
+fn exchange(ns: &weft_testbed::Netns, dst: SocketAddr, timeout: Duration) -> std::io::Result<()> {
     use std::io::{Read, Write};
-    let Ok(mut s) = env.pod(from).ns.tcp_connect(dst, Duration::from_secs(2)) else {
-        return false;
-    };
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let _ = s.write_all(b"hello");
+    let mut s = ns.tcp_connect(dst, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"hello")?;
     let mut b = [0u8; 1];
-    matches!(s.read(&mut b), Ok(1))
+    s.read_exact(&mut b)
 }
 
 /// Polls readiness for `wait`; the last status seen.
@@ -434,15 +438,7 @@ fn a_weft_restarted_beside_the_old_one_loses_no_connection_under_load() {
             let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let r = (|| -> std::io::Result<()> {
-                        let mut s = ns.tcp_connect(short, Duration::from_secs(5))?;
-                        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                        s.write_all(b"hello")?;
-                        let mut b = [0u8; 1];
-                        s.read_exact(&mut b)?;
-                        Ok(())
-                    })();
-                    match r {
+                    match exchange(&ns, short, Duration::from_secs(5)) {
                         Ok(()) => done.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
                             failed.lock().unwrap().push(format!("{from}: {e}"));

@@ -84,16 +84,21 @@ impl ProxyCtx {
         Identity::new(&self.trust_domain, &w.namespace, &w.service_account).ok()
     }
 
+    /// The local enrolled identities of `snap` without a usable certificate: none issued
+    /// yet, or one whose renewals kept failing past its expiry. Readiness reports them; the
+    /// listeners wait for none to be left.
+    pub fn missing_certificates(&self, snap: &Snapshot) -> Vec<Identity> {
+        let now = std::time::SystemTime::now();
+        snap.local_identities(&self.node, &self.trust_domain)
+            .into_iter()
+            .filter(|id| self.certs.get(id).is_none_or(|c| c.not_after <= now))
+            .collect()
+    }
+
     /// Whether connections can be served: a mesh is loaded and every local enrolled
-    /// identity has its certificate.
+    /// identity has a usable certificate.
     pub fn can_serve(&self) -> bool {
-        self.store.loaded()
-            && self
-                .store
-                .snapshot()
-                .local_identities(&self.node, &self.trust_domain)
-                .iter()
-                .all(|id| self.certs.get(id).is_some())
+        self.store.loaded() && self.missing_certificates(&self.store.snapshot()).is_empty()
     }
 
     /// The compiled policies of `snap` (compiled once per generation, on first use).

@@ -36,18 +36,37 @@ pub fn listen(addr: SocketAddr, mode: SocketMode) -> io::Result<TcpListener> {
 /// [`enable_listener_handover`]) those queued on the old one move to it when the old one
 /// closes.
 pub fn bind(addr: SocketAddr, mode: SocketMode) -> io::Result<Socket> {
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    let transparent = mode == SocketMode::Transparent;
+    bound(addr, transparent, |s| {
+        if transparent {
+            set_transparent(s, addr.ip())?;
+            s.set_mark(WEFT_MARK)?;
+        }
+        Ok(())
+    })
+}
+
+/// A plain listener (admin, metrics, readiness), its port shared with `SO_REUSEPORT` when
+/// `shared` (capturing: a new weft starts beside a draining one).
+pub fn listen_plain(addr: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
+    let s = bound(addr, shared, |_| Ok(()))?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// A non-blocking TCP socket bound to `addr` (address reuse on, the port shared when
+/// `share_port`), `setup` applied before binding.
+fn bound(
+    addr: SocketAddr,
+    share_port: bool,
+    setup: impl FnOnce(&Socket) -> io::Result<()>,
+) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
-    if mode == SocketMode::Transparent {
-        set_transparent(&s, addr.ip())?;
-        s.set_mark(WEFT_MARK)?;
+    if share_port {
         s.set_reuse_port(true)?;
     }
+    setup(&s)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     Ok(s)
