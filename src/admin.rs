@@ -486,12 +486,37 @@ fn ready(ctx: &AdminContext, method: &Method) -> Response<Body> {
         return method_not_allowed("GET");
     }
     match ctx.readiness() {
-        Ok(()) => text(StatusCode::OK, "ready\n"),
+        // Ready, but say it when local enrolled pods' IPv6 is refused rather than captured.
+        Ok(()) => match ctx.redirect.as_ref().map(|r| r.status()) {
+            Some(status) => match (status.ipv6_refused, refused_ipv6(&status.pods)) {
+                (Some(why), n) if n > 0 => text(
+                    StatusCode::OK,
+                    format!("ready; IPv6 of local enrolled pods is refused, not captured ({n} addresses): {why}\n"),
+                ),
+                _ => text(StatusCode::OK, "ready\n"),
+            },
+            None => text(StatusCode::OK, "ready\n"),
+        },
         Err(why) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),
         ),
     }
+}
+
+/// How many IPv6 addresses of local enrolled pods the capture refuses.
+fn refused_ipv6(pods: &[crate::redirect::PodCapture]) -> usize {
+    pods.iter()
+        .filter(|p| {
+            matches!(
+                p,
+                crate::redirect::PodCapture::Pending {
+                    ip: std::net::IpAddr::V6(_),
+                    ..
+                }
+            )
+        })
+        .count()
 }
 
 fn metrics(ctx: &AdminContext, req: &Request<Incoming>) -> Response<Body> {

@@ -59,6 +59,8 @@ struct RawConfig {
     #[serde(default)]
     redirect: Option<Redirect>,
     #[serde(default)]
+    ipv6: Option<Ipv6>,
+    #[serde(default)]
     waypoint: RawWaypoint,
     #[serde(default)]
     worker_threads: Option<i64>,
@@ -165,6 +167,17 @@ pub enum Redirect {
     Tproxy,
     /// No capture: traffic is sent to the listeners directly (tests, benches).
     None,
+}
+
+/// What capture does with local enrolled pods' IPv6 connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ipv6 {
+    /// Captured like IPv4 (refused where that cannot be programmed).
+    #[default]
+    Capture,
+    /// Refused (TCP reset), never captured: for nodes whose IPv6 weft should not carry.
+    Refuse,
 }
 
 /// Where the mesh comes from.
@@ -285,6 +298,8 @@ pub struct Config {
     pub listen: Listeners,
     /// Capture mode.
     pub redirect: Redirect,
+    /// IPv6 capture (`ipv6`).
+    pub ipv6: Ipv6,
     /// The in-binary waypoint's settings.
     pub waypoint: WaypointConfig,
     /// Data-path worker threads.
@@ -502,6 +517,7 @@ impl Config {
             cert_ttl,
             listen,
             redirect: raw.redirect.unwrap_or(Redirect::Tproxy),
+            ipv6: raw.ipv6.unwrap_or_default(),
             waypoint: WaypointConfig {
                 jwks_ca_file: raw.waypoint.jwks_ca_file.map(|f| base.join(f)),
             },
@@ -561,6 +577,7 @@ mod tests {
         assert_eq!(c.listen.admin, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(c.listen.hbone, "0.0.0.0:15008".parse().unwrap());
         assert_eq!(c.redirect, Redirect::Tproxy);
+        assert_eq!(c.ipv6, Ipv6::Capture);
         assert_eq!(c.worker_threads, default_worker_threads());
         assert_eq!(c.drain_grace, DEFAULT_DRAIN_GRACE);
     }
@@ -675,6 +692,18 @@ mod tests {
                 .to_string();
         assert!(e.starts_with("/etc/weft/weft.yaml:5: "), "{e}");
         assert!(e.contains("unknown field `hbon`"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_capture_can_be_turned_into_refusal_and_nothing_else() {
+        let base = "nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\n";
+        let c = parse(&format!("{base}ipv6: refuse\n")).unwrap();
+        assert_eq!(c.ipv6, Ipv6::Refuse);
+        let e = parse(&format!("{base}ipv6: pass\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/etc/weft/weft.yaml:4: "), "{e}");
+        assert!(e.contains("unknown variant `pass`"), "{e}");
     }
 
     #[test]

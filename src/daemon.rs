@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::admin::{self, AdminContext};
 use crate::authz::AuthzCache;
-use crate::config::{CaSource, Config, MeshSource, Redirect};
+use crate::config::{CaSource, Config, Ipv6, MeshSource, Redirect};
 use crate::identity::ca::{BuiltinCa, CertificateAuthority};
 use crate::identity::istio::IstioCa;
 use crate::identity::manager::CertManager;
@@ -164,8 +164,17 @@ impl Daemon {
                 }
             }
         };
-        // Capture: rules first (a missing iptables or a refused rule fails start-up), kept
-        // in step with the state by a task.
+        // The listeners are bound first (capturing, they listen only once weft can serve):
+        // whether IPv6 has listeners decides whether it is captured or refused.
+        let proxy = match Proxy::start(proxy_ctx.clone(), listeners, shutdown_rx.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                stop_tasks(&shutdown, tasks).await;
+                return Err(e.into());
+            }
+        };
+        // Capture: a missing iptables or a refused rule fails start-up; kept in step with the
+        // state by a task.
         let redirector = match config.redirect {
             Redirect::None => None,
             Redirect::Tproxy => {
@@ -176,6 +185,10 @@ impl Daemon {
                         hbone: listeners.hbone,
                     },
                     metrics.capture.clone(),
+                    match (config.ipv6, proxy.ipv6_unavailable()) {
+                        (Ipv6::Refuse, _) => Some("ipv6: refuse in the config".to_string()),
+                        (Ipv6::Capture, why) => why.map(str::to_string),
+                    },
                 ));
                 let installer = r.clone();
                 let installed = tokio::task::spawn_blocking(move || installer.install())
@@ -186,10 +199,12 @@ impl Daemon {
                     // The rules in force (if any) stay: fail closed.
                     Ok(Err(e)) => {
                         stop_tasks(&shutdown, tasks).await;
+                        proxy.drain(Duration::ZERO).await;
                         return Err(e.into());
                     }
                     Err(e) => {
                         stop_tasks(&shutdown, tasks).await;
+                        proxy.drain(Duration::ZERO).await;
                         return Err(e);
                     }
                 }
@@ -202,13 +217,6 @@ impl Daemon {
                     shutdown_rx.clone(),
                 ));
                 Some(r)
-            }
-        };
-        let proxy = match Proxy::start(proxy_ctx.clone(), listeners, shutdown_rx.clone()) {
-            Ok(p) => p,
-            Err(e) => {
-                stop_tasks(&shutdown, tasks).await;
-                return Err(e.into());
             }
         };
         let ctx = Arc::new(AdminContext {

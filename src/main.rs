@@ -45,8 +45,9 @@ enum Command {
         #[command(subcommand)]
         command: weft::ctl::CtlCommand,
     },
-    /// Remove every capture rule and route weft installed on this node (the `WEFT_PRE` chain
-    /// and its jump, the policy-routing rule and table). For taking weft off a node: a
+    /// Remove every capture rule and route weft installed on this node (the `WEFT_PRE` chains
+    /// and their jumps, the nftables tables, the IPv6 refusal chain, the policy-routing rules
+    /// and table 100, for IPv4 and IPv6). For taking weft off a node: a
     /// stopped weft leaves its capture in force, so enrolled pods take no connection while
     /// no weft runs.
     Uninstall,
@@ -55,6 +56,10 @@ enum Command {
         /// The mesh file (Kubernetes-style YAML).
         #[arg(long)]
         mesh: PathBuf,
+        /// The daemon config of the node this runs on: also warn about enrolled pods' IPv6
+        /// addresses that capture would refuse there, and why.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -117,7 +122,11 @@ fn real_main() -> anyhow::Result<ExitCode> {
             println!("capture rules and routes removed");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { mesh } => Ok(weft::check::run(&mesh, &mut std::io::stdout())),
+        Command::Check { mesh, config } => Ok(weft::check::run(
+            &mesh,
+            config.as_deref(),
+            &mut std::io::stdout(),
+        )),
         Command::Ctl { admin, command } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -14,10 +14,16 @@
 //! that fails keeps the rules in force. Only `weft uninstall` ([`Redirector::uninstall`])
 //! removes them.
 //!
-//! IPv6 is not captured; instead, the `WEFT_V6` chain of ip6tables' filter table refuses (TCP
-//! reset) every new IPv6 TCP connection to or from a local enrolled pod's IPv6 address, so
-//! that traffic never bypasses mTLS and policy; a warning names them here, `/config_dump`
-//! shows them pending with the reason, and `weft check` warns per pod.
+//! IPv6 is captured as IPv4 is: the same `WEFT_PRE` chain in ip6tables' mangle table, an
+//! `ip6 weft` nftables table for DNATed connections, and `fwmark` routing in IPv6's table
+//! 100, sending dual-stack pods' IPv6 connections to weft's IPv6 listeners (`[::]`, bound
+//! beside the IPv4 ones). Behind it, the `WEFT_V6` chain of ip6tables' filter table refuses
+//! (TCP reset) every new IPv6 TCP connection to or from a local enrolled pod's IPv6 address
+//! that reaches FORWARD, that is, one the capture did not take. Captured connections are
+//! delivered locally and never pass FORWARD, so the chain only ever sees the ones that would
+//! have gone around weft: an address with no interface yet, or every address where IPv6
+//! capture cannot be programmed (no IPv6 listener, no IPv6 TPROXY, `ipv6: refuse`). Then
+//! the reason is logged, shown per address in `/config_dump` and by readiness.
 //!
 //! Only a connection's opening SYN is redirected (`--syn`): later packets of a captured
 //! connection reach weft's socket through the `-m socket --transparent` rule, and connections
@@ -31,7 +37,7 @@
 //! by the sender's outbound rule, as it would be across nodes.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,7 +54,7 @@ pub const ROUTE_TABLE: &str = "100";
 /// weft's chain in the mangle table.
 pub const CHAIN: &str = "WEFT_PRE";
 /// weft's IPv6 chain in the filter table: refuses the IPv6 TCP connections of local enrolled
-/// pods, which are not captured.
+/// pods that were not captured.
 pub const CHAIN_V6: &str = "WEFT_V6";
 
 /// Errors programming the capture.
@@ -83,26 +89,95 @@ pub struct Ports {
     pub hbone: SocketAddr,
 }
 
-/// One local enrolled pod: its address and the node-side interface its traffic enters by.
+/// One address of a local enrolled pod and the node-side interface its traffic enters by.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PodRule {
-    /// The pod's IPv4 address.
-    pub ip: Ipv4Addr,
+    /// The pod's address (IPv4 rules for `iptables`, IPv6 ones for `ip6tables`).
+    pub ip: IpAddr,
     /// The host-side interface (found from the route to the pod).
     pub veth: String,
 }
 
-fn on(addr: SocketAddr) -> String {
+/// An IP family: which tools, tables and listeners a rule is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `iptables`, `ip weft`, `ip -4`.
+    V4,
+    /// `ip6tables`, `ip6 weft`, `ip -6`.
+    V6,
+}
+
+impl Family {
+    /// The family of `ip`.
+    pub fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
+    fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+
+    fn tables(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    /// `-4` / `-6` for `ip`.
+    fn ip_flag(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+
+    /// The nftables family (and address keyword).
+    fn nft(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    fn any(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0/0",
+            Family::V6 => "::/0",
+        }
+    }
+}
+
+/// The TPROXY target's address: the listener's own when it is of the rules' family and not
+/// unspecified, otherwise its port only (IPv6 rules reach the `[::]` listeners).
+fn on(addr: SocketAddr, family: Family) -> String {
     match addr.ip() {
-        IpAddr::V4(ip) if !ip.is_unspecified() => {
+        ip if !ip.is_unspecified() && Family::of(ip) == family => {
             format!("--on-ip {ip} --on-port {}", addr.port())
         }
         _ => format!("--on-port {}", addr.port()),
     }
 }
 
-/// The `iptables-restore` input for exactly these pods.
-pub fn rules(pods: &[PodRule], ports: &Ports) -> String {
+/// `ip/len` naming exactly `ip`.
+fn host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(ip) => format!("{ip}/32"),
+        IpAddr::V6(ip) => format!("{ip}/128"),
+    }
+}
+
+/// The `iptables-restore` (`family` V4) or `ip6tables-restore` (V6) input for exactly these
+/// pods' addresses of that family (others are left out).
+pub fn rules(pods: &[PodRule], ports: &Ports, family: Family) -> String {
+    let pods: Vec<&PodRule> = pods.iter().filter(|p| Family::of(p.ip) == family).collect();
     let mut out = String::new();
     out.push_str("*mangle\n");
     out.push_str(&format!(":{CHAIN} - [0:0]\n"));
@@ -118,26 +193,27 @@ pub fn rules(pods: &[PodRule], ports: &Ports) -> String {
     out.push_str(&format!(
         "-A {CHAIN} -m mark --mark {TPROXY_MARK} -j RETURN\n"
     ));
-    for p in pods {
+    // One pod may have several addresses of a family on one interface: one outbound rule.
+    let mut seen = std::collections::BTreeSet::new();
+    for veth in pods.iter().map(|p| &p.veth).filter(|v| seen.insert(*v)) {
         out.push_str(&format!(
-            "-A {CHAIN} -p tcp -i {} -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
-            p.veth,
-            on(ports.outbound)
+            "-A {CHAIN} -p tcp -i {veth} -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
+            on(ports.outbound, family)
         ));
     }
-    for p in pods {
+    for p in &pods {
         out.push_str(&format!(
-            "-A {CHAIN} -p tcp -d {}/32 --dport {} ! -i {} -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
-            p.ip,
+            "-A {CHAIN} -p tcp -d {} --dport {} ! -i {} -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
+            host(p.ip),
             ports.hbone.port(),
             p.veth,
-            on(ports.hbone)
+            on(ports.hbone, family)
         ));
         out.push_str(&format!(
-            "-A {CHAIN} -p tcp -d {}/32 ! -i {} -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
-            p.ip,
+            "-A {CHAIN} -p tcp -d {} ! -i {} -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY {} --tproxy-mark {TPROXY_MARK}\n",
+            host(p.ip),
             p.veth,
-            on(ports.inbound_plaintext)
+            on(ports.inbound_plaintext, family)
         ));
     }
     out.push_str("COMMIT\n");
@@ -145,9 +221,10 @@ pub fn rules(pods: &[PodRule], ports: &Ports) -> String {
 }
 
 /// The `ip6tables-restore` input refusing every new IPv6 TCP connection to or from these
-/// addresses (local enrolled pods' IPv6 addresses): IPv6 is not captured, so its traffic
-/// would otherwise bypass mTLS and policy. The node's own connections (kubelet probes) leave
-/// through OUTPUT and stay exempt, as for IPv4.
+/// addresses (local enrolled pods' IPv6 addresses) that reaches FORWARD: one the capture did
+/// not take (captured ones are delivered locally), which would otherwise bypass mTLS and
+/// policy. The node's own connections (kubelet probes) leave through OUTPUT and stay exempt,
+/// as for IPv4.
 pub fn rules_v6(v6: &[Ipv6Addr]) -> String {
     let mut out = format!("*filter\n:{CHAIN_V6} - [0:0]\n");
     for ip in v6 {
@@ -184,7 +261,8 @@ fn kernel_has_ipv6() -> bool {
 /// NodePorts served by a local endpoint).
 pub const NFT_TABLE: &str = "weft";
 
-/// The `nft -f` input for exactly these pods: one transaction that replaces the table.
+/// The `nft -f` input for exactly these pods' addresses of `family` (the table `ip weft` or
+/// `ip6 weft`): one transaction that replaces the table.
 ///
 /// Why a second tool: kube-proxy DNATs a Service or NodePort connection in the nat table's
 /// PREROUTING (priority -100), after mangle's (-150) where `WEFT_PRE` looked at its
@@ -197,33 +275,41 @@ pub const NFT_TABLE: &str = "weft";
 /// (mark bit 0 unset: a pod's own outbound connections are taken by `WEFT_PRE`). Later
 /// packets of such a connection reach weft's socket through `socket transparent`, as in
 /// `WEFT_PRE`, so connections DNATed before the pod was enrolled keep flowing.
-pub fn nft_rules(pods: &[PodRule], ports: &Ports) -> String {
+pub fn nft_rules(pods: &[PodRule], ports: &Ports, family: Family) -> String {
     let to = |addr: SocketAddr| match addr.ip() {
-        IpAddr::V4(ip) if !ip.is_unspecified() => format!("{ip}:{}", addr.port()),
+        IpAddr::V4(ip) if !ip.is_unspecified() && family == Family::V4 => {
+            format!("{ip}:{}", addr.port())
+        }
+        IpAddr::V6(ip) if !ip.is_unspecified() && family == Family::V6 => {
+            format!("[{ip}]:{}", addr.port())
+        }
         _ => format!(":{}", addr.port()),
     };
+    let nft = family.nft();
     let mut out = String::new();
     // Declaring then deleting makes the replacement work whether or not the table exists.
     out.push_str(&format!(
-        "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n"
+        "table {nft} {NFT_TABLE} {{}}\ndelete table {nft} {NFT_TABLE}\n"
     ));
-    out.push_str(&format!("table ip {NFT_TABLE} {{\n  chain after_dnat {{\n"));
+    out.push_str(&format!(
+        "table {nft} {NFT_TABLE} {{\n  chain after_dnat {{\n"
+    ));
     out.push_str("    type filter hook prerouting priority dstnat + 10; policy accept;\n");
     out.push_str("    meta mark & 0x1 == 0x1 return\n");
     out.push_str("    ct status & dnat != dnat return\n");
     out.push_str(
         "    meta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 meta mark set meta mark | 0x1 return\n",
     );
-    for p in pods {
+    for p in pods.iter().filter(|p| Family::of(p.ip) == family) {
         out.push_str(&format!(
-            "    ip daddr {} iifname != \"{}\" tcp dport {} tcp flags & (syn | ack) == syn tproxy to {} meta mark set meta mark | 0x1 return\n",
+            "    {nft} daddr {} iifname != \"{}\" tcp dport {} tcp flags & (syn | ack) == syn tproxy to {} meta mark set meta mark | 0x1 return\n",
             p.ip,
             p.veth,
             ports.hbone.port(),
             to(ports.hbone)
         ));
         out.push_str(&format!(
-            "    ip daddr {} iifname != \"{}\" tcp flags & (syn | ack) == syn tproxy to {} meta mark set meta mark | 0x1 return\n",
+            "    {nft} daddr {} iifname != \"{}\" tcp flags & (syn | ack) == syn tproxy to {} meta mark set meta mark | 0x1 return\n",
             p.ip,
             p.veth,
             to(ports.inbound_plaintext)
@@ -276,7 +362,7 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Redi
 /// scheme is assumed. One `ip -batch` process for all of them: a pass used to run one `ip`
 /// per pod, after every change to the mesh and every 30 s. An IP routed via a gateway (not a
 /// pod on this node) or not routed at all is left out.
-pub fn interfaces_to(ips: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, String>, RedirectError> {
+pub fn interfaces_to(ips: &[IpAddr]) -> Result<BTreeMap<IpAddr, String>, RedirectError> {
     let mut ip = Command::new("ip");
     ip.args(["-o", "-force", "-batch", "-"]);
     route_lookup(ip, "ip -o -force -batch - (route get per pod)", ips)
@@ -286,8 +372,8 @@ pub fn interfaces_to(ips: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, String>, Red
 fn route_lookup(
     mut cmd: Command,
     command: &str,
-    ips: &[Ipv4Addr],
-) -> Result<BTreeMap<Ipv4Addr, String>, RedirectError> {
+    ips: &[IpAddr],
+) -> Result<BTreeMap<IpAddr, String>, RedirectError> {
     use std::io::Write;
     if ips.is_empty() {
         return Ok(BTreeMap::new());
@@ -298,7 +384,7 @@ fn route_lookup(
         source,
     };
     // One question per distinct IP, so answers and failures add up to exactly that many.
-    let distinct: std::collections::BTreeSet<&Ipv4Addr> = ips.iter().collect();
+    let distinct: std::collections::BTreeSet<&IpAddr> = ips.iter().collect();
     let input: String = distinct
         .iter()
         .map(|ip| format!("route get {ip}\n"))
@@ -343,12 +429,12 @@ fn route_lookup(
 /// `ip -o route get` lines (`[type] DST [via GW] dev IFACE ...`): every destination answered,
 /// with its interface when it is reached directly (`None` when routed via a gateway: not a
 /// pod on this node).
-fn parse_routes(out: &str) -> BTreeMap<Ipv4Addr, Option<String>> {
+fn parse_routes(out: &str) -> BTreeMap<IpAddr, Option<String>> {
     let mut found = BTreeMap::new();
     for line in out.lines() {
         let mut words = line.split_whitespace();
         // A route type (`local`, `broadcast`...) may come before the destination.
-        let Some(dst) = words.by_ref().find_map(|w| w.parse::<Ipv4Addr>().ok()) else {
+        let Some(dst) = words.by_ref().find_map(|w| w.parse::<IpAddr>().ok()) else {
             continue;
         };
         let rest: Vec<&str> = words.collect();
@@ -392,6 +478,9 @@ pub struct CaptureStatus {
     pub generation: u64,
     /// Every address of every local enrolled pod.
     pub pods: Vec<PodCapture>,
+    /// Why IPv6 is refused instead of captured, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6_refused: Option<String>,
     /// The last failure to program the rules, while it lasts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -400,17 +489,33 @@ pub struct CaptureStatus {
 /// Programs and removes the capture rules.
 pub struct Redirector {
     ports: Ports,
+    /// Why IPv6 is not captured (its connections refused instead), or `None` when it is.
+    ipv6_refused: std::sync::Mutex<Option<String>>,
     /// The state generation whose local enrolled pods the rules in force capture.
     applied: std::sync::atomic::AtomicU64,
     status: std::sync::Mutex<CaptureStatus>,
     metrics: CaptureMetrics,
 }
 
+/// The rules one pass wants in force: each family's captured addresses, and the IPv6
+/// addresses refused at FORWARD (every local enrolled pod's: only what the capture did not
+/// take ever gets there).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Captured addresses, IPv4 and IPv6.
+    pub pods: Vec<PodRule>,
+    /// IPv6 addresses whose uncaptured connections are refused.
+    pub refused: Vec<Ipv6Addr>,
+}
+
 impl Redirector {
     /// A redirector sending captured traffic to `ports`, counting its runs in `metrics`.
-    pub fn new(ports: Ports, metrics: CaptureMetrics) -> Redirector {
+    /// `ipv6_refused` says why IPv6 cannot be captured (no IPv6 listeners, `ipv6: refuse`);
+    /// `None` captures it.
+    pub fn new(ports: Ports, metrics: CaptureMetrics, ipv6_refused: Option<String>) -> Redirector {
         Redirector {
             ports,
+            ipv6_refused: std::sync::Mutex::new(ipv6_refused),
             applied: std::sync::atomic::AtomicU64::new(0),
             status: std::sync::Mutex::new(CaptureStatus {
                 waiting_for_mesh: true,
@@ -429,31 +534,28 @@ impl Redirector {
         *crate::sync::lock(&self.status) = status;
     }
 
+    /// Why IPv6 is refused rather than captured, when it is.
+    pub fn ipv6_refused(&self) -> Option<String> {
+        crate::sync::lock(&self.ipv6_refused).clone()
+    }
+
     /// The state generation the rules in force were computed from (0: none yet). Readiness
     /// waits for it, so a node never reports ready while its pods' traffic bypasses weft.
     pub fn applied_generation(&self) -> u64 {
         self.applied.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Takes over the capture: the chain in force is left exactly as it is (a previous
+    /// Takes over the capture: the chains in force are left exactly as they are (a previous
     /// weft's rules keep capturing until this weft's first complete mesh load, see
-    /// [`Redirector::follow`]); only a node with no chain yet gets an empty one. Then the jump
-    /// to it and the policy routing are added where missing. Checks on the way that the tools
-    /// exist and the kernel takes the rules.
+    /// [`Redirector::follow`]); only a node with no chain yet gets an empty one. Then the
+    /// jumps to them and the policy routing are added where missing. Checks on the way that
+    /// the tools exist and the kernel takes the rules. IPv6 capture that cannot be set up
+    /// (no IPv6 TPROXY in this kernel or ip6tables) is not fatal: IPv6 is then refused, and
+    /// [`Redirector::ipv6_refused`] says why.
     pub fn install(&self) -> Result<(), RedirectError> {
-        // Each piece is created empty only where it is missing (a node weft has not run on,
-        // or after `weft uninstall`); one in force is never rewritten here.
-        unless_present("iptables", &["-w", "-t", "mangle", "-S", CHAIN], || {
-            run(
-                "iptables-restore",
-                &["-w", "5", "--noflush"],
-                Some(&rules(&[], &self.ports)),
-            )
-        })?;
-        unless_present("nft", &["list", "table", "ip", NFT_TABLE], || {
-            run("nft", &["-f", "-"], Some(&nft_rules(&[], &self.ports)))
-        })?;
+        self.install_family(Family::V4)?;
         if kernel_has_ipv6() {
+            // The refusal first: it is what holds when the capture cannot.
             unless_present("ip6tables", &["-w", "-S", CHAIN_V6], || {
                 run(
                     "ip6tables-restore",
@@ -468,26 +570,56 @@ impl Redirector {
                     None,
                 )?;
             }
+            if self.ipv6_refused().is_none() {
+                if let Err(e) = self.install_family(Family::V6) {
+                    let why = format!("IPv6 capture cannot be programmed: {e}");
+                    tracing::warn!(reason = %why, "IPv6 connections of local enrolled pods are refused, not captured");
+                    *crate::sync::lock(&self.ipv6_refused) = Some(why);
+                }
+            }
+        } else {
+            *crate::sync::lock(&self.ipv6_refused) = Some("the kernel has no IPv6".into());
         }
+        Ok(())
+    }
+
+    /// One family's chain, DNAT table, jump and policy routing, each created where missing.
+    fn install_family(&self, family: Family) -> Result<(), RedirectError> {
+        let tables = family.tables();
+        unless_present(tables, &["-w", "-t", "mangle", "-S", CHAIN], || {
+            run(
+                family.restore(),
+                &["-w", "5", "--noflush"],
+                Some(&rules(&[], &self.ports, family)),
+            )
+        })?;
+        unless_present("nft", &["list", "table", family.nft(), NFT_TABLE], || {
+            run(
+                "nft",
+                &["-f", "-"],
+                Some(&nft_rules(&[], &self.ports, family)),
+            )
+        })?;
         if run(
-            "iptables",
+            tables,
             &["-w", "-t", "mangle", "-C", "PREROUTING", "-j", CHAIN],
             None,
         )
         .is_err()
         {
             run(
-                "iptables",
+                tables,
                 &["-w", "-t", "mangle", "-I", "PREROUTING", "1", "-j", CHAIN],
                 None,
             )?;
         }
-        let rules = run("ip", &["-4", "rule", "show"], None)?;
+        let flag = family.ip_flag();
+        let rules = run("ip", &[flag, "rule", "show"], None)?;
         if !rules.contains(&format!("fwmark {TPROXY_MARK} lookup {ROUTE_TABLE}")) {
             run(
                 "ip",
                 &[
-                    "-4",
+                    flag,
                     "rule",
                     "add",
                     "fwmark",
@@ -501,11 +633,11 @@ impl Redirector {
         run(
             "ip",
             &[
-                "-4",
+                flag,
                 "route",
                 "replace",
                 "local",
-                "0.0.0.0/0",
+                family.any(),
                 "dev",
                 "lo",
                 "table",
@@ -516,63 +648,88 @@ impl Redirector {
         Ok(())
     }
 
-    /// Rewrites the chains for exactly `pods` (and the refusal of `v6`, their IPv6
-    /// addresses), one transaction per tool.
-    pub fn apply(&self, pods: &[PodRule], v6: &[Ipv6Addr]) -> Result<(), RedirectError> {
+    /// Rewrites the chains for exactly `desired`, one transaction per tool and family.
+    pub fn apply(&self, desired: &Desired) -> Result<(), RedirectError> {
         run(
             "iptables-restore",
             &["-w", "5", "--noflush"],
-            Some(&rules(pods, &self.ports)),
+            Some(&rules(&desired.pods, &self.ports, Family::V4)),
         )?;
         if kernel_has_ipv6() {
             run(
                 "ip6tables-restore",
                 &["-w", "5", "--noflush"],
-                Some(&rules_v6(v6)),
+                Some(&rules_v6(&desired.refused)),
             )?;
+            if self.ipv6_refused().is_none() {
+                run(
+                    "ip6tables-restore",
+                    &["-w", "5", "--noflush"],
+                    Some(&rules(&desired.pods, &self.ports, Family::V6)),
+                )?;
+                run(
+                    "nft",
+                    &["-f", "-"],
+                    Some(&nft_rules(&desired.pods, &self.ports, Family::V6)),
+                )?;
+            }
         }
-        run("nft", &["-f", "-"], Some(&nft_rules(pods, &self.ports)))?;
+        run(
+            "nft",
+            &["-f", "-"],
+            Some(&nft_rules(&desired.pods, &self.ports, Family::V4)),
+        )?;
         Ok(())
     }
 
-    /// Removes everything [`Redirector::install`] and [`Redirector::apply`] added (the jump,
-    /// the chain, the policy-routing rule and its table): `weft uninstall`, for taking weft
-    /// off a node. Nothing else ever removes them: a stopped weft leaves its capture in force
-    /// (fail closed). Missing pieces are not an error; tools that cannot be run are.
+    /// Removes everything [`Redirector::install`] and [`Redirector::apply`] added (the jumps,
+    /// the chains, the nftables tables, the policy-routing rules and their table), for both
+    /// families: `weft uninstall`, for taking weft off a node. Nothing else ever removes them:
+    /// a stopped weft leaves its capture in force (fail closed). Missing pieces are not an
+    /// error; tools that cannot be run are.
     pub fn uninstall() -> Result<(), RedirectError> {
         run("iptables", &["--version"], None)?;
         run("ip", &["-V"], None)?;
         run("nft", &["--version"], None)?;
-        while run(
-            "iptables",
-            &["-w", "-t", "mangle", "-D", "PREROUTING", "-j", CHAIN],
-            None,
-        )
-        .is_ok()
-        {}
-        let _ = run("iptables", &["-w", "-t", "mangle", "-F", CHAIN], None);
-        let _ = run("iptables", &["-w", "-t", "mangle", "-X", CHAIN], None);
-        while run(
-            "ip",
-            &[
-                "-4",
-                "rule",
-                "del",
-                "fwmark",
-                TPROXY_MARK,
-                "lookup",
-                ROUTE_TABLE,
-            ],
-            None,
-        )
-        .is_ok()
-        {}
-        let _ = run("ip", &["-4", "route", "flush", "table", ROUTE_TABLE], None);
-        let _ = run("nft", &["delete", "table", "ip", NFT_TABLE], None);
+        let mut families = vec![Family::V4];
         if kernel_has_ipv6() {
-            while run("ip6tables", &["-w", "-D", "FORWARD", "-j", CHAIN_V6], None).is_ok() {}
-            let _ = run("ip6tables", &["-w", "-F", CHAIN_V6], None);
-            let _ = run("ip6tables", &["-w", "-X", CHAIN_V6], None);
+            run("ip6tables", &["--version"], None)?;
+            families.push(Family::V6);
+        }
+        for family in families {
+            let tables = family.tables();
+            while run(
+                tables,
+                &["-w", "-t", "mangle", "-D", "PREROUTING", "-j", CHAIN],
+                None,
+            )
+            .is_ok()
+            {}
+            let _ = run(tables, &["-w", "-t", "mangle", "-F", CHAIN], None);
+            let _ = run(tables, &["-w", "-t", "mangle", "-X", CHAIN], None);
+            let flag = family.ip_flag();
+            while run(
+                "ip",
+                &[
+                    flag,
+                    "rule",
+                    "del",
+                    "fwmark",
+                    TPROXY_MARK,
+                    "lookup",
+                    ROUTE_TABLE,
+                ],
+                None,
+            )
+            .is_ok()
+            {}
+            let _ = run("ip", &[flag, "route", "flush", "table", ROUTE_TABLE], None);
+            let _ = run("nft", &["delete", "table", family.nft(), NFT_TABLE], None);
+            if family == Family::V6 {
+                while run("ip6tables", &["-w", "-D", "FORWARD", "-j", CHAIN_V6], None).is_ok() {}
+                let _ = run("ip6tables", &["-w", "-F", CHAIN_V6], None);
+                let _ = run("ip6tables", &["-w", "-X", CHAIN_V6], None);
+            }
         }
         Ok(())
     }
@@ -587,8 +744,8 @@ impl Redirector {
     ) -> tokio::task::JoinHandle<()> {
         let mut changes = store.subscribe();
         tokio::spawn(async move {
-            let mut applied: Option<(Vec<PodRule>, Vec<Ipv6Addr>)> = None;
-            let mut uncaptured: Vec<Ipv6Addr> = Vec::new();
+            let mut applied: Option<Desired> = None;
+            let mut warned: Option<(Vec<Ipv6Addr>, Option<String>)> = None;
             loop {
                 if !store.loaded() {
                     // Until the first complete mesh load the chain in force (a previous
@@ -602,24 +759,32 @@ impl Redirector {
                 }
                 let snap = store.snapshot();
                 let generation = snap.generation;
-                let (mut ips, mut v6): (Vec<Ipv4Addr>, Vec<Ipv6Addr>) = (Vec::new(), Vec::new());
+                let ipv6_refused = self.ipv6_refused();
+                let mut ips: Vec<IpAddr> = Vec::new();
+                let mut v6: Vec<Ipv6Addr> = Vec::new();
                 for ip in snap.local_enrolled(&node).flat_map(|w| w.ips.iter()) {
                     match ip {
-                        IpAddr::V4(ip) => ips.push(*ip),
-                        IpAddr::V6(ip) => v6.push(*ip),
+                        IpAddr::V4(_) => ips.push(*ip),
+                        IpAddr::V6(v) => {
+                            v6.push(*v);
+                            if ipv6_refused.is_none() {
+                                ips.push(*ip);
+                            }
+                        }
                     }
                 }
                 drop(snap);
-                if v6 != uncaptured {
-                    if !v6.is_empty() {
-                        tracing::warn!(addresses = ?v6, "IPv6 addresses of local enrolled pods are not captured (IPv4 only): their IPv6 TCP connections are refused");
+                let now = (v6.clone(), ipv6_refused.clone());
+                if warned.as_ref() != Some(&now) {
+                    if let (false, Some(why)) = (v6.is_empty(), &ipv6_refused) {
+                        tracing::warn!(addresses = ?v6, reason = %why, "IPv6 addresses of local enrolled pods are not captured: their IPv6 TCP connections are refused");
                     }
-                    uncaptured = v6.clone();
+                    warned = Some(now);
                 }
                 let me = self.clone();
                 let routes = tokio::task::spawn_blocking(move || {
                     let found = interfaces_to(&ips)?;
-                    let missing: Vec<Ipv4Addr> = ips
+                    let missing: Vec<IpAddr> = ips
                         .into_iter()
                         .filter(|ip| !found.contains_key(ip))
                         .collect();
@@ -632,7 +797,7 @@ impl Redirector {
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
-                let (desired, missing) = match routes {
+                let (wanted, missing) = match routes {
                     Ok(r) => r,
                     Err(e) => {
                         // Nothing learnt about the pods: the rules in force stay.
@@ -652,15 +817,16 @@ impl Redirector {
                     tracing::warn!(pods = ?missing, "no local interface for these enrolled pods yet; retrying");
                 }
                 let mut last_error = None;
-                let wanted = desired.clone();
-                let desired = (desired, v6.clone());
+                let desired = Desired {
+                    pods: wanted.clone(),
+                    refused: v6.clone(),
+                };
                 if applied.as_ref() != Some(&desired) {
-                    let (rules, refused) = desired.clone();
-                    let result =
-                        tokio::task::spawn_blocking(move || me.apply(&rules, &refused)).await;
+                    let d = desired.clone();
+                    let result = tokio::task::spawn_blocking(move || me.apply(&d)).await;
                     match result {
                         Ok(Ok(())) => {
-                            tracing::info!(pods = desired.0.len(), "capture rules updated");
+                            tracing::info!(addresses = desired.pods.len(), "capture rules updated");
                             self.metrics.run(RunResult::Success);
                             applied = Some(desired);
                             self.applied
@@ -681,16 +847,19 @@ impl Redirector {
                     self.applied
                         .store(generation, std::sync::atomic::Ordering::Release);
                 }
+                let refused: &[Ipv6Addr] = if ipv6_refused.is_some() { &v6 } else { &[] };
                 self.set_status(CaptureStatus {
                     waiting_for_mesh: false,
                     generation,
                     pods: pod_captures(
-                        applied.as_ref().map(|a| &a.0[..]).unwrap_or(&[]),
+                        applied.as_ref().map(|a| &a.pods[..]).unwrap_or(&[]),
                         &wanted,
                         &missing,
-                        &v6,
+                        refused,
+                        ipv6_refused.as_deref(),
                         last_error.as_deref(),
                     ),
+                    ipv6_refused: ipv6_refused.clone(),
                     last_error,
                 });
                 let retry = if missing.is_empty() {
@@ -710,36 +879,49 @@ impl Redirector {
 
 /// Each address of the local enrolled pods as the capture stands: the rules in force
 /// (`programmed`), then the `wanted` ones a failed rewrite (`failed`) left out, addresses with
-/// no interface yet, and IPv6 addresses.
+/// no interface yet (their IPv6 connections refused meanwhile), and the IPv6 addresses
+/// refused because IPv6 is not captured (`why`).
 fn pod_captures(
     programmed: &[PodRule],
     wanted: &[PodRule],
-    missing: &[Ipv4Addr],
-    v6: &[Ipv6Addr],
+    missing: &[IpAddr],
+    refused: &[Ipv6Addr],
+    why: Option<&str>,
     failed: Option<&str>,
 ) -> Vec<PodCapture> {
     let mut out: Vec<PodCapture> = programmed
         .iter()
         .map(|p| PodCapture::Programmed {
-            ip: IpAddr::V4(p.ip),
+            ip: p.ip,
             interface: p.veth.clone(),
         })
         .collect();
-    if let Some(why) = failed {
+    if let Some(failed) = failed {
         out.extend(wanted.iter().filter(|w| !programmed.contains(w)).map(|w| {
             PodCapture::Pending {
-                ip: IpAddr::V4(w.ip),
-                reason: why.to_string(),
+                ip: w.ip,
+                reason: failed.to_string(),
             }
         }));
     }
-    out.extend(missing.iter().map(|ip| PodCapture::Pending {
-        ip: IpAddr::V4(*ip),
-        reason: "no local interface for the pod yet".to_string(),
+    out.extend(missing.iter().map(|ip| {
+        PodCapture::Pending {
+            ip: *ip,
+            reason: match ip {
+                IpAddr::V4(_) => "no local interface for the pod yet".to_string(),
+                IpAddr::V6(_) => {
+                    "no local interface for the pod yet: its IPv6 TCP connections are refused"
+                        .to_string()
+                }
+            },
+        }
     }));
-    out.extend(v6.iter().map(|ip| PodCapture::Pending {
+    out.extend(refused.iter().map(|ip| PodCapture::Pending {
         ip: IpAddr::V6(*ip),
-        reason: "IPv6 is not captured: its TCP connections are refused".to_string(),
+        reason: format!(
+            "IPv6 is not captured ({}): its TCP connections are refused",
+            why.unwrap_or("unavailable")
+        ),
     }));
     out
 }
@@ -747,6 +929,7 @@ fn pod_captures(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn the_after_dnat_table_is_replaced_whole_and_takes_only_new_connections_to_the_pods() {
@@ -756,10 +939,15 @@ mod tests {
             hbone: "0.0.0.0:15008".parse().unwrap(),
         };
         let pod = PodRule {
-            ip: Ipv4Addr::new(10, 244, 1, 10),
+            ip: Ipv4Addr::new(10, 244, 1, 10).into(),
             veth: "va".into(),
         };
-        let text = nft_rules(&[pod], &ports);
+        let pod6 = PodRule {
+            ip: "fd00:10:244:1::a".parse().unwrap(),
+            veth: "va".into(),
+        };
+        let text = nft_rules(&[pod.clone(), pod6.clone()], &ports, Family::V4);
+        assert!(!text.contains("fd00"), "{text}");
         let lines: Vec<&str> = text.lines().map(str::trim).collect();
         assert_eq!(
             lines[..3],
@@ -774,7 +962,13 @@ mod tests {
         assert!(lines.contains(&"ip daddr 10.244.1.10 iifname != \"va\" tcp flags & (syn | ack) == syn tproxy to :15006 meta mark set meta mark | 0x1 return"), "{text}");
         assert!(lines.contains(&"ip daddr 10.244.1.10 iifname != \"va\" tcp dport 15008 tcp flags & (syn | ack) == syn tproxy to :15008 meta mark set meta mark | 0x1 return"), "{text}");
         // No pods: the chain and its pass-through rules only.
-        assert!(!nft_rules(&[], &ports).contains("tproxy"));
+        assert!(!nft_rules(&[], &ports, Family::V4).contains("tproxy"));
+        // The IPv6 table: the pod's IPv6 address only, to the `[::]` listeners' ports.
+        let text = nft_rules(&[pod, pod6], &ports, Family::V6);
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        assert_eq!(lines[0], "table ip6 weft {}");
+        assert!(!text.contains("10.244"), "{text}");
+        assert!(lines.contains(&"ip6 daddr fd00:10:244:1::a iifname != \"va\" tcp flags & (syn | ack) == syn tproxy to :15006 meta mark set meta mark | 0x1 return"), "{text}");
     }
 
     #[test]
@@ -793,15 +987,17 @@ mod tests {
     #[test]
     fn each_pod_address_is_programmed_or_pending_with_its_reason() {
         let rule = |last: u8, veth: &str| PodRule {
-            ip: Ipv4Addr::new(10, 0, 0, last),
+            ip: Ipv4Addr::new(10, 0, 0, last).into(),
             veth: veth.into(),
         };
         let v6: Ipv6Addr = "fd00::1".parse().unwrap();
+        let v6_missing: IpAddr = "fd00::3".parse().unwrap();
         let pods = pod_captures(
             &[rule(1, "va")],
             &[rule(1, "va"), rule(2, "vb")],
-            &[Ipv4Addr::new(10, 0, 0, 3)],
+            &["10.0.0.3".parse().unwrap(), v6_missing],
             &[v6],
+            Some("ipv6: refuse"),
             Some("capture rules rejected: boom"),
         );
         let pending = |ip: IpAddr, reason: &str| PodCapture::Pending {
@@ -821,14 +1017,18 @@ mod tests {
                     "no local interface for the pod yet"
                 ),
                 pending(
+                    v6_missing,
+                    "no local interface for the pod yet: its IPv6 TCP connections are refused"
+                ),
+                pending(
                     IpAddr::V6(v6),
-                    "IPv6 is not captured: its TCP connections are refused"
+                    "IPv6 is not captured (ipv6: refuse): its TCP connections are refused"
                 ),
             ]
         );
         // Without a failure, wanted rules not yet in force are not reported twice.
         assert_eq!(
-            pod_captures(&[rule(1, "va")], &[rule(1, "va")], &[], &[], None).len(),
+            pod_captures(&[rule(1, "va")], &[rule(1, "va")], &[], &[], None, None).len(),
             1
         );
     }
@@ -839,16 +1039,22 @@ mod tests {
                    10.244.2.7 via 192.0.2.1 dev eth0 src 192.0.2.2 uid 0 \\    cache \n\
                    local 127.0.0.1 dev lo src 127.0.0.1 uid 0 \\    cache <local> \n\
                    10.244.1.9 dev cali12345 src 10.244.1.1 uid 0 \\    cache \n\
-                   RTNETLINK answers: Network is unreachable\n";
+                   RTNETLINK answers: Network is unreachable\n\
+                   fd00:10:244:1::a from :: dev p0 proto kernel src fe80::1 metric 1024 pref medium\n\
+                   fd00:10:244:2::a from :: via fd00:172:18::2 dev ul src fd00:172:18::1 metric 1024 pref medium\n\
+                   local ::1 dev lo table local proto kernel src ::1 metric 0 pref medium\n";
         let found = parse_routes(out);
-        let want: BTreeMap<Ipv4Addr, Option<String>> = [
-            ([10, 244, 1, 5], Some("veth0a1b")),
-            ([10, 244, 2, 7], None),
-            ([127, 0, 0, 1], Some("lo")),
-            ([10, 244, 1, 9], Some("cali12345")),
+        let want: BTreeMap<IpAddr, Option<String>> = [
+            ("10.244.1.5", Some("veth0a1b")),
+            ("10.244.2.7", None),
+            ("127.0.0.1", Some("lo")),
+            ("10.244.1.9", Some("cali12345")),
+            ("fd00:10:244:1::a", Some("p0")),
+            ("fd00:10:244:2::a", None),
+            ("::1", Some("lo")),
         ]
         .into_iter()
-        .map(|(ip, d)| (Ipv4Addr::from(ip), d.map(str::to_string)))
+        .map(|(ip, d)| (ip.parse::<IpAddr>().unwrap(), d.map(str::to_string)))
         .collect();
         assert_eq!(found, want);
     }
@@ -858,8 +1064,8 @@ mod tests {
         // Loopback addresses are routed `local ... dev lo` on any host; nothing is sent. 5,000
         // answers (~400 KiB) overflow the output pipe long before the input is written: the
         // input must be written while the output is read.
-        let ips: Vec<Ipv4Addr> = (0..5_000u32)
-            .map(|i| Ipv4Addr::from(0x7f00_0000 | (i + 1)))
+        let ips: Vec<IpAddr> = (0..5_000u32)
+            .map(|i| IpAddr::from(Ipv4Addr::from(0x7f00_0000 | (i + 1))))
             .collect();
         let found = interfaces_to(&ips).unwrap();
         assert_eq!(found.len(), ips.len());
@@ -874,7 +1080,7 @@ mod tests {
             c.args(["-c", script]);
             c
         };
-        let ips = [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)];
+        let ips: [IpAddr; 2] = [[10, 0, 0, 1].into(), [10, 0, 0, 2].into()];
         // Every pod unroutable (each line failed on its own): a valid answer, no interfaces.
         let each_failed = "cat >/dev/null; for i in 1 2; do echo 'RTNETLINK answers: Network is unreachable' >&2; echo \"Command failed -:$i\" >&2; done; exit 1";
         assert!(route_lookup(fake(each_failed), "fake", &ips)
@@ -918,7 +1124,7 @@ mod tests {
                 veth: "vb".into(),
             },
         ];
-        let text = rules(&pods, &ports);
+        let text = rules(&pods, &ports, Family::V4);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "*mangle");
         assert_eq!(lines[1], ":WEFT_PRE - [0:0]");
@@ -933,5 +1139,39 @@ mod tests {
         assert_eq!(lines[7], "-A WEFT_PRE -p tcp -d 10.0.0.1/32 ! -i va -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15006 --tproxy-mark 0x1/0x1");
         assert_eq!(*lines.last().unwrap(), "COMMIT");
         assert_eq!(lines.len(), 11);
+    }
+
+    #[test]
+    fn ipv6_rules_take_the_ipv6_addresses_only_to_the_listeners_ports() {
+        let ports = Ports {
+            outbound: "0.0.0.0:15001".parse().unwrap(),
+            inbound_plaintext: "0.0.0.0:15006".parse().unwrap(),
+            hbone: "127.0.0.1:15008".parse().unwrap(),
+        };
+        let rule = |ip: &str| PodRule {
+            ip: ip.parse().unwrap(),
+            veth: "va".into(),
+        };
+        // A dual-stack pod: one address of each family on one interface.
+        let pods = [rule("10.0.0.1"), rule("fd00::1"), rule("fd00::2")];
+        let v4 = rules(&pods, &ports, Family::V4);
+        assert!(!v4.contains("fd00"), "{v4}");
+        let v6 = rules(&pods, &ports, Family::V6);
+        let lines: Vec<&str> = v6.lines().collect();
+        assert!(!v6.contains("10.0.0.1"), "{v6}");
+        // One outbound rule for the interface, however many addresses it has.
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.contains(" -p tcp -i va "))
+                .count(),
+            1,
+            "{v6}"
+        );
+        assert_eq!(lines[4], "-A WEFT_PRE -p tcp -i va -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15001 --tproxy-mark 0x1/0x1");
+        // An IPv4 listener address is never written into IPv6 rules: the port only.
+        assert_eq!(lines[5], "-A WEFT_PRE -p tcp -d fd00::1/128 --dport 15008 ! -i va -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15008 --tproxy-mark 0x1/0x1");
+        assert_eq!(lines[6], "-A WEFT_PRE -p tcp -d fd00::1/128 ! -i va -m tcp --syn -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15006 --tproxy-mark 0x1/0x1");
+        assert_eq!(lines.len(), 10, "{v6}");
     }
 }

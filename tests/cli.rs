@@ -55,6 +55,76 @@ fn check_accepts_the_example_and_prints_file_line_for_each_error() {
 }
 
 #[test]
+fn check_with_the_node_config_names_the_ipv6_addresses_capture_would_refuse_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
+                apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n---\n\
+                apiVersion: v1\nkind: Pod\nmetadata:\n  name: dual\n  namespace: mesh\nstatus:\n  podIPs:\n  - ip: 10.0.0.1\n  - ip: fd00::1\n---\n\
+                apiVersion: v1\nkind: Pod\nmetadata: {name: outside, namespace: plain}\nstatus:\n  podIPs:\n  - ip: 10.0.0.2\n  - ip: fd00::2\n---\n\
+                apiVersion: v1\nkind: Pod\nmetadata: {name: v4, namespace: mesh}\nstatus: {podIP: 10.0.0.3}\n";
+    std::fs::write(&mesh, text).unwrap();
+    let check = |config: Option<&str>| {
+        let mut cmd = weft();
+        cmd.args(["check", "--mesh"]).arg(&mesh);
+        if let Some(c) = config {
+            let path = dir.path().join("weft.yaml");
+            std::fs::write(&path, c).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let base = "nodeName: n1\nmesh: {file: mesh.yaml}\nca: {builtin: {dir: ca}}\n";
+    let name = mesh.display().to_string();
+    // Refused by the config: the enrolled dual-stack pod, at its line, with the reason; not
+    // the pod outside the mesh, not the IPv4-only one.
+    let out = check(Some(&format!("{base}ipv6: refuse\n")));
+    let v6_warnings = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.contains("IPv6") && l.ends_with("(warning)"))
+            .map(str::to_string)
+            .collect()
+    };
+    let warnings = v6_warnings(&out);
+    assert_eq!(warnings.len(), 1, "{out}");
+    assert!(
+        warnings[0].starts_with(&format!(
+            "{name}:12: Pod mesh/dual: its IPv6 address fd00::1 is not captured (ipv6: refuse in the config): weft refuses its IPv6 TCP connections"
+        )),
+        "{out}"
+    );
+    // A listener bound to an IPv4 address has no IPv6 counterpart.
+    let out = check(Some(&format!(
+        "{base}listen: {{outbound: '10.0.0.9:15001'}}\n"
+    )));
+    assert!(
+        out.contains("listen.outbound is 10.0.0.9:15001, not 0.0.0.0:<port>"),
+        "{out}"
+    );
+    // Without a config (or with one that captures IPv6 on a machine that can): no warning.
+    assert!(v6_warnings(&check(None)).is_empty());
+    if std::path::Path::new("/proc/sys/net/ipv6").exists()
+        && Command::new("ip6tables")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    {
+        assert!(v6_warnings(&check(Some(base))).is_empty());
+    }
+    // A broken config fails the check with its error.
+    let out = weft()
+        .args(["check", "--mesh"])
+        .arg(&mesh)
+        .arg("--config")
+        .arg(dir.path().join("nonexistent.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
 fn check_warns_about_risky_policy_at_its_line_and_still_succeeds() {
     let file =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/risky-policies.yaml");

@@ -157,6 +157,27 @@ pub struct Listeners {
 pub struct Proxy {
     ctx: Arc<ProxyCtx>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    ipv6_unavailable: Option<String>,
+}
+
+/// The IPv6 listeners' addresses: `[::]` at each data-path listener's port, when every one
+/// listens on the unspecified IPv4 address (one bound to a given IPv4 address cannot take
+/// IPv6 connections meant for it).
+pub fn ipv6_listeners(l: &Listeners) -> Result<[SocketAddr; 3], String> {
+    let six = |what: &str, addr: SocketAddr| match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => Ok(SocketAddr::new(
+            std::net::Ipv6Addr::UNSPECIFIED.into(),
+            addr.port(),
+        )),
+        _ => Err(format!(
+            "listen.{what} is {addr}, not 0.0.0.0:<port>, so it has no IPv6 counterpart"
+        )),
+    };
+    Ok([
+        six("outbound", l.outbound)?,
+        six("inboundPlaintext", l.inbound_plaintext)?,
+        six("hbone", l.hbone)?,
+    ])
 }
 
 impl Proxy {
@@ -188,7 +209,21 @@ impl Proxy {
         let out = bind("outbound", listeners.outbound)?;
         let plain = bind("inboundPlaintext", listeners.inbound_plaintext)?;
         let hbone = bind("hbone", listeners.hbone)?;
-        let tasks = vec![
+        // Capturing, IPv6 gets listeners of its own (`[::]`, IPv6 only) on the same ports, for
+        // the ip6tables rules; without them IPv6 is refused instead (see `redirect`).
+        let mut ipv6 = Err("IPv6 is captured only by transparent listeners".to_string());
+        if ctx.mode == SocketMode::Transparent {
+            ipv6 = ipv6_listeners(&listeners).and_then(|[o, p, h]| {
+                let bind6 =
+                    |what, addr| bind(what, addr).map_err(|e| format!("no IPv6 listener: {e}"));
+                Ok([
+                    bind6("outbound", o)?,
+                    bind6("inboundPlaintext", p)?,
+                    bind6("hbone", h)?,
+                ])
+            });
+        }
+        let mut tasks = vec![
             accept_loop(out, ctx.clone(), shutdown.clone(), outbound::serve_outbound),
             accept_loop(
                 plain,
@@ -198,9 +233,42 @@ impl Proxy {
             ),
             accept_loop(hbone, ctx.clone(), shutdown.clone(), inbound::serve_hbone),
             ctx.pool.spawn_reaper(shutdown.clone()),
-            spawn_policy_follower(ctx.clone(), shutdown),
+            spawn_policy_follower(ctx.clone(), shutdown.clone()),
         ];
-        Ok(Proxy { ctx, tasks })
+        let ipv6_unavailable = match ipv6 {
+            Ok([out6, plain6, hbone6]) => {
+                tasks.push(accept_loop(
+                    out6,
+                    ctx.clone(),
+                    shutdown.clone(),
+                    outbound::serve_outbound,
+                ));
+                tasks.push(accept_loop(
+                    plain6,
+                    ctx.clone(),
+                    shutdown.clone(),
+                    inbound::serve_plaintext,
+                ));
+                tasks.push(accept_loop(
+                    hbone6,
+                    ctx.clone(),
+                    shutdown,
+                    inbound::serve_hbone,
+                ));
+                None
+            }
+            Err(why) => Some(why),
+        };
+        Ok(Proxy {
+            ctx,
+            tasks,
+            ipv6_unavailable,
+        })
+    }
+
+    /// Why there are no IPv6 listeners (so IPv6 cannot be captured), when there are none.
+    pub fn ipv6_unavailable(&self) -> Option<&str> {
+        self.ipv6_unavailable.as_deref()
     }
 
     /// The shared context.

@@ -34,10 +34,14 @@ pub fn listen(addr: SocketAddr, mode: SocketMode) -> io::Result<TcpListener> {
 /// transparent mode the port is shared (`SO_REUSEPORT`): a new weft binds beside a draining
 /// one and takes the connections the kernel hands its socket; with `tcp_migrate_req` (see
 /// [`enable_listener_handover`]) those queued on the old one move to it when the old one
-/// closes.
+/// closes. An IPv6 address binds an IPv6-only socket (IPv4 has listeners of its own, whose
+/// accepted addresses stay plain IPv4 rather than IPv4-mapped).
 pub fn bind(addr: SocketAddr, mode: SocketMode) -> io::Result<Socket> {
     let transparent = mode == SocketMode::Transparent;
     bound(addr, transparent, |s| {
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
         if transparent {
             set_transparent(s, addr.ip())?;
             s.set_mark(WEFT_MARK)?;

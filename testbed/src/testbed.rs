@@ -25,6 +25,9 @@
 //!   `169.254.1.1` and a default route via it, plus a permanent neighbour entry for
 //!   `169.254.1.1` with the host veth's MAC (proxy ARP alone does not answer, because nodes
 //!   have no default route).
+//! - IPv6 on demand ([`Testbed::add_ipv6`]): a pod gets `fd00:10:244:<k>::<host>` beside its
+//!   IPv4 address, and the underlay becomes dual-stack (`fd00:172:18::<k>/64` on `ul`, routes
+//!   to the other nodes' `fd00:10:244:<j>::/64`), so IPv6 pods reach each other across nodes.
 //! - Nothing is created in the root network namespace: every veth is created inside a
 //!   testbed namespace with its peer moved straight into another one.
 
@@ -317,11 +320,13 @@ impl Testbed {
         Ok(pod)
     }
 
-    /// Gives pod `name` an IPv6 address beside its IPv4 one (dual stack, same node only: the
-    /// underlay stays IPv4): `fd00:10:244:<node>::<host>` from its IPv4 `10.244.<node>.<host>`,
-    /// routed by the node to the pod's veth, the pod's default route via `fe80::1` on the host
-    /// side. Returns the address.
+    /// Gives pod `name` an IPv6 address beside its IPv4 one (dual stack):
+    /// `fd00:10:244:<node>::<host>` from its IPv4 `10.244.<node>.<host>`, routed by the node
+    /// to the pod's veth, the pod's default route via `fe80::1` on the host side. The first
+    /// call makes the underlay dual-stack too (see [`Testbed::underlay_ipv6`]), so IPv6 pods
+    /// reach each other across nodes. Returns the address.
     pub fn add_ipv6(&self, name: &str) -> io::Result<std::net::Ipv6Addr> {
+        self.ipv6_underlay()?;
         let pod =
             self.pods.iter().find(|p| p.name == name).ok_or_else(|| {
                 io::Error::new(io::ErrorKind::NotFound, format!("no pod {name:?}"))
@@ -360,6 +365,44 @@ impl Testbed {
             "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
         ])?;
         Ok(v6)
+    }
+
+    /// Node `index`'s IPv6 underlay address, `fd00:172:18::<index>` (present once a pod has an
+    /// IPv6 address); its pods' IPv6 addresses are in `fd00:10:244:<index>::/64`.
+    pub fn underlay_ipv6(&self, index: usize) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(0xfd00, 0x172, 0x18, 0, 0, 0, 0, index as u16)
+    }
+
+    /// Gives every node its IPv6 underlay address and routes to the other nodes' IPv6 pod
+    /// networks (idempotent).
+    fn ipv6_underlay(&self) -> io::Result<()> {
+        for node in &self.nodes {
+            node.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            node.ns.ip([
+                "-6",
+                "addr",
+                "replace",
+                &format!("{}/64", self.underlay_ipv6(node.index)),
+                "dev",
+                UNDERLAY_IFACE,
+                "nodad",
+            ])?;
+        }
+        for node in &self.nodes {
+            for other in self.nodes.iter().filter(|o| o.index != node.index) {
+                node.ns.ip([
+                    "-6",
+                    "route",
+                    "replace",
+                    &format!("fd00:10:244:{:x}::/64", other.index),
+                    "via",
+                    &self.underlay_ipv6(other.index).to_string(),
+                    "dev",
+                    UNDERLAY_IFACE,
+                ])?;
+            }
+        }
+        Ok(())
     }
 
     /// The per-run name prefix of every namespace of this testbed, e.g. `wt12345a`.

@@ -49,6 +49,8 @@ pub struct MeshEnv {
     pub services: Vec<SvcSpec>,
     pub daemons: Vec<Option<ChildGuard>>,
     pub extra_yaml: String,
+    /// Lines added to every node's daemon config (before [`MeshEnv::start_all`]).
+    pub config_extra: String,
     /// IPv6 addresses given to pods (dual stack), listed in their `podIPs`.
     pub ipv6: std::collections::BTreeMap<&'static str, std::net::Ipv6Addr>,
     /// Each node's firewall and routing rules before any weft ran ([`MeshEnv::firewall`]).
@@ -59,6 +61,20 @@ impl MeshEnv {
     /// Builds the namespaces, writes CA, mesh and configs, starts one weft per node and
     /// waits until all are ready. `None` when mesh tests are skipped (not root, outside CI).
     pub fn start(
+        nodes: usize,
+        namespaces: &[(&'static str, bool)],
+        pods: &[PodSpec],
+        services: &[SvcSpec],
+    ) -> Option<MeshEnv> {
+        let mut env = MeshEnv::build(nodes, namespaces, pods, services)?;
+        env.start_all();
+        Some(env)
+    }
+
+    /// Builds the namespaces and the CA, and records each node's rules, without starting
+    /// weft: the test adjusts the pods (`ipv6`) or the daemons' config (`config_extra`),
+    /// then calls [`MeshEnv::start_all`].
+    pub fn build(
         nodes: usize,
         namespaces: &[(&'static str, bool)],
         pods: &[PodSpec],
@@ -77,33 +93,48 @@ impl MeshEnv {
             services: services.to_vec(),
             daemons: Vec::new(),
             extra_yaml: String::new(),
+            config_extra: String::new(),
             ipv6: std::collections::BTreeMap::new(),
             pristine: Vec::new(),
         };
         for i in 1..=nodes {
             let before = env.firewall(i);
             env.pristine.push(before);
+            env.daemons.push(None);
         }
-        std::fs::write(env.mesh_path(), env.mesh_yaml()).unwrap();
+        Some(env)
+    }
+
+    /// Gives pod `name` an IPv6 address too (listed in its `podIPs` from the next mesh write).
+    pub fn add_ipv6(&mut self, name: &'static str) -> std::net::Ipv6Addr {
+        let v6 = self.bed.add_ipv6(name).expect("IPv6 address");
+        self.ipv6.insert(name, v6);
+        v6
+    }
+
+    /// Writes the mesh and every node's config, starts one weft per node and waits until all
+    /// are ready.
+    pub fn start_all(&mut self) {
+        std::fs::write(self.mesh_path(), self.mesh_yaml()).unwrap();
+        let nodes = self.bed.nodes().len();
         for i in 1..=nodes {
             std::fs::write(
-                env.config_path(i),
+                self.config_path(i),
                 format!(
-                    "nodeName: node-{i}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\n",
-                    env.mesh_path().display(),
-                    env.bed.temp_dir().join("ca").display()
+                    "nodeName: node-{i}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\n{}",
+                    self.mesh_path().display(),
+                    self.bed.temp_dir().join("ca").display(),
+                    self.config_extra
                 ),
             )
             .unwrap();
-            env.daemons.push(None);
         }
         for i in 1..=nodes {
-            env.start_daemon(i);
+            self.start_daemon(i);
         }
         for i in 1..=nodes {
-            env.wait_ready(i);
+            self.wait_ready(i);
         }
-        Some(env)
     }
 
     pub fn mesh_path(&self) -> PathBuf {
@@ -254,11 +285,10 @@ impl MeshEnv {
         });
     }
 
-    /// The mangle-table rules of weft's chain on a node.
     /// The node's rules as weft could change them: every rule and user chain of
     /// `iptables-save` and `ip6tables-save` (without comments and counters, and without the
-    /// built-in chains, which a table shows once anything loaded it), `ip rule`, the routes
-    /// of table 100, and the nftables tables other than the ones iptables itself keeps there
+    /// built-in chains, which a table shows once anything loaded it), `ip rule` and
+    /// `ip -6 rule`, the routes of table 100 for both families, and the nftables tables other than the ones iptables itself keeps there
     /// (whose rules `iptables-save` shows).
     pub fn firewall(&self, node: usize) -> String {
         let ns = &self.bed.node(node).ns;
@@ -279,11 +309,13 @@ impl MeshEnv {
                 .join("\n")
         };
         format!(
-            "iptables:\n{}\nip6tables:\n{}\nip rule:\n{}\ntable 100:\n{}\nnft:\n{}",
+            "iptables:\n{}\nip6tables:\n{}\nip rule:\n{}\nip -6 rule:\n{}\ntable 100:\n{}\nIPv6 table 100:\n{}\nnft:\n{}",
             rules("iptables-save"),
             rules("ip6tables-save"),
             ns.ip(["rule", "show"]).unwrap(),
+            ns.ip(["-6", "rule", "show"]).unwrap(),
             ns.ip(["route", "show", "table", "100"]).unwrap_or_default(),
+            ns.ip(["-6", "route", "show", "table", "100"]).unwrap_or_default(),
             ns.exec("nft", ["list", "tables"])
                 .unwrap()
                 .lines()

@@ -98,19 +98,6 @@ impl Parser<'_> {
                                 }
                             }
                         }
-                        if w.enrollment.is_enrolled() {
-                            if let Some(v6) = w.ips.iter().find(|ip| ip.is_ipv6()) {
-                                self.warn_in(
-                                    origin,
-                                    &[Seg::Key("status")],
-                                    format!(
-                                        "Pod {key}: its IPv6 address {v6} is not captured (weft \
-                                         captures IPv4 only): weft refuses IPv6 TCP connections to \
-                                         and from it"
-                                    ),
-                                );
-                            }
-                        }
                         mesh.insert_workload(w);
                     }
                 }
@@ -581,14 +568,9 @@ mod tests {
         };
         assert_eq!(ra.spec.jwt_rules[0].output_claim_to_headers[0].claim, "sub");
 
-        // The Deployment is skipped with a warning that points at it; the dual-stack enrolled
-        // pod's IPv6 address is named as not captured.
-        assert_eq!(parsed.warnings.len(), 2, "{:?}", parsed.warnings);
-        let v6 = parsed.warnings[1].to_string();
-        assert!(
-            v6.contains("IPv6 address fd00:10:244:1::a is not captured"),
-            "{v6}"
-        );
+        // The Deployment is skipped with a warning that points at it (the dual-stack enrolled
+        // pod's IPv6 address is captured like its IPv4 one: no warning).
+        assert_eq!(parsed.warnings.len(), 1, "{:?}", parsed.warnings);
         let w = parsed.warnings[0].to_string();
         let line = line_of(LIST, "kind: Deployment", 0) - 1;
         assert!(
@@ -596,23 +578,6 @@ mod tests {
                 "list.yaml:{line}: skipping unsupported object Deployment"
             )),
             "{w}"
-        );
-    }
-
-    #[test]
-    fn an_enrolled_pod_with_an_ipv6_address_is_a_warning_at_its_status() {
-        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
-                    apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n---\n\
-                    apiVersion: v1\nkind: Pod\nmetadata: {name: dual, namespace: mesh}\nstatus:\n  podIPs:\n  - ip: 10.0.0.1\n  - ip: fd00::1\n---\n\
-                    apiVersion: v1\nkind: Pod\nmetadata: {name: outside, namespace: plain}\nstatus:\n  podIPs:\n  - ip: 10.0.0.2\n  - ip: fd00::2\n---\n\
-                    apiVersion: v1\nkind: Pod\nmetadata: {name: v4, namespace: mesh}\nstatus: {podIP: 10.0.0.3}\n";
-        let parsed = parse_mesh("m.yaml", text).unwrap();
-        let w: Vec<String> = parsed.warnings.iter().map(|w| w.to_string()).collect();
-        // Only the enrolled pod with an IPv6 address, at its status (the block's first line).
-        assert_eq!(w.len(), 1, "{w:?}");
-        assert!(
-            w[0].starts_with("m.yaml:13: Pod mesh/dual: its IPv6 address fd00::1 is not captured"),
-            "{w:?}"
         );
     }
 
