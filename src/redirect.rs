@@ -672,6 +672,16 @@ impl Redirector {
                     &["-f", "-"],
                     Some(&nft_rules(&desired.pods, &self.ports, Family::V6)),
                 )?;
+            } else if run("ip6tables", &["-w", "-t", "mangle", "-S", CHAIN], None).is_ok() {
+                // A previous weft captured IPv6 and this one cannot: its rules would send
+                // connections to listeners that are not there (dropped, and retried until the
+                // client gives up); emptied, the refusal answers them at once.
+                run(
+                    "ip6tables-restore",
+                    &["-w", "5", "--noflush"],
+                    Some(&rules(&[], &self.ports, Family::V6)),
+                )?;
+                let _ = run("nft", &["delete", "table", "ip6", NFT_TABLE], None);
             }
         }
         run(

@@ -114,6 +114,17 @@ impl ChildGuard {
         self.send(Signal::SIGINT)
     }
 
+    /// Freezes the process (SIGSTOP) until [`resume`](Self::resume): its sockets stay open
+    /// and the kernel keeps queueing connections on its listeners.
+    pub fn pause(&mut self) -> io::Result<()> {
+        self.send(Signal::SIGSTOP)
+    }
+
+    /// Lets a [`pause`](Self::pause)d process run again (SIGCONT).
+    pub fn resume(&mut self) -> io::Result<()> {
+        self.send(Signal::SIGCONT)
+    }
+
     /// Sends SIGKILL (nothing if the process has already exited). Use
     /// [`wait_timeout`](Self::wait_timeout) to reap it.
     pub fn kill(&mut self) -> io::Result<()> {
