@@ -613,19 +613,25 @@ pub fn start(
                 }
             };
             rt.block_on(async move {
-                let servers: [(std::net::TcpListener, Route, bool); 3] = [
-                    (admin_l, admin, true),
-                    (metrics_l, metrics, false),
-                    (ready_l, readiness, false),
+                let servers: [(std::net::TcpListener, Route, &'static str); 3] = [
+                    (admin_l, admin, "admin"),
+                    (metrics_l, metrics, "metrics"),
+                    (ready_l, readiness, "readiness"),
                 ];
                 let mut tasks = Vec::new();
-                for (listener, route, is_admin) in servers {
+                for (listener, route, name) in servers {
+                    let limiter = crate::proxy::limit::Limiter::new(
+                        name,
+                        ADMIN_LIMITS,
+                        ctx.metrics.limits.clone(),
+                    );
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(l) => tasks.push(tokio::spawn(serve(
                             l,
+                            limiter,
                             ctx.clone(),
                             route,
-                            is_admin,
+                            name == "admin",
                             shutdown.clone(),
                         ))),
                         Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
@@ -640,17 +646,39 @@ pub fn start(
     Ok(AdminServers { thread, addrs })
 }
 
+/// Connections each of the admin, metrics and readiness servers holds at once, in all and
+/// from one address (Prometheus, the kubelet and an operator need a handful).
+pub const ADMIN_LIMITS: crate::proxy::limit::Limits = crate::proxy::limit::Limits {
+    total: 64,
+    per_source: 16,
+};
+
+/// How long a client may take to send a request's head, and how long an idle keep-alive
+/// connection stays open: a slow or silent client is closed after this.
+pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The most a request's head (request line and headers) may take; no admin endpoint reads a
+/// body.
+pub const ADMIN_MAX_HEAD: usize = 16 * 1024;
+
 async fn serve(
     listener: tokio::net::TcpListener,
+    limiter: Arc<crate::proxy::limit::Limiter>,
     ctx: Arc<AdminContext>,
     route: Route,
     is_admin: bool,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let stream = tokio::select! {
+        let (stream, permit) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok((s, peer)) => match limiter.admit(peer.ip()) {
+                    Ok(permit) => (s, permit),
+                    Err(_) => {
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+                        continue;
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -662,6 +690,7 @@ async fn serve(
         let ctx = ctx.clone();
         let mut conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let ctx = ctx.clone();
                 async move {
@@ -681,7 +710,12 @@ async fn serve(
                     Ok::<_, Infallible>(resp)
                 }
             });
+            // The header timeout also closes a keep-alive connection idle for as long: hyper
+            // starts it whenever it waits for a request's head.
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .max_buf_size(ADMIN_MAX_HEAD)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {

@@ -66,6 +66,32 @@ struct RawConfig {
     worker_threads: Option<i64>,
     #[serde(default)]
     drain_grace: Option<String>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    connections_per_listener: Option<i64>,
+    #[serde(default)]
+    connections_per_source: Option<i64>,
+    #[serde(default)]
+    handshakes_in_progress: Option<i64>,
+    #[serde(default)]
+    tcp_keepalive: RawKeepalive,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawKeepalive {
+    #[serde(default)]
+    idle: Option<String>,
+    #[serde(default)]
+    interval: Option<String>,
+    #[serde(default)]
+    probes: Option<i64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -279,6 +305,45 @@ pub struct Listeners {
     pub readiness: SocketAddr,
 }
 
+/// Bounds on what peers can make weft hold (`limits`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once on each data-path listener (each IP family's own).
+    pub connections_per_listener: usize,
+    /// Connections open at once from one source address on each data-path listener. On
+    /// 15008 a source is a node (its pods' streams share pooled connections); behind a NodePort
+    /// with SNAT, every outside client shares one.
+    pub connections_per_source: usize,
+    /// HBONE TLS handshakes in progress at once.
+    pub handshakes_in_progress: usize,
+    /// TCP keepalive on tunnel and app sockets.
+    pub tcp_keepalive: Keepalive,
+}
+
+/// TCP keepalive settings (ztunnel's defaults: 180 s idle, 180 s between probes, 9 probes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe.
+    pub idle: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub probes: u32,
+}
+
+/// `limits` defaults, sized for a node: tens of thousands of connections per listener, a few
+/// thousand from one source.
+pub const DEFAULT_LIMITS: Limits = Limits {
+    connections_per_listener: 32_768,
+    connections_per_source: 4_096,
+    handshakes_in_progress: 256,
+    tcp_keepalive: Keepalive {
+        idle: Duration::from_secs(180),
+        interval: Duration::from_secs(180),
+        probes: 9,
+    },
+};
+
 /// The validated daemon config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -306,6 +371,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// How long a stopping weft lets live connections finish before closing them.
     pub drain_grace: Duration,
+    /// Connection caps and keepalive.
+    pub limits: Limits,
 }
 
 /// The environment variables the config honours, read by the caller (parsing never reads the
@@ -502,6 +569,7 @@ impl Config {
             }
         };
         let drain_grace = drain_grace(raw.drain_grace.as_deref(), env, &mut problems);
+        let limits = limits(raw.limits, &mut problems);
         let (Some(mesh), Some(ca), true) = (mesh, ca, problems.is_empty()) else {
             return Err(ConfigError::Invalid {
                 file: file.to_path_buf(),
@@ -523,7 +591,75 @@ impl Config {
             },
             worker_threads,
             drain_grace,
+            limits,
         })
+    }
+}
+
+/// `limits`, each value checked (`limits.connectionsPerSource: 0 is not between 1 and ...`).
+fn limits(raw: RawLimits, problems: &mut Vec<String>) -> Limits {
+    const MAX: i64 = 1 << 24;
+    let d = DEFAULT_LIMITS;
+    let mut count = |name: &str, v: Option<i64>, default: usize| match v {
+        None => default,
+        Some(n) if (1..=MAX).contains(&n) => n as usize,
+        Some(n) => {
+            problems.push(format!("limits.{name}: {n} is not between 1 and {MAX}"));
+            default
+        }
+    };
+    let connections_per_listener = count(
+        "connectionsPerListener",
+        raw.connections_per_listener,
+        d.connections_per_listener,
+    );
+    let connections_per_source = count(
+        "connectionsPerSource",
+        raw.connections_per_source,
+        d.connections_per_source,
+    );
+    let handshakes_in_progress = count(
+        "handshakesInProgress",
+        raw.handshakes_in_progress,
+        d.handshakes_in_progress,
+    );
+    let probes = count(
+        "tcpKeepalive.probes",
+        raw.tcp_keepalive.probes,
+        d.tcp_keepalive.probes as usize,
+    )
+    .min(255) as u32;
+    let mut duration = |name: &str, v: Option<String>, default: Duration| match v {
+        None => default,
+        Some(s) => match humantime::parse_duration(&s) {
+            Ok(t) if t >= Duration::from_secs(1) && t <= Duration::from_secs(24 * 3600) => t,
+            Ok(_) => {
+                problems.push(format!(
+                    "limits.tcpKeepalive.{name}: {s:?} is not between 1s and 24h"
+                ));
+                default
+            }
+            Err(e) => {
+                problems.push(format!("limits.tcpKeepalive.{name}: {s:?}: {e}"));
+                default
+            }
+        },
+    };
+    let idle = duration("idle", raw.tcp_keepalive.idle, d.tcp_keepalive.idle);
+    let interval = duration(
+        "interval",
+        raw.tcp_keepalive.interval,
+        d.tcp_keepalive.interval,
+    );
+    Limits {
+        connections_per_listener,
+        connections_per_source,
+        handshakes_in_progress,
+        tcp_keepalive: Keepalive {
+            idle,
+            interval,
+            probes,
+        },
     }
 }
 
@@ -692,6 +828,42 @@ mod tests {
                 .to_string();
         assert!(e.starts_with("/etc/weft/weft.yaml:5: "), "{e}");
         assert!(e.contains("unknown field `hbon`"), "{e}");
+    }
+
+    #[test]
+    fn limits_default_for_a_node_and_every_bad_value_is_named() {
+        let base = "nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\n";
+        assert_eq!(parse(base).unwrap().limits, DEFAULT_LIMITS);
+        let c = parse(&format!(
+            "{base}limits: {{connectionsPerListener: 10, connectionsPerSource: 2, handshakesInProgress: 3, tcpKeepalive: {{idle: 30s, interval: 5s, probes: 4}}}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.limits,
+            Limits {
+                connections_per_listener: 10,
+                connections_per_source: 2,
+                handshakes_in_progress: 3,
+                tcp_keepalive: Keepalive {
+                    idle: Duration::from_secs(30),
+                    interval: Duration::from_secs(5),
+                    probes: 4
+                }
+            }
+        );
+        let e = parse(&format!(
+            "{base}limits: {{connectionsPerSource: 0, handshakesInProgress: -1, tcpKeepalive: {{idle: 0s, interval: soon}}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "limits.connectionsPerSource: 0 is not between 1 and",
+            "limits.handshakesInProgress: -1 is not between 1 and",
+            "limits.tcpKeepalive.idle: \"0s\" is not between 1s and 24h",
+            "limits.tcpKeepalive.interval: \"soon\"",
+        ] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
     }
 
     #[test]

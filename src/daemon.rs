@@ -112,7 +112,12 @@ impl Daemon {
             Redirect::Tproxy => SocketMode::Transparent,
             Redirect::None => SocketMode::Plain,
         };
-        let pool = Pool::new(tls.clone(), mode, config.listen.hbone.port());
+        let keepalive = crate::proxy::socket::Keepalive {
+            idle: config.limits.tcp_keepalive.idle,
+            interval: config.limits.tcp_keepalive.interval,
+            probes: config.limits.tcp_keepalive.probes,
+        };
+        let pool = Pool::new(tls.clone(), mode, config.listen.hbone.port(), keepalive);
         let conns = ConnTable::new(metrics.tcp.clone());
         let jwks_stop = tokio_util::sync::CancellationToken::new();
         tasks.push(jwks.spawn_refresher(jwks_stop.clone()));
@@ -149,6 +154,15 @@ impl Daemon {
             conns: conns.clone(),
             draining: tokio_util::sync::CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
+            limits: crate::proxy::limit::Limits {
+                total: config.limits.connections_per_listener,
+                per_source: config.limits.connections_per_source,
+            },
+            limit_metrics: metrics.limits.clone(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(
+                config.limits.handshakes_in_progress,
+            )),
+            keepalive,
         });
         let listeners = Listeners {
             outbound: config.listen.outbound,

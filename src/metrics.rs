@@ -143,6 +143,8 @@ pub struct Metrics {
     pub http: HttpMetrics,
     /// Capture programming.
     pub capture: CaptureMetrics,
+    /// Connections refused over a listener's limits.
+    pub limits: LimitMetrics,
 }
 
 label_value! {
@@ -173,6 +175,50 @@ impl CaptureMetrics {
     /// Counts one run.
     pub fn run(&self, result: RunResult) {
         self.runs.get_or_create(&CaptureRunLabels { result }).inc();
+    }
+}
+
+label_value! {
+    /// Why a listener refused a connection.
+    RefusalReason {
+        /// The listener holds as many connections as it may.
+        ListenerLimit => "listener_limit",
+        /// The source address holds as many connections as it may.
+        SourceLimit => "source_limit",
+        /// As many HBONE TLS handshakes are in progress as may be.
+        Handshakes => "handshakes",
+    }
+}
+
+/// Labels of refused connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// The listener: `outbound`, `inbound_plaintext`, `hbone`, `admin`, `metrics`, `readiness`.
+    pub listener: &'static str,
+    /// Why.
+    pub reason: RefusalReason,
+}
+
+/// `weft_connections_refused_total`: connections a listener reset at once, over its limits.
+#[derive(Clone, Debug, Default)]
+pub struct LimitMetrics {
+    /// The counter family.
+    pub refused: Family<RefusalLabels, Counter>,
+}
+
+impl LimitMetrics {
+    /// Counts one refusal.
+    pub fn refused(&self, listener: &'static str, reason: RefusalReason) {
+        self.refused
+            .get_or_create(&RefusalLabels { listener, reason })
+            .inc();
+    }
+
+    /// Refusals counted so far for `listener` and `reason`.
+    pub fn count(&self, listener: &'static str, reason: RefusalReason) -> u64 {
+        self.refused
+            .get_or_create(&RefusalLabels { listener, reason })
+            .get()
     }
 }
 
@@ -406,6 +452,12 @@ impl Metrics {
             "Programmings of the capture rules (iptables and the routes to pods), by result",
             capture.runs.clone(),
         );
+        let limits = LimitMetrics::default();
+        registry.register(
+            "weft_connections_refused",
+            "Connections reset at once because a listener's limits were reached, by listener and reason",
+            limits.refused.clone(),
+        );
         let http = HttpMetrics::default();
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register("requests", "Total requests", http.requests.clone());
@@ -420,6 +472,7 @@ impl Metrics {
             denials,
             http,
             capture,
+            limits,
         }
     }
 

@@ -70,7 +70,16 @@ async fn setup_configured(edit: impl Fn(String) -> String, config_extra: &str) -
     assert!(wait_ready(node.readiness(), Duration::from_secs(10)).await);
     let ca = BuiltinCa::load(&node.path("ca")).unwrap();
     let tls = Arc::new(TlsConfigs::new(ca.roots_der()).unwrap());
-    let pool = Pool::new(tls, SocketMode::Plain, 15008);
+    let pool = Pool::new(
+        tls,
+        SocketMode::Plain,
+        15008,
+        weft::proxy::socket::Keepalive {
+            idle: Duration::from_secs(180),
+            interval: Duration::from_secs(180),
+            probes: 9,
+        },
+    );
     let cert = Arc::new(ca.issue(&id("client"), Duration::from_secs(3600)).unwrap());
     Setup {
         _node: node,

@@ -157,6 +157,16 @@ pub struct H2Io {
     _held: Option<Box<dyn Send + Sync>>,
     /// Times the stream was opened again.
     reopens: u8,
+    /// Server side: bytes received before the stream was answered ([`H2Io::with_received`]).
+    early_received: Option<Box<EarlyReceived>>,
+}
+
+/// What a server stream received before it was answered.
+struct EarlyReceived {
+    /// Credit still owed (counted in `owed`).
+    bytes: Bytes,
+    /// The peer's side already ended: cleanly, or with the error's text.
+    ended: Option<Result<(), String>>,
 }
 
 fn reset_error(what: impl std::fmt::Display) -> io::Error {
@@ -179,6 +189,7 @@ impl H2Io {
             early: None,
             _held: None,
             reopens: 0,
+            early_received: None,
         }
     }
 
@@ -196,6 +207,7 @@ impl H2Io {
             early: None,
             _held: None,
             reopens: 0,
+            early_received: None,
         }
     }
 
@@ -209,6 +221,25 @@ impl H2Io {
                 reopen,
             }));
         }
+    }
+
+    /// A server stream whose first bytes (`received`, taken off h2 while the destination was
+    /// being reached, with their flow-control credit still owed) come before the rest, and
+    /// whose peer may already have ended its side (`ended`: `Some(Ok)` cleanly, `Some(Err)`
+    /// with a reset or a broken connection).
+    pub fn with_received(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        received: Bytes,
+        ended: Option<Result<(), String>>,
+    ) -> H2Io {
+        let mut io = H2Io::new(send, recv);
+        io.owed = received.len();
+        io.early_received = Some(Box::new(EarlyReceived {
+            bytes: received,
+            ended,
+        }));
+        io
     }
 
     /// Keeps `held` as long as the stream (a reopened stream holds its own instead).
@@ -232,6 +263,19 @@ impl H2Io {
         if !self.pending.is_empty() {
             // Left by a `poll_read` (its credit was given back then).
             return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
+        }
+        if let Some(early) = &mut self.early_received {
+            if !early.bytes.is_empty() {
+                return Poll::Ready(Ok(Some(std::mem::take(&mut early.bytes))));
+            }
+            match early.ended.take() {
+                None => self.early_received = None,
+                Some(Ok(())) => return Poll::Ready(Ok(None)),
+                Some(Err(e)) => {
+                    self.reset = true;
+                    return Poll::Ready(Err(reset_error(e)));
+                }
+            }
         }
         if let Err(refusal) = ready!(self.poll_established(cx)) {
             return Poll::Ready(Err(reset_error(refusal)));
@@ -278,21 +322,37 @@ impl H2Io {
                 return self;
             }
         };
-        let shared = Arc::new(Mutex::new(Inbox::default()));
+        let mut first = Inbox::default();
+        let mut ended = None;
+        if let Some(early) = self.early_received.take() {
+            // Their credit is given back as the reader reads them, like the rest.
+            first.bytes.extend_from_slice(&early.bytes);
+            self.owed = 0;
+            ended = early.ended;
+        }
+        let already = ended.map(|e| match e {
+            Ok(()) => End::Clean,
+            Err(e) => End::Failed(e),
+        });
+        let shared = Arc::new(Mutex::new(first));
         let flow = recv.flow_control().clone();
         let inbox = shared.clone();
         let task = tokio::spawn(async move {
-            let end = loop {
-                match std::future::poll_fn(|cx| recv.poll_data(cx)).await {
-                    Some(Ok(data)) => {
-                        let mut i = lock(&inbox);
-                        i.bytes.extend_from_slice(&data);
-                        if let Some(w) = i.reader.take() {
-                            w.wake();
+            let end = if let Some(end) = already {
+                end
+            } else {
+                loop {
+                    match std::future::poll_fn(|cx| recv.poll_data(cx)).await {
+                        Some(Ok(data)) => {
+                            let mut i = lock(&inbox);
+                            i.bytes.extend_from_slice(&data);
+                            if let Some(w) = i.reader.take() {
+                                w.wake();
+                            }
                         }
+                        Some(Err(e)) => break End::Failed(e.to_string()),
+                        None => break End::Clean,
                     }
-                    Some(Err(e)) => break End::Failed(e.to_string()),
-                    None => break End::Clean,
                 }
             };
             let mut i = lock(&inbox);

@@ -288,6 +288,7 @@ async fn route(
                 format!("connect to app {dst}: {e}"),
             )
         })?;
+    socket::keepalive(&app, &ctx.keepalive);
     Ok(Route::App(app, ctx.conns.open(meta)))
 }
 
@@ -438,6 +439,14 @@ pub async fn serve_hbone(ctx: Arc<ProxyCtx>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     drop(snap);
+    // A bounded number of handshakes at once: each costs a signature and its buffers, and
+    // anyone who can reach 15008 can start one.
+    let Ok(handshaking) = ctx.handshakes.clone().try_acquire_owned() else {
+        ctx.limit_metrics
+            .refused("hbone", crate::metrics::RefusalReason::Handshakes);
+        socket::reset_on_close(&tcp);
+        return;
+    };
     let cfg = match ctx.tls.server(&server_cert) {
         Ok(c) => c,
         Err(e) => {
@@ -461,6 +470,7 @@ pub async fn serve_hbone(ctx: Arc<ProxyCtx>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    drop(handshaking);
     let peer_id = match tls
         .get_ref()
         .1
@@ -498,6 +508,7 @@ async fn serve_h2<T>(
         .initial_connection_window_size(super::pool::CONN_WINDOW)
         .max_frame_size(super::pool::MAX_FRAME)
         .data_frame_budget(super::pool::DATA_FRAME_BUDGET)
+        .max_header_list_size(super::pool::MAX_HEADER_LIST)
         .max_concurrent_streams(super::pool::MAX_STREAMS as u32)
         .handshake::<_, Bytes>(io)
         .await
@@ -590,7 +601,25 @@ async fn handle_connect(
         identity: peer_id,
         addr: src,
     };
-    let routed = match Box::pin(route(&ctx, &snap, &who, dst, Protocol::Hbone)).await {
+    // While the destination is being reached (an app connect may take seconds), whatever the
+    // client already sends is taken off h2 into one buffer, credit still owed: the stream's
+    // window bounds the bytes, and no frame stays queued in h2 however small the frames are.
+    let mut body = req.into_body();
+    let mut received = bytes::BytesMut::new();
+    let mut ended: Option<Result<(), String>> = None;
+    let mut routing = Box::pin(route(&ctx, &snap, &who, dst, Protocol::Hbone));
+    let routed = loop {
+        tokio::select! {
+            r = &mut routing => break r,
+            d = std::future::poll_fn(|cx| body.poll_data(cx)), if ended.is_none() => match d {
+                Some(Ok(data)) => received.extend_from_slice(&data),
+                Some(Err(e)) => ended = Some(Err(e.to_string())),
+                None => ended = Some(Ok(())),
+            },
+        }
+    };
+    drop(routing);
+    let routed = match routed {
         Ok(x) => x,
         Err(r) => {
             tracing::info!(src = %src, dst = %dst, reason = %r.reason, "HBONE CONNECT refused");
@@ -605,7 +634,7 @@ async fn handle_connect(
         }
         return;
     };
-    let mut io = H2Io::new(send, req.into_body());
+    let mut io = H2Io::with_received(send, body, received.freeze(), ended);
     match routed {
         Route::App(app, guard) => {
             if pump(&mut io, app, guard, None).await {

@@ -9,6 +9,7 @@ pub mod conntrack;
 pub mod h2io;
 pub mod hbone;
 pub mod inbound;
+pub mod limit;
 pub mod outbound;
 pub mod pool;
 pub mod relay;
@@ -76,6 +77,14 @@ pub struct ProxyCtx {
     /// included: the drain waits for these, not only for the connections already registered
     /// (a stream still being routed, or accepted just before the GOAWAY, is not yet).
     pub tasks: tokio_util::task::TaskTracker,
+    /// Each data-path listener's connection caps (both IP families of a port together).
+    pub limits: limit::Limits,
+    /// Connections refused over the caps, for metrics.
+    pub limit_metrics: crate::metrics::LimitMetrics,
+    /// HBONE TLS handshakes in progress; one that finds none left is refused.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// TCP keepalive on tunnel and app sockets.
+    pub keepalive: socket::Keepalive,
 }
 
 impl ProxyCtx {
@@ -223,15 +232,34 @@ impl Proxy {
                 ])
             });
         }
+        let limiter = |name| limit::Limiter::new(name, ctx.limits, ctx.limit_metrics.clone());
+        let (out_limit, plain_limit, hbone_limit) = (
+            limiter("outbound"),
+            limiter("inbound_plaintext"),
+            limiter("hbone"),
+        );
         let mut tasks = vec![
-            accept_loop(out, ctx.clone(), shutdown.clone(), outbound::serve_outbound),
+            accept_loop(
+                out,
+                out_limit.clone(),
+                ctx.clone(),
+                shutdown.clone(),
+                outbound::serve_outbound,
+            ),
             accept_loop(
                 plain,
+                plain_limit.clone(),
                 ctx.clone(),
                 shutdown.clone(),
                 inbound::serve_plaintext,
             ),
-            accept_loop(hbone, ctx.clone(), shutdown.clone(), inbound::serve_hbone),
+            accept_loop(
+                hbone,
+                hbone_limit.clone(),
+                ctx.clone(),
+                shutdown.clone(),
+                inbound::serve_hbone,
+            ),
             ctx.pool.spawn_reaper(shutdown.clone()),
             spawn_policy_follower(ctx.clone(), shutdown.clone()),
         ];
@@ -239,18 +267,21 @@ impl Proxy {
             Ok([out6, plain6, hbone6]) => {
                 tasks.push(accept_loop(
                     out6,
+                    out_limit,
                     ctx.clone(),
                     shutdown.clone(),
                     outbound::serve_outbound,
                 ));
                 tasks.push(accept_loop(
                     plain6,
+                    plain_limit,
                     ctx.clone(),
                     shutdown.clone(),
                     inbound::serve_plaintext,
                 ));
                 tasks.push(accept_loop(
                     hbone6,
+                    hbone_limit,
                     ctx.clone(),
                     shutdown,
                     inbound::serve_hbone,
@@ -311,6 +342,7 @@ enum Listener {
 
 fn accept_loop<F, Fut>(
     listener: Listener,
+    limiter: Arc<limit::Limiter>,
     ctx: Arc<ProxyCtx>,
     mut shutdown: watch::Receiver<bool>,
     handler: F,
@@ -348,10 +380,19 @@ where
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
-                    Ok((stream, peer)) => {
-                        socket::tune_accepted(&stream);
-                        ctx.tasks.spawn(handler(ctx.clone(), stream, peer));
-                    }
+                    Ok((stream, peer)) => match limiter.admit(peer.ip()) {
+                        Ok(permit) => {
+                            socket::tune_accepted(&stream, &ctx.keepalive);
+                            let task = handler(ctx.clone(), stream, peer);
+                            ctx.tasks.spawn(async move {
+                                // The connection's place is held until its task ends.
+                                let _permit = permit;
+                                task.await
+                            });
+                        }
+                        // Over the caps: reset at once (counted and logged by the limiter).
+                        Err(_) => socket::reset_on_close(&stream),
+                    },
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");

@@ -205,6 +205,7 @@ pub async fn serve_outbound_to(
     let mut client = client;
     match socket::connect(addr, Some(peer.ip()), ctx.mode, CONNECT_TIMEOUT).await {
         Ok(upstream) => {
+            socket::keepalive(&upstream, &ctx.keepalive);
             if inbound::pump(&mut client, upstream, guard, None).await {
                 socket::reset_on_close(&client);
             }

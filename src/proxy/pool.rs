@@ -48,14 +48,20 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONN_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame we accept (and so send, as the peer does the same).
 pub const MAX_FRAME: u32 = 256 * 1024;
-/// h2's budget for small DATA frames held in its buffers, per connection: none. h2 answers an
-/// exhausted budget with GOAWAY(ENHANCE_YOUR_CALM), which resets every stream of the
-/// connection, and a tunnel's frames are as small as its apps' writes: a client writing tiny
-/// messages to a slow app got a whole pooled connection killed (tests/hbone.rs). What is held
-/// stays bounded without it: the peers are authenticated, the payload is bounded by the
-/// windows above, and the relay and the waypoint take frames off h2 as they arrive (coalescing
-/// them, credit still owed) instead of leaving them queued there.
-pub const DATA_FRAME_BUDGET: usize = usize::MAX;
+/// h2's budget for small DATA frames held in its buffers, per connection. A frame under 256
+/// bytes left queued in h2 costs `256 - len` of it, and h2 answers an exhausted budget with
+/// GOAWAY(ENHANCE_YOUR_CALM), which resets every stream of the connection. No reader leaves
+/// frames queued there: a stream's bytes are taken off h2 as they arrive while its
+/// destination is being reached (`inbound`), by the relay, and by the waypoint's absorbing
+/// reader, coalesced into one buffer with their credit still owed. So h2 holds only the frames
+/// that arrived between two polls of a stream: the budget (65,536 one-byte frames) is far
+/// beyond what scheduling lag builds up for a legitimate stream (h2's default, half the
+/// connection window, is 32,896 and tripped on pooled streams before the readers coalesced),
+/// and it caps what a flood of tiny frames can pin in h2 to a few MiB per connection.
+pub const DATA_FRAME_BUDGET: usize = 65_536 * 255;
+/// The largest header block accepted on a stream (ztunnel's limit; h2 would decode up to
+/// 16 MiB): a CONNECT needs a few hundred bytes.
+pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// New connections one stream may find going away (GOAWAY) at once before it fails.
 const MAX_RETIRED: usize = 3;
@@ -181,17 +187,24 @@ pub struct Pool {
     tls: Arc<TlsConfigs>,
     mode: SocketMode,
     hbone_port: u16,
+    keepalive: socket::Keepalive,
     conns: ArcSwap<Conns>,
     connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Pool {
     /// A pool connecting to `<ip>:hbone_port`.
-    pub fn new(tls: Arc<TlsConfigs>, mode: SocketMode, hbone_port: u16) -> Arc<Pool> {
+    pub fn new(
+        tls: Arc<TlsConfigs>,
+        mode: SocketMode,
+        hbone_port: u16,
+        keepalive: socket::Keepalive,
+    ) -> Arc<Pool> {
         Arc::new(Pool {
             tls,
             mode,
             hbone_port,
+            keepalive,
             conns: ArcSwap::from_pointee(Conns::new()),
             connecting: Mutex::new(HashMap::new()),
         })
@@ -356,6 +369,7 @@ impl Pool {
         let tcp = socket::connect(addr, None, self.mode, CONNECT_TIMEOUT)
             .await
             .map_err(|source| TunnelError::Connect { addr, source })?;
+        socket::keepalive(&tcp, &self.keepalive);
         let local = tcp.local_addr().ok();
         let cfg = self.tls.client(cert, &key.dst)?;
         let tls = tokio::time::timeout(
@@ -374,6 +388,7 @@ impl Pool {
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
             .data_frame_budget(DATA_FRAME_BUDGET)
+            .max_header_list_size(MAX_HEADER_LIST)
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await

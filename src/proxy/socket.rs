@@ -135,7 +135,31 @@ pub fn reset_on_close(s: &TcpStream) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
+/// TCP keepalive of tunnel and app sockets: a peer that vanished without a FIN or RST (a node
+/// gone, a NAT entry expired) is found out and its connection closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe.
+    pub idle: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub probes: u32,
+}
+
+/// Turns TCP keepalive on for `s`.
+pub fn keepalive(s: &TcpStream, k: &Keepalive) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(k.idle)
+        .with_interval(k.interval)
+        .with_retries(k.probes);
+    if let Err(e) = SockRef::from(s).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
+
 /// Socket options for accepted data-path connections.
-pub fn tune_accepted(s: &TcpStream) {
+pub fn tune_accepted(s: &TcpStream, k: &Keepalive) {
     let _ = s.set_nodelay(true);
+    keepalive(s, k);
 }
