@@ -1,0 +1,484 @@
+//! Hostile peers against a weft daemon running as its own process on loopback (so its memory
+//! can be read from `/proc`): slow clients on the metrics port, connection caps, HBONE
+//! handshakes in progress, oversized header blocks and floods of tiny DATA frames. Real TLS,
+//! real HTTP/2, real sockets; no root needed.
+//!
+//! Stated bounds (the daemon's resident memory, measured against its own at rest):
+//! - 500 slow clients on the metrics port: at most [`ADMIN_LIMITS`] held at once, every one
+//!   closed within the header timeout (5 s) plus 2 s, memory grown by under 16 MiB;
+//! - a flood of one-byte DATA frames on a stream whose app connection is pending: memory grown
+//!   by under 64 MiB (h2 holding each frame would take hundreds), the stream refused.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use support::*;
+use weft::admin::{ADMIN_HEADER_TIMEOUT, ADMIN_LIMITS};
+use weft::identity::{BuiltinCa, CertificateAuthority, Identity, IssuedCert};
+use weft::proxy::pool::{Pool, PoolKey};
+use weft::proxy::socket::SocketMode;
+use weft::tls::TlsConfigs;
+
+/// A weft daemon process on its own loopback address, killed on drop.
+struct Weft {
+    node: NodeDir,
+    child: Child,
+    client_ip: IpAddr,
+    ca: BuiltinCa,
+    cert: Arc<IssuedCert>,
+}
+
+impl Drop for Weft {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn id(sa: &str) -> Identity {
+    Identity::new("cluster.local", "mesh", sa).unwrap()
+}
+
+/// Starts weft with `config_extra` added to its config; waits until it is ready.
+async fn weft(config_extra: &str) -> Weft {
+    let client_ip = unique_loopback();
+    let node = NodeDir::new("");
+    let server_ip = node.ip;
+    std::fs::write(
+        node.mesh_path(),
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: mesh, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: server, namespace: mesh}}\nspec: {{nodeName: node-b, serviceAccountName: server}}\nstatus: {{podIP: {server_ip}}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: mesh}}\nspec: {{nodeName: node-a, serviceAccountName: client}}\nstatus: {{podIP: {client_ip}}}\n"
+        ),
+    )
+    .unwrap();
+    let config = node.path("weft.yaml");
+    std::fs::write(
+        &config,
+        format!("{}{config_extra}", node.config_text("node-b")),
+    )
+    .unwrap();
+    let log = std::fs::File::create(node.path("weft.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let ca = BuiltinCa::load(&node.path("ca")).unwrap();
+    let cert = Arc::new(ca.issue(&id("client"), Duration::from_secs(3600)).unwrap());
+    let w = Weft {
+        node,
+        child,
+        client_ip,
+        ca,
+        cert,
+    };
+    // The process takes a moment to listen at all.
+    let started = Instant::now();
+    while std::net::TcpStream::connect(w.node.readiness()).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "weft never listened:\n{}",
+            w.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        wait_ready(w.node.readiness(), Duration::from_secs(15)).await,
+        "weft not ready:\n{}",
+        w.log()
+    );
+    w
+}
+
+impl Weft {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.node.path("weft.log")).unwrap_or_default()
+    }
+
+    /// Resident memory, KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    fn app(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.node.ip, port)
+    }
+
+    fn hbone(&self) -> SocketAddr {
+        self.app(15008)
+    }
+
+    /// `weft_connections_refused_total` for `listener` and `reason`.
+    fn refused(&self, listener: &str, reason: &str) -> u64 {
+        let (_, text) = http(self.node.metrics(), "GET", "/metrics");
+        text.lines()
+            .filter(|l| {
+                l.starts_with("weft_connections_refused_total{")
+                    && l.contains(&format!("listener=\"{listener}\""))
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// A pool as the client workload.
+    fn pool(&self) -> Arc<Pool> {
+        let tls = Arc::new(TlsConfigs::new(self.ca.roots_der()).unwrap());
+        Pool::new(
+            tls,
+            SocketMode::Plain,
+            15008,
+            weft::proxy::socket::Keepalive {
+                idle: Duration::from_secs(180),
+                interval: Duration::from_secs(180),
+                probes: 9,
+            },
+        )
+    }
+
+    /// One exchange through HBONE with the echo app on `port`.
+    async fn echo_through_hbone(&self, pool: &Arc<Pool>, port: u16) -> std::io::Result<()> {
+        let key = PoolKey {
+            src: id("client"),
+            dst: id("server"),
+            dst_ip: self.node.ip,
+        };
+        let mut t = pool
+            .tunnel(
+                &key,
+                &self.cert,
+                self.app(port),
+                SocketAddr::new(self.client_ip, 40000),
+            )
+            .await
+            .map_err(std::io::Error::other)?;
+        t.io.write_all(b"ping").await?;
+        let mut back = [0u8; 4];
+        t.io.read_exact(&mut back).await?;
+        assert_eq!(&back, b"ping");
+        Ok(())
+    }
+
+    /// A raw HTTP/2 client over mTLS as the client workload (to send what weft's pool never
+    /// sends).
+    async fn raw_h2(&self) -> h2::client::SendRequest<Bytes> {
+        let tls = TlsConfigs::new(self.ca.roots_der()).unwrap();
+        let cfg = tls.client(&self.cert, &id("server")).unwrap();
+        let tcp = tokio::net::TcpStream::connect(self.hbone()).await.unwrap();
+        let stream = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::IpAddress(self.node.ip.into()), tcp)
+            .await
+            .unwrap();
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(1 << 20)
+            .handshake(stream)
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        sender
+    }
+}
+
+/// An echo app: every connection's bytes sent back.
+fn echo_app(listener: TcpListener) {
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = c.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+}
+
+/// A TCP connection from `src` to `dst`.
+async fn connect_from(src: IpAddr, dst: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.bind(SocketAddr::new(src, 0))?;
+    s.connect(dst).await
+}
+
+/// Whether the server closed `s` (EOF or reset) within `wait`; false if it is still open.
+async fn closed_within(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut b = [0u8; 256];
+    loop {
+        match tokio::time::timeout(wait, s.read(&mut b)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Whether a new connection from `src` to `dst` is reset at once (at the connect already, or
+/// right after).
+async fn reset_at_once(src: IpAddr, dst: SocketAddr) -> bool {
+    match connect_from(src, dst).await {
+        Ok(mut s) => closed_within(&mut s, Duration::from_secs(2)).await,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+/// Source addresses for many clients: `127.201.x.y`, each usable on loopback.
+fn sources(n: usize) -> Vec<IpAddr> {
+    (0..n)
+        .map(|i| IpAddr::from([127, 201, (i / 250) as u8, (i % 250 + 1) as u8]))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_on_the_metrics_port_are_capped_closed_in_time_and_hbone_keeps_flowing() {
+    let w = weft("").await;
+    let echo = TcpListener::bind(w.app(8080)).await.unwrap();
+    echo_app(echo);
+    let pool = w.pool();
+    w.echo_through_hbone(&pool, 8080).await.unwrap();
+    let rest = w.rss_kib();
+
+    // 500 clients, each from its own address, each sending half a request head and then
+    // nothing.
+    let opened = Instant::now();
+    let mut slow = Vec::new();
+    let mut reset_at_once = 0;
+    for src in sources(500) {
+        match connect_from(src, w.node.metrics()).await {
+            Ok(mut s) => {
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await;
+                slow.push(s);
+            }
+            // Refused so fast that the reset came before the connect was seen through.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => reset_at_once += 1,
+            Err(e) => panic!("connect from {src}: {e}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // HBONE traffic flows meanwhile.
+    for _ in 0..20 {
+        tokio::time::timeout(Duration::from_secs(2), w.echo_through_hbone(&pool, 8080))
+            .await
+            .expect("HBONE stalled while the metrics port was flooded")
+            .unwrap();
+    }
+    let during = w.rss_kib();
+    // At most the cap is held; the others were reset at once and counted.
+    let mut held = Vec::new();
+    for mut s in slow {
+        if !closed_within(&mut s, Duration::from_millis(20)).await {
+            held.push(s);
+        }
+    }
+    assert!(
+        held.len() <= ADMIN_LIMITS.total,
+        "{} slow clients held at once",
+        held.len()
+    );
+    assert!(!held.is_empty(), "no slow client was admitted at all");
+    assert!(reset_at_once + ADMIN_LIMITS.total <= 500);
+    // Those held are closed within the header timeout (from their opening), plus slack.
+    let deadline = opened + ADMIN_HEADER_TIMEOUT + Duration::from_secs(2);
+    for mut s in held {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            closed_within(&mut s, left).await,
+            "a slow client outlived the header timeout"
+        );
+    }
+    assert!(
+        during.saturating_sub(rest) < 16 * 1024,
+        "resident memory grew from {rest} KiB to {during} KiB"
+    );
+    assert!(
+        w.refused("metrics", "listener_limit") >= 400,
+        "refusals not counted:\n{}",
+        http(w.node.metrics(), "GET", "/metrics").1
+    );
+    // And the metrics port answers again.
+    assert_eq!(http(w.node.metrics(), "GET", "/metrics").0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_over_a_cap_is_reset_and_counted_and_other_sources_are_unaffected() {
+    // Raw TCP to 15008 that never starts TLS holds its place until the handshake times out.
+    let w = weft("limits: {connectionsPerListener: 6, connectionsPerSource: 3}\n").await;
+    let [a, b, c]: [IpAddr; 3] = sources(3).try_into().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from(a, w.hbone()).await.unwrap());
+    }
+    assert!(
+        reset_at_once(a, w.hbone()).await,
+        "the source's 4th connection was not reset"
+    );
+    for _ in 0..3 {
+        held.push(connect_from(b, w.hbone()).await.unwrap());
+    }
+    assert!(
+        reset_at_once(c, w.hbone()).await,
+        "the listener's 7th connection was not reset"
+    );
+    for s in &mut held {
+        assert!(
+            !closed_within(s, Duration::from_millis(50)).await,
+            "a connection within the caps was closed"
+        );
+    }
+    assert_eq!(w.refused("hbone", "source_limit"), 1);
+    assert_eq!(w.refused("hbone", "listener_limit"), 1);
+    // A place freed is a place taken: c gets in once a's connections are gone.
+    held.drain(..3);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = connect_from(c, w.hbone()).await.unwrap();
+    assert!(!closed_within(&mut again, Duration::from_millis(300)).await);
+    // Logged, but not once per refusal.
+    let log = w.log();
+    assert!(log.contains("connections refused"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_progress_are_capped() {
+    let w = weft("limits: {handshakesInProgress: 2}\n").await;
+    let echo = TcpListener::bind(w.app(8080)).await.unwrap();
+    echo_app(echo);
+    // Two connections that never finish their handshake take both places.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        stalled.push(connect_from(w.client_ip, w.hbone()).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(reset_at_once(w.client_ip, w.hbone()).await);
+    assert_eq!(w.refused("hbone", "handshakes"), 1);
+    // Once they are gone, a real tunnel gets through.
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    w.echo_through_hbone(&w.pool(), 8080).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_with_a_one_mib_header_block_is_refused() {
+    let w = weft("").await;
+    let echo = TcpListener::bind(w.app(8080)).await.unwrap();
+    echo_app(echo);
+    let mut h2 = w.raw_h2().await;
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(w.app(8080).to_string());
+    // 64 headers of 16 KiB each: a 1 MiB header block.
+    let value = "v".repeat(16 * 1024);
+    for i in 0..64 {
+        req = req.header(format!("x-big-{i}"), value.as_str());
+    }
+    let (resp, _send) = h2.send_request(req.body(()).unwrap(), false).unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), resp).await {
+        Ok(Ok(r)) => assert_eq!(
+            r.status(),
+            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        ),
+        Ok(Err(e)) => assert!(e.is_reset() || e.is_go_away() || e.is_io(), "{e}"),
+        Err(_) => panic!("no answer to a 1 MiB header block"),
+    }
+    // The daemon is fine and the same client's next tunnel works.
+    w.echo_through_hbone(&w.pool(), 8080).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_tiny_data_frames_on_a_pending_stream_is_bounded_and_refused() {
+    let w = weft("").await;
+    let echo = TcpListener::bind(w.app(8080)).await.unwrap();
+    echo_app(echo);
+    // An app whose accept queue is full: weft's connect to it stays pending (its SYNs are
+    // dropped) until weft gives up.
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.set_reuse_address(true).unwrap();
+    full.bind(&w.app(8097).into()).unwrap();
+    full.listen(0).unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&w.app(8097).into());
+        fillers.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rest = w.rss_kib();
+
+    let mut h2 = w.raw_h2().await;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(w.app(8097).to_string())
+        .body(())
+        .unwrap();
+    let (resp, mut send) = h2.send_request(req, false).unwrap();
+    let flood = tokio::spawn(async move {
+        let mut frames = 0u64;
+        let one = Bytes::from_static(b"x");
+        loop {
+            send.reserve_capacity(1);
+            match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(n)) if n > 0 => {}
+                _ => return frames,
+            }
+            if send.send_data(one.clone(), false).is_err() {
+                return frames;
+            }
+            frames += 1;
+            if frames.is_multiple_of(1024) {
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    // Memory while the flood lasts: it ends when weft refuses the stream (its app connect
+    // times out) or, failing that, the test gives up.
+    let mut peak = rest;
+    let started = Instant::now();
+    while !flood.is_finished() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the flood was never stopped"
+        );
+        peak = peak.max(w.rss_kib());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let frames = flood.await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), resp).await;
+    match status {
+        Ok(Ok(r)) => assert_ne!(
+            r.status(),
+            http::StatusCode::OK,
+            "the flooded stream was taken"
+        ),
+        Ok(Err(_)) => {}
+        Err(_) => panic!("the flooded stream was never refused"),
+    }
+    peak = peak.max(w.rss_kib());
+    assert!(frames > 100_000, "only {frames} frames sent");
+    assert!(
+        peak.saturating_sub(rest) < 64 * 1024,
+        "resident memory grew from {rest} KiB to {peak} KiB under {frames} one-byte frames"
+    );
+    // The daemon serves others all along.
+    w.echo_through_hbone(&w.pool(), 8080).await.unwrap();
+    drop(fillers);
+    drop(full);
+}
