@@ -482,3 +482,94 @@ async fn a_flood_of_tiny_data_frames_on_a_pending_stream_is_bounded_and_refused(
     drop(fillers);
     drop(full);
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to the daemon.
+fn signal(w: &Weft, signal: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(w.child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{signal}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_fails_new_tunnels_in_time_and_is_probed_away() {
+    use weft::proxy::h2io::ANSWER_TIMEOUT;
+    use weft::proxy::pool::{PING_INTERVAL, PING_TIMEOUT};
+    let w = weft("limits: {tcpKeepalive: {idle: 77s, interval: 5s, probes: 3}}\n").await;
+    let echo = TcpListener::bind(w.app(8080)).await.unwrap();
+    echo_app(echo);
+    let pool = w.pool();
+    w.echo_through_hbone(&pool, 8080).await.unwrap();
+    let first = pool.view()[0].local;
+    // TCP keepalive as configured on weft's side of the tunnel and of the app connection.
+    let ss = |filter: &str| {
+        let out = Command::new("ss")
+            .args(["-tnoH", "state", "established", filter])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tunnel = ss(&format!("( src {} and sport = :15008 )", w.node.ip));
+    assert!(
+        tunnel.contains("timer:(keepalive"),
+        "{tunnel}\nall:\n{}",
+        ss("sport = :15008")
+    );
+    // The app connection lives as long as a tunnel is open.
+    let key = PoolKey {
+        src: id("client"),
+        dst: id("server"),
+        dst_ip: w.node.ip,
+    };
+    let open = pool
+        .tunnel(
+            &key,
+            &w.cert,
+            w.app(8080),
+            SocketAddr::new(w.client_ip, 40000),
+        )
+        .await
+        .unwrap();
+    let app = ss(&format!("( dst {} and dport = :8080 )", w.node.ip));
+    assert!(app.contains("timer:(keepalive"), "{app}");
+    drop(open);
+
+    // Stopped: the pooled connection is still up at the TCP level, but nothing answers. A new
+    // tunnel fails within the answer timeout instead of hanging.
+    signal(&w, "STOP");
+    let asked = Instant::now();
+    let r = tokio::time::timeout(
+        ANSWER_TIMEOUT + Duration::from_secs(5),
+        w.echo_through_hbone(&pool, 8080),
+    )
+    .await
+    .expect("a tunnel to a stopped peer hung");
+    assert!(r.is_err(), "a stopped peer answered");
+    assert!(asked.elapsed() <= ANSWER_TIMEOUT + Duration::from_secs(2));
+    // Resumed: the next tunnel works, on a new connection.
+    signal(&w, "CONT");
+    w.echo_through_hbone(&pool, 8080).await.unwrap();
+    let view = pool.view();
+    assert_eq!(view.len(), 1, "{view:?}");
+    assert_ne!(
+        view[0].local, first,
+        "the unanswering connection was used again"
+    );
+
+    // Stopped again with nothing to send: the PING probe retires the connection by itself.
+    let second = view[0].local;
+    signal(&w, "STOP");
+    let deadline = Instant::now() + PING_INTERVAL + PING_TIMEOUT + Duration::from_secs(3);
+    while pool.view().iter().any(|c| c.local == second) {
+        assert!(
+            Instant::now() < deadline,
+            "a connection to a stopped peer was never retired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    signal(&w, "CONT");
+    w.echo_through_hbone(&pool, 8080).await.unwrap();
+}

@@ -50,6 +50,11 @@ pub const REPLAY_MAX: usize = 64 * 1024;
 /// How many times one stream is opened again after being turned away unprocessed.
 const MAX_REOPEN: u8 = 2;
 
+/// How long a client stream waits for the answer to its CONNECT. The peer answers once it
+/// has reached the destination (its app connect gives up after 5 s), so a stream with no
+/// answer after this is on a connection to a peer that stopped answering.
+pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Opens the stream again (on another connection), holding what it needs (its pool slot,
 /// [`H2Io::hold`]).
 pub type Reopen = Box<dyn FnMut() -> Reopening + Send + Sync>;
@@ -121,6 +126,9 @@ pub enum Refusal {
     /// Turned away unprocessed (GOAWAY), and opening it again failed.
     #[error("turned away by a peer going away; opening the stream again failed: {0}")]
     Reopen(#[source] ReopenError),
+    /// No answer came within [`ANSWER_TIMEOUT`].
+    #[error("no answer to the CONNECT within {0:?}")]
+    Unanswered(std::time::Duration),
 }
 
 /// Until the answer: what was written, to send again if the stream is turned away unprocessed.
@@ -159,6 +167,10 @@ pub struct H2Io {
     reopens: u8,
     /// Server side: bytes received before the stream was answered ([`H2Io::with_received`]).
     early_received: Option<Box<EarlyReceived>>,
+    /// Client side, until the answer: when to give up waiting for it.
+    answer_by: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Called once if the answer does not come in time (the pool retires the connection).
+    on_unanswered: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 /// What a server stream received before it was answered.
@@ -190,6 +202,8 @@ impl H2Io {
             _held: None,
             reopens: 0,
             early_received: None,
+            answer_by: None,
+            on_unanswered: None,
         }
     }
 
@@ -197,6 +211,18 @@ impl H2Io {
     /// the tunnel's first bytes, which the peer holds until it has reached the destination);
     /// reads wait for the answer, and a refusal reads as a reset.
     pub fn awaiting(send: SendStream<Bytes>, response: ResponseFuture) -> H2Io {
+        let mut io = H2Io::awaiting_untimed(send, response);
+        io.answer_by = Some(Box::pin(tokio::time::sleep(ANSWER_TIMEOUT)));
+        io
+    }
+
+    /// Runs `f` once if the answer does not come within [`ANSWER_TIMEOUT`] (the stream then
+    /// fails with [`Refusal::Unanswered`]).
+    pub fn on_unanswered(&mut self, f: Box<dyn FnOnce() + Send + Sync>) {
+        self.on_unanswered = Some(f);
+    }
+
+    fn awaiting_untimed(send: SendStream<Bytes>, response: ResponseFuture) -> H2Io {
         H2Io {
             send,
             recv: Recv::Awaiting(response),
@@ -208,6 +234,8 @@ impl H2Io {
             _held: None,
             reopens: 0,
             early_received: None,
+            answer_by: None,
+            on_unanswered: None,
         }
     }
 
@@ -387,14 +415,29 @@ impl H2Io {
             let refusal = match &mut self.recv {
                 Recv::Open(_) | Recv::Absorbed(_) => return Poll::Ready(Ok(())),
                 Recv::Refused(why) => return Poll::Ready(Err(Refusal::Again(why.clone()))),
-                Recv::Awaiting(response) => match ready!(Pin::new(response).poll(cx)) {
-                    Ok(resp) if resp.status() == StatusCode::OK => {
+                Recv::Awaiting(response) => match Pin::new(response).poll(cx) {
+                    Poll::Pending => {
+                        let late = self
+                            .answer_by
+                            .as_mut()
+                            .is_some_and(|by| by.as_mut().poll(cx).is_ready());
+                        if !late {
+                            return Poll::Pending;
+                        }
+                        if let Some(retire) = self.on_unanswered.take() {
+                            retire();
+                        }
+                        Refusal::Unanswered(ANSWER_TIMEOUT)
+                    }
+                    Poll::Ready(Ok(resp)) if resp.status() == StatusCode::OK => {
                         self.recv = Recv::Open(resp.into_body());
                         self.early = None;
+                        self.answer_by = None;
+                        self.on_unanswered = None;
                         return Poll::Ready(Ok(()));
                     }
-                    Ok(resp) => Refusal::Status(resp.status()),
-                    Err(e) => match self.early.as_mut() {
+                    Poll::Ready(Ok(resp)) => Refusal::Status(resp.status()),
+                    Poll::Ready(Err(e)) => match self.early.as_mut() {
                         Some(early) if reopen && unprocessed(&e) => {
                             if self.reopens >= MAX_REOPEN {
                                 Refusal::Reopen(

@@ -59,6 +59,39 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 /// connection window, is 32,896 and tripped on pooled streams before the readers coalesced),
 /// and it caps what a flood of tiny frames can pin in h2 to a few MiB per connection.
 pub const DATA_FRAME_BUDGET: usize = 65_536 * 255;
+/// How often a pooled connection's peer is asked for a PING answer.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a PING may go unanswered before the connection is retired.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Probes a pooled connection's peer (HTTP/2 PING every [`PING_INTERVAL`]) until the
+/// connection ends; a peer that does not answer within [`PING_TIMEOUT`] (stopped, gone without
+/// a FIN, partitioned) has its connection retired and closed (`driver` aborted), failing its
+/// streams instead of leaving them hanging.
+async fn probe(
+    mut ping: h2::PingPong,
+    driver: tokio::task::JoinHandle<()>,
+    closed: Arc<AtomicBool>,
+    addr: SocketAddr,
+) {
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        if closed.load(Ordering::Acquire) || driver.is_finished() {
+            return;
+        }
+        match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::info!(peer = %addr, "HBONE peer did not answer a PING; connection retired");
+                closed.store(true, Ordering::Release);
+                driver.abort();
+                return;
+            }
+        }
+    }
+}
+
 /// The largest header block accepted on a stream (ztunnel's limit; h2 would decode up to
 /// 16 MiB): a CONNECT needs a few hundred bytes.
 pub const MAX_HEADER_LIST: u32 = 64 * 1024;
@@ -258,6 +291,10 @@ impl Pool {
                 addr,
                 source: std::io::Error::other(why),
             }),
+            Err(r @ Refusal::Unanswered(_)) => Err(TunnelError::Connect {
+                addr,
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, r.to_string()),
+            }),
         }
     }
 
@@ -315,6 +352,13 @@ impl Pool {
             };
             match Self::open_stream(&slot, req()?).await {
                 Ok(mut io) => {
+                    // A peer that answers no CONNECT in time has stopped answering: its
+                    // connection takes no more streams, the next one opens a new one.
+                    let closed = slot.0.closed.clone();
+                    io.on_unanswered(Box::new(move || {
+                        tracing::info!(peer = %addr, "no answer to a CONNECT in time; HBONE connection retired");
+                        closed.store(true, Ordering::Release);
+                    }));
                     io.hold(Box::new(slot));
                     return Ok(Tunnel { io });
                 }
@@ -393,14 +437,19 @@ impl Pool {
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| TunnelError::Http { addr, source })?;
+        let mut conn = conn;
+        let ping = conn.ping_pong();
         let closed = Arc::new(AtomicBool::new(false));
         let (src, dst, done) = (key.src.clone(), key.dst.clone(), closed.clone());
-        tokio::spawn(async move {
+        let driver = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(peer = %addr, src = %src, dst = %dst, error = %e, "HBONE connection ended");
             }
             done.store(true, Ordering::Release);
         });
+        if let Some(ping) = ping {
+            tokio::spawn(probe(ping, driver, closed.clone(), addr));
+        }
         tracing::debug!(peer = %addr, src = %key.src, dst = %key.dst, "HBONE connection opened");
         Ok(Pooled {
             sender,
