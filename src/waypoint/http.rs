@@ -375,20 +375,17 @@ async fn handle(
     }
 
     // AuthorizationPolicy, L4 and L7 together, on the request as it will be forwarded.
-    let decided = UpgradedRequest {
+    // Kept for an upgrade only, to decide it again while the connection lives.
+    let decided = upgrade.then(|| UpgradedRequest {
         src_ip: client.addr.ip(),
         src_identity: client.identity.clone(),
         dst,
         method: method.as_str().to_string(),
         host: authority_text.clone(),
         path: target.path.clone(),
-        headers: if upgrade {
-            parts.headers.clone()
-        } else {
-            HeaderMap::new()
-        },
+        headers: parts.headers.clone(),
         auth: request_auth.clone(),
-    };
+    });
     let verdict = authz.check_http(
         &Connection {
             src_ip: client.addr.ip(),
@@ -484,7 +481,9 @@ async fn handle(
         (true, Some(down)) => {
             let up = hyper::upgrade::on(&mut resp);
             *crate::sync::lock(upgraded) = Some(AfterServe::Relay(PendingUpgrade { down, up }));
-            let _ = conn.upgraded.set(Box::new(decided));
+            if let Some(decided) = decided {
+                let _ = conn.upgraded.set(Box::new(decided));
+            }
         }
         // Switching protocols the client did not ask for would leave both sides lost.
         (true, None) => {
