@@ -1105,3 +1105,334 @@ async fn a_stream_turned_away_with_an_error_code_is_not_opened_again() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(server.accepted(), 1, "the stream was opened again");
 }
+
+// === the waypoint forwards the request it decided on ===
+
+/// An AuthorizationPolicy for every workload of the `mesh` namespace.
+fn policy(name: &str, action: &str, operation: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: {name}, namespace: mesh}}\n\
+         spec: {{action: {action}, rules: [{{to: [{{operation: {{{operation}}}}}]}}]}}\n"
+    )
+}
+
+/// [`setup_behind_waypoint`] with `extra` appended to the mesh.
+async fn setup_behind_waypoint_with(extra: String) -> Setup {
+    setup_with(move |m| {
+        m.replace(
+            "metadata: {name: server, namespace: mesh}",
+            "metadata: {name: server, namespace: mesh, labels: {istio.io/use-waypoint: weft}}",
+        ) + &extra
+    })
+    .await
+}
+
+/// An app that sends each request head it reads to the returned channel and answers it
+/// `200 ok`; a WebSocket upgrade is answered `101`, then the connection echoes.
+fn recording_app(listener: TcpListener) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Some(head) = read_head(&mut c).await else {
+                        return;
+                    };
+                    let websocket = head.to_ascii_lowercase().contains("\r\nupgrade: websocket");
+                    let _ = tx.send(head);
+                    if websocket {
+                        let switch = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n";
+                        if c.write_all(switch.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        let mut b = [0u8; 1024];
+                        while let Ok(n) = c.read(&mut b).await {
+                            if n == 0 || c.write_all(&b[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if c.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    rx
+}
+
+/// Reads up to the end of a message head; None when the stream ends first.
+async fn read_head<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match r.read(&mut b).await {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Sends `request` on the tunnel and reads the response: status, head and body.
+async fn ask(t: &mut Tunnel, request: &str) -> (u16, String, String) {
+    t.io.write_all(request.as_bytes()).await.unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut t.io))
+        .await
+        .expect("no response within 5 s")
+        .expect("the stream ended before a response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    t.io.read_exact(&mut body).await.unwrap();
+    (status, head, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The next head the app received, if one comes within `wait`.
+async fn next_at_app(
+    heads: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    wait: Duration,
+) -> Option<String> {
+    tokio::time::timeout(wait, heads.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The values of header `name` in a message head.
+fn header_values(head: &str, name: &str) -> Vec<String> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_receives_the_normalized_path_that_policy_decided_on() {
+    let s = setup_behind_waypoint_with(policy("public", "ALLOW", "paths: [\"/public/*\"]")).await;
+    let mut heads = recording_app(TcpListener::bind(s.app_addr(8100)).await.unwrap());
+    let mut t = s.open(8100).await.unwrap();
+    // Allowed on its normalized path, which is what the app gets (the query as sent).
+    let (status, _, _) = ask(
+        &mut t,
+        "GET /secret/../public/x?q=/../y HTTP/1.1\r\nhost: app\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let head = next_at_app(&mut heads, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        head.starts_with("GET /public/x?q=/../y HTTP/1.1\r\n"),
+        "the app received: {head}"
+    );
+    let (status, _, _) = ask(
+        &mut t,
+        "GET /public/%2e%2e/secret\\x HTTP/1.1\r\nhost: app\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 403, "/public/%2e%2e/secret\\x is /secret/x");
+    let (status, _, _) = ask(&mut t, "GET /public//./y HTTP/1.1\r\nhost: app\r\n\r\n").await;
+    assert_eq!(status, 200);
+    let head = next_at_app(&mut heads, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(head.starts_with("GET /public//y HTTP/1.1\r\n"), "{head}");
+    assert_eq!(
+        next_at_app(&mut heads, Duration::from_millis(300)).await,
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_header_that_disagrees_with_the_request_target_is_refused() {
+    let s = setup_behind_waypoint_with(policy("hosts", "ALLOW", "hosts: [app.mesh]")).await;
+    let mut heads = recording_app(TcpListener::bind(s.app_addr(8101)).await.unwrap());
+    // `hosts` matched the target's authority; the app would have read the Host header.
+    let mut t = s.open(8101).await.unwrap();
+    let (status, head, _) = ask(
+        &mut t,
+        "GET http://app.mesh/x HTTP/1.1\r\nhost: admin.mesh\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400, "{head}");
+    assert!(header_values(&head, "connection").contains(&"close".to_string()));
+    // Two Host fields: which one would the app read?
+    let mut t = s.open(8101).await.unwrap();
+    let (status, _, _) = ask(
+        &mut t,
+        "GET /x HTTP/1.1\r\nhost: app.mesh\r\nhost: admin.mesh\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        next_at_app(&mut heads, Duration::from_millis(300)).await,
+        None
+    );
+    // The authority that was matched is the one the app gets.
+    let mut t = s.open(8101).await.unwrap();
+    let (status, _, _) = ask(
+        &mut t,
+        "GET http://App.mesh/x HTTP/1.1\r\nhost: app.MESH\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let head = next_at_app(&mut heads, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(header_values(&head, "host"), ["App.mesh"], "{head}");
+    let (status, _, _) = ask(&mut t, "GET /y HTTP/1.1\r\nhost: admin.mesh\r\n\r\n").await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_sees_the_client_cert_header_of_the_verified_peer_never_the_clients() {
+    // A policy trusting the header as the app would: it must never see the client's.
+    let deny = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                metadata: {name: no-admin, namespace: mesh}\n\
+                spec: {action: DENY, rules: [{to: [{operation: {paths: [/admin]}}], \
+                when: [{key: 'request.headers[x-forwarded-client-cert]', notValues: ['*sa/client']}]}]}\n"
+        .to_string();
+    let s = setup_behind_waypoint_with(deny).await;
+    let mut heads = recording_app(TcpListener::bind(s.app_addr(8102)).await.unwrap());
+    let mut t = s.open(8102).await.unwrap();
+    let forged =
+        "By=spiffe://cluster.local/ns/mesh/sa/server;URI=spiffe://cluster.local/ns/mesh/sa/admin";
+    let (status, _, _) = ask(
+        &mut t,
+        &format!("GET /x HTTP/1.1\r\nhost: app\r\nx-forwarded-client-cert: {forged}\r\nX-Forwarded-Client-Cert: {forged}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let head = next_at_app(&mut heads, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        header_values(&head, "x-forwarded-client-cert"),
+        ["By=spiffe://cluster.local/ns/mesh/sa/server;URI=spiffe://cluster.local/ns/mesh/sa/client"],
+        "{head}"
+    );
+    // Policy saw the waypoint's header too, not the forged one.
+    let (status, _, _) = ask(
+        &mut t,
+        &format!("GET /admin HTTP/1.1\r\nhost: app\r\nx-forwarded-client-cert: {forged}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "the DENY matched the forged header");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_anything_but_websocket_is_refused() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("debug,h2=info,rustls=info")
+        .try_init();
+    let s = setup_behind_waypoint().await;
+    let mut heads = recording_app(TcpListener::bind(s.app_addr(8104)).await.unwrap());
+    for upgrade in ["h2c", "websocket, h2c", "TLS/1.2"] {
+        let mut t = s.open(8104).await.unwrap();
+        let (status, head, _) = ask(
+            &mut t,
+            &format!("GET / HTTP/1.1\r\nhost: app\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: {upgrade}\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(status, 400, "Upgrade: {upgrade}\n{head}");
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), t.io.read_to_end(&mut rest)).await;
+        assert!(
+            ended.is_ok(),
+            "Upgrade: {upgrade}: the connection stayed open"
+        );
+    }
+    assert_eq!(
+        next_at_app(&mut heads, Duration::from_millis(300)).await,
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_is_a_tracked_connection_closed_when_policy_denies_it() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("debug,h2=info,rustls=info")
+        .try_init();
+    let s = setup_behind_waypoint().await;
+    let mut heads = recording_app(TcpListener::bind(s.app_addr(8103)).await.unwrap());
+    let mut t = s.open(8103).await.unwrap();
+    let (status, head, _) = ask(
+        &mut t,
+        "GET /ws HTTP/1.1\r\nhost: app\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 101, "{head}");
+    assert!(next_at_app(&mut heads, Duration::from_secs(5))
+        .await
+        .is_some());
+    t.io.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), t.io.read_exact(&mut b))
+        .await
+        .expect("no echo through the upgraded connection")
+        .unwrap();
+    assert_eq!(&b, b"ping");
+
+    // Listed in /connections, with the request that upgraded it and its bytes.
+    let admin = s._node.admin();
+    let listed = move || {
+        let v = get_json(admin, "/connections");
+        v["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["upgraded"] == "websocket GET /ws")
+            .cloned()
+    };
+    let conn = tokio::task::spawn_blocking(listed).await.unwrap();
+    let conn = conn.expect("the WebSocket is not in /connections");
+    assert_eq!(
+        conn["srcIdentity"], "spiffe://cluster.local/ns/mesh/sa/client",
+        "{conn}"
+    );
+    assert!(conn["bytesReceived"].as_u64().unwrap() >= 4, "{conn}");
+
+    // A policy change that denies the request that upgraded it closes it.
+    let mesh = std::fs::read_to_string(s._node.mesh_path()).unwrap();
+    std::fs::write(
+        s._node.mesh_path(),
+        mesh + &policy("no-ws", "DENY", "paths: [\"/ws\"]"),
+    )
+    .unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), t.io.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the WebSocket outlived the policy that denies it"
+    );
+    assert!(
+        tokio::task::spawn_blocking(listed).await.unwrap().is_none(),
+        "still listed after it was closed"
+    );
+    // Decided again, a new one is refused.
+    let mut t = s.open(8103).await.unwrap();
+    let (status, _, _) = ask(
+        &mut t,
+        "GET /ws HTTP/1.1\r\nhost: app\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 403);
+}

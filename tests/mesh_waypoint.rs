@@ -18,7 +18,8 @@ use support::mesh::*;
 
 const ISSUER: &str = "https://issuer.test";
 
-/// An HTTP app in pod `c`: answers `<method> <path> from <peer ip>` and echoes `x-user`.
+/// An HTTP app in pod `c`: answers `<method> <path> from <peer ip> auth=<authorization>
+/// <version> xfcc=<x-forwarded-client-cert>`; a WebSocket upgrade is accepted and echoes.
 fn run_app(env: &MeshEnv, rt: &tokio::runtime::Runtime) {
     let c = env.pod("c");
     let l =
@@ -53,24 +54,33 @@ fn run_app(env: &MeshEnv, rt: &tokio::runtime::Runtime) {
                             let mut r =
                                 hyper::Response::new(http_body_util::Full::new(Bytes::new()));
                             *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
-                            r.headers_mut()
-                                .insert("upgrade", hyper::header::HeaderValue::from_static("echo"));
+                            r.headers_mut().insert(
+                                "upgrade",
+                                hyper::header::HeaderValue::from_static("websocket"),
+                            );
                             r.headers_mut().insert(
                                 "connection",
                                 hyper::header::HeaderValue::from_static("upgrade"),
                             );
                             return Ok::<_, Infallible>(r);
                         }
+                        let header = |name: &str| {
+                            let values: Vec<&str> = req
+                                .headers()
+                                .get_all(name)
+                                .iter()
+                                .map(|v| v.to_str().unwrap_or("?"))
+                                .collect();
+                            values.join(" | ")
+                        };
                         let body = format!(
-                            "{} {} from {} auth={} {:?}",
+                            "{} {} from {} auth={} {:?} xfcc={}",
                             req.method(),
                             req.uri().path(),
                             peer.ip(),
-                            req.headers()
-                                .get("authorization")
-                                .map(|v| v.to_str().unwrap_or("?").to_string())
-                                .unwrap_or_default(),
-                            req.version()
+                            header("authorization"),
+                            req.version(),
+                            header("x-forwarded-client-cert"),
                         );
                         Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
                             Bytes::from(body),
@@ -350,6 +360,30 @@ spec:
         "{log}"
     );
 
+    // x-forwarded-client-cert is the waypoint's, from the verified peer, never the client's;
+    // a plaintext client (pod keys is not in the mesh) has none.
+    let forged = "x-forwarded-client-cert: By=spiffe://cluster.local/ns/shop/sa/c;URI=spiffe://cluster.local/ns/shop/sa/admin\r\n";
+    let mut s = connect();
+    let (st, body, _) = send(&mut s, &get("/public/xfcc", forged));
+    assert_eq!(st, 200, "{body}");
+    assert!(
+        body.ends_with(
+            " xfcc=By=spiffe://cluster.local/ns/shop/sa/c;URI=spiffe://cluster.local/ns/shop/sa/a"
+        ),
+        "{body}"
+    );
+    let mut plain = env
+        .pod("keys")
+        .ns
+        .tcp_connect(c, Duration::from_secs(5))
+        .unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (st, body, _) = send(&mut plain, &get("/public/xfcc", forged));
+    assert_eq!(st, 200, "{body}");
+    assert!(body.ends_with(" xfcc="), "{body}");
+
     // Ambiguous framing: 400, connection closed, nothing reaches the app.
     let mut s = connect();
     let (st, _, kept) = send(&mut s, "POST /public/x HTTP/1.1\r\nHost: c.shop\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
@@ -374,11 +408,19 @@ spec:
         buf.starts_with("HTTP/1.1 431") || buf.starts_with("HTTP/1.1 400"),
         "{buf}"
     );
-    // HTTP/1.1 upgrade passed through once the app accepts it.
+    // A WebSocket upgrade passed through once the app accepts it; any other upgrade (h2c
+    // would let the client speak HTTP/2 to the app past the per-request decisions) is refused.
+    let mut s = connect();
+    let (st, _, kept) = send(
+        &mut s,
+        "GET /public/h2c HTTP/1.1\r\nHost: c.shop\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    );
+    assert_eq!(st, 400);
+    assert!(!kept);
     let mut s = connect();
     let (st, body, _) = send(
         &mut s,
-        "GET /public/ws HTTP/1.1\r\nHost: c.shop\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        "GET /public/ws HTTP/1.1\r\nHost: c.shop\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     );
     assert_eq!(st, 101, "{body}");
     s.write_all(b"ping").unwrap();

@@ -59,7 +59,8 @@ pub struct HttpRequest<'a> {
     /// The `:authority` / `Host` header value as received, port included when the client sent
     /// one.
     pub host: &'a str,
-    /// The request target's path (and query), as received.
+    /// The request target's path (and query), as received or already normalized (the
+    /// waypoint passes the path it forwards; normalizing is idempotent).
     pub path: &'a str,
     /// The request headers.
     pub headers: &'a HeaderMap,

@@ -1,10 +1,11 @@
 //! Request path normalization: the path AuthorizationPolicy `paths`/`notPaths` are matched
 //! against, computed from the request target as received.
 //!
-//! Owns [`normalize_path`] and its error. Does not own what the proxy forwards: Istio forwards
-//! the normalized path (with the query) to the backend, and whether weft's waypoint does the
-//! same is the proxy's decision; it must at least refuse (400) what this module refuses, or a
-//! policy and the backend would disagree about which resource was asked for.
+//! Owns [`normalize_path`] and its error. Does not own what the proxy forwards, but the
+//! waypoint relies on it: like Istio, it forwards exactly this normalized path (then the query
+//! as received) to the app, and refuses (400) what this module refuses, so a policy and the
+//! app never disagree about which resource was asked for (`waypoint::http::target`). The
+//! result normalizes to itself, so deciding again on it changes nothing.
 //!
 //! weft implements Istio's default, meshConfig `pathNormalization: BASE`, which istiod
 //! configures as Envoy's `normalize_path: true` with `merge_slashes: false` and the escaped-slash

@@ -1,6 +1,7 @@
 //! Live connections: what `/connections` lists, what the access log and Istio's TCP metrics
 //! report, and the handle that lets weft close a connection from outside (policy changes,
-//! drain).
+//! drain). A connection the waypoint upgraded (WebSocket) stays here, with the request that
+//! upgraded it ([`Recheck`]), so policy changes and drain reach it too.
 //!
 //! A connection is registered when weft has decided where it goes and removed when its
 //! [`ConnGuard`] drops; the drop writes one access-log event (target `access`) and updates
@@ -17,11 +18,13 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::authz::Authz;
 use crate::identity::Identity;
 use crate::metrics::{
     Direction, RequestProtocol, SecurityPolicy, TcpLabels, TcpMetrics, Transport,
 };
 use crate::model::Workload;
+use crate::state::Snapshot;
 use prometheus_client::metrics::counter::Counter;
 
 /// How the bytes travel between the nodes.
@@ -164,10 +167,24 @@ pub struct Conn {
     pub started: Instant,
     /// Cancelled to close the connection from outside.
     pub close: CancellationToken,
+    /// What else must still be allowed for the connection to stay open, beyond the inbound
+    /// decision on its addresses: set once, by the waypoint, when a request upgraded the
+    /// connection (a WebSocket's bytes are no longer requests to decide, so the policy
+    /// follower decides the upgrading request again instead).
+    pub upgraded: std::sync::OnceLock<Box<dyn Recheck>>,
     /// Its counters (for a clean close: response flags `-`), found once at open. Handles, not
     /// labels: a live connection keeps one pointer instead of its ~1 KiB label set, and a
     /// clean close updates the metrics without hashing labels or taking the family's lock.
     counters: Arc<Counters>,
+}
+
+/// A request that took a connection over (an HTTP upgrade), decided again on every new
+/// state by the policy follower (`proxy::spawn_policy_follower`).
+pub trait Recheck: Send + Sync + std::fmt::Debug {
+    /// What it is, for `/connections` (`websocket GET /chat`).
+    fn describe(&self) -> String;
+    /// `Err` with the reason when `snap`'s policies no longer allow it.
+    fn check(&self, snap: &Snapshot, authz: &Authz) -> Result<(), String>;
 }
 
 /// The counters of one label set (response flags `-`).
@@ -271,6 +288,7 @@ impl ConnTable {
             sent: AtomicU64::new(0),
             started: Instant::now(),
             close: CancellationToken::new(),
+            upgraded: std::sync::OnceLock::new(),
             counters,
         });
         lock(self.shard(conn.id)).insert(conn.id, conn.clone());
@@ -516,6 +534,9 @@ pub struct ConnView<'a> {
     bytes_received: u64,
     bytes_sent: u64,
     age_secs: f64,
+    /// The request that upgraded it (`websocket GET /chat`), when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upgraded: Option<String>,
 }
 
 impl Conn {
@@ -527,6 +548,7 @@ impl Conn {
             bytes_received: self.received.load(Ordering::Relaxed),
             bytes_sent: self.sent.load(Ordering::Relaxed),
             age_secs: self.started.elapsed().as_secs_f64(),
+            upgraded: self.upgraded.get().map(|r| r.describe()),
         }
     }
 }

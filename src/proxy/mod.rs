@@ -117,7 +117,8 @@ impl ProxyCtx {
 }
 
 /// Re-evaluates live inbound connections whenever the state changes and closes those the new
-/// policies deny (a plaintext connection to a port now STRICT included).
+/// policies deny (a plaintext connection to a port now STRICT included, and a connection the
+/// waypoint upgraded whose upgrading request the new L7 policies deny).
 pub fn spawn_policy_follower(
     ctx: Arc<ProxyCtx>,
     mut shutdown: watch::Receiver<bool>,
@@ -140,9 +141,15 @@ pub fn spawn_policy_follower(
                     continue;
                 }
                 let verdict =
-                    inbound::decide(&ctx, &snap, &authz, m.src, m.src_identity.as_ref(), m.dst);
-                if let Err(refusal) = verdict {
-                    let (src, dst, reason) = (m.src, m.dst, &refusal.reason);
+                    inbound::decide(&ctx, &snap, &authz, m.src, m.src_identity.as_ref(), m.dst)
+                        .map_err(|refusal| refusal.reason)
+                        .and_then(|_| match conn.upgraded.get() {
+                            // The request that upgraded it must still be allowed too.
+                            Some(upgrade) => upgrade.check(&snap, &authz),
+                            None => Ok(()),
+                        });
+                if let Err(reason) = verdict {
+                    let (src, dst) = (m.src, m.dst);
                     tracing::info!(target: "access", %src, %dst, %reason, "live connection closed: no longer allowed");
                     conn.close.cancel();
                 }

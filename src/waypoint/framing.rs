@@ -6,8 +6,11 @@
 //! request: it is the classic request-smuggling shape. This wrapper follows the message
 //! boundaries of an HTTP/1 byte stream (heads parsed with `httparse`, bodies skipped by length
 //! or by chunk), records for every request head whether its framing is ambiguous, and the
-//! waypoint answers those requests `400` and closes the connection. HTTP/2 (its connection
-//! preface) and anything after an upgrade or CONNECT pass through unwatched.
+//! waypoint answers those requests `400` and closes the connection. A chunk size that cannot be
+//! read as a 64-bit number (`ffffffffffffffff` plus its CRLF overflows, longer sizes do not
+//! parse) loses the framing: every later request on the connection counts as ambiguous. HTTP/2
+//! (its connection preface) and anything after an upgrade or CONNECT pass through unwatched
+//! (the waypoint closes a connection whose upgrade or CONNECT did not switch protocols).
 
 use std::collections::VecDeque;
 use std::io;
@@ -17,19 +20,34 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Per request head, in order: `true` when its framing is ambiguous.
+/// Per request head, in order: `true` when its framing is ambiguous; and whether the stream
+/// lost its framing altogether (every later request is then ambiguous).
 #[derive(Clone, Default)]
-pub struct Verdicts(Arc<Mutex<VecDeque<bool>>>);
+pub struct Verdicts(Arc<Mutex<Recorded>>);
+
+#[derive(Default)]
+struct Recorded {
+    heads: VecDeque<bool>,
+    lost: bool,
+}
 
 impl Verdicts {
     /// Takes the verdict of the next request in order (`false` when none was recorded, e.g.
-    /// HTTP/2).
+    /// HTTP/2; `true` for every request once the framing was lost).
     pub fn next_is_ambiguous(&self) -> bool {
-        crate::sync::lock(&self.0).pop_front().unwrap_or(false)
+        let mut r = crate::sync::lock(&self.0);
+        let head = r.heads.pop_front().unwrap_or(false);
+        head || r.lost
     }
 
     fn push(&self, ambiguous: bool) {
-        crate::sync::lock(&self.0).push_back(ambiguous);
+        crate::sync::lock(&self.0).heads.push_back(ambiguous);
+    }
+
+    /// The body's framing cannot be followed (a chunk size that does not fit 64 bits): where
+    /// the next request starts is ambiguous, so none is forwarded.
+    fn lose(&self) {
+        crate::sync::lock(&self.0).lost = true;
     }
 }
 
@@ -133,10 +151,17 @@ impl<I> Watched<I> {
                             .unwrap_or("")
                             .trim()
                             .to_string();
+                        // The size and its CRLF must fit 64 bits: a size that does not is
+                        // read differently by every parser (wrapped, truncated, refused), so
+                        // where the next request starts is ambiguous.
                         self.state = match u64::from_str_radix(&size, 16) {
                             Ok(0) => State::Trailer(Vec::new()),
-                            Ok(n) => State::ChunkData(n + 2),
-                            Err(_) => State::Off,
+                            Ok(n) => match n.checked_add(2) {
+                                Some(left) => State::ChunkData(left),
+                                None => self.lost(),
+                            },
+                            // Too long for 64 bits, or not a size at all.
+                            Err(_) => self.lost(),
                         };
                     }
                 },
@@ -165,6 +190,12 @@ impl<I> Watched<I> {
                 },
             }
         }
+    }
+
+    /// Gives up following a stream whose framing was lost, recording it.
+    fn lost(&self) -> State {
+        self.verdicts.lose();
+        State::Off
     }
 
     /// Records the head's verdict and decides how its body is framed.
@@ -261,7 +292,7 @@ mod tests {
         for chunk in stream {
             w.feed(chunk);
         }
-        let out: Vec<bool> = v.0.lock().unwrap().iter().copied().collect();
+        let out: Vec<bool> = v.0.lock().unwrap().heads.iter().copied().collect();
         out
     }
 
@@ -291,6 +322,45 @@ mod tests {
             verdicts(&[b"POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nabcd"]),
             [false]
         );
+    }
+
+    #[test]
+    fn chunk_sizes_beyond_64_bits_lose_the_framing_without_panicking() {
+        let head: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let next: &[u8] = b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n";
+        for size in [
+            &b"ffffffffffffffff"[..],
+            b"fffffffffffffffe",
+            b"FFFFFFFFFFFFFFFF;ext=1",
+            b"10000000000000000",
+            b"00000000000000000000000000000000000001",
+        ] {
+            let v = Verdicts::default();
+            let mut w = Watched::new(tokio::io::empty(), v.clone());
+            w.feed(head);
+            w.feed(size);
+            w.feed(b"\r\nabc\r\n");
+            w.feed(next);
+            let what = String::from_utf8_lossy(size);
+            assert!(matches!(w.state, State::Off), "{what}: {:?}", w.state);
+            assert!(
+                v.next_is_ambiguous(),
+                "{what}: a request after it is not refused"
+            );
+            assert!(v.next_is_ambiguous(), "{what}: the framing was forgotten");
+        }
+        // The largest size that fits is followed (and does not wrap).
+        let v = Verdicts::default();
+        let mut w = Watched::new(tokio::io::empty(), v.clone());
+        w.feed(head);
+        w.feed(b"fffffffffffffffd\r\nabc");
+        assert!(
+            matches!(w.state, State::ChunkData(n) if n == u64::MAX - 3),
+            "{:?}",
+            w.state
+        );
+        assert!(!v.next_is_ambiguous());
+        assert!(!v.next_is_ambiguous());
     }
 
     #[test]

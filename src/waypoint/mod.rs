@@ -6,7 +6,9 @@
 //!   issuers' key sets (inline or fetched and cached), and the request rewrites the policy asks
 //!   for (token removal, payload and claim headers).
 //! - [`http`]: the HTTP/1.1 and HTTP/2 server on inbound connections that need L7, one policy
-//!   decision per request, forwarding over [`upstream`] pools that keep the client's IP.
+//!   decision per request, forwarding the request as decided (normalized path, matched
+//!   authority, the waypoint's own `x-forwarded-client-cert`) over bounded [`upstream`] pools
+//!   that keep the client's IP; WebSocket upgrades relayed inside the tracked connection.
 //!
 //! When it runs: for a destination workload whose applicable AuthorizationPolicies use L7
 //! attributes, or whose pod, namespace or backing Service is labelled `istio.io/use-waypoint`
