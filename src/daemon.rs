@@ -107,7 +107,7 @@ impl Daemon {
         tasks.push(certs.run(wanted_rx, shutdown_rx.clone()));
         tasks.push(mesh_source(&config, store.clone(), shutdown_rx.clone()));
 
-        let metrics = Arc::new(Metrics::new(store.clone(), certs.clone()));
+        let metrics = Arc::new(Metrics::new(store.clone(), certs.clone(), log.clone()));
         let mode = match config.redirect {
             Redirect::Tproxy => SocketMode::Transparent,
             Redirect::None => SocketMode::Plain,

@@ -2,6 +2,11 @@
 //!
 //! Owns log formatting (text or JSON on stderr) and the filter. Access logs are events with
 //! the fixed target `access`, so the filter can route them (`access=off`).
+//!
+//! Lines are written to stderr by a thread of their own, through a bounded queue: a burst of
+//! events (a flood of refused connections, each logged) never blocks the task that logs them
+//! on a slow pipe. When the queue is full, lines are dropped and counted
+//! (`weft_log_lines_dropped_total`).
 
 use std::sync::{Arc, Mutex};
 
@@ -76,7 +81,14 @@ type Setter = Box<dyn Fn(&str) -> Result<(), LogError> + Send + Sync>;
 pub struct LogControl {
     current: Mutex<String>,
     set: Setter,
+    dropped: Option<tracing_appender::non_blocking::ErrorCounter>,
 }
+
+/// Lines queued for stderr at most; beyond, lines are dropped (and counted).
+pub const LOG_QUEUE_LINES: usize = 16_384;
+
+/// Flushes the lines still queued when dropped: keep it until the process ends.
+pub struct LogFlush(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
 
 impl LogControl {
     /// A control that applies filters with `set` (tests pass a recorder).
@@ -84,7 +96,15 @@ impl LogControl {
         LogControl {
             current: Mutex::new(initial.to_string()),
             set,
+            dropped: None,
         }
+    }
+
+    /// Log lines dropped because the queue to stderr was full.
+    pub fn dropped_lines(&self) -> u64 {
+        self.dropped
+            .as_ref()
+            .map_or(0, |c| c.dropped_lines() as u64)
     }
 
     /// The filter in force.
@@ -108,7 +128,8 @@ impl LogControl {
 }
 
 /// Installs the global subscriber. The initial filter is `RUST_LOG` if set, else `info`.
-pub fn init(format: LogFormat) -> Arc<LogControl> {
+/// Keep the [`LogFlush`] until the process ends.
+pub fn init(format: LogFormat) -> (Arc<LogControl>, LogFlush) {
     let initial = std::env::var("RUST_LOG")
         .ok()
         .filter(|s| !s.is_empty())
@@ -118,20 +139,28 @@ pub fn init(format: LogFormat) -> Arc<LogControl> {
     let registry = tracing_subscriber::registry().with(filter);
     // Colours only for a person at a terminal: logs collected from a pipe stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("weft-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => registry.with(fmt).try_init(),
         LogFormat::Json => registry.with(fmt.json().flatten_event(true)).try_init(),
     };
-    Arc::new(LogControl::new(
+    let mut control = LogControl::new(
         &initial,
         Box::new(move |f| {
             let filter = EnvFilter::try_new(f).map_err(|e| LogError::Apply(e.into()))?;
             handle.reload(filter).map_err(|e| LogError::Apply(e.into()))
         }),
-    ))
+    );
+    control.dropped = Some(dropped);
+    (Arc::new(control), LogFlush(guard))
 }
 
 #[cfg(test)]

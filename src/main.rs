@@ -100,7 +100,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config, log_format } => {
-            let log = logging::init(log_format);
+            let (log, _flush) = logging::init(log_format);
             // Every tunnelled connection costs descriptors on both sides: use what we may.
             match rlimit::increase_nofile_limit(u64::MAX) {
                 Ok(n) => tracing::debug!(limit = n, "open file limit"),

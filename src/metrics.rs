@@ -414,9 +414,14 @@ impl fmt::Debug for Metrics {
 
 impl Metrics {
     /// A registry with process, config and certificate metrics.
-    pub fn new(store: Arc<StateStore>, certs: Arc<CertManager>) -> Metrics {
+    pub fn new(
+        store: Arc<StateStore>,
+        certs: Arc<CertManager>,
+        log: Arc<crate::logging::LogControl>,
+    ) -> Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ProcessCollector));
+        registry.register_collector(Box::new(LogCollector(log)));
         registry.register_collector(Box::new(StateCollector { store, certs }));
         let tcp = TcpMetrics::default();
         let istio = registry.sub_registry_with_prefix("istio");
@@ -481,6 +486,26 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+/// `weft_log_lines_dropped_total`: log lines the queue to stderr had no room for.
+struct LogCollector(Arc<crate::logging::LogControl>);
+
+impl fmt::Debug for LogCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LogCollector")
+    }
+}
+
+impl Collector for LogCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        counter(
+            &mut encoder,
+            "weft_log_lines_dropped",
+            "Log lines dropped because the queue to stderr was full",
+            self.0.dropped_lines() as f64,
+        )
     }
 }
 

@@ -351,9 +351,27 @@ async fn the_connection_over_a_cap_is_reset_and_counted_and_other_sources_are_un
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut again = connect_from(c, w.hbone()).await.unwrap();
     assert!(!closed_within(&mut again, Duration::from_millis(300)).await);
-    // Logged, but not once per refusal.
+    // Logged, but not once per refusal: a flood of 300 more refusals adds a line or two.
+    for _ in 0..300 {
+        assert!(reset_at_once(b, w.hbone()).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let log = w.log();
-    assert!(log.contains("connections refused"), "{log}");
+    let lines = log.matches("connections refused").count();
+    assert!(
+        (1..=4).contains(&lines),
+        "{lines} lines for 302 refusals:\n{log}"
+    );
+    assert_eq!(
+        w.refused("hbone", "source_limit") + w.refused("hbone", "listener_limit"),
+        302
+    );
+    // The log queue's drops are counted (none here).
+    let (_, metrics) = http(w.node.metrics(), "GET", "/metrics");
+    assert!(
+        metrics.contains("weft_log_lines_dropped_total 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
