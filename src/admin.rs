@@ -247,17 +247,156 @@ fn json_response(status: StatusCode, v: &impl Serialize) -> Response<Body> {
     }
 }
 
-fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
-    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
-        .into_owned()
-        .collect()
-}
-
 const EXPLAIN_USAGE: &str =
     "usage: GET /debug/explain?src=IP&dst=IP&port=N  (dst=IP:PORT also works; \
 optional identity=spiffe://... to set the client identity, or plaintext=true for a client \
 without mTLS; by default a client that is an enrolled workload is taken as authenticated with \
 its own identity)";
+
+/// Who asks in a `/debug/explain` query: the client identity as the query sets it.
+#[derive(Debug)]
+enum ExplainClient {
+    /// `identity=spiffe://...`.
+    Identity(crate::identity::Identity),
+    /// `plaintext=true`: a client without mTLS.
+    Plaintext,
+    /// Neither: an enrolled source workload is taken as authenticated with its own identity.
+    Default,
+}
+
+/// The HTTP request of an L7 `/debug/explain` query (`method`, `path`, `host`, `header`,
+/// `token`), built as the waypoint would receive it.
+#[derive(Debug)]
+struct ExplainHttp {
+    method: String,
+    path: String,
+    host: String,
+    parts: http::request::Parts,
+}
+
+/// A `/debug/explain` query string, read and checked before any state is looked at.
+#[derive(Debug)]
+struct ExplainQuery {
+    src_ip: std::net::IpAddr,
+    dst_ip: std::net::IpAddr,
+    port: u16,
+    client: ExplainClient,
+    http: Option<ExplainHttp>,
+}
+
+impl ExplainQuery {
+    /// Parses the query string of a `/debug/explain` request (without the `?`).
+    fn parse(query: &str) -> Result<ExplainQuery, ExplainError> {
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        let headers_in: Vec<&str> = pairs
+            .iter()
+            .filter(|(k, _)| k == "header")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        let q: BTreeMap<&str, &str> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let get = |k: &str| q.get(k).copied().filter(|v| !v.is_empty());
+        let src_ip: std::net::IpAddr = match get("src") {
+            None => return Err(ExplainError::Missing("src")),
+            Some(s) => s
+                .parse::<std::net::IpAddr>()
+                .or_else(|_| s.parse::<SocketAddr>().map(|a| a.ip()))
+                .map_err(|_| ExplainError::Src(s.to_string()))?,
+        };
+        let dst_raw = get("dst").ok_or(ExplainError::Missing("dst"))?;
+        let (dst_ip, port_in_dst) = match dst_raw.parse::<SocketAddr>() {
+            Ok(a) => (a.ip(), Some(a.port())),
+            Err(_) => (
+                dst_raw
+                    .parse::<std::net::IpAddr>()
+                    .map_err(|_| ExplainError::Dst(dst_raw.to_string()))?,
+                None,
+            ),
+        };
+        let port = match (get("port"), port_in_dst) {
+            (Some(p), _) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| ExplainError::Port(p.to_string()))?,
+            (None, Some(0)) => return Err(ExplainError::DstPortZero(dst_raw.to_string())),
+            (None, Some(p)) => p,
+            (None, None) => return Err(ExplainError::Missing("port")),
+        };
+        let plaintext = matches!(get("plaintext"), Some("true" | "1" | "yes"));
+        let client = match (get("identity"), plaintext) {
+            (Some(_), true) => return Err(ExplainError::Contradiction),
+            (Some(id), false) => {
+                ExplainClient::Identity(id.parse().map_err(|source| ExplainError::Identity {
+                    value: id.to_string(),
+                    source,
+                })?)
+            }
+            (None, true) => ExplainClient::Plaintext,
+            (None, false) => ExplainClient::Default,
+        };
+        let l7 = get("method").is_some() || get("path").is_some() || get("token").is_some();
+        let http = if l7 {
+            let method = get("method").unwrap_or("GET").to_string();
+            let path = get("path").unwrap_or("/").to_string();
+            let host = get("host")
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{dst_ip}:{port}"));
+            let mut builder = http::Request::builder()
+                .method(method.as_str())
+                .uri(path.as_str());
+            for h in &headers_in {
+                let (name, value) = h
+                    .split_once(':')
+                    .ok_or_else(|| ExplainError::Header(h.to_string()))?;
+                builder = builder.header(name.trim(), value.trim());
+            }
+            if let Some(t) = get("token") {
+                builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            let (parts, ()) = builder.body(())?.into_parts();
+            Some(ExplainHttp {
+                method,
+                path,
+                host,
+                parts,
+            })
+        } else {
+            None
+        };
+        Ok(ExplainQuery {
+            src_ip,
+            dst_ip,
+            port,
+            client,
+            http,
+        })
+    }
+}
+
+/// `/debug/explain` and `/logging` read their query strings as the admin server does, for the
+/// fuzz targets (`crate::fuzzing`): `Ok` when the explain query is well-formed; the level
+/// given to `/logging` checked by `log` (as [`LogControl::set`] does).
+pub(crate) fn read_queries(query: &str, log: &LogControl) -> (bool, bool) {
+    let explain = ExplainQuery::parse(query).is_ok();
+    let level = match logging_level(query) {
+        Some(level) => log.set(&level).is_ok(),
+        None => false,
+    };
+    (explain, level)
+}
+
+/// The `level` of a `/logging` query string.
+fn logging_level(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect::<BTreeMap<String, String>>()
+        .remove("level")
+}
 
 /// `/debug/explain`: what the policies in force would decide, without sending traffic. With
 /// `method` or `path` (and optionally `host`, repeated `header=name:value`, `token`) it
@@ -266,60 +405,21 @@ async fn explain(
     ctx: &AdminContext,
     req: &Request<Incoming>,
 ) -> Result<serde_json::Value, ExplainError> {
-    let pairs: Vec<(String, String)> =
-        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
-            .into_owned()
-            .collect();
-    let headers_in: Vec<&str> = pairs
-        .iter()
-        .filter(|(k, _)| k == "header")
-        .map(|(_, v)| v.as_str())
-        .collect();
-    let q: BTreeMap<&str, &str> = pairs
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let get = |k: &str| q.get(k).copied().filter(|v| !v.is_empty());
-    let src_ip: std::net::IpAddr = match get("src") {
-        None => return Err(ExplainError::Missing("src")),
-        Some(s) => s
-            .parse::<std::net::IpAddr>()
-            .or_else(|_| s.parse::<SocketAddr>().map(|a| a.ip()))
-            .map_err(|_| ExplainError::Src(s.to_string()))?,
-    };
-    let dst_raw = get("dst").ok_or(ExplainError::Missing("dst"))?;
-    let (dst_ip, port_in_dst) = match dst_raw.parse::<SocketAddr>() {
-        Ok(a) => (a.ip(), Some(a.port())),
-        Err(_) => (
-            dst_raw
-                .parse::<std::net::IpAddr>()
-                .map_err(|_| ExplainError::Dst(dst_raw.to_string()))?,
-            None,
-        ),
-    };
-    let port = match (get("port"), port_in_dst) {
-        (Some(p), _) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| ExplainError::Port(p.to_string()))?,
-        (None, Some(0)) => return Err(ExplainError::DstPortZero(dst_raw.to_string())),
-        (None, Some(p)) => p,
-        (None, None) => return Err(ExplainError::Missing("port")),
-    };
+    let ExplainQuery {
+        src_ip,
+        dst_ip,
+        port,
+        client,
+        http,
+    } = ExplainQuery::parse(req.uri().query().unwrap_or(""))?;
     let snap = ctx.store.snapshot();
     let dst = snap
         .workload_by_ip(dst_ip)
         .ok_or(ExplainError::NotAWorkload(dst_ip))?;
-    let plaintext = matches!(get("plaintext"), Some("true" | "1" | "yes"));
-    let identity: Option<crate::identity::Identity> = match (get("identity"), plaintext) {
-        (Some(_), true) => return Err(ExplainError::Contradiction),
-        (Some(id), false) => Some(id.parse().map_err(|source| ExplainError::Identity {
-            value: id.to_string(),
-            source,
-        })?),
-        (None, true) => None,
-        (None, false) => snap
+    let identity: Option<crate::identity::Identity> = match client {
+        ExplainClient::Identity(id) => Some(id),
+        ExplainClient::Plaintext => None,
+        ExplainClient::Default => snap
             .workload_by_ip(src_ip)
             .filter(|w| w.enrollment.is_enrolled())
             .and_then(|w| ctx.proxy.identity_of(w)),
@@ -332,26 +432,13 @@ async fn explain(
         dst_ip,
         dst_port: port,
     };
-    let l7 = get("method").is_some() || get("path").is_some() || get("token").is_some();
-    let (explanation, jwt) = if l7 {
-        let method = get("method").unwrap_or("GET").to_string();
-        let path = get("path").unwrap_or("/").to_string();
-        let host = get("host")
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("{dst_ip}:{port}"));
-        let mut builder = http::Request::builder()
-            .method(method.as_str())
-            .uri(path.as_str());
-        for h in &headers_in {
-            let (name, value) = h
-                .split_once(':')
-                .ok_or_else(|| ExplainError::Header(h.to_string()))?;
-            builder = builder.header(name.trim(), value.trim());
-        }
-        if let Some(t) = get("token") {
-            builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let (parts, ()) = builder.body(())?.into_parts();
+    let (explanation, jwt) = if let Some(ExplainHttp {
+        method,
+        path,
+        host,
+        parts,
+    }) = http
+    {
         let authn = ctx.proxy.waypoint.authenticator(&snap, dst);
         let result = match authn.as_ref() {
             Ok(a) => a.authenticate(&parts).await,
@@ -442,12 +529,12 @@ fn admin(ctx: &AdminContext, req: &Request<Incoming>) -> Response<Body> {
             _ => method_not_allowed("GET"),
         },
         "/logging" => {
-            let q = query(req);
-            match (method, q.get("level")) {
+            let level = logging_level(req.uri().query().unwrap_or(""));
+            match (method, level) {
                 (&Method::GET, None) => {
                     text(StatusCode::OK, format!("level: {}\n", ctx.log.current()))
                 }
-                (&Method::GET | &Method::POST, Some(level)) => match ctx.log.set(level) {
+                (&Method::GET | &Method::POST, Some(level)) => match ctx.log.set(&level) {
                     Ok(()) => {
                         tracing::info!(level = %level, "log level changed");
                         text(StatusCode::OK, format!("level: {level}\n"))

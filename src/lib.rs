@@ -19,6 +19,8 @@ pub mod check;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod istiod;
 pub mod logging;

@@ -388,6 +388,30 @@ fn check_chain(
     })
 }
 
+/// What [`IstioCa::issue`] does with the bytes of a `CreateCertificate` response, for the
+/// fuzz targets (`crate::fuzzing`): decoded as protobuf, its chain checked against `key` and
+/// `roots` for `id`, and the certificate assembled. Errors are flattened to text: the fuzzer
+/// only looks for panics.
+pub(crate) fn accept_response_bytes(
+    bytes: &[u8],
+    id: &Identity,
+    key: &KeyPair,
+    roots: &[CertificateDer<'static>],
+) -> Result<IssuedCert, String> {
+    use prost::Message as _;
+    let response = crate::proto::istio::v1::auth::IstioCertificateResponse::decode(bytes)
+        .map_err(|e| e.to_string())?;
+    let checked = check_chain(id, key, &response.cert_chain, roots).map_err(|e| e.to_string())?;
+    Ok(IssuedCert::from_parts(
+        id.clone(),
+        key,
+        checked.chain,
+        checked.serial_hex,
+        checked.not_before,
+        checked.not_after,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,6 +116,33 @@ fn parse_forwarded_for(v: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    fn ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<Ipv4Addr>().prop_map(IpAddr::V4),
+            any::<Ipv6Addr>().prop_map(IpAddr::V6),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the pool builds, inbound reads back: the same destination and client,
+        /// IPv4 or IPv6 (any address, mapped and unspecified ones included) on either side.
+        #[test]
+        fn a_built_connect_parses_back_to_the_same_authority_and_client(
+            dst in ip(), dst_port in 1u16.., client in ip(), client_port in any::<u16>()
+        ) {
+            let sent = Connect::new(
+                SocketAddr::new(dst, dst_port),
+                SocketAddr::new(client, client_port),
+            );
+            let req = sent.request().unwrap();
+            let got = Connect::parse(&req).unwrap();
+            prop_assert_eq!(got.authority, SocketAddr::new(dst, dst_port));
+            prop_assert_eq!(got.forwarded_for, Some(SocketAddr::new(client, client_port)));
+        }
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()

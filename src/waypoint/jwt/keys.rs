@@ -209,6 +209,12 @@ pub enum KeyError {
         /// Its length.
         len: usize,
     },
+    /// An Ed25519 `x` that is not 32 bytes.
+    #[error("bad key material: x has {len} bytes, an Ed25519 key takes 32")]
+    Ed25519Length {
+        /// Its length.
+        len: usize,
+    },
     /// `x`, `y` is not a point on P-521.
     #[error("bad key material: not a point on P-521")]
     NotOnCurve,
@@ -325,7 +331,18 @@ impl VerifyKey {
                 }
             },
             AlgorithmParameters::OctetKeyPair(p) => match p.curve {
-                EllipticCurve::Ed25519 => KeyType::Ed25519,
+                EllipticCurve::Ed25519 => {
+                    // RFC 8037 §2: `x` is the 32-byte public key. `jsonwebtoken` slices its
+                    // first 32 bytes when verifying, which panicked on a shorter key (and
+                    // ignored the rest of a longer one), so the length is checked here. A
+                    // key that is not base64url is left for `DecodingKey::from_jwk` to refuse.
+                    if let Ok(x) = B64URL.decode(&p.x) {
+                        if x.len() != 32 {
+                            return Err(KeyError::Ed25519Length { len: x.len() });
+                        }
+                    }
+                    KeyType::Ed25519
+                }
                 ref c => {
                     return Err(KeyError::UnsupportedCurve {
                         kty: "OKP",

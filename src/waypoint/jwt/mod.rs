@@ -121,6 +121,14 @@ const B64URL: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
+/// A token as the authenticator first meets it, for the fuzz targets (`crate::fuzzing`):
+/// split and type-checked (`token`), then tried against every key of `keys` that may have
+/// signed it (`keys`). `Ok` only for a verified token; errors flattened to text.
+pub(crate) fn check_token(raw: &str, keys: &KeySet) -> Result<(), String> {
+    let token = token::Token::parse(raw).map_err(|e| e.to_string())?;
+    keys.verify(&token).map_err(|e| e.to_string())
+}
+
 /// What went wrong building an authenticator or key cache, or fetching keys.
 #[derive(Debug, thiserror::Error)]
 pub enum JwtError {

@@ -143,3 +143,22 @@ fn the_rfc_7515_es512_example_verifies() {
     assert!(!key.verifies(Alg::ES512, b"eyJhbGciOiJFUzUxMiJ9.UGF5bG9hZB", sig));
     assert!(!key.verifies(Alg::Jws(Algorithm::ES384), input, sig));
 }
+
+// === Ed25519 key length ===
+
+#[test]
+fn an_ed25519_key_of_another_length_than_32_bytes_is_skipped_not_a_panic_later() {
+    // Found by the `jwks` fuzz target (fuzz/regressions/jwks/): a 26-byte `x` parsed, and the
+    // first EdDSA token checked against it panicked inside jsonwebtoken.
+    for len in [0, 26, 31, 33, 64] {
+        let text = json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "x": URL_SAFE_NO_PAD.encode(vec![7u8; len])},
+        ]})
+        .to_string();
+        let e = KeySet::parse(&text).unwrap_err().to_string();
+        assert!(e.contains(&format!("x has {len} bytes")), "{len}: {e}");
+    }
+    let good = ed_test_key("ed");
+    let keys = KeySet::parse(&json!({"keys": [good.jwk]}).to_string()).unwrap();
+    assert_eq!(keys.key_count(), 1);
+}
