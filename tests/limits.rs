@@ -355,6 +355,11 @@ async fn the_connection_over_a_cap_is_reset_and_counted_and_other_sources_are_un
     for _ in 0..300 {
         assert!(reset_at_once(b, w.hbone()).await);
     }
+    // Logs reach the file a moment later (a writer thread).
+    let waited = Instant::now();
+    while !w.log().contains("connections refused") && waited.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = w.log();
     let lines = log.matches("connections refused").count();

@@ -272,7 +272,12 @@ fn connections_dnated_to_a_local_enrolled_pod_pass_weft_inbound_decision() {
             std::net::IpAddr::V4(env.pod("z").ip)
         ]
     );
-    let log = env.log(1);
+    let logged = |log: &str, client: &str| {
+        let ip = env.pod(client).ip.to_string();
+        log.lines()
+            .any(|l| l.contains("access") && l.contains(&ip) && l.contains(&a.to_string()))
+    };
+    let log = env.log_until(1, |log| logged(log, "y") && logged(log, "z"));
     for client in ["y", "z"] {
         let ip = env.pod(client).ip.to_string();
         assert!(

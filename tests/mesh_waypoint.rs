@@ -350,7 +350,15 @@ spec:
         metrics.contains("istio_request_duration_milliseconds_bucket{"),
         "{metrics}"
     );
-    let log = env.log(2);
+    let log = env.log_with(
+        2,
+        &[
+            "method=POST",
+            "status=403",
+            "policy=default",
+            "jwt_principal=https://issuer.test/alice",
+        ],
+    );
     assert!(
         log.contains("method=POST") && log.contains("status=403") && log.contains("policy=default"),
         "{log}"

@@ -209,6 +209,24 @@ impl MeshEnv {
             .unwrap_or_default()
     }
 
+    /// The node's log once `ready` holds for it (logs reach the file a moment after the event:
+    /// weft writes them from a thread of its own), or after 5 s whatever it holds.
+    pub fn log_until(&self, node: usize, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.log(node);
+            if ready(&log) || Instant::now() >= deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node's log once it contains every one of `needles` (see [`MeshEnv::log_until`]).
+    pub fn log_with(&self, node: usize, needles: &[&str]) -> String {
+        self.log_until(node, |log| needles.iter().all(|n| log.contains(n)))
+    }
+
     /// GET on a node's admin endpoint (127.0.0.1:15000 inside the node namespace).
     pub fn admin(&self, node: usize, path: &str) -> (u16, String) {
         self.bed
