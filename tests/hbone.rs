@@ -74,11 +74,7 @@ async fn setup_configured(edit: impl Fn(String) -> String, config_extra: &str) -
         tls,
         SocketMode::Plain,
         15008,
-        weft::proxy::socket::Keepalive {
-            idle: Duration::from_secs(180),
-            interval: Duration::from_secs(180),
-            probes: 9,
-        },
+        weft::proxy::socket::Keepalive::default(),
     );
     let cert = Arc::new(ca.issue(&id("client"), Duration::from_secs(3600)).unwrap());
     Setup {

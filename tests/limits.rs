@@ -148,11 +148,7 @@ impl Weft {
             tls,
             SocketMode::Plain,
             15008,
-            weft::proxy::socket::Keepalive {
-                idle: Duration::from_secs(180),
-                interval: Duration::from_secs(180),
-                probes: 9,
-            },
+            weft::proxy::socket::Keepalive::default(),
         )
     }
 

@@ -313,24 +313,29 @@ fn capture_entry(env: &MeshEnv, node: usize, ip: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no capture entry for {ip}: {capture}"))
 }
 
+/// A shop/legacy mesh of `nodes` nodes whose `pods` all have an IPv6 address too, weft not
+/// started yet (the test may still set `config_extra`).
+fn dual_stack(nodes: usize, pods: &[PodSpec]) -> Option<MeshEnv> {
+    let mut env = MeshEnv::build(nodes, &[("shop", true), ("legacy", false)], pods, &[])?;
+    for p in pods {
+        env.add_ipv6(p.name);
+    }
+    Some(env)
+}
+
 #[test]
 fn ipv6_is_captured_like_ipv4_across_nodes_with_identity_and_ip_blocks() {
-    let Some(mut env) = MeshEnv::build(
+    let Some(mut env) = dual_stack(
         2,
-        &[("shop", true), ("legacy", false)],
         &[
             pod("a", 1, "shop"),
             pod("b", 2, "shop"),
             pod("y", 1, "legacy"),
             pod("z", 2, "legacy"),
         ],
-        &[],
     ) else {
         return;
     };
-    for p in ["a", "b", "y", "z"] {
-        env.add_ipv6(p);
-    }
     env.start_all();
     for node in [1, 2] {
         wait_capture(&env, node, 1);
@@ -422,21 +427,16 @@ fn ipv6_is_captured_like_ipv4_across_nodes_with_identity_and_ip_blocks() {
 
 #[test]
 fn ipv6_is_refused_not_passed_where_it_is_not_captured() {
-    let Some(mut env) = MeshEnv::build(
+    let Some(mut env) = dual_stack(
         1,
-        &[("shop", true), ("legacy", false)],
         &[
             pod("a", 1, "shop"),
             pod("y", 1, "legacy"),
             pod("z", 1, "legacy"),
         ],
-        &[],
     ) else {
         return;
     };
-    for p in ["a", "y", "z"] {
-        env.add_ipv6(p);
-    }
     // The node's operator turned IPv6 capture off: it stands for every case where it cannot
     // be programmed (no IPv6 listener, no IPv6 TPROXY), which take the same path.
     env.config_extra = "ipv6: refuse\n".into();

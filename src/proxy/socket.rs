@@ -147,6 +147,17 @@ pub struct Keepalive {
     pub probes: u32,
 }
 
+impl Default for Keepalive {
+    /// ztunnel's: 180 s idle, 180 s between probes, 9 probes.
+    fn default() -> Keepalive {
+        Keepalive {
+            idle: Duration::from_secs(180),
+            interval: Duration::from_secs(180),
+            probes: 9,
+        }
+    }
+}
+
 /// Turns TCP keepalive on for `s`.
 pub fn keepalive(s: &TcpStream, k: &Keepalive) {
     let ka = socket2::TcpKeepalive::new()
