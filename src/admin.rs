@@ -762,7 +762,7 @@ async fn serve(
                 Ok((s, peer)) => match limiter.admit(peer.ip()) {
                     Ok(permit) => (s, permit),
                     Err(_) => {
-                        let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+                        crate::proxy::socket::reset_on_close(&s);
                         continue;
                     }
                 },

@@ -247,8 +247,7 @@ fn sources(n: usize) -> Vec<IpAddr> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_on_the_metrics_port_are_capped_closed_in_time_and_hbone_keeps_flowing() {
     let w = weft("").await;
-    let echo = TcpListener::bind(w.app(8080)).await.unwrap();
-    echo_app(echo);
+    echo_app(TcpListener::bind(w.app(8080)).await.unwrap());
     let pool = w.pool();
     w.echo_through_hbone(&pool, 8080).await.unwrap();
     let rest = w.rss_kib();
@@ -378,8 +377,7 @@ async fn the_connection_over_a_cap_is_reset_and_counted_and_other_sources_are_un
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_in_progress_are_capped() {
     let w = weft("limits: {handshakesInProgress: 2}\n").await;
-    let echo = TcpListener::bind(w.app(8080)).await.unwrap();
-    echo_app(echo);
+    echo_app(TcpListener::bind(w.app(8080)).await.unwrap());
     // Two connections that never finish their handshake take both places.
     let mut stalled = Vec::new();
     for _ in 0..2 {
@@ -397,8 +395,7 @@ async fn handshakes_in_progress_are_capped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_with_a_one_mib_header_block_is_refused() {
     let w = weft("").await;
-    let echo = TcpListener::bind(w.app(8080)).await.unwrap();
-    echo_app(echo);
+    echo_app(TcpListener::bind(w.app(8080)).await.unwrap());
     let mut h2 = w.raw_h2().await;
     let mut req = Request::builder()
         .method(Method::CONNECT)
@@ -424,8 +421,7 @@ async fn a_connect_with_a_one_mib_header_block_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_tiny_data_frames_on_a_pending_stream_is_bounded_and_refused() {
     let w = weft("").await;
-    let echo = TcpListener::bind(w.app(8080)).await.unwrap();
-    echo_app(echo);
+    echo_app(TcpListener::bind(w.app(8080)).await.unwrap());
     // An app whose accept queue is full: weft's connect to it stays pending (its SYNs are
     // dropped) until weft gives up.
     let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -518,8 +514,7 @@ async fn a_peer_that_stops_answering_fails_new_tunnels_in_time_and_is_probed_awa
     use weft::proxy::h2io::ANSWER_TIMEOUT;
     use weft::proxy::pool::{PING_INTERVAL, PING_TIMEOUT};
     let w = weft("limits: {tcpKeepalive: {idle: 77s, interval: 5s, probes: 3}}\n").await;
-    let echo = TcpListener::bind(w.app(8080)).await.unwrap();
-    echo_app(echo);
+    echo_app(TcpListener::bind(w.app(8080)).await.unwrap());
     let pool = w.pool();
     w.echo_through_hbone(&pool, 8080).await.unwrap();
     let first = pool.view()[0].local;
