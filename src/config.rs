@@ -429,6 +429,15 @@ const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 impl Config {
+    /// The cluster this node is in, as istiod knows it: the `clusterId` of `mesh.xds` or
+    /// `ca.istio`, else `Kubernetes` (Istio's default `CLUSTER_ID`).
+    pub fn cluster_id(&self) -> &str {
+        match (&self.mesh, &self.ca) {
+            (MeshSource::Xds(cp), _) | (_, CaSource::Istio(cp)) => &cp.cluster_id,
+            _ => "Kubernetes",
+        }
+    }
+
     /// Reads and validates `file`; `node_name_env` is the value of `NODE_NAME`, if set.
     pub fn load(file: &Path, env: &Env) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {

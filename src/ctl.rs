@@ -183,7 +183,14 @@ pub async fn run(addr: SocketAddr, cmd: CtlCommand) -> Result<String, CtlError> 
             let rows = rows_of(&d, "workloads", |w| {
                 cells(
                     w,
-                    &["namespace", "name", "node", "enrollment", "ips", "identity"],
+                    &[
+                        "namespace",
+                        "name",
+                        "node",
+                        "enrollment",
+                        "workloadIps",
+                        "identity",
+                    ],
                 )
             });
             table(
@@ -199,7 +206,7 @@ pub async fn run(addr: SocketAddr, cmd: CtlCommand) -> Result<String, CtlError> 
                 .unwrap_or_default()
                 .iter()
                 .map(|v| {
-                    let ports: Vec<String> = v["ports"]
+                    let ports: Vec<String> = v["portsDetail"]
                         .as_array()
                         .cloned()
                         .unwrap_or_default()
@@ -218,7 +225,7 @@ pub async fn run(addr: SocketAddr, cmd: CtlCommand) -> Result<String, CtlError> 
                         s(&v["vips"]),
                         ports.join(","),
                         v["endpoints"]
-                            .as_array()
+                            .as_object()
                             .map(|e| e.len())
                             .unwrap_or(0)
                             .to_string(),
@@ -229,7 +236,7 @@ pub async fn run(addr: SocketAddr, cmd: CtlCommand) -> Result<String, CtlError> 
         }
         CtlCommand::Policies => {
             let d = get_json(addr, "/config_dump").await?;
-            let rows = d["policies"]
+            let rows = d["meshPolicies"]
                 .as_array()
                 .cloned()
                 .unwrap_or_default()

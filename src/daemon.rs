@@ -105,9 +105,18 @@ impl Daemon {
             shutdown_rx.clone(),
         ));
         tasks.push(certs.run(wanted_rx, shutdown_rx.clone()));
-        tasks.push(mesh_source(&config, store.clone(), shutdown_rx.clone()));
-
-        let metrics = Arc::new(Metrics::new(store.clone(), certs.clone(), log.clone()));
+        let metrics = Arc::new(Metrics::new(
+            store.clone(),
+            certs.clone(),
+            log.clone(),
+            crate::metrics::Cluster(Arc::from(config.cluster_id())),
+        ));
+        tasks.push(mesh_source(
+            &config,
+            store.clone(),
+            metrics.xds.clone(),
+            shutdown_rx.clone(),
+        ));
         let mode = match config.redirect {
             Redirect::Tproxy => SocketMode::Transparent,
             Redirect::None => SocketMode::Plain,
@@ -324,13 +333,14 @@ async fn ca(config: &Config) -> Result<Arc<dyn CertificateAuthority>, DaemonErro
 fn mesh_source(
     config: &Config,
     store: Arc<StateStore>,
+    xds_metrics: crate::metrics::XdsMetrics,
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     match &config.mesh {
         MeshSource::File(path) => source::file::spawn(path.clone(), store, shutdown),
         MeshSource::Xds(cp) => {
             let node = source::xds::NodeInfo::from_env(&config.node_name, &cp.cluster_id);
-            source::xds::XdsClient::new(cp.clone(), node, &config.trust_domain, store)
+            source::xds::XdsClient::new(cp.clone(), node, &config.trust_domain, store, xds_metrics)
                 .spawn(shutdown)
         }
     }

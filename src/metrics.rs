@@ -145,6 +145,76 @@ pub struct Metrics {
     pub capture: CaptureMetrics,
     /// Connections refused over a listener's limits.
     pub limits: LimitMetrics,
+    /// The xDS client's connection and message counters (ztunnel's families).
+    pub xds: XdsMetrics,
+}
+
+label_value! {
+    /// Why an xDS stream ended (`reason` of `istio_xds_connection_terminations_total`, ztunnel's
+    /// values).
+    XdsTermination {
+        /// istiod could not be reached.
+        ConnectionError => "ConnectionError",
+        /// The stream failed with a gRPC status.
+        Error => "Error",
+        /// istiod closed the stream (it asks proxies to reconnect this way).
+        Reconnect => "Reconnect",
+        /// weft shut the stream down.
+        Complete => "Complete",
+    }
+}
+
+/// Labels of `istio_xds_connection_terminations_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XdsTerminationLabels {
+    /// Why.
+    pub reason: XdsTermination,
+}
+
+/// Labels of the xDS message counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XdsTypeLabels {
+    /// The resource type URL of the response.
+    pub url: String,
+}
+
+/// ztunnel's xDS client families: `istio_xds_connection_terminations_total{reason}`,
+/// `istio_xds_message_total{url}`, `istio_xds_message_bytes_total{url}`.
+#[derive(Clone, Debug, Default)]
+pub struct XdsMetrics {
+    /// Streams ended, by reason.
+    pub terminations: Family<XdsTerminationLabels, Counter>,
+    /// Responses received, by type.
+    pub messages: Family<XdsTypeLabels, Counter>,
+    /// Bytes of the resources received, by type.
+    pub bytes: Family<XdsTypeLabels, Counter>,
+}
+
+impl XdsMetrics {
+    /// Counts one ended stream.
+    pub fn terminated(&self, reason: XdsTermination) {
+        self.terminations
+            .get_or_create(&XdsTerminationLabels { reason })
+            .inc();
+    }
+
+    /// Counts one response of `url` whose resources weigh `bytes`.
+    pub fn received(&self, url: &str, bytes: u64) {
+        let labels = XdsTypeLabels {
+            url: url.to_string(),
+        };
+        self.messages.get_or_create(&labels).inc();
+        self.bytes.get_or_create(&labels).inc_by(bytes);
+    }
+}
+
+/// `istio_build{component, tag}`: ztunnel's build gauge, so Istio's dashboards count weft's
+/// pods where they count ztunnel's. `component` is `ztunnel` (the role weft plays; the
+/// dashboards select on it) and `tag` is weft's own version, `weft-<version>`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: String,
 }
 
 label_value! {
@@ -222,49 +292,70 @@ impl LimitMetrics {
     }
 }
 
-/// Istio's labels on TCP metrics (the subset weft knows; values are `unknown` when a side is
-/// outside the mesh, as in Istio).
+/// Istio's labels on TCP metrics: the set ztunnel emits, in its order (values are `unknown`
+/// when a side is outside the mesh, as in ztunnel). `*_app` and `*_version` carry the canonical
+/// service and revision, as ztunnel's do.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     /// `source` (outbound side) or `destination` (inbound side).
     pub reporter: Reporter,
     /// Source workload name.
     pub source_workload: String,
-    /// Source workload namespace.
-    pub source_workload_namespace: String,
-    /// Source SPIFFE principal.
-    pub source_principal: String,
-    /// Source app label.
-    pub source_app: String,
     /// Source canonical service.
     pub source_canonical_service: String,
     /// Source canonical revision.
     pub source_canonical_revision: String,
+    /// Source workload namespace.
+    pub source_workload_namespace: String,
+    /// Source SPIFFE principal.
+    pub source_principal: String,
+    /// Source app (the canonical service).
+    pub source_app: String,
+    /// Source version (the canonical revision).
+    pub source_version: String,
+    /// Source cluster.
+    pub source_cluster: String,
+    /// Destination service host (`name.namespace.svc.cluster.local`) when reached by VIP.
+    pub destination_service: String,
+    /// Destination service namespace.
+    pub destination_service_namespace: String,
+    /// Destination service name.
+    pub destination_service_name: String,
     /// Destination workload name.
     pub destination_workload: String,
-    /// Destination workload namespace.
-    pub destination_workload_namespace: String,
-    /// Destination SPIFFE principal.
-    pub destination_principal: String,
-    /// Destination app label.
-    pub destination_app: String,
     /// Destination canonical service.
     pub destination_canonical_service: String,
     /// Destination canonical revision.
     pub destination_canonical_revision: String,
-    /// Destination service host (`name.namespace.svc.cluster.local`) when reached by VIP.
-    pub destination_service: String,
-    /// Destination service name.
-    pub destination_service_name: String,
-    /// Destination service namespace.
-    pub destination_service_namespace: String,
+    /// Destination workload namespace.
+    pub destination_workload_namespace: String,
+    /// Destination SPIFFE principal.
+    pub destination_principal: String,
+    /// Destination app (the canonical service).
+    pub destination_app: String,
+    /// Destination version (the canonical revision).
+    pub destination_version: String,
+    /// Destination cluster.
+    pub destination_cluster: String,
     /// Always `tcp` at L4.
     pub request_protocol: RequestProtocol,
-    /// `-`, or a short reason flag when the connection failed.
+    /// `-`, or ztunnel's flag when the connection failed (`CONNECT`), or `DC` when weft
+    /// closed it (drain, a policy change).
     pub response_flags: &'static str,
     /// `mutual_tls` for HBONE, `unknown` for plaintext.
     pub connection_security_policy: SecurityPolicy,
+    /// Source region (`unknown`: weft's model has no locality).
+    pub source_region: &'static str,
+    /// Source zone.
+    pub source_zone: &'static str,
+    /// Destination region.
+    pub destination_region: &'static str,
+    /// Destination zone.
+    pub destination_zone: &'static str,
 }
+
+/// The value of a label weft does not know (ztunnel's word for it).
+pub const UNKNOWN: &str = "unknown";
 
 /// Labels of denied connections.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -288,31 +379,58 @@ pub struct DenialMetrics {
     pub denied: Family<DenialLabels, Counter>,
 }
 
-/// Istio's labels on request metrics (the waypoint reports as `destination`).
+/// Istio's labels on request metrics: the set Envoy's Istio stats emit (the waypoint reports
+/// as `destination`: it runs on the destination's node).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Always `destination`.
     pub reporter: Reporter,
     /// Source workload name.
     pub source_workload: String,
+    /// Source canonical service.
+    pub source_canonical_service: String,
+    /// Source canonical revision.
+    pub source_canonical_revision: String,
     /// Source workload namespace.
     pub source_workload_namespace: String,
     /// Source SPIFFE principal.
     pub source_principal: String,
-    /// Source canonical service.
-    pub source_canonical_service: String,
+    /// Source app (the canonical service).
+    pub source_app: String,
+    /// Source version (the canonical revision).
+    pub source_version: String,
+    /// Source cluster.
+    pub source_cluster: String,
+    /// Destination service host.
+    pub destination_service: String,
+    /// Destination service namespace.
+    pub destination_service_namespace: String,
+    /// Destination service name.
+    pub destination_service_name: String,
     /// Destination workload name.
     pub destination_workload: String,
+    /// Destination canonical service.
+    pub destination_canonical_service: String,
+    /// Destination canonical revision.
+    pub destination_canonical_revision: String,
     /// Destination workload namespace.
     pub destination_workload_namespace: String,
     /// Destination SPIFFE principal.
     pub destination_principal: String,
-    /// Destination canonical service.
-    pub destination_canonical_service: String,
+    /// Destination app (the canonical service).
+    pub destination_app: String,
+    /// Destination version (the canonical revision).
+    pub destination_version: String,
+    /// Destination cluster.
+    pub destination_cluster: String,
     /// `http`.
     pub request_protocol: RequestProtocol,
     /// The HTTP status.
     pub response_code: u16,
+    /// The gRPC status (`-`: weft does not read gRPC trailers).
+    pub grpc_response_status: &'static str,
+    /// `-`, or Envoy's flag for a response weft made itself (`RBAC_DENIED` -> `UAEX`...).
+    pub response_flags: &'static str,
     /// `mutual_tls` or `unknown`.
     pub connection_security_policy: SecurityPolicy,
 }
@@ -324,6 +442,8 @@ pub struct HttpMetrics {
     pub requests: Family<RequestLabels, Counter>,
     /// `istio_request_duration_milliseconds`.
     pub duration: Family<RequestLabels, Histogram>,
+    /// The `*_cluster` labels' value for known workloads.
+    pub cluster: Cluster,
 }
 
 impl Default for HttpMetrics {
@@ -336,6 +456,7 @@ impl Default for HttpMetrics {
                     10000.0, 30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
                 ])
             }),
+            cluster: Cluster::default(),
         }
     }
 }
@@ -343,32 +464,49 @@ impl Default for HttpMetrics {
 impl HttpMetrics {
     /// Counts one request the waypoint answered with `status` after `ms` milliseconds.
     pub fn record(&self, req: &RequestSides<'_>, status: u16, ms: f64) {
-        let unknown = || "unknown".to_string();
         let (src, dst) = (req.src_workload, req.dst_workload);
+        let field = |w: Option<&Workload>, f: fn(&Workload) -> &String| {
+            w.map(|w| f(w).clone())
+                .unwrap_or_else(|| UNKNOWN.to_string())
+        };
+        let cluster = |w: Option<&Workload>| {
+            w.map(|_| self.cluster.to_string())
+                .unwrap_or_else(|| UNKNOWN.to_string())
+        };
+        let principal = |i: Option<&Identity>| {
+            i.map(|i| i.to_string())
+                .unwrap_or_else(|| UNKNOWN.to_string())
+        };
+        let service = |f: fn(&crate::model::Service) -> String| {
+            req.dst_service
+                .map(f)
+                .unwrap_or_else(|| UNKNOWN.to_string())
+        };
         let labels = RequestLabels {
             reporter: Reporter::Destination,
-            source_workload: src.map(|w| w.workload_name.clone()).unwrap_or_else(unknown),
-            source_workload_namespace: src.map(|w| w.namespace.clone()).unwrap_or_else(unknown),
-            source_principal: req
-                .src_identity
-                .map(|i| i.to_string())
-                .unwrap_or_else(unknown),
-            source_canonical_service: src
-                .map(|w| w.canonical_name.clone())
-                .unwrap_or_else(unknown),
-            destination_workload: dst.map(|w| w.workload_name.clone()).unwrap_or_else(unknown),
-            destination_workload_namespace: dst
-                .map(|w| w.namespace.clone())
-                .unwrap_or_else(unknown),
-            destination_principal: req
-                .dst_identity
-                .map(|i| i.to_string())
-                .unwrap_or_else(unknown),
-            destination_canonical_service: dst
-                .map(|w| w.canonical_name.clone())
-                .unwrap_or_else(unknown),
+            source_workload: field(src, |w| &w.workload_name),
+            source_canonical_service: field(src, |w| &w.canonical_name),
+            source_canonical_revision: field(src, |w| &w.canonical_revision),
+            source_workload_namespace: field(src, |w| &w.namespace),
+            source_principal: principal(req.src_identity),
+            source_app: field(src, |w| &w.canonical_name),
+            source_version: field(src, |w| &w.canonical_revision),
+            source_cluster: cluster(src),
+            destination_service: service(|s| s.hostname()),
+            destination_service_namespace: service(|s| s.namespace.clone()),
+            destination_service_name: service(|s| s.name.clone()),
+            destination_workload: field(dst, |w| &w.workload_name),
+            destination_canonical_service: field(dst, |w| &w.canonical_name),
+            destination_canonical_revision: field(dst, |w| &w.canonical_revision),
+            destination_workload_namespace: field(dst, |w| &w.namespace),
+            destination_principal: principal(req.dst_identity),
+            destination_app: field(dst, |w| &w.canonical_name),
+            destination_version: field(dst, |w| &w.canonical_revision),
+            destination_cluster: cluster(dst),
             request_protocol: RequestProtocol::Http,
             response_code: status,
+            grpc_response_status: "-",
+            response_flags: req.response_flags,
             connection_security_policy: if req.src_identity.is_some() {
                 SecurityPolicy::MutualTls
             } else {
@@ -391,6 +529,27 @@ pub struct RequestSides<'a> {
     pub dst_workload: Option<&'a Workload>,
     /// The destination's identity.
     pub dst_identity: Option<&'a Identity>,
+    /// The service the request was for (by its host, or the destination's only service).
+    pub dst_service: Option<&'a crate::model::Service>,
+    /// `-`, or Envoy's flag when weft answered itself (`RBAC` for a policy denial).
+    pub response_flags: &'static str,
+}
+
+/// The cluster weft's workloads are in, for the `*_cluster` labels (ztunnel's `CLUSTER_ID`,
+/// `Kubernetes` unless the config names another).
+#[derive(Clone, Debug)]
+pub struct Cluster(pub Arc<str>);
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster(Arc::from("Kubernetes"))
+    }
+}
+
+impl fmt::Display for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// The counters of Istio's TCP telemetry.
@@ -404,6 +563,11 @@ pub struct TcpMetrics {
     pub sent_bytes: Family<TcpLabels, Counter>,
     /// `istio_tcp_received_bytes_total`: bytes received from the client.
     pub received_bytes: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_failed_total`: connections that could not be established
+    /// (labels as the others, with the failure's response flag).
+    pub failed: Family<TcpLabels, Counter>,
+    /// The `*_cluster` labels' value for known workloads.
+    pub cluster: Cluster,
 }
 
 impl fmt::Debug for Metrics {
@@ -418,13 +582,47 @@ impl Metrics {
         store: Arc<StateStore>,
         certs: Arc<CertManager>,
         log: Arc<crate::logging::LogControl>,
+        cluster: Cluster,
     ) -> Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ProcessCollector));
         registry.register_collector(Box::new(LogCollector(log)));
         registry.register_collector(Box::new(StateCollector { store, certs }));
-        let tcp = TcpMetrics::default();
+        let tcp = TcpMetrics {
+            cluster: cluster.clone(),
+            ..TcpMetrics::default()
+        };
+        let xds = XdsMetrics::default();
+        let build = Family::<BuildLabels, prometheus_client::metrics::gauge::Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel",
+                tag: format!("weft-{}", env!("CARGO_PKG_VERSION")),
+            })
+            .set(1);
         let istio = registry.sub_registry_with_prefix("istio");
+        istio.register("build", "Istio component build info", build);
+        istio.register(
+            "tcp_connections_failed",
+            "The total number of TCP connections that failed to establish",
+            tcp.failed.clone(),
+        );
+        istio.register(
+            "xds_connection_terminations",
+            "The total number of completed connections to xds server",
+            xds.terminations.clone(),
+        );
+        istio.register(
+            "xds_message",
+            "Total number of messages received",
+            xds.messages.clone(),
+        );
+        istio.register_with_unit(
+            "xds_message",
+            "Total number of bytes received",
+            prometheus_client::registry::Unit::Bytes,
+            xds.bytes.clone(),
+        );
         istio.register(
             "tcp_connections_opened",
             "Total TCP connections opened",
@@ -463,7 +661,10 @@ impl Metrics {
             "Connections reset at once because a listener's limits were reached, by listener and reason",
             limits.refused.clone(),
         );
-        let http = HttpMetrics::default();
+        let http = HttpMetrics {
+            cluster,
+            ..HttpMetrics::default()
+        };
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register("requests", "Total requests", http.requests.clone());
         istio.register(
@@ -478,6 +679,7 @@ impl Metrics {
             http,
             capture,
             limits,
+            xds,
         }
     }
 

@@ -81,8 +81,8 @@ async fn the_daemon_turns_ready_and_dumps_workloads_and_certificates() {
     }
     let svc = &dump["services"][0];
     assert_eq!(svc["name"], "cart");
-    assert_eq!(svc["endpoints"].as_array().unwrap().len(), 2);
-    assert_eq!(dump["policies"].as_array().unwrap().len(), 2);
+    assert_eq!(svc["endpoints"].as_object().unwrap().len(), 2);
+    assert_eq!(dump["meshPolicies"].as_array().unwrap().len(), 2);
     assert_eq!(dump["config"]["lastAttemptOk"], true);
 
     let (status, metrics) = http(node.metrics(), "GET", "/metrics");
@@ -257,12 +257,19 @@ async fn admin_endpoints_answer_as_specified_including_bad_requests() {
         body.contains("trace, debug, info, warn, error, off"),
         "{body}"
     );
-    let (s, _) = http(admin, "POST", "/logging");
-    assert_eq!(s, 400);
+    // As ztunnel's admin (istioctl zc log): a POST without a level, or with an empty one,
+    // reads the filter.
+    let (s, body) = http(admin, "POST", "/logging");
+    assert_eq!((s, body.trim()), (200, "level: info"));
+    let (s, body) = http(admin, "POST", "/logging?level=");
+    assert_eq!((s, body.trim()), (200, "level: info"));
     let (s, _) = http(admin, "POST", "/logging?level=weft%3A%3Aproxy%3Ddebug,info");
     assert_eq!(s, 200);
     let (_, body) = http(admin, "GET", "/logging");
     assert_eq!(body.trim(), "level: weft::proxy=debug,info");
+    // `reset` goes back to the default.
+    let (s, body) = http(admin, "POST", "/logging?level=&reset");
+    assert_eq!((s, body.trim()), (200, "level: info"));
     assert_eq!(http(admin, "GET", "/logging?level=warn").0, 200);
 
     // /debug/explain: every bad parameter is a 400 that says what is wrong.

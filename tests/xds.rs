@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use support::istiod::{FakeIstiod, Seen, ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_ID, TOKEN};
 use tokio::sync::watch;
+use weft::metrics::{XdsMetrics, XdsTermination, XdsTerminationLabels, XdsTypeLabels};
 use weft::model::policy::{Action, PolicyScope};
 use weft::model::{Enrollment, Policy, TargetPort};
 use weft::proto::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
@@ -102,6 +103,7 @@ struct Client {
     store: Arc<StateStore>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    metrics: XdsMetrics,
 }
 
 impl Client {
@@ -115,12 +117,20 @@ impl Client {
             cluster_id: CLUSTER_ID.into(),
         };
         let (shutdown, rx) = watch::channel(false);
-        let task =
-            XdsClient::new(istiod.control_plane(), node, "cluster.local", store.clone()).spawn(rx);
+        let metrics = XdsMetrics::default();
+        let task = XdsClient::new(
+            istiod.control_plane(),
+            node,
+            "cluster.local",
+            store.clone(),
+            metrics.clone(),
+        )
+        .spawn(rx);
         Client {
             store,
             shutdown,
             task,
+            metrics,
         }
     }
 
@@ -509,6 +519,35 @@ async fn istiod_going_away_keeps_the_state_and_the_client_resyncs_from_what_it_k
         .await;
     assert_eq!(client.uids(), [CART_1, cart2]);
     assert_eq!(client.store.snapshot().mesh.policies.len(), 1);
+
+    // ztunnel's xDS counters: the stream istiod ended, the connects that failed while it was
+    // away, and the responses of each type with their bytes.
+    let ended = |reason| {
+        client
+            .metrics
+            .terminations
+            .get_or_create(&XdsTerminationLabels { reason })
+            .get()
+    };
+    assert!(
+        ended(XdsTermination::Reconnect) + ended(XdsTermination::Error) >= 1,
+        "the stream istiod ended is counted"
+    );
+    assert!(
+        ended(XdsTermination::ConnectionError) >= 1,
+        "failed connects are counted"
+    );
+    for url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+        let labels = XdsTypeLabels { url: url.into() };
+        assert!(
+            client.metrics.messages.get_or_create(&labels).get() >= 2,
+            "{url}"
+        );
+        assert!(
+            client.metrics.bytes.get_or_create(&labels).get() > 0,
+            "{url}"
+        );
+    }
 
     // The new stream announced what the client already held.
     let resub = istiod

@@ -184,6 +184,12 @@ impl Service {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The Service's DNS name, `<name>.<namespace>.svc.cluster.local` (Istio's hostname for a
+    /// Kubernetes Service).
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
 }
 
 /// True when every `selector` label is present in `labels` with the same value. An empty

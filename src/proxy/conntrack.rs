@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::authz::Authz;
 use crate::identity::Identity;
 use crate::metrics::{
-    Direction, RequestProtocol, SecurityPolicy, TcpLabels, TcpMetrics, Transport,
+    Cluster, Direction, RequestProtocol, SecurityPolicy, TcpLabels, TcpMetrics, Transport, UNKNOWN,
 };
 use crate::model::Workload;
 use crate::state::Snapshot;
@@ -134,8 +134,11 @@ pub struct ConnMeta {
     pub protocol: Protocol,
     /// The client's address.
     pub src: SocketAddr,
-    /// The original destination.
+    /// The destination: the original one, or on the outbound side the endpoint chosen for it.
     pub dst: SocketAddr,
+    /// What the client asked for when it differs from `dst` (a Service's VIP and port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_dst: Option<SocketAddr>,
     /// The client's identity, when known (mTLS or a local enrolled pod).
     pub src_identity: Option<Identity>,
     /// The server's identity, when the destination is in the mesh.
@@ -310,7 +313,7 @@ impl ConnTable {
         {
             return c.counters.clone();
         }
-        let labels = labels(m, "-");
+        let labels = labels(m, "-", &self.metrics.cluster);
         let mx = &self.metrics;
         let counters = Arc::new(Counters {
             opened: mx.opened.get_or_create(&labels).clone(),
@@ -341,6 +344,13 @@ impl ConnTable {
             cache
         });
         counters
+    }
+
+    /// Counts a connection that failed before it was opened in this table (the destination
+    /// app could not be reached): `istio_tcp_connections_failed_total` with `flags`.
+    pub fn count_failure(&self, m: &ConnMeta, flags: &'static str) {
+        let labels = labels(m, flags, &self.metrics.cluster);
+        self.metrics.failed.get_or_create(&labels).inc();
     }
 
     /// Drops the cached label sets (the state changed): the workload records they hold are
@@ -383,60 +393,56 @@ impl ConnTable {
     }
 }
 
-fn labels(m: &ConnMeta, flags: &'static str) -> TcpLabels {
-    let unknown = || "unknown".to_string();
+/// The response flag of a connection that could not be established (ztunnel's `CONNECT`).
+pub const FAILED_TO_CONNECT: &str = "CONNECT";
+
+/// The response flag of a connection policy refused (ztunnel's `DENY`).
+pub const DENIED: &str = "DENY";
+
+fn labels(m: &ConnMeta, flags: &'static str, cluster: &Cluster) -> TcpLabels {
     let s = m.src_workload.as_ref();
     let d = m.dst_workload.as_ref();
-    let host = m
-        .service
-        .as_ref()
-        .map(|svc| format!("{}.{}.svc.cluster.local", svc.name, svc.namespace));
+    let known = |p: Option<&Peer>, f: fn(&Peer) -> &str| {
+        p.map_or_else(|| UNKNOWN.to_string(), |p| f(p).to_string())
+    };
+    let cluster_of =
+        |p: Option<&Peer>| p.map_or_else(|| UNKNOWN.to_string(), |_| cluster.to_string());
+    let principal = |i: &Option<Identity>| {
+        i.as_ref()
+            .map_or_else(|| UNKNOWN.to_string(), |i| i.to_string())
+    };
+    let service =
+        |f: fn(&ServiceRef) -> String| m.service.as_ref().map_or_else(|| UNKNOWN.to_string(), f);
     TcpLabels {
         reporter: m.direction.reporter(),
-        source_workload: s.map(|p| p.workload().to_string()).unwrap_or_else(unknown),
-        source_workload_namespace: s.map(|p| p.namespace().to_string()).unwrap_or_else(unknown),
-        source_principal: m
-            .src_identity
-            .as_ref()
-            .map(|i| i.to_string())
-            .unwrap_or_else(unknown),
-        source_app: s.map(|p| p.app().to_string()).unwrap_or_else(unknown),
-        source_canonical_service: s
-            .map(|p| p.canonical_service().to_string())
-            .unwrap_or_else(unknown),
-        source_canonical_revision: s
-            .map(|p| p.canonical_revision().to_string())
-            .unwrap_or_else(unknown),
-        destination_workload: d.map(|p| p.workload().to_string()).unwrap_or_else(unknown),
-        destination_workload_namespace: d
-            .map(|p| p.namespace().to_string())
-            .unwrap_or_else(unknown),
-        destination_principal: m
-            .dst_identity
-            .as_ref()
-            .map(|i| i.to_string())
-            .unwrap_or_else(unknown),
-        destination_app: d.map(|p| p.app().to_string()).unwrap_or_else(unknown),
-        destination_canonical_service: d
-            .map(|p| p.canonical_service().to_string())
-            .unwrap_or_else(unknown),
-        destination_canonical_revision: d
-            .map(|p| p.canonical_revision().to_string())
-            .unwrap_or_else(unknown),
-        destination_service: host.unwrap_or_else(unknown),
-        destination_service_name: m
-            .service
-            .as_ref()
-            .map(|s| s.name.clone())
-            .unwrap_or_else(unknown),
-        destination_service_namespace: m
-            .service
-            .as_ref()
-            .map(|s| s.namespace.clone())
-            .unwrap_or_else(unknown),
+        source_workload: known(s, Peer::workload),
+        source_canonical_service: known(s, Peer::canonical_service),
+        source_canonical_revision: known(s, Peer::canonical_revision),
+        source_workload_namespace: known(s, Peer::namespace),
+        source_principal: principal(&m.src_identity),
+        source_app: known(s, Peer::canonical_service),
+        source_version: known(s, Peer::canonical_revision),
+        source_cluster: cluster_of(s),
+        destination_service: service(|svc| {
+            format!("{}.{}.svc.cluster.local", svc.name, svc.namespace)
+        }),
+        destination_service_namespace: service(|svc| svc.namespace.clone()),
+        destination_service_name: service(|svc| svc.name.clone()),
+        destination_workload: known(d, Peer::workload),
+        destination_canonical_service: known(d, Peer::canonical_service),
+        destination_canonical_revision: known(d, Peer::canonical_revision),
+        destination_workload_namespace: known(d, Peer::namespace),
+        destination_principal: principal(&m.dst_identity),
+        destination_app: known(d, Peer::canonical_service),
+        destination_version: known(d, Peer::canonical_revision),
+        destination_cluster: cluster_of(d),
         request_protocol: RequestProtocol::Tcp,
         response_flags: flags,
         connection_security_policy: m.protocol.security_policy(),
+        source_region: UNKNOWN,
+        source_zone: UNKNOWN,
+        destination_region: UNKNOWN,
+        destination_zone: UNKNOWN,
     }
 }
 
@@ -447,8 +453,11 @@ pub enum Outcome {
     Open,
     /// Both sides finished.
     Closed,
-    /// Failed: the reason.
+    /// Failed after it was established: the reason.
     Failed(String),
+    /// Could not be established (the tunnel or the destination could not be reached): the
+    /// reason. Also counted in `istio_tcp_connections_failed_total`.
+    ConnectFailed(String),
     /// Closed by weft from outside (drain, policy).
     Killed,
 }
@@ -482,6 +491,7 @@ impl Drop for ConnGuard {
         let (flags, error) = match &self.outcome {
             Outcome::Open | Outcome::Closed => ("-", None),
             Outcome::Failed(e) => ("UF", Some(e.as_str())),
+            Outcome::ConnectFailed(e) => (FAILED_TO_CONNECT, Some(e.as_str())),
             Outcome::Killed => ("DC", Some("closed by weft")),
         };
         if flags == "-" {
@@ -490,8 +500,11 @@ impl Drop for ConnGuard {
             c.counters.sent.inc_by(sent);
         } else {
             // A failure adds its response flag: other series (rare, so found by label here).
-            let labels = labels(m, flags);
             let mx = &self.table.metrics;
+            let labels = labels(m, flags, &mx.cluster);
+            if flags == FAILED_TO_CONNECT {
+                mx.failed.get_or_create(&labels).inc();
+            }
             mx.closed.get_or_create(&labels).inc();
             mx.received_bytes.get_or_create(&labels).inc_by(received);
             mx.sent_bytes.get_or_create(&labels).inc_by(sent);
@@ -582,6 +595,7 @@ mod tests {
             protocol: Protocol::Hbone,
             src: "10.0.0.1:40000".parse().unwrap(),
             dst: "10.0.0.2:80".parse().unwrap(),
+            original_dst: None,
             src_identity: id(src),
             dst_identity: id(dst),
             src_workload: Some(Peer::of(src)),

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use super::conntrack::{ConnGuard, ConnMeta, Outcome, Peer, Protocol};
+use super::conntrack::{ConnGuard, ConnMeta, Outcome, Peer, Protocol, DENIED, FAILED_TO_CONNECT};
 use super::h2io::H2Io;
 use super::hbone::{Connect, ConnectError};
 use super::relay::relay;
@@ -257,32 +257,39 @@ async fn route(
     let authz = ctx.authz(snap);
     let dst_w = local_destination(ctx, snap, dst.ip())?;
     let l7 = crate::waypoint::applies(snap, &authz, dst_w);
-    let admitted = match decide_at(&authz, client.addr(), client.identity(), dst, dst_w, !l7) {
-        Ok(a) => a,
-        Err(r) => {
-            log_refusal(ctx, dst_w, client, dst, protocol, &r);
-            return Err(r);
-        }
-    };
-    let meta = ConnMeta {
+    let meta = |decision: Option<String>, audits: Vec<String>| ConnMeta {
         direction: Direction::Inbound,
         protocol,
         src: client.addr(),
         dst,
+        original_dst: None,
         src_identity: client.identity().cloned(),
         dst_identity: ctx.identity_of(dst_w),
         src_workload: snap.workload_by_ip(client.addr().ip()).map(Peer::of),
         dst_workload: Some(Peer::of(dst_w)),
         service: None,
-        decision: Some(admitted.decision),
-        audits: admitted.audits,
+        decision,
+        audits,
     };
+    let admitted = match decide_at(&authz, client.addr(), client.identity(), dst, dst_w, !l7) {
+        Ok(a) => a,
+        Err(r) => {
+            log_refusal(ctx, dst_w, client, dst, protocol, &r);
+            if r.denial.is_some() {
+                // As ztunnel: a denied connection is one that failed, flagged `DENY`.
+                ctx.conns.count_failure(&meta(None, Vec::new()), DENIED);
+            }
+            return Err(r);
+        }
+    };
+    let meta = meta(Some(admitted.decision), admitted.audits);
     if l7 {
         return Ok(Route::Waypoint(ctx.conns.open(meta)));
     }
     let app = socket::connect(dst, Some(client.addr().ip()), ctx.mode, APP_CONNECT_TIMEOUT)
         .await
         .map_err(|e| {
+            ctx.conns.count_failure(&meta, FAILED_TO_CONNECT);
             refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("connect to app {dst}: {e}"),

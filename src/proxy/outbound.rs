@@ -125,6 +125,7 @@ pub async fn serve_outbound_to(
         protocol,
         src: peer,
         dst: target.addr,
+        original_dst: (dst != target.addr).then_some(dst),
         src_identity: src_id.clone(),
         dst_identity,
         src_workload: src_w.map(Peer::of),
@@ -192,7 +193,7 @@ pub async fn serve_outbound_to(
             Err(e) => {
                 tracing::info!(src = %peer, dst = %addr, error = %e, "HBONE tunnel failed");
                 socket::reset_on_close(&client);
-                guard.set_outcome(Outcome::Failed(e.to_string()));
+                guard.set_outcome(Outcome::ConnectFailed(e.to_string()));
             }
         }
         return;
@@ -213,7 +214,7 @@ pub async fn serve_outbound_to(
         Err(e) => {
             tracing::info!(src = %peer, dst = %addr, error = %e, "passthrough connect failed");
             socket::reset_on_close(&client);
-            guard.set_outcome(Outcome::Failed(e.to_string()));
+            guard.set_outcome(Outcome::ConnectFailed(e.to_string()));
         }
     }
 }

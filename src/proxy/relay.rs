@@ -337,6 +337,7 @@ mod tests {
             protocol: Protocol::Plain,
             src: "10.0.0.1:1".parse().unwrap(),
             dst: "10.0.0.2:2".parse().unwrap(),
+            original_dst: None,
             src_identity: None,
             dst_identity: None,
             src_workload: None,

@@ -295,6 +295,7 @@ async fn handle(
         policy: String::new(),
         principal: String::new(),
         started,
+        flags: "-",
     };
 
     // Ambiguous framing is a smuggling attempt: never forward it. Only the framing watch can
@@ -419,10 +420,11 @@ async fn handle(
             ))
         }
         Decision::Deny { .. } => {
+            log.flags = "RBAC";
             return log.done(close_if(
                 upgrade,
                 full(StatusCode::FORBIDDEN, "RBAC: access denied"),
-            ))
+            ));
         }
     }
     drop(snap);
@@ -470,6 +472,7 @@ async fn handle(
         Ok(r) => r,
         Err(e) => {
             tracing::info!(dst = %dst, error = %e, "waypoint: app unreachable");
+            log.flags = "UF";
             return log.done(close_if(
                 upgrade,
                 full(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error\n"),
@@ -653,6 +656,39 @@ impl Recheck for UpgradedRequest {
     }
 }
 
+/// The service a request was for, as ztunnel guesses it at a destination: the destination
+/// workload's service whose hostname (or short name) the request's host names, else its only
+/// service.
+fn request_service<'s>(
+    snap: &'s Snapshot,
+    dst: &crate::model::Workload,
+    authority: &str,
+) -> Option<&'s crate::model::Service> {
+    let host = authority
+        .rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(authority, |(h, _)| h);
+    let mut services = snap.services_of(&dst.uid);
+    let first = services.next()?;
+    let named = |s: &crate::model::Service| {
+        host == s.hostname()
+            || host == s.name
+            || host == format!("{}.{}", s.name, s.namespace)
+            || host == format!("{}.{}.svc", s.name, s.namespace)
+    };
+    if named(first) {
+        return Some(first);
+    }
+    let mut only = true;
+    for s in services {
+        if named(s) {
+            return Some(s);
+        }
+        only = false;
+    }
+    only.then_some(first)
+}
+
 /// One request's telemetry, written when the response is chosen.
 struct RequestLog<'a> {
     wp: &'a Waypoint,
@@ -664,6 +700,8 @@ struct RequestLog<'a> {
     policy: String,
     principal: String,
     started: Instant,
+    /// Envoy's response flag: `-`, `RBAC` (denied by policy), `UF` (the app unreachable).
+    flags: &'static str,
 }
 
 impl RequestLog<'_> {
@@ -676,11 +714,14 @@ impl RequestLog<'_> {
         let dst_identity = dst_w.and_then(|w| {
             Identity::new(&self.wp.ctx.trust_domain, &w.namespace, &w.service_account).ok()
         });
+        let dst_service = dst_w.and_then(|w| request_service(&snap, w, self.authority));
         let sides = RequestSides {
             src_identity: self.client.identity.as_ref(),
             src_workload: src_w,
             dst_workload: dst_w,
             dst_identity: dst_identity.as_ref(),
+            dst_service,
+            response_flags: self.flags,
         };
         self.wp.metrics.record(&sides, status, ms);
         tracing::info!(

@@ -35,6 +35,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::istiod::ControlPlane;
 use crate::istiod::{chain, Istiod};
+use crate::metrics::{XdsMetrics, XdsTermination};
 use crate::proto::envoy::config::core::v3::{node::UserAgentVersionType, Node};
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
@@ -202,6 +203,8 @@ pub struct XdsClient {
     pending: Vec<Edit>,
     /// Types answered on the first stream; publishing starts once both are.
     synced: BTreeSet<&'static str>,
+    /// ztunnel's xDS counters.
+    metrics: XdsMetrics,
 }
 
 impl XdsClient {
@@ -211,6 +214,7 @@ impl XdsClient {
         node: NodeInfo,
         trust_domain: &str,
         store: Arc<StateStore>,
+        metrics: XdsMetrics,
     ) -> XdsClient {
         XdsClient {
             istiod: Istiod::new(config),
@@ -220,6 +224,7 @@ impl XdsClient {
             assembly: Assembly::new(trust_domain),
             pending: Vec::new(),
             synced: BTreeSet::new(),
+            metrics,
         }
     }
 
@@ -234,8 +239,17 @@ impl XdsClient {
                 let mut progressed = false;
                 let result = tokio::select! {
                     r = self.stream(&mut progressed) => r,
-                    _ = shutdown.changed() => break,
+                    _ = shutdown.changed() => {
+                        self.metrics.terminated(XdsTermination::Complete);
+                        break;
+                    }
                 };
+                self.metrics.terminated(match &result {
+                    Ok(()) => XdsTermination::Complete,
+                    Err(StreamError::Istiod(_)) => XdsTermination::ConnectionError,
+                    Err(StreamError::Status { .. }) => XdsTermination::Error,
+                    Err(StreamError::Closed { .. }) => XdsTermination::Reconnect,
+                });
                 if progressed {
                     failures = 0;
                 }
@@ -306,6 +320,12 @@ impl XdsClient {
             };
             let type_url = response.type_url.clone();
             let nonce = response.nonce.clone();
+            let bytes: usize = response
+                .resources
+                .iter()
+                .map(|r| r.resource.as_ref().map_or(0, |a| a.value.len()))
+                .sum();
+            self.metrics.received(&type_url, bytes as u64);
             let reply = match self.apply(response) {
                 Ok(()) => {
                     *progressed = true;

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -19,6 +18,8 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::watch;
+
+mod dump;
 
 use crate::config::Config;
 use crate::identity::manager::CertManager;
@@ -154,7 +155,8 @@ impl AdminContext {
         }
     }
 
-    /// The `/config_dump` document.
+    /// The `/config_dump` document: ztunnel's keys in ztunnel's shape (so `istioctl
+    /// ztunnel-config` reads it, see [`dump`]), and weft's own beside them.
     pub fn config_dump(&self) -> serde_json::Value {
         let snap = self.store.snapshot();
         let cfg = &self.config;
@@ -162,60 +164,34 @@ impl AdminContext {
             .mesh
             .workloads
             .values()
-            .map(|w| {
-                let identity = crate::identity::Identity::new(
-                    &cfg.trust_domain,
-                    &w.namespace,
-                    &w.service_account,
-                )
-                .map(|i| i.to_string())
-                .ok();
-                json!({
-                    "uid": w.uid,
-                    "name": w.name,
-                    "namespace": w.namespace,
-                    "serviceAccount": w.service_account,
-                    "identity": identity,
-                    "node": w.node,
-                    "local": w.node == cfg.node_name,
-                    "ips": w.ips,
-                    "labels": w.labels,
-                    "enrollment": w.enrollment,
-                })
-            })
+            .map(|w| dump::workload(w, &snap, cfg))
             .collect();
-        let certificates: Vec<_> = self
-            .certs
-            .certs()
-            .iter()
-            .map(|c| {
-                json!({
-                    "identity": c.identity.to_string(),
-                    "serial": c.serial_hex,
-                    "notBefore": rfc3339(c.not_before),
-                    "notAfter": rfc3339(c.not_after),
-                    "chain": c.chain_pem,
-                })
-            })
+        let services: Vec<_> = snap
+            .mesh
+            .services
+            .values()
+            .map(|s| dump::service(s, &snap))
             .collect();
+        let conns = self.proxy.conns.list();
         json!({
+            // ztunnel's keys.
+            "workloads": workloads,
+            "services": services,
+            "policies": dump::policies(&snap, &cfg.root_namespace),
+            "certificates": dump::certificates(&self.certs.certs(), &self.certs.roots_der()),
+            "workloadState": dump::workload_state(&snap, cfg, &conns),
+            // weft's.
             "node": cfg.node_name,
             "trustDomain": cfg.trust_domain,
             "rootNamespace": cfg.root_namespace,
+            "clusterId": cfg.cluster_id(),
             "generation": snap.generation,
             "config": *self.store.status(),
             "namespaces": snap.mesh.namespaces.values().collect::<Vec<_>>(),
-            "workloads": workloads,
-            "services": snap.mesh.services.values().collect::<Vec<_>>(),
-            "policies": snap.mesh.policies,
-            "certificates": certificates,
+            "meshPolicies": snap.mesh.policies,
             "capture": self.redirect.as_ref().map(|r| r.status()),
         })
     }
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 type Body = Full<Bytes>;
@@ -391,11 +367,19 @@ pub(crate) fn read_queries(query: &str, log: &LogControl) -> (bool, bool) {
 }
 
 /// The `level` of a `/logging` query string.
+/// The filter a `/logging` query asks for: `level=L`, as ztunnel's admin reads it (and
+/// `istioctl ztunnel-config log` sends it): an empty `level` alone only reads the filter, and
+/// `reset` goes back to the default, `info`, before `level` applies.
 fn logging_level(query: &str) -> Option<String> {
-    form_urlencoded::parse(query.as_bytes())
+    let mut q = form_urlencoded::parse(query.as_bytes())
         .into_owned()
-        .collect::<BTreeMap<String, String>>()
-        .remove("level")
+        .collect::<BTreeMap<String, String>>();
+    let level = q.remove("level").filter(|l| !l.is_empty());
+    match (level, q.contains_key("reset")) {
+        (Some(l), _) => Some(l),
+        (None, true) => Some("info".to_string()),
+        (None, false) => None,
+    }
 }
 
 /// `/debug/explain`: what the policies in force would decide, without sending traffic. With
@@ -541,13 +525,10 @@ fn admin(ctx: &AdminContext, req: &Request<Incoming>) -> Response<Body> {
                     }
                     Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
                 },
-                (&Method::POST, None) => text(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "missing ?level=; accepted: {}\n",
-                        crate::logging::LEVELS.join(", ")
-                    ),
-                ),
+                // Reads the filter, as ztunnel's `POST /logging` does (`istioctl zc log`).
+                (&Method::POST, None) => {
+                    text(StatusCode::OK, format!("level: {}\n", ctx.log.current()))
+                }
                 _ => method_not_allowed("GET, POST"),
             }
         }
