@@ -321,6 +321,9 @@ mod tests {
             emitted.extend(own.iter().copied());
             assert!(section.contains(&format!("`{m}`")), "message {m:?} missing");
         }
-        assert_eq!(documented, emitted);
+        assert_eq!(
+            documented, emitted,
+            "README's field rows (left) and the fields the code emits (right) differ"
+        );
     }
 }
