@@ -544,6 +544,8 @@ async fn access_log_records_reach_an_otlp_collector_with_the_documented_fields()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_never_answers_costs_the_data_path_nothing_and_drops_are_counted() {
     // Accepts connections and never reads or answers: every export waits for its timeout.
+    // A connection that waited on an export would wait its 5 s timeout; normal ones take
+    // milliseconds, so 2 s tells them apart even on a loaded machine.
     let hang = std::net::TcpListener::bind((unique_loopback(), 0)).unwrap();
     let addr = hang.local_addr().unwrap();
     let held = Arc::new(Mutex::new(Vec::new()));
@@ -556,7 +558,7 @@ async fn a_collector_that_never_answers_costs_the_data_path_nothing_and_drops_ar
         });
     }
     let w = Weft::start(&format!(
-        "accessLog:\n  otlp: {{endpoint: 'http://{addr}', queueSize: 8, batchSize: 4, exportInterval: 50ms, timeout: 3s}}\n"
+        "accessLog:\n  otlp: {{endpoint: 'http://{addr}', queueSize: 8, batchSize: 4, exportInterval: 50ms, timeout: 5s}}\n"
     ))
     .await;
     let pool = w.pool();
@@ -572,11 +574,11 @@ async fn a_collector_that_never_answers_costs_the_data_path_nothing_and_drops_ar
     let total = started.elapsed();
     eprintln!("200 connections in {total:?}, slowest {slowest:?}");
     assert!(
-        slowest < Duration::from_millis(1000),
+        slowest < Duration::from_secs(2),
         "a connection waited on the collector: {slowest:?}"
     );
     assert!(total < Duration::from_secs(20), "{total:?}");
-    // 200 records, a queue of 8 and exports that each wait 3 s: most were dropped.
+    // 200 records, a queue of 8 and exports that each wait 5 s: most were dropped.
     let dropped = until(&w, "drops on /metrics", || {
         let n = w.metric("weft_access_log_records_dropped_total");
         (n >= 100.0).then_some(n)
