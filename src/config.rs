@@ -68,6 +68,30 @@ struct RawConfig {
     drain_grace: Option<String>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    access_log: RawAccessLog,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawAccessLog {
+    #[serde(default)]
+    otlp: Option<RawOtlp>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawOtlp {
+    #[serde(default)]
+    endpoint: Option<String>,
+    #[serde(default)]
+    queue_size: Option<i64>,
+    #[serde(default)]
+    batch_size: Option<i64>,
+    #[serde(default)]
+    export_interval: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -373,7 +397,19 @@ pub struct Config {
     pub drain_grace: Duration,
     /// Connection caps and keepalive.
     pub limits: Limits,
+    /// Where the access log goes besides stderr.
+    pub access_log: AccessLogConfig,
 }
+
+/// `accessLog`: where the access log goes besides stderr.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    /// Export to an OpenTelemetry collector over OTLP/gRPC (off when `None`).
+    pub otlp: Option<OtlpSettings>,
+}
+
+/// `accessLog.otlp`: its type lives with the exporter that uses it, validated here.
+pub use crate::logging::otlp::{OtlpSettings, DEFAULT_OTLP};
 
 /// The environment variables the config honours, read by the caller (parsing never reads the
 /// process environment, so tests set them explicitly).
@@ -579,6 +615,9 @@ impl Config {
         };
         let drain_grace = drain_grace(raw.drain_grace.as_deref(), env, &mut problems);
         let limits = limits(raw.limits, &mut problems);
+        let access_log = AccessLogConfig {
+            otlp: raw.access_log.otlp.map(|o| otlp(o, &mut problems)),
+        };
         let (Some(mesh), Some(ca), true) = (mesh, ca, problems.is_empty()) else {
             return Err(ConfigError::Invalid {
                 file: file.to_path_buf(),
@@ -601,7 +640,72 @@ impl Config {
             worker_threads,
             drain_grace,
             limits,
+            access_log,
         })
+    }
+}
+
+/// `accessLog.otlp`, each value checked (`accessLog.otlp.queueSize: 0 is not between ...`).
+fn otlp(raw: RawOtlp, problems: &mut Vec<String>) -> OtlpSettings {
+    const PATH: &str = "accessLog.otlp";
+    const MAX_QUEUE: i64 = 1 << 20;
+    let d = DEFAULT_OTLP;
+    let endpoint = raw.endpoint.unwrap_or_default();
+    if endpoint.is_empty() {
+        problems.push(format!("{PATH}.endpoint: required (http://host:port)"));
+    } else {
+        match endpoint.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme_str() != Some("http") => problems.push(format!(
+                "{PATH}.endpoint: {endpoint:?} must start with http:// (OTLP/gRPC without TLS)"
+            )),
+            Ok(uri) if uri.host().is_none_or(str::is_empty) || uri.port_u16().is_none() => problems
+                .push(format!(
+                    "{PATH}.endpoint: {endpoint:?} must name a host and a port (http://host:4317)"
+                )),
+            Ok(uri) if !matches!(uri.path(), "" | "/") || uri.query().is_some() => problems.push(
+                format!("{PATH}.endpoint: {endpoint:?} must be just http://host:port"),
+            ),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("{PATH}.endpoint: {endpoint:?} is not a URL ({e})")),
+        }
+    }
+    let mut count = |name: &str, v: Option<i64>, max: i64, default: usize| match v {
+        None => default,
+        Some(n) if (1..=max).contains(&n) => n as usize,
+        Some(n) => {
+            problems.push(format!("{PATH}.{name}: {n} is not between 1 and {max}"));
+            default
+        }
+    };
+    let queue_size = count("queueSize", raw.queue_size, MAX_QUEUE, d.queue_size);
+    let batch_size = count(
+        "batchSize",
+        raw.batch_size,
+        queue_size as i64,
+        d.batch_size.min(queue_size),
+    );
+    let mut duration = |name: &str, v: Option<String>, default: Duration| match v {
+        None => default,
+        Some(s) => match humantime::parse_duration(&s) {
+            Ok(t) if t >= Duration::from_millis(10) && t <= Duration::from_secs(60) => t,
+            Ok(_) => {
+                problems.push(format!("{PATH}.{name}: {s:?} is not between 10ms and 60s"));
+                default
+            }
+            Err(e) => {
+                problems.push(format!("{PATH}.{name}: {s:?} is not a duration ({e})"));
+                default
+            }
+        },
+    };
+    let export_interval = duration("exportInterval", raw.export_interval, d.export_interval);
+    let timeout = duration("timeout", raw.timeout, d.timeout);
+    OtlpSettings {
+        endpoint: endpoint.trim_end_matches('/').to_string(),
+        queue_size,
+        batch_size,
+        export_interval,
+        timeout,
     }
 }
 
@@ -873,6 +977,78 @@ mod tests {
         ] {
             assert!(e.contains(want), "{want} missing from {e}");
         }
+    }
+
+    #[test]
+    fn access_log_export_is_off_by_default_and_every_bad_value_is_named() {
+        let base = "nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\n";
+        assert_eq!(parse(base).unwrap().access_log.otlp, None);
+        let c = parse(&format!(
+            "{base}accessLog:\n  otlp: {{endpoint: 'http://collector:4317', queueSize: 100, batchSize: 10, exportInterval: 200ms, timeout: 2s}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.access_log.otlp,
+            Some(OtlpSettings {
+                endpoint: "http://collector:4317".into(),
+                queue_size: 100,
+                batch_size: 10,
+                export_interval: Duration::from_millis(200),
+                timeout: Duration::from_secs(2),
+            })
+        );
+        let c = parse(&format!(
+            "{base}accessLog: {{otlp: {{endpoint: 'http://c:4317/'}}}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.access_log.otlp,
+            Some(OtlpSettings {
+                endpoint: "http://c:4317".into(),
+                ..DEFAULT_OTLP
+            })
+        );
+        let e = parse(&format!(
+            "{base}accessLog: {{otlp: {{endpoint: 'https://c:4317', queueSize: 0, batchSize: -2, exportInterval: 0s, timeout: soon}}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "accessLog.otlp.endpoint: \"https://c:4317\" must start with http://",
+            "accessLog.otlp.queueSize: 0 is not between 1 and 1048576",
+            "accessLog.otlp.batchSize: -2 is not between 1 and 4096",
+            "accessLog.otlp.exportInterval: \"0s\" is not between 10ms and 60s",
+            "accessLog.otlp.timeout: \"soon\" is not a duration",
+        ] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
+        for (otlp, want) in [
+            ("{}", "accessLog.otlp.endpoint: required"),
+            (
+                "{endpoint: 'http://c'}",
+                "accessLog.otlp.endpoint: \"http://c\" must name a host and a port",
+            ),
+            (
+                "{endpoint: 'http://c:4317/v1/logs'}",
+                "must be just http://host:port",
+            ),
+            (
+                "{endpoint: 'http://c:1', queueSize: 8, batchSize: 9}",
+                "accessLog.otlp.batchSize: 9 is not between 1 and 8",
+            ),
+        ] {
+            let e = parse(&format!("{base}accessLog: {{otlp: {otlp}}}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
+        let e = parse(&format!(
+            "{base}accessLog: {{otlp: {{endpoint: 'http://c:1', batchsize: 9}}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `batchsize`"), "{e}");
+        assert!(e.starts_with("/etc/weft/weft.yaml:4"), "{e}");
     }
 
     #[test]

@@ -100,13 +100,22 @@ fn real_main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config, log_format } => {
-            let (log, _flush) = logging::init(log_format);
+            // The config first: it says whether the access log is exported too.
+            let cfg = weft::config::Config::load(&config, &weft::config::Env::from_process())?;
+            let otlp = cfg
+                .access_log
+                .otlp
+                .as_ref()
+                .map(|o| (o, cfg.node_name.as_str()));
+            let (log, _flush) = logging::init(log_format, otlp)?;
             // Every tunnelled connection costs descriptors on both sides: use what we may.
             match rlimit::increase_nofile_limit(u64::MAX) {
                 Ok(n) => tracing::debug!(limit = n, "open file limit"),
                 Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
             }
-            let cfg = weft::config::Config::load(&config, &weft::config::Env::from_process())?;
+            if let Some(o) = &cfg.access_log.otlp {
+                tracing::info!(endpoint = %o.endpoint, queue = o.queue_size, batch = o.batch_size, "access log exported over OTLP");
+            }
             tracing::info!(threads = cfg.worker_threads, "data-path worker threads");
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(cfg.worker_threads)

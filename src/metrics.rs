@@ -586,7 +586,8 @@ impl Metrics {
     ) -> Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ProcessCollector));
-        registry.register_collector(Box::new(LogCollector(log)));
+        registry.register_collector(Box::new(LogCollector(log.clone())));
+        registry.register_collector(Box::new(AccessLogExportCollector(log)));
         registry.register_collector(Box::new(StateCollector { store, certs }));
         let tcp = TcpMetrics {
             cluster: cluster.clone(),
@@ -868,5 +869,41 @@ impl Collector for StateCollector {
             ConstGauge::new(expiry).encode(m.encode_family(&[("identity", id.as_str())])?)?;
         }
         Ok(())
+    }
+}
+
+// === access-log export (`logging::otlp`) ===
+
+/// `weft_access_log_records_{dropped,exported,failed}_total`: the access log's OTLP export,
+/// read from its counters at scrape time (all zero while export is off).
+struct AccessLogExportCollector(Arc<crate::logging::LogControl>);
+
+impl fmt::Debug for AccessLogExportCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AccessLogExportCollector")
+    }
+}
+
+impl Collector for AccessLogExportCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        let c = self.0.access_export();
+        counter(
+            &mut encoder,
+            "weft_access_log_records_dropped",
+            "Access-log records not exported because the export queue was full",
+            c.dropped() as f64,
+        )?;
+        counter(
+            &mut encoder,
+            "weft_access_log_records_exported",
+            "Access-log records the OTLP collector accepted",
+            c.exported() as f64,
+        )?;
+        counter(
+            &mut encoder,
+            "weft_access_log_records_failed",
+            "Access-log records lost in failed OTLP exports (collector unreachable, refusing or too slow)",
+            c.failed() as f64,
+        )
     }
 }

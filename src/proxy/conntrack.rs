@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::authz::Authz;
 use crate::identity::Identity;
+use crate::logging::access;
 use crate::metrics::{
     Cluster, Direction, RequestProtocol, SecurityPolicy, TcpLabels, TcpMetrics, Transport, UNKNOWN,
 };
@@ -40,6 +41,15 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The name the access log and `/connections` write.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Hbone => "hbone",
+            Protocol::Plain => "plain",
+            Protocol::Local => "local",
+        }
+    }
+
     /// Istio's `connection_security_policy` for a connection carried this way.
     pub fn security_policy(self) -> SecurityPolicy {
         match self {
@@ -399,6 +409,41 @@ pub const FAILED_TO_CONNECT: &str = "CONNECT";
 /// The response flag of a connection policy refused (ztunnel's `DENY`).
 pub const DENIED: &str = "DENY";
 
+fn id(i: &Option<Identity>) -> String {
+    i.as_ref().map(|i| i.to_string()).unwrap_or_default()
+}
+
+/// The Service reached by VIP as a host name (`name.namespace.svc.cluster.local`), or empty.
+fn service_host(m: &ConnMeta) -> String {
+    m.service
+        .as_ref()
+        .map(|svc| format!("{}.{}.svc.cluster.local", svc.name, svc.namespace))
+        .unwrap_or_default()
+}
+
+/// What the access log says of every connection; `src_identity`, `dst_identity` and
+/// `service` are `m`'s, formatted by the caller (they are borrowed).
+pub fn access_common<'a>(
+    m: &'a ConnMeta,
+    src_identity: &'a str,
+    dst_identity: &'a str,
+    service: &'a str,
+) -> access::Common<'a> {
+    let end = |addr, p: &'a Option<Peer>, identity| access::End {
+        addr,
+        workload: p.as_ref().map_or("", |p| p.name()),
+        namespace: p.as_ref().map_or("", |p| p.namespace()),
+        identity,
+    };
+    access::Common {
+        direction: m.direction.as_str(),
+        protocol: m.protocol.as_str(),
+        src: end(m.src, &m.src_workload, src_identity),
+        dst: end(m.dst, &m.dst_workload, dst_identity),
+        dst_service: service,
+    }
+}
+
 fn labels(m: &ConnMeta, flags: &'static str, cluster: &Cluster) -> TcpLabels {
     let s = m.src_workload.as_ref();
     let d = m.dst_workload.as_ref();
@@ -509,30 +554,38 @@ impl Drop for ConnGuard {
             mx.received_bytes.get_or_create(&labels).inc_by(received);
             mx.sent_bytes.get_or_create(&labels).inc_by(sent);
         }
-        let id = |i: &Option<Identity>| i.as_ref().map(|i| i.to_string()).unwrap_or_default();
-        let name = |p: &Option<Peer>| {
-            p.as_ref()
-                .map(|p| format!("{}/{}", p.namespace(), p.name()))
-                .unwrap_or_default()
-        };
-        tracing::info!(
-            target: "access",
-            direction = ?m.direction,
-            protocol = ?m.protocol,
-            src.addr = %m.src,
-            src.workload = %name(&m.src_workload),
-            src.identity = %id(&m.src_identity),
-            dst.addr = %m.dst,
-            dst.workload = %name(&m.dst_workload),
-            dst.identity = %id(&m.dst_identity),
-            dst.service = %m.service.as_ref().map(|s| format!("{}/{}", s.namespace, s.name)).unwrap_or_default(),
-            decision = m.decision.as_deref().unwrap_or(""),
-            audit = %m.audits.join(","),
-            bytes_received = received,
-            bytes_sent = sent,
-            duration_ms = c.started.elapsed().as_millis() as u64,
-            error = error.unwrap_or(""),
-            "connection closed"
+        let (src_identity, dst_identity) = (id(&m.src_identity), id(&m.dst_identity));
+        let service = service_host(m);
+        access::connection_closed(
+            &access_common(m, &src_identity, &dst_identity, &service),
+            m.decision.as_deref().unwrap_or(""),
+            &m.audits.join(","),
+            access::Bytes {
+                sent,
+                recv: received,
+            },
+            c.started.elapsed(),
+            error.unwrap_or(""),
+        );
+    }
+}
+
+impl Conn {
+    /// Logs that the policy follower closes this connection: the state in force no longer
+    /// allows it (`policy` the deciding policy when one did, `reason` why).
+    pub fn log_closed_by_policy(&self, policy: &str, reason: &str) {
+        let m = &self.meta;
+        let (src_identity, dst_identity) = (id(&m.src_identity), id(&m.dst_identity));
+        let service = service_host(m);
+        access::live_connection_closed(
+            &access_common(m, &src_identity, &dst_identity, &service),
+            policy,
+            access::Bytes {
+                sent: self.sent.load(Ordering::Relaxed),
+                recv: self.received.load(Ordering::Relaxed),
+            },
+            self.started.elapsed(),
+            reason,
         );
     }
 }

@@ -25,6 +25,7 @@ use super::relay::relay;
 use super::socket;
 use super::ProxyCtx;
 use crate::identity::Identity;
+use crate::logging::access;
 use crate::metrics::{DenialReason, Direction};
 use crate::model::Workload;
 use crate::state::Snapshot;
@@ -199,18 +200,36 @@ fn log_refusal(
             policy: policy.clone(),
         })
         .inc();
-    tracing::info!(
-        target: "access",
-        direction = "Inbound",
-        protocol = ?protocol,
-        src.addr = %client.addr(),
-        src.identity = %client.identity().map(|i| i.to_string()).unwrap_or_default(),
-        dst.addr = %dst,
-        dst.workload = %format_args!("{}/{}", dst_w.namespace, dst_w.name),
-        action = "deny",
-        policy = %policy,
-        reason = %r.reason,
-        "connection denied"
+    let src_identity = client.identity().map(|i| i.to_string()).unwrap_or_default();
+    let dst_identity = Identity::new(&ctx.trust_domain, &dst_w.namespace, &dst_w.service_account)
+        .map(|i| i.to_string())
+        .unwrap_or_default();
+    let src_w = ctx
+        .store
+        .snapshot()
+        .workload_by_ip(client.addr().ip())
+        .cloned();
+    access::connection_denied(
+        &access::Common {
+            direction: Direction::Inbound.as_str(),
+            protocol: protocol.as_str(),
+            src: access::End {
+                addr: client.addr(),
+                workload: src_w.as_ref().map_or("", |w| w.name.as_str()),
+                namespace: src_w.as_ref().map_or("", |w| w.namespace.as_str()),
+                identity: &src_identity,
+            },
+            dst: access::End {
+                addr: dst,
+                workload: &dst_w.name,
+                namespace: &dst_w.namespace,
+                identity: &dst_identity,
+            },
+            dst_service: "",
+        },
+        policy,
+        reason.as_str(),
+        &r.reason,
     );
 }
 

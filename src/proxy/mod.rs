@@ -142,15 +142,19 @@ pub fn spawn_policy_follower(
                 }
                 let verdict =
                     inbound::decide(&ctx, &snap, &authz, m.src, m.src_identity.as_ref(), m.dst)
-                        .map_err(|refusal| refusal.reason)
+                        .map_err(|refusal| {
+                            let policy = refusal.denial.map(|(_, p)| p).unwrap_or_default();
+                            (policy, refusal.reason)
+                        })
                         .and_then(|_| match conn.upgraded.get() {
                             // The request that upgraded it must still be allowed too.
-                            Some(upgrade) => upgrade.check(&snap, &authz),
+                            Some(upgrade) => upgrade
+                                .check(&snap, &authz)
+                                .map_err(|reason| (String::new(), reason)),
                             None => Ok(()),
                         });
-                if let Err(reason) = verdict {
-                    let (src, dst) = (m.src, m.dst);
-                    tracing::info!(target: "access", %src, %dst, %reason, "live connection closed: no longer allowed");
+                if let Err((policy, reason)) = verdict {
+                    conn.log_closed_by_policy(&policy, &reason);
                     conn.close.cancel();
                 }
             }

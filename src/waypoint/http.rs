@@ -45,7 +45,9 @@ use crate::authz::{
     normalize_path, Authz, Connection, Decision, DenyReason, HttpRequest, PathError, RequestAuth,
 };
 use crate::identity::Identity;
+use crate::logging::access;
 use crate::metrics::RequestSides;
+use crate::model::Workload;
 use crate::proxy::conntrack::{Conn, ConnGuard, Outcome, Recheck};
 use crate::state::Snapshot;
 use crate::waypoint::jwt::AuthnResult;
@@ -724,20 +726,42 @@ impl RequestLog<'_> {
             response_flags: self.flags,
         };
         self.wp.metrics.record(&sides, status, ms);
-        tracing::info!(
-            target: "access",
-            kind = "http",
-            method = %self.method,
-            authority = %self.authority,
-            path = %self.path,
-            status,
-            src = %self.client.addr,
-            src_identity = %self.client.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
-            dst = %self.dst,
-            policy = %self.policy,
-            jwt_principal = %self.principal,
-            duration_ms = ms,
-            "request"
+        let src_identity = self
+            .client
+            .identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        let dst_identity = dst_identity.map(|i| i.to_string()).unwrap_or_default();
+        fn end<'a>(
+            addr: SocketAddr,
+            w: Option<&'a Workload>,
+            identity: &'a str,
+        ) -> access::End<'a> {
+            access::End {
+                addr,
+                workload: w.map_or("", |w| w.name.as_str()),
+                namespace: w.map_or("", |w| w.namespace.as_str()),
+                identity,
+            }
+        }
+        access::request(
+            &access::Common {
+                direction: crate::metrics::Direction::Inbound.as_str(),
+                protocol: "http",
+                src: end(self.client.addr, src_w, &src_identity),
+                dst: end(self.dst, dst_w, &dst_identity),
+                dst_service: "",
+            },
+            &access::Request {
+                method: self.method.as_str(),
+                authority: self.authority,
+                path: self.path,
+                status,
+                policy: &self.policy,
+                jwt_principal: &self.principal,
+            },
+            self.started.elapsed(),
         );
         resp
     }

@@ -7,6 +7,12 @@
 //! events (a flood of refused connections, each logged) never blocks the task that logs them
 //! on a slow pipe. When the queue is full, lines are dropped and counted
 //! (`weft_log_lines_dropped_total`).
+//!
+//! The access log's events and fields are `access`'s; their optional export to an
+//! OpenTelemetry collector (`accessLog.otlp`) is `otlp`'s.
+
+pub mod access;
+pub mod otlp;
 
 use std::sync::{Arc, Mutex};
 
@@ -82,13 +88,20 @@ pub struct LogControl {
     current: Mutex<String>,
     set: Setter,
     dropped: Option<tracing_appender::non_blocking::ErrorCounter>,
+    access_export: Arc<otlp::ExportCounters>,
 }
 
 /// Lines queued for stderr at most; beyond, lines are dropped (and counted).
 pub const LOG_QUEUE_LINES: usize = 16_384;
 
-/// Flushes the lines still queued when dropped: keep it until the process ends.
-pub struct LogFlush(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
+/// Flushes the lines (and access-log records) still queued when dropped: keep it until the
+/// process ends.
+pub struct LogFlush {
+    // Field order is drop order: the exporter flushes first, its own warnings still reach
+    // stderr.
+    _export: Option<otlp::Export>,
+    _stderr: tracing_appender::non_blocking::WorkerGuard,
+}
 
 impl LogControl {
     /// A control that applies filters with `set` (tests pass a recorder).
@@ -97,7 +110,13 @@ impl LogControl {
             current: Mutex::new(initial.to_string()),
             set,
             dropped: None,
+            access_export: Arc::default(),
         }
+    }
+
+    /// The counters of the access log's OTLP export (zero while it is off).
+    pub fn access_export(&self) -> &otlp::ExportCounters {
+        &self.access_export
     }
 
     /// Log lines dropped because the queue to stderr was full.
@@ -128,15 +147,27 @@ impl LogControl {
 }
 
 /// Installs the global subscriber. The initial filter is `RUST_LOG` if set, else `info`.
-/// Keep the [`LogFlush`] until the process ends.
-pub fn init(format: LogFormat) -> (Arc<LogControl>, LogFlush) {
+/// With `otlp` (its settings and this node's name), access-log events are also exported to
+/// an OpenTelemetry collector. Keep the [`LogFlush`] until the process ends.
+pub fn init(
+    format: LogFormat,
+    otlp: Option<(&otlp::OtlpSettings, &str)>,
+) -> Result<(Arc<LogControl>, LogFlush), otlp::OtlpError> {
     let initial = std::env::var("RUST_LOG")
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "info".to_string());
     let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::<EnvFilter, Registry>::new(filter);
-    let registry = tracing_subscriber::registry().with(filter);
+    let counters = Arc::new(otlp::ExportCounters::default());
+    let mut export = match otlp {
+        Some((settings, node)) => Some(otlp::Export::start(settings, node, counters.clone())?),
+        None => None,
+    };
+    let access_layer = export.as_mut().and_then(otlp::Export::take_layer);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(access_layer);
     // Colours only for a person at a terminal: logs collected from a pipe stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -160,7 +191,14 @@ pub fn init(format: LogFormat) -> (Arc<LogControl>, LogFlush) {
         }),
     );
     control.dropped = Some(dropped);
-    (Arc::new(control), LogFlush(guard))
+    control.access_export = counters;
+    Ok((
+        Arc::new(control),
+        LogFlush {
+            _export: export,
+            _stderr: guard,
+        },
+    ))
 }
 
 #[cfg(test)]
