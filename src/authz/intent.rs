@@ -348,8 +348,8 @@ fn principal_mistake(m: &StringMatch, mesh: &Mesh, ctx: &LintContext) -> Option<
                 _ => StringMatch::Exact(bare.to_string()),
             };
             Some(format!(
-                "{q} starts with spiffe://, but Istio compares principals with the peer's \
-                 SPIFFE id without it, so it matches no peer: write {:?}",
+                "{q} starts with spiffe://, but Istio (and weft) compare principals with \
+                 the peer's SPIFFE id stripped of it, so it matches no peer: write {:?}",
                 fixed.to_string()
             ))
         }
@@ -655,7 +655,7 @@ mod tests {
         );
         assert_eq!(
             f[0].message,
-            "rules[0].from[0].source.principals[1] \"spiffe://cluster.local/ns/shop/sa/api\" starts with spiffe://, but Istio compares principals with the peer's SPIFFE id without it, so it matches no peer: write \"cluster.local/ns/shop/sa/api\"; in this ALLOW it admits no one (the peers it was meant for are denied unless another rule admits them)"
+            "rules[0].from[0].source.principals[1] \"spiffe://cluster.local/ns/shop/sa/api\" starts with spiffe://, but Istio (and weft) compare principals with the peer's SPIFFE id stripped of it, so it matches no peer: write \"cluster.local/ns/shop/sa/api\"; in this ALLOW it admits no one (the peers it was meant for are denied unless another rule admits them)"
         );
         // In a DENY it lets them through; a prefix keeps its wildcard; notPrincipals and `when`
         // are read too.
