@@ -35,15 +35,43 @@ use super::{list, Finding, LintContext};
 
 /// The likely mistakes in `mesh`'s policies, each pointing at the field it is about.
 pub fn mistakes(mesh: &Mesh, ctx: &LintContext) -> Vec<Finding> {
+    let pods = Pods::of(mesh);
     let mut out = Vec::new();
     for p in &mesh.policies {
-        scope_mistakes(p, mesh, ctx, &mut out);
+        scope_mistakes(p, &pods, mesh, ctx, &mut out);
         if let Policy::AuthorizationPolicy(ap) = p {
             split_from_to(ap, &mut out);
-            identity_mistakes(ap, mesh, ctx, &mut out);
+            identity_mistakes(ap, &pods, mesh, ctx, &mut out);
         }
     }
     out
+}
+
+/// The mesh's pods, all and by namespace, indexed once for every policy.
+struct Pods<'a> {
+    all: Vec<&'a Workload>,
+    by_namespace: BTreeMap<&'a str, Vec<&'a Workload>>,
+}
+
+impl<'a> Pods<'a> {
+    fn of(mesh: &'a Mesh) -> Pods<'a> {
+        let all: Vec<&Workload> = mesh.workloads.values().map(|w| &**w).collect();
+        let mut by_namespace: BTreeMap<&str, Vec<&Workload>> = BTreeMap::new();
+        for w in &all {
+            by_namespace
+                .entry(w.namespace.as_str())
+                .or_default()
+                .push(w);
+        }
+        Pods { all, by_namespace }
+    }
+
+    fn in_namespace(&self, namespace: &str) -> &[&'a Workload] {
+        self.by_namespace
+            .get(namespace)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
 }
 
 // === from and to in separate rules ===
@@ -54,12 +82,14 @@ fn split_from_to(ap: &AuthorizationPolicy, out: &mut Vec<Finding>) {
         return;
     }
     let rules = &ap.spec.rules;
-    let only = |from: bool| -> Vec<usize> {
+    let only = |has: fn(&Rule) -> bool, lacks: fn(&Rule) -> bool| -> Vec<usize> {
         (0..rules.len())
-            .filter(|&i| (rules[i].from.is_empty() != from) && (rules[i].to.is_empty() == from))
+            .filter(|&i| has(&rules[i]) && !lacks(&rules[i]))
             .collect()
     };
-    let (from_only, to_only) = (only(true), only(false));
+    let has_from = |r: &Rule| !r.from.is_empty();
+    let has_to = |r: &Rule| !r.to.is_empty();
+    let (from_only, to_only) = (only(has_from, has_to), only(has_to, has_from));
     let (Some(&f), Some(&t)) = (from_only.first(), to_only.first()) else {
         return;
     };
@@ -226,6 +256,7 @@ enum Attribute {
 /// on `source.principal`/`source.namespace`) that matches no peer of the mesh.
 fn identity_mistakes(
     ap: &AuthorizationPolicy,
+    pods: &Pods<'_>,
     mesh: &Mesh,
     ctx: &LintContext,
     out: &mut Vec<Finding>,
@@ -266,7 +297,7 @@ fn identity_mistakes(
     for (at, attribute, negated, values) in lists {
         for (n, m) in values.iter().enumerate() {
             let problem = match attribute {
-                Attribute::Principal => principal_mistake(m, mesh, ctx),
+                Attribute::Principal => principal_mistake(m, pods, mesh, ctx),
                 Attribute::Namespace => namespace_mistake(m),
             };
             if let Some(problem) = problem {
@@ -336,7 +367,12 @@ fn quoted(m: &StringMatch) -> String {
 }
 
 /// Why a `principals` value matches no workload of the mesh, with the value meant.
-fn principal_mistake(m: &StringMatch, mesh: &Mesh, ctx: &LintContext) -> Option<String> {
+fn principal_mistake(
+    m: &StringMatch,
+    pods: &Pods<'_>,
+    mesh: &Mesh,
+    ctx: &LintContext,
+) -> Option<String> {
     let td = &ctx.trust_domain;
     let q = quoted(m);
     match m {
@@ -361,7 +397,7 @@ fn principal_mistake(m: &StringMatch, mesh: &Mesh, ctx: &LintContext) -> Option<
             }
             if !s.contains('/') {
                 let is_namespace = mesh.namespaces.contains_key(s.as_str())
-                    || mesh.workloads.values().any(|w| w.namespace == *s);
+                    || pods.by_namespace.contains_key(s.as_str());
                 return Some(if is_namespace {
                     format!(
                         "{q} is a namespace of the mesh, not a principal \
@@ -449,7 +485,13 @@ fn namespace_mistake(m: &StringMatch) -> Option<String> {
 // === policies that apply to no enrolled workload ===
 
 /// A policy whose namespace, or whose selector, leaves it no workload weft captures.
-fn scope_mistakes(p: &Policy, mesh: &Mesh, ctx: &LintContext, out: &mut Vec<Finding>) {
+fn scope_mistakes(
+    p: &Policy,
+    pods: &Pods<'_>,
+    mesh: &Mesh,
+    ctx: &LintContext,
+    out: &mut Vec<Finding>,
+) {
     let (selector, targeted): (Option<&WorkloadSelector>, bool) = match p {
         Policy::AuthorizationPolicy(ap) => {
             // A scope istiod resolved (xDS) names its workloads itself.
@@ -476,13 +518,6 @@ fn scope_mistakes(p: &Policy, mesh: &Mesh, ctx: &LintContext, out: &mut Vec<Find
     let about = |message: String, field: &str| {
         Finding::about(kind, namespace, name, message).at(field.to_string())
     };
-    let pods = |ns: Option<&str>| -> Vec<&Workload> {
-        mesh.workloads
-            .values()
-            .filter(|w| ns.is_none_or(|ns| w.namespace == ns))
-            .map(|w| &**w)
-            .collect()
-    };
     let selector_text = |labels: &BTreeMap<String, String>| {
         labels
             .iter()
@@ -493,19 +528,19 @@ fn scope_mistakes(p: &Policy, mesh: &Mesh, ctx: &LintContext, out: &mut Vec<Find
     match &scope {
         Scope::Mesh | Scope::Uids(_) => {}
         Scope::Namespace | Scope::Workloads(_) => {
-            let in_ns = pods(Some(namespace));
+            let in_ns = pods.in_namespace(namespace);
             if !in_ns.iter().any(|w| w.enrollment.is_enrolled()) {
                 out.push(about(
                     format!(
                         "{}: the policy applies to no workload weft captures",
-                        unenrolled_namespace(namespace, &in_ns, mesh)
+                        unenrolled_namespace(namespace, in_ns, mesh)
                     ),
                     "metadata.namespace",
                 ));
                 return;
             }
             if let Scope::Workloads(labels) = &scope {
-                if let Some(why) = unselected(&in_ns, labels) {
+                if let Some(why) = unselected(in_ns, labels) {
                     out.push(about(
                         format!(
                             "selector {} matches {why} of namespace {namespace}: the policy \
@@ -518,7 +553,7 @@ fn scope_mistakes(p: &Policy, mesh: &Mesh, ctx: &LintContext, out: &mut Vec<Find
             }
         }
         Scope::MeshWorkloads(labels) => {
-            if let Some(why) = unselected(&pods(None), labels) {
+            if let Some(why) = unselected(&pods.all, labels) {
                 out.push(about(
                     format!(
                         "selector {} (root namespace: every namespace) matches {why} of the \
