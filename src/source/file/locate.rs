@@ -20,17 +20,30 @@ pub(super) enum Seg<'a> {
     Index(usize),
 }
 
+/// The deserializer's mark on the node a path names.
 const LOCATED: &str = "\u{0}weft-located";
+/// The mark on the deepest ancestor that exists, when the path goes further.
+const MISSING: &str = "\u{0}weft-missing";
 
 /// Walks to `path` inside document `doc` and makes the deserializer mark it: returns the
 /// 1-based line of the node the path names (or of the deepest ancestor that exists).
 pub(super) fn locate(text: &str, doc: usize, path: &[Seg<'_>]) -> Option<usize> {
+    mark(text, doc, path, false)
+}
+
+/// [`locate`], but `None` when the node the path names does not exist.
+fn locate_exact(text: &str, doc: usize, path: &[Seg<'_>]) -> Option<usize> {
+    mark(text, doc, path, true)
+}
+
+fn mark(text: &str, doc: usize, path: &[Seg<'_>], exact: bool) -> Option<usize> {
     let de = serde_yaml_ng::Deserializer::from_str(text).nth(doc)?;
     let err = match (LocateSeed { path }).deserialize(de) {
         Ok(()) => return None,
         Err(e) => e,
     };
-    if err.to_string().contains(LOCATED) {
+    let why = err.to_string();
+    if why.contains(LOCATED) || (!exact && why.contains(MISSING)) {
         err.location().map(|l| l.line())
     } else {
         None
@@ -45,10 +58,10 @@ pub fn locate_object(text: &str, kind: &str, namespace: &str, name: &str) -> Opt
 }
 
 /// The 1-based line of `field` of the object of `kind` named `namespace/name` (as
-/// [`locate_object`] finds it), or of the deepest part of that path the object has. `field`
-/// is a path below the object: keys joined by `.`, sequence indexes in brackets
-/// (`spec.rules[0].from[0].source.principals[1]`); `None` when it is not such a path or the
-/// object is not in the text.
+/// [`locate_object`] finds it). `field` is a path below the object: keys joined by `.`,
+/// sequence indexes in brackets (`spec.rules[0].from[0].source.principals[1]`); `None` when
+/// it is not such a path, or the object or its field is not in the text (an object in
+/// `default` may not say `namespace:`).
 pub fn locate_field(
     text: &str,
     kind: &str,
@@ -99,7 +112,7 @@ pub fn locate_field(
             continue;
         };
         path.extend(field);
-        return locate(text, doc, &path);
+        return locate_exact(text, doc, &path);
     }
     None
 }
@@ -150,7 +163,7 @@ impl<'de> Visitor<'de> for LocateSeed<'_, '_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let Some(Seg::Key(want)) = self.path.first() else {
-            return Err(serde::de::Error::custom(LOCATED));
+            return Err(serde::de::Error::custom(MISSING));
         };
         while let Some(key) = map.next_key::<AnyKey>()? {
             if key.0.as_deref() == Some(*want) {
@@ -161,23 +174,23 @@ impl<'de> Visitor<'de> for LocateSeed<'_, '_> {
             map.next_value::<IgnoredAny>()?;
         }
         // Not found: mark the mapping that should have had the key.
-        Err(serde::de::Error::custom(LOCATED))
+        Err(serde::de::Error::custom(MISSING))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let Some(Seg::Index(want)) = self.path.first() else {
-            return Err(serde::de::Error::custom(LOCATED));
+            return Err(serde::de::Error::custom(MISSING));
         };
         for _ in 0..*want {
             if seq.next_element::<IgnoredAny>()?.is_none() {
-                return Err(serde::de::Error::custom(LOCATED));
+                return Err(serde::de::Error::custom(MISSING));
             }
         }
         match seq.next_element_seed(LocateSeed {
             path: &self.path[1..],
         })? {
             Some(()) => Ok(()),
-            None => Err(serde::de::Error::custom(LOCATED)),
+            None => Err(serde::de::Error::custom(MISSING)),
         }
     }
 }
@@ -277,7 +290,7 @@ mod tests {
     }
 
     #[test]
-    fn fields_below_an_object_are_located_or_their_deepest_existing_part() {
+    fn fields_below_an_object_are_located_and_missing_ones_are_not() {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
                     kind: AuthorizationPolicy\n\
                     metadata:\n  name: p\n  namespace: shop\n\
@@ -289,11 +302,10 @@ mod tests {
         assert_eq!(at("spec.rules[0].from[0].source.principals[1]"), Some(15));
         assert_eq!(at("spec.rules[1]"), Some(16));
         assert_eq!(at("spec.rules[1].to[0].operation.methods[0]"), Some(17));
-        // Past the end of what exists: the deepest part that does.
-        assert_eq!(
-            at("spec.rules[0].from[0].source.principals[7]"),
-            at("spec.rules[0].from[0].source.principals")
-        );
+        // Past the end of what exists.
+        assert_eq!(at("spec.rules[0].from[0].source.principals[7]"), None);
+        assert_eq!(at("spec.selector"), None);
+        assert_eq!(at("metadata.name.x"), None);
         assert_eq!(at("spec..rules"), None);
         assert_eq!(at("spec.rules[x]"), None);
         assert_eq!(

@@ -110,12 +110,16 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, FileError> {
     Ok(parse_mesh(&path.display().to_string(), text)?)
 }
 
-/// A policy finding as `file:line: message`, at its field (else at its policy's
-/// `metadata.name`); `file: message` when it cannot be located in `text`.
+/// A policy finding as `file:line: message`, at its field (else, or when the policy does not
+/// write that field, at its `metadata.name`); `file: message` when it cannot be located in
+/// `text`.
 pub fn locate_finding(file: &str, text: &str, f: &Finding) -> String {
     let line = f.policy.as_ref().and_then(|(kind, ns, name)| {
-        let field = f.field.as_deref().unwrap_or("metadata.name");
-        locate_field(text, &format!("{kind:?}"), ns, name, field)
+        let kind = format!("{kind:?}");
+        f.field
+            .as_deref()
+            .and_then(|field| locate_field(text, &kind, ns, name, field))
+            .or_else(|| locate_object(text, &kind, ns, name))
     });
     match line {
         Some(l) => format!("{file}:{l}: {f}"),
@@ -387,6 +391,26 @@ mod tests {
             warnings[0].contains("write \"example.org/ns/a/sa/x\""),
             "{warnings:?}"
         );
+    }
+
+    #[test]
+    fn a_finding_is_located_at_its_field_else_at_its_policy() {
+        use crate::model::PolicyKind;
+        let text = "kind: AuthorizationPolicy\nmetadata:\n  name: p\nspec:\n  action: DENY\n";
+        let f = Finding::about(PolicyKind::AuthorizationPolicy, "default", "p", "m".into());
+        let at = |f: &Finding| locate_finding("m.yaml", text, f);
+        assert_eq!(
+            at(&f.clone().at("spec.action")),
+            "m.yaml:5: AuthorizationPolicy default/p: m"
+        );
+        // Not written (a policy in `default` may leave out its namespace): the policy's line.
+        assert_eq!(
+            at(&f.clone().at("metadata.namespace")),
+            "m.yaml:3: AuthorizationPolicy default/p: m"
+        );
+        assert_eq!(at(&f), "m.yaml:3: AuthorizationPolicy default/p: m");
+        let elsewhere = Finding::about(PolicyKind::AuthorizationPolicy, "other", "p", "m".into());
+        assert_eq!(at(&elsewhere), "m.yaml: AuthorizationPolicy other/p: m");
     }
 
     /// Counts the opens of `path` that inotify reports, until the returned watcher drops.
