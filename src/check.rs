@@ -3,8 +3,10 @@
 //! alone never fail it).
 //!
 //! Warnings are the parser's (skipped objects) and the policy engine's risky-policy findings
-//! ([`crate::authz::lint_findings`], evaluated with Istio's default root namespace), each
-//! located at its policy's `metadata.name` when the file can be read again.
+//! and likely mistakes ([`crate::authz::lint_findings`]), each located at its field or its
+//! policy's `metadata.name` ([`crate::source::file::locate_finding`], which the daemon's load
+//! warnings share). Policies are read with the root namespace and trust domain of `--config`
+//! (Istio's defaults without one); `--trust-domain` overrides the latter.
 //!
 //! With `--config` (the daemon config of the node it runs on), it also says what capture
 //! would do there: when IPv6 cannot be captured (the config refuses it, a listener has no
@@ -15,7 +17,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::authz::{self, Finding};
+use crate::authz::{self, LintContext};
 use crate::config::{Config, Env, Ipv6, Redirect};
 
 /// Why weft, run on this machine with `config`, could not capture IPv6 (its connections then
@@ -54,16 +56,34 @@ pub fn ipv6_capture_blocked(config: &Config) -> Option<String> {
 
 /// Checks `path` (and, given the node's daemon `config`, how capture would treat its pods
 /// there), writing findings to `out`; success when both files would be accepted.
-pub fn run(path: &Path, config: Option<&Path>, out: &mut impl Write) -> ExitCode {
-    use crate::source::file::{parse, read_bytes};
+/// `trust_domain`, when given, is the mesh's (else the config's, else Istio's default).
+pub fn run(
+    path: &Path,
+    config: Option<&Path>,
+    trust_domain: Option<&str>,
+    out: &mut impl Write,
+) -> ExitCode {
+    use crate::source::file::{locate_finding, parse, read_bytes};
+    let mut lint = LintContext::default();
     let ipv6_blocked = match config.map(|c| Config::load(c, &Env::from_process())) {
         None => None,
-        Some(Ok(c)) => ipv6_capture_blocked(&c),
+        Some(Ok(c)) => {
+            lint.root_namespace = c.root_namespace.clone();
+            lint.trust_domain = c.trust_domain.clone();
+            ipv6_capture_blocked(&c)
+        }
         Some(Err(e)) => {
             let _ = writeln!(out, "{e}");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(td) = trust_domain {
+        if crate::identity::Identity::new(td, "ns", "sa").is_err() {
+            let _ = writeln!(out, "--trust-domain: {td:?} is not a valid trust domain");
+            return ExitCode::FAILURE;
+        }
+        lint.trust_domain = td.to_string();
+    }
     match read_bytes(path).and_then(|b| Ok((parse(path, &b)?, b))) {
         Ok((parsed, bytes)) => {
             for w in &parsed.warnings {
@@ -71,8 +91,9 @@ pub fn run(path: &Path, config: Option<&Path>, out: &mut impl Write) -> ExitCode
             }
             // Parsed, so the bytes are UTF-8 text.
             let text = String::from_utf8_lossy(&bytes);
-            for f in authz::lint_findings(&parsed.mesh, authz::DEFAULT_ROOT_NAMESPACE) {
-                let _ = writeln!(out, "{} (warning)", locate(path, &text, &f));
+            let file = path.display().to_string();
+            for f in authz::lint_findings(&parsed.mesh, &lint) {
+                let _ = writeln!(out, "{} (warning)", locate_finding(&file, &text, &f));
             }
             if let Some(why) = &ipv6_blocked {
                 for w in parsed.mesh.workloads.values() {
@@ -112,16 +133,5 @@ pub fn run(path: &Path, config: Option<&Path>, out: &mut impl Write) -> ExitCode
             let _ = writeln!(out, "{e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// `file:line: finding`, or `file: finding` when the policy cannot be located.
-fn locate(path: &Path, text: &str, f: &Finding) -> String {
-    let line = f.policy.as_ref().and_then(|(kind, ns, name)| {
-        crate::source::file::locate_object(text, &format!("{kind:?}"), ns, name)
-    });
-    match line {
-        Some(l) => format!("{}:{l}: {f}", path.display()),
-        None => format!("{}: {f}", path.display()),
     }
 }

@@ -337,7 +337,13 @@ fn mesh_source(
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     match &config.mesh {
-        MeshSource::File(path) => source::file::spawn(path.clone(), store, shutdown),
+        MeshSource::File(path) => {
+            let lint = crate::authz::LintContext {
+                root_namespace: config.root_namespace.clone(),
+                trust_domain: config.trust_domain.clone(),
+            };
+            source::file::spawn(path.clone(), store, lint, shutdown)
+        }
         MeshSource::Xds(cp) => {
             let node = source::xds::NodeInfo::from_env(&config.node_name, &cp.cluster_id);
             source::xds::XdsClient::new(cp.clone(), node, &config.trust_domain, store, xds_metrics)

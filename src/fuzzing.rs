@@ -96,7 +96,7 @@ pub fn mesh_yaml(bytes: &[u8]) {
     };
     let authz = crate::authz::Authz::new(&parsed.mesh, "istio-system");
     let _ = authz.warnings();
-    let _ = crate::authz::lint(&parsed.mesh, "istio-system");
+    let _ = crate::authz::lint(&parsed.mesh, &crate::authz::LintContext::default());
     let snap = crate::state::Snapshot::new(1, parsed.mesh);
     let _ = snap.ip_conflicts().count();
 }

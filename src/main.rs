@@ -60,6 +60,10 @@ enum Command {
         /// addresses that capture would refuse there, and why.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The mesh's trust domain, which principals are checked against (default: the
+        /// config's `trustDomain`, else cluster.local).
+        #[arg(long)]
+        trust_domain: Option<String>,
     },
 }
 
@@ -131,9 +135,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
             println!("capture rules and routes removed");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { mesh, config } => Ok(weft::check::run(
+        Command::Check {
+            mesh,
+            config,
+            trust_domain,
+        } => Ok(weft::check::run(
             &mesh,
             config.as_deref(),
+            trust_domain.as_deref(),
             &mut std::io::stdout(),
         )),
         Command::Ctl { admin, command } => {

@@ -173,6 +173,127 @@ fn check_warns_about_risky_policy_at_its_line_and_still_succeeds() {
     assert!(stdout.contains("ok: 1 namespaces, 1 pods (1 enrolled), 0 services, 7 policies"));
 }
 
+/// `weft check` on `tests/data/<name>`: its stdout (the check must succeed) and the file's
+/// path and text.
+fn check_data(name: &str) -> (String, String, String) {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let out = weft()
+        .args(["check", "--mesh"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "warnings alone must not fail the check"
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        file.display().to_string(),
+        text,
+    )
+}
+
+#[test]
+fn check_warns_about_each_documented_policy_mistake_at_its_line_and_not_once_corrected() {
+    let (stdout, name, text) = check_data("policy-mistakes.yaml");
+    // The line of the first line holding `needle` after `name: <policy>`.
+    let line_of = |policy: &str, needle: &str| {
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines
+            .iter()
+            .position(|l| l.trim() == format!("name: {policy}"))
+            .unwrap_or_else(|| panic!("{policy} not in the file"));
+        start
+            + 1
+            + lines[start..]
+                .iter()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("{needle:?} not in {policy}"))
+    };
+    let expect: &[(&str, &str, &[&str])] = &[
+        ("payments-post", "- from:", &[
+            "AuthorizationPolicy payments/payments-post: rules[0] has only `from` and rules[1] only `to`, but a policy's rules are alternatives (Istio ORs them)",
+            "rules[0] alone admits principals [cluster.local/ns/default/sa/order-service] to any operation",
+            "rules[1] alone admits any source, plaintext included, to methods [POST], paths [/api/payments]",
+        ]),
+        ("deny-legacy", "spiffe://", &[
+            "AuthorizationPolicy payments/deny-legacy: rules[0].from[0].source.principals[0] \"spiffe://cluster.local/ns/legacy/sa/old\" starts with spiffe://",
+            "write \"cluster.local/ns/legacy/sa/old\"; in this DENY it denies no one",
+        ]),
+        ("payments-from-orders", "example.org", &[
+            "AuthorizationPolicy payments/payments-from-orders: rules[0].from[0].source.principals[0] \"example.org/ns/default/sa/order-service\" is in trust domain example.org, not the mesh's (cluster.local)",
+            "write \"cluster.local/ns/default/sa/order-service\"; in this ALLOW it admits no one",
+        ]),
+        ("payments-from-default", "principals: [default]", &[
+            "AuthorizationPolicy payments/payments-from-default: rules[0].from[0].source.principals[0] \"default\" is a namespace of the mesh, not a principal",
+            "write namespaces: [default]",
+        ]),
+        ("payments-metrics", "namespaces: [", &[
+            "AuthorizationPolicy payments/payments-metrics: rules[0].from[0].source.namespaces[0] \"cluster.local/ns/default/sa/order-service\" is a principal, not a namespace",
+            "write principals: [\"cluster.local/ns/default/sa/order-service\"], or namespaces: [default]",
+        ]),
+        ("payments-lockdown", "app: payment", &[
+            "AuthorizationPolicy payments/payments-lockdown: selector app=payment matches no pod of namespace payments: the policy applies to no workload weft captures",
+        ]),
+        ("legacy-lockdown", "namespace: legacy", &[
+            "AuthorizationPolicy legacy/legacy-lockdown: namespace legacy is not enrolled (no label istio.io/dataplane-mode=ambient) and none of its 1 pods enrolls itself",
+        ]),
+    ];
+    for (policy, needle, parts) in expect {
+        let prefix = format!("{name}:{}: {}", line_of(policy, needle), parts[0]);
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("missing {prefix:?} in\n{stdout}"));
+        assert!(line.ends_with("(warning)"), "{line}");
+        for part in &parts[1..] {
+            assert!(line.contains(part), "{part:?} not in {line}");
+        }
+    }
+    // Nothing else but the notice that payments-post needs a waypoint for its HTTP attributes.
+    let l7 = "AuthorizationPolicy payments/payments-post: uses attributes only a waypoint (L7) can evaluate";
+    let warnings = |stdout: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .filter(|l| l.ends_with("(warning)") && !l.contains(l7))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(warnings(&stdout).len(), expect.len(), "{stdout}");
+
+    let (stdout, name, _) = check_data("policy-mistakes-fixed.yaml");
+    assert!(warnings(&stdout).is_empty(), "{stdout}");
+    assert!(stdout.contains(l7), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "{name}: ok: 3 namespaces, 3 pods (3 enrolled), 0 services, 8 policies"
+        )),
+        "{stdout}"
+    );
+
+    // The mesh's trust domain is the check's: with example.org's, the example.org principal
+    // is right and every cluster.local one is not.
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/policy-mistakes.yaml");
+    let out = weft()
+        .args(["check", "--trust-domain", "example.org", "--mesh"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("is in trust domain example.org"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("is in trust domain cluster.local, not the mesh's (example.org)"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn ca_init_refuses_to_overwrite_an_existing_ca() {
     let dir = tempfile::tempdir().unwrap();

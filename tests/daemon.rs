@@ -217,6 +217,49 @@ async fn a_broken_mesh_edit_is_refused_and_the_previous_state_stays() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn likely_policy_mistakes_are_load_warnings_with_their_line_in_the_config_dump() {
+    let mesh = example_mesh();
+    let node = NodeDir::new(&mesh);
+    let d = start(&node, "node-1").await;
+    assert!(wait_ready(node.readiness(), READY).await);
+    let dump = get_json(node.admin(), "/config_dump");
+    assert_eq!(dump["config"]["warnings"], serde_json::json!([]), "{dump}");
+
+    // "Only frontend may POST /cart", written as two rules.
+    let edited = mesh
+        + "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: cart-post\n  namespace: shop\n\
+           spec:\n  selector:\n    matchLabels: {app: cart}\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/frontend]\n\
+           \x20 - to:\n    - operation: {methods: [POST], paths: [/cart]}\n";
+    let line = edited
+        .lines()
+        .enumerate()
+        .skip_while(|(_, l)| !l.contains("name: cart-post"))
+        .find(|(_, l)| l.contains("- from:"))
+        .map(|(i, _)| i + 1)
+        .unwrap();
+    node.write_mesh(&edited);
+    let store = d.store.clone();
+    eventually(Duration::from_secs(5), || {
+        (store.snapshot().generation == 2).then_some(())
+    })
+    .await
+    .expect("edit not applied");
+    let dump = get_json(node.admin(), "/config_dump");
+    let warnings = dump["config"]["warnings"].as_array().unwrap();
+    let expected = format!(
+        "{}:{line}: AuthorizationPolicy shop/cart-post: rules[0] has only `from` and rules[1] only `to`",
+        node.mesh_path().display()
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.starts_with(&expected))),
+        "{expected:?} not in {warnings:#?}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_waits_for_a_loadable_mesh() {
     let node = NodeDir::new("");
     std::fs::remove_file(node.mesh_path()).unwrap();

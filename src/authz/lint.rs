@@ -1,10 +1,15 @@
 //! Warnings about risky policy for `weft check`: everything [`Authz::warnings`] reports, plus
 //! mTLS modes that accept plaintext, ALLOW rules that admit everything (or every mesh peer),
-//! DENY rules that can never match, and ALLOW policies a DENY shadows entirely.
+//! DENY rules that can never match, and ALLOW policies a DENY shadows entirely; then the
+//! likely mistakes of `intent` ([`super::mistakes`]).
 //!
-//! Every warning here is sound: it is only given when the stated consequence holds for every
-//! connection. Cases that would need reasoning about the workloads or a solver are left out
-//! rather than guessed.
+//! Every warning of this module is sound: it is only given when the stated consequence holds
+//! for every connection. Cases that would need reasoning about the workloads or a solver are
+//! left out rather than guessed. The likely mistakes of `intent` are about what the author
+//! meant instead: the consequence each states holds too (a value that matches no peer of the
+//! mesh, a policy that applies to no workload weft captures, rules that admit more apart than
+//! together), but that it was not intended is a guess, made only for the mistakes the
+//! widely read policy examples show.
 
 use std::collections::BTreeMap;
 
@@ -12,24 +17,27 @@ use crate::model::{Mesh, PolicyKind};
 
 use super::compile::{Alternative, Check, Clause, CompiledPolicy, RuleBody, Test};
 use super::scope::Scope;
-use super::{Action, Authz, Finding, MtlsMode};
+use super::{Action, Authz, Finding, LintContext, MtlsMode};
 
 /// Risky-policy warnings for a mesh, as text (`<Kind> <ns>/<name>: <message>`).
-pub fn lint(mesh: &Mesh, root_namespace: &str) -> Vec<String> {
-    lint_findings(mesh, root_namespace)
+pub fn lint(mesh: &Mesh, ctx: &LintContext) -> Vec<String> {
+    lint_findings(mesh, ctx)
         .iter()
         .map(Finding::to_string)
         .collect()
 }
 
-/// Risky-policy warnings for a mesh, each with the policy it is about.
-pub fn lint_findings(mesh: &Mesh, root_namespace: &str) -> Vec<Finding> {
+/// Risky-policy warnings for a mesh, each with the policy it is about: the compile warnings,
+/// this module's sound warnings, then the likely mistakes ([`super::mistakes`]).
+pub fn lint_findings(mesh: &Mesh, ctx: &LintContext) -> Vec<Finding> {
+    let root_namespace = ctx.root_namespace.as_str();
     let authz = Authz::new(mesh, root_namespace);
     let mut out = authz.findings().to_vec();
 
     if !authz.peer_auths.has_mesh_mode() {
         out.push(Finding {
             policy: None,
+            field: None,
             message: format!(
                 "no mesh-wide PeerAuthentication (namespace {root_namespace}, no selector) sets \
                  an mTLS mode: the default, PERMISSIVE, accepts plaintext wherever no namespace \
@@ -126,6 +134,7 @@ pub fn lint_findings(mesh: &Mesh, root_namespace: &str) -> Vec<Finding> {
             ));
         }
     }
+    out.extend(super::intent::mistakes(mesh, ctx));
     out
 }
 

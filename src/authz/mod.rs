@@ -8,7 +8,8 @@
 //!   built eagerly for every workload of the mesh so a decision is a hash lookup plus the rule
 //!   tests ([`Authz::check`]);
 //! - PeerAuthentication resolution (`peer`): the effective mTLS mode of a workload port;
-//! - [`Authz::explain`], which says why, and [`lint`] for `weft check`;
+//! - [`Authz::explain`], which says why, and [`lint`] for `weft check` (with `intent`, the
+//!   likely mistakes that the mesh file's load warnings repeat: [`mistakes`]);
 //! - L7 evaluation for the in-binary waypoint (`http`: [`Authz::check_http`],
 //!   [`Authz::explain_http`]) and the request path normalization it matches on (`path`:
 //!   [`normalize_path`]).
@@ -31,6 +32,7 @@ mod explain;
 mod http;
 #[cfg(test)]
 mod http_tests;
+mod intent;
 mod l7;
 mod lint;
 mod path;
@@ -56,6 +58,7 @@ pub(crate) use scope::Scope;
 pub use crate::model::policy::Action;
 pub use explain::{Explanation, PolicyExplanation, RuleExplanation};
 pub use http::{HttpRequest, RequestAuth, RequestError};
+pub use intent::mistakes;
 pub use l7::RequestExplanation;
 pub use lint::{lint, lint_findings};
 pub use path::{normalize_path, PathError};
@@ -81,6 +84,29 @@ pub(crate) struct BadValue(pub String);
 
 /// Istio's default root namespace: policies here without a selector apply mesh-wide.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// Istio's default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// What the linter must know about the mesh beyond its objects: the daemon's (or
+/// `weft check`'s) root namespace and trust domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LintContext {
+    /// The namespace whose selector-less policies apply mesh-wide (Istio's `rootNamespace`).
+    pub root_namespace: String,
+    /// The trust domain of the mesh's identities (`<td>/ns/<ns>/sa/<sa>`).
+    pub trust_domain: String,
+}
+
+impl Default for LintContext {
+    /// Istio's defaults: `istio-system`, `cluster.local`.
+    fn default() -> LintContext {
+        LintContext {
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
+        }
+    }
+}
 
 /// The compiled policies of the latest mesh generation asked for, compiled once per
 /// generation on first use and shared by the L4 data path and the waypoint. Reading is a
@@ -244,6 +270,10 @@ pub struct Verdict {
 pub struct Finding {
     /// The policy (kind, namespace, name); `None` for a mesh-wide observation.
     pub policy: Option<(PolicyKind, String, String)>,
+    /// The field of the policy the finding points at, as a path below the object
+    /// (`spec.rules[1]`, `spec.rules[0].from[0].source.principals[2]`); `None`: the policy
+    /// as a whole. For locating it in a file; not part of the message.
+    pub field: Option<String>,
     /// What is wrong and what it means.
     pub message: String,
 }
@@ -253,7 +283,16 @@ impl Finding {
     pub fn about(kind: PolicyKind, namespace: &str, name: &str, message: String) -> Finding {
         Finding {
             policy: Some((kind, namespace.to_string(), name.to_string())),
+            field: None,
             message,
+        }
+    }
+
+    /// The same finding, pointing at `field` of its policy.
+    pub fn at(self, field: impl Into<String>) -> Finding {
+        Finding {
+            field: Some(field.into()),
+            ..self
         }
     }
 }

@@ -165,6 +165,8 @@ const CASES: &[Case] = &[
     Case { name: "principals: * matches any mTLS peer", docs: &[("AP", "foo", "a", "{rules: [{from: [{source: {principals: [\"*\"]}}]}]}")], src: B, expect: "allow foo/a", ..BASE },
     Case { name: "principals: * does not match plaintext", docs: &[("AP", "foo", "a", "{rules: [{from: [{source: {principals: [\"*\"]}}]}]}")], src: "", expect: "deny", ..BASE },
     Case { name: "principals are written without spiffe://", docs: &[("AP", "foo", "a", "{rules: [{from: [{source: {principals: [\"spiffe://cluster.local/ns/bar/sa/client\"]}}]}]}")], expect: "deny", ..BASE },
+    Case { name: "a DENY principal written with spiffe:// denies no one", docs: &[("AP", "foo", "d", "{action: DENY, rules: [{from: [{source: {principals: [\"spiffe://cluster.local/ns/bar/sa/client\"]}}]}]}")], expect: "allow", ..BASE },
+    Case { name: "a spiffe:// prefix match matches no one either", docs: &[("AP", "foo", "a", "{rules: [{from: [{source: {principals: [\"spiffe://cluster.local/*\"]}}]}]}")], expect: "deny", ..BASE },
     Case { name: "principals include the trust domain", docs: &[("AP", "foo", "a", "{rules: [{from: [{source: {principals: [\"cluster.local/ns/bar/sa/client\"]}}]}]}")], src: A_OTHER_TD, expect: "deny", ..BASE },
     Case { name: "notPrincipals excludes the listed peer", docs: &[("AP", "foo", "a", "{rules: [{from: [{source: {notPrincipals: [\"cluster.local/ns/bar/sa/client\"]}}]}]}")], expect: "deny", ..BASE },
     Case { name: "notPrincipals admits other peers", docs: &[("AP", "foo", "a", "{rules: [{from: [{source: {notPrincipals: [\"cluster.local/ns/bar/sa/client\"]}}]}]}")], src: B, expect: "allow foo/a", ..BASE },
@@ -558,7 +560,7 @@ fn lint_flags_risky_policy() {
             ("AP", "bar", "l7", "{rules: [{to: [{operation: {paths: [\"/x\"]}}]}]}"),
         ],
     );
-    let l = lint(&mesh, ROOT);
+    let l = lint(&mesh, &LintContext::default());
     let has = |needle: &str| {
         assert!(
             l.iter().any(|x| x.contains(needle)),
@@ -584,7 +586,7 @@ fn lint_flags_risky_policy() {
 
     // A mesh-wide STRICT silences the default warning.
     let (mesh, _) = build("foo", "app=web", &[("PA", ROOT, "default", STRICT)]);
-    let l = lint(&mesh, ROOT);
+    let l = lint(&mesh, &LintContext::default());
     assert!(l.is_empty(), "{l:#?}");
 }
 

@@ -1,7 +1,7 @@
 //! Locating things in a mesh file's YAML after parsing: the line of a field below an object
 //! ([`locate`], for errors found once the objects are read: duplicate pod IPs, an unparsable
-//! pod IP, ...) and the line of a named object ([`locate_object`], for `weft check`'s policy
-//! warnings). Each walks the document again to the field, which the deserializer then marks;
+//! pod IP, ...) and the line of a named object or of a field below it ([`locate_object`],
+//! [`locate_field`], for the policy warnings of `weft check` and of a load). Each walks the document again to the field, which the deserializer then marks;
 //! that costs a re-parse, but only on the error path.
 //!
 //! Owns the path walk. Knows no object kinds and never touches files, state or sockets.
@@ -20,17 +20,30 @@ pub(super) enum Seg<'a> {
     Index(usize),
 }
 
+/// The deserializer's mark on the node a path names.
 const LOCATED: &str = "\u{0}weft-located";
+/// The mark on the deepest ancestor that exists, when the path goes further.
+const MISSING: &str = "\u{0}weft-missing";
 
 /// Walks to `path` inside document `doc` and makes the deserializer mark it: returns the
 /// 1-based line of the node the path names (or of the deepest ancestor that exists).
 pub(super) fn locate(text: &str, doc: usize, path: &[Seg<'_>]) -> Option<usize> {
+    mark(text, doc, path, false)
+}
+
+/// [`locate`], but `None` when the node the path names does not exist.
+fn locate_exact(text: &str, doc: usize, path: &[Seg<'_>]) -> Option<usize> {
+    mark(text, doc, path, true)
+}
+
+fn mark(text: &str, doc: usize, path: &[Seg<'_>], exact: bool) -> Option<usize> {
     let de = serde_yaml_ng::Deserializer::from_str(text).nth(doc)?;
     let err = match (LocateSeed { path }).deserialize(de) {
         Ok(()) => return None,
         Err(e) => e,
     };
-    if err.to_string().contains(LOCATED) {
+    let why = err.to_string();
+    if why.contains(LOCATED) || (!exact && why.contains(MISSING)) {
         err.location().map(|l| l.line())
     } else {
         None
@@ -41,6 +54,21 @@ pub(super) fn locate(text: &str, doc: usize, path: &[Seg<'_>]) -> Option<usize> 
 /// object without a namespace is in `default`), searching documents and `kind: List` items.
 /// For messages about objects found after parsing, such as `weft check`'s policy warnings.
 pub fn locate_object(text: &str, kind: &str, namespace: &str, name: &str) -> Option<usize> {
+    locate_field(text, kind, namespace, name, "metadata.name")
+}
+
+/// The 1-based line of `field` of the object of `kind` named `namespace/name` (as
+/// [`locate_object`] finds it). `field` is a path below the object: keys joined by `.`,
+/// sequence indexes in brackets (`spec.rules[0].from[0].source.principals[1]`); `None` when
+/// it is not such a path, or the object or its field is not in the text (an object in
+/// `default` may not say `namespace:`).
+pub fn locate_field(
+    text: &str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    field: &str,
+) -> Option<usize> {
     #[derive(Deserialize)]
     struct Named {
         #[serde(default)]
@@ -57,6 +85,7 @@ pub fn locate_object(text: &str, kind: &str, namespace: &str, name: &str) -> Opt
         #[serde(default)]
         namespace: Option<String>,
     }
+    let field = field_path(field)?;
     let is = |o: &Named| {
         o.kind.as_deref() == Some(kind)
             && o.metadata.as_ref().is_some_and(|m| {
@@ -82,10 +111,31 @@ pub fn locate_object(text: &str, kind: &str, namespace: &str, name: &str) -> Opt
         } else {
             continue;
         };
-        path.extend([Seg::Key("metadata"), Seg::Key("name")]);
-        return locate(text, doc, &path);
+        path.extend(field);
+        return locate_exact(text, doc, &path);
     }
     None
+}
+
+/// `a.b[2].c` as path steps; `None` when it is not that shape.
+fn field_path(field: &str) -> Option<Vec<Seg<'_>>> {
+    let mut out = Vec::new();
+    for part in field.split('.') {
+        let (key, mut rest) = part.split_at(part.find('[').unwrap_or(part.len()));
+        if key.is_empty() {
+            return None;
+        }
+        out.push(Seg::Key(key));
+        while let Some(r) = rest.strip_prefix('[') {
+            let (index, after) = r.split_once(']')?;
+            out.push(Seg::Index(index.parse().ok()?));
+            rest = after;
+        }
+        if !rest.is_empty() {
+            return None;
+        }
+    }
+    Some(out)
 }
 
 struct LocateSeed<'p, 'a> {
@@ -113,7 +163,7 @@ impl<'de> Visitor<'de> for LocateSeed<'_, '_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let Some(Seg::Key(want)) = self.path.first() else {
-            return Err(serde::de::Error::custom(LOCATED));
+            return Err(serde::de::Error::custom(MISSING));
         };
         while let Some(key) = map.next_key::<AnyKey>()? {
             if key.0.as_deref() == Some(*want) {
@@ -124,23 +174,23 @@ impl<'de> Visitor<'de> for LocateSeed<'_, '_> {
             map.next_value::<IgnoredAny>()?;
         }
         // Not found: mark the mapping that should have had the key.
-        Err(serde::de::Error::custom(LOCATED))
+        Err(serde::de::Error::custom(MISSING))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let Some(Seg::Index(want)) = self.path.first() else {
-            return Err(serde::de::Error::custom(LOCATED));
+            return Err(serde::de::Error::custom(MISSING));
         };
         for _ in 0..*want {
             if seq.next_element::<IgnoredAny>()?.is_none() {
-                return Err(serde::de::Error::custom(LOCATED));
+                return Err(serde::de::Error::custom(MISSING));
             }
         }
         match seq.next_element_seed(LocateSeed {
             path: &self.path[1..],
         })? {
             Some(()) => Ok(()),
-            None => Err(serde::de::Error::custom(LOCATED)),
+            None => Err(serde::de::Error::custom(MISSING)),
         }
     }
 }
@@ -236,6 +286,31 @@ mod tests {
         assert_eq!(
             locate_object(text, "AuthorizationPolicy", "default", "p"),
             Some(8)
+        );
+    }
+
+    #[test]
+    fn fields_below_an_object_are_located_and_missing_ones_are_not() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
+                    kind: AuthorizationPolicy\n\
+                    metadata:\n  name: p\n  namespace: shop\n\
+                    spec:\n  rules:\n  - from:\n    - source:\n        principals:\n        - a\n        - b\n\
+                    \x20 - to:\n    - operation: {methods: [POST]}\n";
+        let at = |field: &str| locate_field(text, "AuthorizationPolicy", "shop", "p", field);
+        assert_eq!(at("metadata.namespace"), Some(8));
+        assert_eq!(at("spec.rules[0]"), Some(11));
+        assert_eq!(at("spec.rules[0].from[0].source.principals[1]"), Some(15));
+        assert_eq!(at("spec.rules[1]"), Some(16));
+        assert_eq!(at("spec.rules[1].to[0].operation.methods[0]"), Some(17));
+        // Past the end of what exists.
+        assert_eq!(at("spec.rules[0].from[0].source.principals[7]"), None);
+        assert_eq!(at("spec.selector"), None);
+        assert_eq!(at("metadata.name.x"), None);
+        assert_eq!(at("spec..rules"), None);
+        assert_eq!(at("spec.rules[x]"), None);
+        assert_eq!(
+            locate_field(text, "AuthorizationPolicy", "shop", "q", "spec"),
+            None
         );
     }
 }

@@ -1,7 +1,9 @@
 //! The mesh-file source: reads a Kubernetes-style YAML file, publishes it, and watches it.
 //!
 //! A valid change is published as the next generation; an invalid one is rejected whole with
-//! `file:line: message` and the snapshot in force stays. The watch uses inotify (via
+//! `file:line: message` and the snapshot in force stays. The load's warnings are the parser's
+//! and the likely mistakes in its policies ([`crate::authz::mistakes`], located at their
+//! field), logged and kept in the load status (`/config_dump`). The watch uses inotify (via
 //! `notify`) on the file's directory, so editors that write a new file and rename it, and
 //! Kubernetes ConfigMap volumes that swap a symlink, are both seen; a slow poll backs it up
 //! in case an event is missed. Unchanged content is not republished.
@@ -26,6 +28,7 @@ use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
+use crate::authz::{Finding, LintContext};
 use crate::state::StateStore;
 
 mod kinds;
@@ -33,7 +36,7 @@ mod locate;
 mod parse;
 mod translate;
 
-pub use locate::locate_object;
+pub use locate::{locate_field, locate_object};
 pub use parse::{parse_mesh, MeshError, MeshErrors, Parsed};
 
 /// Why the mesh file could not be loaded; the text is what the status and logs show.
@@ -107,6 +110,52 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, FileError> {
     Ok(parse_mesh(&path.display().to_string(), text)?)
 }
 
+/// A policy finding as `file:line: message`, at its field (else, or when the policy does not
+/// write that field, at its `metadata.name`); `file: message` when it cannot be located in
+/// `text`.
+pub fn locate_finding(file: &str, text: &str, f: &Finding) -> String {
+    let line = f.policy.as_ref().and_then(|(kind, ns, name)| {
+        let kind = format!("{kind:?}");
+        f.field
+            .as_deref()
+            .and_then(|field| locate_field(text, &kind, ns, name, field))
+            .or_else(|| locate_object(text, &kind, ns, name))
+    });
+    match line {
+        Some(l) => format!("{file}:{l}: {f}"),
+        None => format!("{file}: {f}"),
+    }
+}
+
+/// At most this many of a load's policy findings are located (each costs a walk over the
+/// file); the rest are reported without their line.
+const LOCATED_FINDINGS: usize = 50;
+
+/// Parses the bytes read from `path` and reviews its policies: the mesh and the load's
+/// warnings, the parser's first.
+fn parse_and_review(
+    path: &Path,
+    bytes: &[u8],
+    lint: &LintContext,
+) -> Result<(crate::model::Mesh, Vec<String>), FileError> {
+    let parsed = parse(path, bytes)?;
+    let mut warnings: Vec<String> = parsed.warnings.iter().map(|w| w.to_string()).collect();
+    // Parsed, so the bytes are UTF-8 text.
+    let text = String::from_utf8_lossy(bytes);
+    let file = path.display().to_string();
+    for (i, f) in crate::authz::mistakes(&parsed.mesh, lint)
+        .iter()
+        .enumerate()
+    {
+        warnings.push(if i < LOCATED_FINDINGS {
+            locate_finding(&file, &text, f)
+        } else {
+            format!("{file}: {f}")
+        });
+    }
+    Ok((parsed.mesh, warnings))
+}
+
 /// The outcome of one load attempt.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Loaded {
@@ -118,12 +167,14 @@ pub enum Loaded {
     Rejected,
 }
 
-/// Loads the file once into `store`, skipping content identical to `last`.
+/// Loads the file once into `store`, skipping content identical to `last`, reviewing its
+/// policies with `lint` (the mesh's root namespace and trust domain).
 /// `last` remembers the bytes of the previous attempt (`None`: no attempt yet; `Some(None)`:
 /// the file could not be read).
 pub async fn load_once(
     path: &Path,
     store: &StateStore,
+    lint: &LintContext,
     last: &mut Option<Option<Vec<u8>>>,
 ) -> Loaded {
     // Read, and compare before parsing: the poll comes back every few seconds, and a large
@@ -137,20 +188,19 @@ pub async fn load_once(
     let (bytes, parsed) = match bytes {
         Err(e) => (None, Err(e)),
         Ok(b) => {
-            let p = path.to_path_buf();
-            match blocking(path, move || Ok((parse(&p, &b), b))).await {
+            let (p, lint) = (path.to_path_buf(), lint.clone());
+            match blocking(path, move || Ok((parse_and_review(&p, &b, &lint), b))).await {
                 Ok((parsed, b)) => (Some(b), parsed),
                 Err(e) => (None, Err(e)),
             }
         }
     };
     match parsed {
-        Ok(parsed) => {
-            let warnings: Vec<String> = parsed.warnings.iter().map(|w| w.to_string()).collect();
+        Ok((mesh, warnings)) => {
             for w in &warnings {
                 tracing::warn!(target: "weft::config", "{w}");
             }
-            let generation = store.publish(parsed.mesh, warnings);
+            let generation = store.publish(mesh, warnings);
             tracing::info!(target: "weft::config", file = %path.display(), generation, "mesh loaded");
             *last = Some(bytes);
             Loaded::Published(generation)
@@ -180,10 +230,12 @@ async fn blocking<T: Send + 'static>(
         })
 }
 
-/// Loads the file now, then keeps watching it until `shutdown` turns true.
+/// Loads the file now, then keeps watching it until `shutdown` turns true; `lint` (the
+/// mesh's root namespace and trust domain) is what its policies are reviewed with.
 pub fn spawn(
     path: PathBuf,
     store: Arc<StateStore>,
+    lint: LintContext,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -226,7 +278,7 @@ pub fn spawn(
             w.ok()
         };
         let mut last = None;
-        load_once(&path, &store, &mut last).await;
+        load_once(&path, &store, &lint, &mut last).await;
         let mut poll = tokio::time::interval(POLL);
         poll.tick().await;
         loop {
@@ -235,10 +287,10 @@ pub fn spawn(
                 Some(()) = rx.recv() => {
                     tokio::time::sleep(DEBOUNCE).await;
                     while rx.try_recv().is_ok() {}
-                    load_once(&path, &store, &mut last).await;
+                    load_once(&path, &store, &lint, &mut last).await;
                 }
                 _ = poll.tick() => {
-                    load_once(&path, &store, &mut last).await;
+                    load_once(&path, &store, &lint, &mut last).await;
                 }
             }
             if *shutdown.borrow() {
@@ -259,21 +311,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mesh.yaml");
         let store = StateStore::new("test");
+        let lint = LintContext::default();
         let mut last = None;
         std::fs::write(&path, GOOD).unwrap();
         assert_eq!(
-            load_once(&path, &store, &mut last).await,
+            load_once(&path, &store, &lint, &mut last).await,
             Loaded::Published(1)
         );
-        assert_eq!(load_once(&path, &store, &mut last).await, Loaded::Unchanged);
+        assert_eq!(
+            load_once(&path, &store, &lint, &mut last).await,
+            Loaded::Unchanged
+        );
         // Broken: rejected once, then the same bytes are not reported again.
         std::fs::write(&path, "kind: [").unwrap();
-        assert_eq!(load_once(&path, &store, &mut last).await, Loaded::Rejected);
-        assert_eq!(load_once(&path, &store, &mut last).await, Loaded::Unchanged);
+        assert_eq!(
+            load_once(&path, &store, &lint, &mut last).await,
+            Loaded::Rejected
+        );
+        assert_eq!(
+            load_once(&path, &store, &lint, &mut last).await,
+            Loaded::Unchanged
+        );
         assert_eq!(store.status().loads_failed, 1);
         // Gone: one rejection naming the file, then quiet.
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(load_once(&path, &store, &mut last).await, Loaded::Rejected);
+        assert_eq!(
+            load_once(&path, &store, &lint, &mut last).await,
+            Loaded::Rejected
+        );
         assert!(
             store
                 .status()
@@ -283,14 +348,69 @@ mod tests {
             "{:?}",
             store.status().last_error
         );
-        assert_eq!(load_once(&path, &store, &mut last).await, Loaded::Unchanged);
+        assert_eq!(
+            load_once(&path, &store, &lint, &mut last).await,
+            Loaded::Unchanged
+        );
         // Back with new content: published; the snapshot in force never changed meanwhile.
         assert_eq!(store.snapshot().generation, 1);
         std::fs::write(&path, GOOD.replace("name: a", "name: b")).unwrap();
         assert_eq!(
-            load_once(&path, &store, &mut last).await,
+            load_once(&path, &store, &lint, &mut last).await,
             Loaded::Published(2)
         );
+    }
+
+    #[tokio::test]
+    async fn likely_policy_mistakes_are_load_warnings_at_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
+                    apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nstatus: {podIP: 10.0.0.1}\n---\n\
+                    apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: pay, namespace: a}\nspec:\n  rules:\n\
+                    \x20 - from:\n    - source: {principals: [\"spiffe://example.org/ns/a/sa/x\"]}\n";
+        std::fs::write(&path, text).unwrap();
+        let store = StateStore::new("test");
+        let lint = LintContext {
+            trust_domain: "example.org".into(),
+            ..LintContext::default()
+        };
+        let mut last = None;
+        assert_eq!(
+            load_once(&path, &store, &lint, &mut last).await,
+            Loaded::Published(1)
+        );
+        let warnings = &store.status().warnings;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let expected = format!(
+            "{}:16: AuthorizationPolicy a/pay: rules[0].from[0].source.principals[0] \"spiffe://example.org/ns/a/sa/x\" starts with spiffe://",
+            path.display()
+        );
+        assert!(warnings[0].starts_with(&expected), "{warnings:?}");
+        assert!(
+            warnings[0].contains("write \"example.org/ns/a/sa/x\""),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn a_finding_is_located_at_its_field_else_at_its_policy() {
+        use crate::model::PolicyKind;
+        let text = "kind: AuthorizationPolicy\nmetadata:\n  name: p\nspec:\n  action: DENY\n";
+        let f = Finding::about(PolicyKind::AuthorizationPolicy, "default", "p", "m".into());
+        let at = |f: &Finding| locate_finding("m.yaml", text, f);
+        assert_eq!(
+            at(&f.clone().at("spec.action")),
+            "m.yaml:5: AuthorizationPolicy default/p: m"
+        );
+        // Not written (a policy in `default` may leave out its namespace): the policy's line.
+        assert_eq!(
+            at(&f.clone().at("metadata.namespace")),
+            "m.yaml:3: AuthorizationPolicy default/p: m"
+        );
+        assert_eq!(at(&f), "m.yaml:3: AuthorizationPolicy default/p: m");
+        let elsewhere = Finding::about(PolicyKind::AuthorizationPolicy, "other", "p", "m".into());
+        assert_eq!(at(&elsewhere), "m.yaml: AuthorizationPolicy other/p: m");
     }
 
     /// Counts the opens of `path` that inotify reports, until the returned watcher drops.
@@ -325,7 +445,12 @@ mod tests {
         let (_counter, opens) = count_opens(&path);
         let store = StateStore::new("test");
         let (stop, shutdown) = watch::channel(false);
-        let task = spawn(path.clone(), store.clone(), shutdown);
+        let task = spawn(
+            path.clone(),
+            store.clone(),
+            LintContext::default(),
+            shutdown,
+        );
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while store.snapshot().generation == 0 {
             assert!(std::time::Instant::now() < deadline, "never loaded");
