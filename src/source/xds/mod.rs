@@ -7,12 +7,14 @@
 //!   them) and `initial_resource_versions`: the resources it already holds, so istiod sends
 //!   only what changed while it was away (and removals).
 //! - Types: [`ADDRESS_TYPE`] (workloads and services) and [`AUTHORIZATION_TYPE`].
-//! - Each response is applied whole or not at all: every resource is decoded and translated
-//!   ([`translate`]); if all are fine the response becomes edits of the state in force (one
-//!   per changed resource and per item derived from it, see [`translate::Assembly`]),
-//!   applied in one [`StateStore::apply_with_warnings`], and the response is ACKed
-//!   (its nonce), otherwise it is NACKed with `error_detail` naming the bad resources and
-//!   the last good state stays in force (the store records the rejection for the admin).
+//! - Each resource of a response is decoded and translated ([`translate`]); the good ones
+//!   become edits of the state in force (one per changed resource and per item derived from
+//!   it, see [`translate::Assembly`]), applied in one [`StateStore::apply_with_warnings`].
+//!   A response with no bad resource is ACKed (its nonce); otherwise it is NACKed with
+//!   `error_detail` naming only the bad resources, which keep their last good version (the
+//!   store records the rejection for the admin). This is what ztunnel does, and what istiod
+//!   relies on: it does not send a NACKed response again, so refusing it whole would leave
+//!   its good resources missing until the next reconnect.
 //! - Nothing is published until each type has been answered once on the first stream, so
 //!   readiness (`StateStore::loaded`) means a complete first sync, not half of one.
 //! - A broken stream is retried with capped exponential backoff and jitter; the state in
@@ -337,7 +339,7 @@ impl XdsClient {
                 }
                 Err(e) => {
                     let message = e.to_string();
-                    tracing::error!(target: "weft::xds", %type_url, %nonce, "NACK, the state in force stays: {message}");
+                    tracing::error!(target: "weft::xds", %type_url, %nonce, "NACK: refused (the rest of the response applies; a refused resource keeps its last good version): {message}");
                     self.store.reject(format!("xDS {type_url}: {message}"));
                     DeltaDiscoveryRequest {
                         type_url,
@@ -357,7 +359,8 @@ impl XdsClient {
         }
     }
 
-    /// Applies one response whole, or returns why it is refused (state untouched).
+    /// Applies one response's good resources; returns the bad ones (for the NACK), which
+    /// change nothing.
     fn apply(&mut self, response: DeltaDiscoveryResponse) -> Result<(), ResponseError> {
         let type_url: &'static str = match response.type_url.as_str() {
             ADDRESS_TYPE => ADDRESS_TYPE,
@@ -400,9 +403,9 @@ impl XdsClient {
                 errors.push(ResourceError { name, problem });
             }
         }
-        if !errors.is_empty() {
-            return Err(ResponseError::Resources(errors));
-        }
+        // As ztunnel (and as istiod expects: it does not send a refused response again): the
+        // good resources apply, the bad ones are named in the NACK and keep their last good
+        // version, if any.
         let (added, removed) = (
             addresses.len() + authorizations.len(),
             response.removed_resources.len(),
@@ -439,7 +442,11 @@ impl XdsClient {
         if self.synced.len() == 2 {
             self.publish();
         }
-        Ok(())
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ResponseError::Resources(errors))
+        }
     }
 
     /// Applies the pending edits that change something to the snapshot in force.
