@@ -197,6 +197,10 @@ fn main() {
                 }),
             );
         }
+        // `target/` is not there when CARGO_TARGET_DIR puts the build elsewhere.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).unwrap();
+        }
         std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
         println!("written {}", path.display());
     }

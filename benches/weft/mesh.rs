@@ -83,12 +83,14 @@ pub(crate) async fn run_mesh(
         ));
     }
     std::fs::write(dir.join("mesh.yaml"), mesh).unwrap();
+    // The idle-connection case holds 10,000 connections from one client pod: above weft's
+    // default cap per source (4,096, `limits`), which would reset the rest.
     let weft = |n: usize| {
         let cfg = dir.join(format!("w{n}.yaml"));
         std::fs::write(
             &cfg,
             format!(
-                "nodeName: node-{n}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\n",
+                "nodeName: node-{n}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\nlimits: {{connectionsPerSource: 16384}}\n",
                 dir.join("mesh.yaml").display(),
                 dir.join("ca").display()
             ),
