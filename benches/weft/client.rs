@@ -208,22 +208,44 @@ pub(crate) fn gib_in_rounds(sz: Sizes) -> f64 {
     (sz.stream_bytes * ROUNDS as u64) as f64 / (1u64 << 30) as f64
 }
 
-/// `f` on the baseline route, then on the measured one, `ROUNDS` times: the medians of each
-/// side, so a burst of noise hits one round of both rather than one side of the ratio.
-pub(crate) async fn alternate<F, Fut>(
-    base: &Arc<dyn Route>,
-    other: &Arc<dyn Route>,
-    f: F,
-) -> (f64, f64)
+/// One side of a comparison: the route a measurement runs over, and the CPU meter read
+/// around each of its runs.
+pub(crate) struct Side<'a> {
+    pub(crate) route: &'a Arc<dyn Route>,
+    pub(crate) cpu: &'a dyn Fn() -> f64,
+}
+
+/// No CPU meter: a side whose CPU is not counted.
+pub(crate) fn no_cpu() -> f64 {
+    0.0
+}
+
+/// `f` on each side in turn, `ROUNDS` times: each side's median, and the CPU seconds its meter
+/// counted during its runs. A burst of noise then hits one round of every side rather than
+/// one side of a ratio.
+pub(crate) async fn rounds<F, Fut>(sides: &[Side<'_>], f: F) -> Vec<(f64, f64)>
 where
     F: Fn(Arc<dyn Route>) -> Fut,
     Fut: std::future::Future<Output = f64>,
 {
-    let (b, o, _) = alternate_cpu(base, other, &|| 0.0, f).await;
-    (b, o)
+    let mut runs = vec![Vec::new(); sides.len()];
+    let mut used = vec![0.0; sides.len()];
+    for _ in 0..ROUNDS {
+        for (i, side) in sides.iter().enumerate() {
+            let c0 = (side.cpu)();
+            runs[i].push(f(side.route.clone()).await);
+            used[i] += (side.cpu)() - c0;
+        }
+    }
+    runs.iter_mut()
+        .zip(used)
+        .map(|(r, u)| (median(r), u))
+        .collect()
 }
 
-/// Like [`alternate`], and also the CPU seconds `cpu` counted during the runs on `other`.
+/// `f` on the baseline route, then on the measured one, `ROUNDS` times: the medians of each
+/// side (a burst of noise hits one round of both rather than one side of the ratio), and the
+/// CPU seconds `cpu` counted during the runs on `other`.
 pub(crate) async fn alternate_cpu<F, Fut>(
     base: &Arc<dyn Route>,
     other: &Arc<dyn Route>,
@@ -234,14 +256,38 @@ where
     F: Fn(Arc<dyn Route>) -> Fut,
     Fut: std::future::Future<Output = f64>,
 {
-    let (mut b, mut o, mut used) = (Vec::new(), Vec::new(), 0.0);
+    let sides = [
+        Side {
+            route: base,
+            cpu: &no_cpu,
+        },
+        Side { route: other, cpu },
+    ];
+    let r = rounds(&sides, f).await;
+    (r[0].0, r[1].0, r[1].1)
+}
+
+/// `n` ping-pong round trips on each side, in `ROUNDS` rounds that visit the sides in turn:
+/// per side its sorted samples, and the CPU its meter counted per round trip, in µs.
+pub(crate) async fn latency_rounds(sides: &[Side<'_>], n: usize) -> Vec<(Vec<f64>, f64)> {
+    let mut samples = vec![Vec::new(); sides.len()];
+    let mut used = vec![0.0; sides.len()];
+    let per = n.div_ceil(ROUNDS);
     for _ in 0..ROUNDS {
-        b.push(f(base.clone()).await);
-        let c0 = cpu();
-        o.push(f(other.clone()).await);
-        used += cpu() - c0;
+        for (i, side) in sides.iter().enumerate() {
+            let c0 = (side.cpu)();
+            samples[i].extend(latencies(side.route.clone(), per).await);
+            used[i] += (side.cpu)() - c0;
+        }
     }
-    (median(&mut b), median(&mut o), used)
+    samples
+        .into_iter()
+        .zip(used)
+        .map(|(mut s, u)| {
+            s.sort_by(f64::total_cmp);
+            (s, u * 1e6 / (ROUNDS * round_trips(per)) as f64)
+        })
+        .collect()
 }
 
 /// `n` ping-pong round trips on each route, in `ROUNDS` alternating rounds: sorted samples of
@@ -252,17 +298,17 @@ pub(crate) async fn alternate_latencies_cpu(
     cpu: &dyn Fn() -> f64,
     n: usize,
 ) -> (Vec<f64>, Vec<f64>, f64) {
-    let (mut b, mut o, mut used) = (Vec::new(), Vec::new(), 0.0);
-    let per = n.div_ceil(ROUNDS);
-    for _ in 0..ROUNDS {
-        b.extend(latencies(base.clone(), per).await);
-        let c0 = cpu();
-        o.extend(latencies(other.clone(), per).await);
-        used += cpu() - c0;
-    }
-    b.sort_by(f64::total_cmp);
-    o.sort_by(f64::total_cmp);
-    (b, o, used * 1e6 / (ROUNDS * round_trips(per)) as f64)
+    let sides = [
+        Side {
+            route: base,
+            cpu: &no_cpu,
+        },
+        Side { route: other, cpu },
+    ];
+    let mut r = latency_rounds(&sides, n).await;
+    let (o, per_rt) = r.remove(1);
+    let (b, _) = r.remove(0);
+    (b, o, per_rt)
 }
 
 /// Connections per second: connect, one round trip, close.

@@ -232,6 +232,7 @@ pub(crate) async fn run_loopback(sz: Sizes, report: &mut Report) {
         cpu: Box::new(|| thread_cpu("weft-worker")),
         app_cpu: Some(Box::new(|| thread_cpu("bench-app"))),
         rss: None,
+        peer: None,
         cold: Box::new(move || {
             // A client with an identity that has no pooled connection yet.
             ctx.pool.clear();
@@ -246,7 +247,7 @@ pub(crate) async fn run_loopback(sz: Sizes, report: &mut Report) {
             })
         }),
     };
-    let costs = measure(&place, sz, report).await;
+    let (costs, _) = measure(&place, sz, report).await;
 
     // The floor of any design with a proxy on each side, on this machine: two plain TCP
     // forwarders in series (no TLS, no HTTP/2, no policy), on the daemons' runtime. What weft
@@ -305,6 +306,7 @@ pub(crate) async fn run_loopback(sz: Sizes, report: &mut Report) {
         "loopback",
         &lf,
         &lb,
+        None,
         &qs,
         ": the two-hop floor",
     );
@@ -314,7 +316,7 @@ pub(crate) async fn run_loopback(sz: Sizes, report: &mut Report) {
         apps_per_gib: None,
         plain_gbps: fb,
     };
-    report_costs(report, "loopback", &costs, Some(&fwd_costs));
+    report_costs(report, "loopback", &costs, Some(&fwd_costs), None);
     let wake = wake_up_us(sz.pings);
     report.add(
         "reference: thread wake-up, one way",

@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench weft` runs everything (`-- --json FILE` also writes JSON; `-- --only
 //! loopback|mesh|micro` narrows it; `-- --loop CASE` repeats one loopback case for profiling,
-//! see [`run_loop`]). Run any other way (as `cargo test --all-targets` does)
+//! see [`run_loop`]; `-- --peer PATH` measures the ztunnel binary at PATH beside weft on the
+//! mesh, see [`peer`]). Run any other way (as `cargo test --all-targets` does)
 //! it does one tiny iteration of every case, so CI proves the harness works without timing
 //! anything. Numbers are never asserted: the machines are shared and noisy.
 
@@ -24,6 +25,7 @@ mod loopback;
 mod measure;
 mod mesh;
 mod micro;
+mod peer;
 mod report;
 
 use accounting::*;
@@ -117,6 +119,26 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .cloned();
     let want = |what: &str| only.as_deref().is_none_or(|o| o == what);
+    let peer = match args.iter().position(|a| a == "--peer") {
+        None => None,
+        Some(i) => {
+            let Some(path) = args.get(i + 1) else {
+                eprintln!("--peer PATH: the path of a ztunnel binary");
+                std::process::exit(2);
+            };
+            if !want("mesh") {
+                eprintln!("--peer measures ztunnel on the mesh: not with --only {only:?}");
+                std::process::exit(2);
+            }
+            match peer::Ztunnel::new(PathBuf::from(path)) {
+                Ok(zt) => Some(zt),
+                Err(e) => {
+                    eprintln!("{e}");
+                    std::process::exit(2);
+                }
+            }
+        }
+    };
     let weft_bin = PathBuf::from(env!("CARGO_BIN_EXE_weft"));
     // 10,000 tunnelled connections are 20,000 sockets in this process alone; as root, lift
     // the hard limit too (the daemons inherit it).
@@ -137,17 +159,22 @@ fn main() {
         },
         machine()
     );
-    println!(
-        "{:<44} {:<9} {:>12} {:>12} {:<12} {:>7}  note",
-        "case", "where", "weft", "baseline", "unit", "ratio"
-    );
-    let mut report = Report::default();
+    if let Some(zt) = &peer {
+        println!(
+            "peer: {} ({}), {}",
+            peer::NAME,
+            zt.bin.display(),
+            zt.version
+        );
+    }
+    let mut report = Report::new(peer.as_ref().map(|_| peer::NAME));
+    println!("{}", report.header());
     let rt = app_runtime();
     if want("loopback") {
         rt.block_on(run_loopback(sz, &mut report));
     }
     if want("mesh") {
-        rt.block_on(run_mesh(&weft_bin, sz, &mut report));
+        rt.block_on(run_mesh(&weft_bin, peer.as_ref(), sz, &mut report));
     }
     if want("micro") {
         run_state(sz, &mut report);
@@ -160,6 +187,20 @@ fn main() {
         doc.insert("machine", serde_json::Value::String(machine()));
         doc.insert("full", serde_json::Value::Bool(full));
         doc.insert("rows", serde_json::to_value(&report.rows).unwrap());
+        if let Some(zt) = &peer {
+            doc.insert(
+                "peer",
+                serde_json::json!({
+                    "name": peer::NAME,
+                    "path": zt.bin.display().to_string(),
+                    "version": zt.version,
+                }),
+            );
+        }
+        // `target/` is not there when CARGO_TARGET_DIR puts the build elsewhere.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).unwrap();
+        }
         std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
         println!("written {}", path.display());
     }

@@ -1,0 +1,435 @@
+//! The peer of `--peer PATH`: Istio's ztunnel, measured beside weft on the same namespace
+//! mesh, in the same rounds (README "Performance"). Nothing of ztunnel is in the repository:
+//! the binary is one the user built.
+//!
+//! Where it runs: two more nodes of the bench's mesh ([`NODES`]: 3 and 4), with the pods weft
+//! has on nodes 1 and 2 (a client, a server, five cold clients), so that both tunnels stay up
+//! and the rounds alternate between them without restarts. The capture is weft's own: weft runs
+//! on those nodes first, programs its rules and is stopped; the rules outlive it
+//! (ARCHITECTURE.md §3 "Capture") and ztunnel takes their connections on the same ports
+//! (15001/15006/15008; its listeners are transparent when it may make them so, as root here).
+//! ztunnel runs as the issue ran it: `PROXY_MODE=dedicated` in the node's namespace, its
+//! workloads from a local file (`LOCAL_XDS_PATH`), certificates from its built-in test CA
+//! (`FAKE_CA=true`, the same CA on both nodes, so they trust each other).
+//!
+//! Dedicated mode proxies for one workload (`PROXY_WORKLOAD_INFO`), whatever the pods on the
+//! node: outbound, every captured connection leaves with that workload's identity, whatever
+//! its source address (ztunnel's `proxy/outbound.rs`, `proxy_to`: the source is
+//! `local_workload_information`, not a lookup of the client's IP); inbound, it presents that
+//! workload's certificate and delivers to the connection's original destination
+//! (`proxy/inbound.rs`, `build_inbound_request`). So several pods per node work only where
+//! the others need no identity of their own: here the cold clients on node 3 connect as
+//! `zclient` (each still opens a connection of its own and pays a handshake: ztunnel's pool
+//! is keyed on the source address too), and node 4 serves only `zserver`. A second server
+//! with another service account on node 4 would fail its clients' check of the server's
+//! identity.
+//!
+//! Owns: ztunnel's local config and environment, its processes (started through the testbed,
+//! so they are stopped on drop, on panic and on Ctrl-C), and the proof that the bench's
+//! traffic to the peer went through ztunnel as HBONE: before measuring, a capture of the
+//! underlay and ztunnel's metrics ([`Running::prove`]); while measuring, ztunnel's metrics
+//! must count every connection the bench made over the peer's routes, or the bench stops
+//! before printing the peer's figures ([`PeerSide::verify`]).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use weft_testbed::{ChildGuard, Netns, Testbed};
+
+use super::*;
+
+/// The peer's name in the table and the JSON.
+pub(crate) const NAME: &str = "ztunnel";
+
+/// The nodes the peer runs on (weft's are 1 and 2).
+pub(crate) const NODES: [usize; 2] = [3, 4];
+
+/// The peer's client and server pods (node 3 and node 4).
+pub(crate) const CLIENT: &str = "zclient";
+pub(crate) const SERVER: &str = "zserver";
+
+/// The Kubernetes namespace of the peer's pods (ambient, as weft's bench pods).
+const NAMESPACE: &str = "bench";
+
+/// ztunnel's default cluster id, named in its workloads' uids.
+const CLUSTER: &str = "Kubernetes";
+
+/// ztunnel's metrics endpoint inside a node's namespace (readiness is on weft's port,
+/// 15021: [`wait_ready`]).
+const METRICS: &str = "127.0.0.1:15020";
+
+/// A ztunnel binary that runs (`PATH version`).
+pub(crate) struct Ztunnel {
+    pub(crate) bin: PathBuf,
+    /// The first line `ztunnel version` prints.
+    pub(crate) version: String,
+}
+
+impl Ztunnel {
+    pub(crate) fn new(bin: PathBuf) -> Result<Ztunnel, String> {
+        let out = std::process::Command::new(&bin)
+            .arg("version")
+            .output()
+            .map_err(|e| format!("--peer {}: {e}", bin.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "--peer {}: `version` exited with {}: {}",
+                bin.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or_default()
+            .to_string();
+        Ok(Ztunnel { bin, version })
+    }
+}
+
+/// The peer's pods and their nodes, as weft's (`client`, `server`, `cold0..4`).
+pub(crate) fn pods() -> Vec<(String, usize)> {
+    let mut pods = vec![
+        (CLIENT.to_string(), NODES[0]),
+        (SERVER.to_string(), NODES[1]),
+    ];
+    pods.extend((0..5).map(|i| (format!("zcold{i}"), NODES[0])));
+    pods
+}
+
+/// ztunnel's local config (`LOCAL_XDS_PATH`): the peer's pods as HBONE workloads, no
+/// services, no policies (weft's bench mesh has none either).
+fn local_config(bed: &Testbed) -> String {
+    let mut out = String::from("workloads:\n");
+    for (name, node) in pods() {
+        out.push_str(&format!(
+            "- uid: {CLUSTER}//v1/Pod/{NAMESPACE}/{name}\n  name: {name}\n  namespace: {NAMESPACE}\n  serviceAccount: {name}\n  trustDomain: cluster.local\n  clusterId: {CLUSTER}\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  node: {}\n  services: {{}}\n",
+            bed.pod(&name).ip,
+            bed.node(node).name
+        ));
+    }
+    out
+}
+
+/// The peer's ztunnels, running on [`NODES`] behind weft's capture rules.
+pub(crate) struct Running {
+    procs: Vec<ChildGuard>,
+    nodes: [Netns; 2],
+    /// Connections the bench made over the peer's routes (every socket they hand out).
+    made: Arc<AtomicU64>,
+    /// ztunnel's mTLS connection counters (node 3 outbound, node 4 inbound) when `made` was 0.
+    at_start: [f64; 2],
+}
+
+/// Stops the weft daemons that programmed the capture on [`NODES`] (`programmers`, ready),
+/// checks that their rules stayed, and starts ztunnel in their place. Panics, with the logs,
+/// if any step fails.
+pub(crate) fn start(bed: &Testbed, zt: &Ztunnel, programmers: Vec<ChildGuard>) -> Running {
+    for mut weft in programmers {
+        // SIGTERM: weft drains and exits, and leaves the capture in force (only `weft
+        // uninstall` removes it).
+        let status = weft.stop(Duration::from_secs(10)).expect("stop weft");
+        assert!(
+            status.success(),
+            "{} exited with {status}:\n{}",
+            weft.name(),
+            weft.log()
+        );
+    }
+    for n in NODES {
+        let node = bed.node(n);
+        let rules = node
+            .ns
+            .exec("iptables-save", ["-t", "mangle"])
+            .expect("iptables-save");
+        let routing = node.ns.ip(["rule", "show"]).expect("ip rule");
+        for (name, _) in pods().iter().filter(|(_, at)| *at == n) {
+            let ip = bed.pod(name).ip;
+            assert!(
+                rules.contains(&format!("-A WEFT_PRE -d {ip}/32 ")) && rules.contains("TPROXY"),
+                "weft's capture of {name} ({ip}) did not outlive weft on {}:\n{rules}",
+                node.name
+            );
+        }
+        assert!(
+            routing.contains("lookup 100"),
+            "weft's policy-routing rule did not outlive weft on {}:\n{routing}",
+            node.name
+        );
+    }
+    let config = bed.temp_dir().join("ztunnel-local.yaml");
+    std::fs::write(&config, local_config(bed)).expect("write ztunnel's local config");
+    let mut procs = Vec::new();
+    for (n, pod) in NODES.into_iter().zip([CLIENT, SERVER]) {
+        let node = bed.node(n);
+        let mut cmd = node.ns.command(&zt.bin, ["proxy"]);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            // As weft's daemons in the bench: warnings only, no access log.
+            .env("RUST_LOG", "warn")
+            .env("FAKE_CA", "true")
+            .env("LOCAL_XDS_PATH", &config)
+            // No istiod: an empty address turns the xDS client off.
+            .env("XDS_ADDRESS", "")
+            .env("PROXY_MODE", "dedicated")
+            .env("PROXY_WORKLOAD_INFO", format!("{NAMESPACE}/{pod}/{pod}"))
+            .env("NODE_NAME", &node.name)
+            .env("CLUSTER_ID", CLUSTER)
+            .env("POD_NAME", format!("ztunnel-{}", node.name))
+            .env("POD_NAMESPACE", "istio-system")
+            .env("INSTANCE_IP", node.underlay_ip.to_string())
+            // Its drain on SIGTERM, so that the bench ends within the testbed's grace.
+            .env("CONNECTION_TERMINATION_DEADLINE", "1s");
+        procs.push(
+            bed.spawn(&format!("ztunnel-{n}"), cmd)
+                .expect("spawn ztunnel"),
+        );
+    }
+    for (i, n) in NODES.into_iter().enumerate() {
+        wait_ready(&bed.node(n).ns, &format!("ztunnel-{n}"), || procs[i].log());
+    }
+    let nodes = [bed.node(NODES[0]).ns.clone(), bed.node(NODES[1]).ns.clone()];
+    Running {
+        procs,
+        at_start: mtls_counters(&nodes).expect("ztunnel's metrics"),
+        nodes,
+        made: Arc::new(AtomicU64::new(0)),
+    }
+}
+
+impl Running {
+    /// Proves, before anything is measured, that a connection from the peer's client to its
+    /// server goes through ztunnel as HBONE: on the underlay, the message is nowhere in clear
+    /// text and the only connection is to the server's port 15008 (none to the app's port);
+    /// ztunnel counts one more mTLS connection at each end. The same message between
+    /// the plain pods `plain` must be visible in the same kind of capture (the check can
+    /// fail). Panics otherwise.
+    pub(crate) fn prove(&mut self, bed: &Testbed, app_port: u16, plain: (&str, &str)) {
+        const PEER_MARK: &[u8] = b"WEFT-BENCH-PEER-PROOF-must-not-be-seen-";
+        const PLAIN_MARK: &[u8] = b"WEFT-BENCH-PLAIN-CONTROL-is-seen-";
+        let (client, server) = (bed.pod(CLIENT), bed.pod(SERVER));
+        let peer_cap = bed
+            .capture_underlay(NODES[0], "peer-proof.pcap")
+            .expect("capture node 3's underlay");
+        let plain_cap = bed
+            .capture_underlay(bed.pod(plain.0).node, "plain-control.pcap")
+            .expect("capture the plain pods' underlay");
+        let before = mtls_counters(&self.nodes).expect("ztunnel's metrics");
+        echo(
+            &client.ns,
+            SocketAddr::new(IpAddr::V4(server.ip), app_port),
+            PEER_MARK,
+        )
+        .expect("a connection through ztunnel");
+        self.made.fetch_add(1, Ordering::Relaxed);
+        let dst = SocketAddr::new(IpAddr::V4(bed.pod(plain.1).ip), app_port);
+        echo(&bed.pod(plain.0).ns, dst, PLAIN_MARK).expect("a plain connection");
+        let peer_pcap = peer_cap.stop().expect("capture");
+        let plain_pcap = plain_cap.stop().expect("capture");
+        assert!(
+            weft_testbed::contains(&plain_pcap, PLAIN_MARK),
+            "the underlay capture does not show a plain connection's bytes: it cannot prove anything"
+        );
+        assert!(
+            !weft_testbed::contains(&peer_pcap, PEER_MARK),
+            "a connection to {SERVER} crossed the underlay in clear text: it went around ztunnel"
+        );
+        let segments = tcp_segments(&peer_pcap);
+        let to_server = |port: u16| {
+            segments
+                .iter()
+                .filter(|(src, dst)| {
+                    (*dst.ip() == server.ip && dst.port() == port)
+                        || (*src.ip() == server.ip && src.port() == port)
+                })
+                .count()
+        };
+        assert!(
+            to_server(15008) > 0 && to_server(app_port) == 0,
+            "on the underlay, {} segments to {SERVER}:15008 (HBONE) and {} to its app port {app_port}: not through ztunnel's tunnel",
+            to_server(15008),
+            to_server(app_port)
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = mtls_counters(&self.nodes).expect("ztunnel's metrics");
+            if now[0] >= before[0] + 1.0 && now[1] >= before[1] + 1.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ztunnel did not count the connection as mTLS at both ends (outbound {} -> {}, inbound {} -> {})",
+                before[0],
+                now[0],
+                before[1],
+                now[1]
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!(
+            "(peer: {NAME} on nodes {}, {}: proven to carry the bench's traffic as HBONE, mTLS at both ends)",
+            NODES[0], NODES[1]
+        );
+    }
+
+    /// The peer's side of the measurement: its routes (counted), its processes' meters, and
+    /// the check of its counters.
+    pub(crate) fn side(&self, bed: &Testbed, app_port: u16) -> PeerSide {
+        let dst = SocketAddr::new(IpAddr::V4(bed.pod(SERVER).ip), app_port);
+        let route = |from: &str| -> Arc<dyn Route> {
+            Arc::new(Counted {
+                inner: PodRoute {
+                    ns: bed.pod(from).ns.clone(),
+                    dst,
+                },
+                made: self.made.clone(),
+            })
+        };
+        let pids: Vec<u32> = self.procs.iter().map(|p| p.pid()).collect();
+        let (p3, p4) = (pids[0], pids[1]);
+        let colds: Vec<Arc<dyn Route>> = pods()
+            .iter()
+            .filter(|(name, _)| name.starts_with("zcold"))
+            .map(|(name, _)| route(name))
+            .collect();
+        let next = AtomicUsize::new(0);
+        let (nodes, made, at_start) = (self.nodes.clone(), self.made.clone(), self.at_start);
+        PeerSide {
+            route: route(CLIENT),
+            cpu: Box::new(move || process_cpu(p3) + process_cpu(p4)),
+            rss: Box::new(move || process_rss(p3) + process_rss(p4)),
+            cold: Box::new(move || {
+                colds[next.fetch_add(1, Ordering::Relaxed) % colds.len()].clone()
+            }),
+            verify: Box::new(move || verify(&nodes, &made, at_start)),
+        }
+    }
+}
+
+/// Panics unless ztunnel counted, at both ends, at least the connections the bench made over
+/// the peer's routes since `at_start` (it may take a moment to count the last ones).
+fn verify(nodes: &[Netns; 2], made: &AtomicU64, at_start: [f64; 2]) {
+    let made = made.load(Ordering::Relaxed) as f64;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = mtls_counters(nodes).unwrap_or_else(|e| panic!("{e}: is ztunnel still running?"));
+        let (out, inb) = (now[0] - at_start[0], now[1] - at_start[1]);
+        if out >= made && inb >= made {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bench made {made} connections over ztunnel's routes, but ztunnel counted {out} outbound mTLS connections on node {} and {inb} inbound on node {}: some went around it; its figures are not printed",
+            NODES[0],
+            NODES[1]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A route whose sockets are counted into `made`: the bench connects every socket a route
+/// hands out, so the count is the connections ztunnel must have seen.
+struct Counted {
+    inner: PodRoute,
+    made: Arc<AtomicU64>,
+}
+
+impl Route for Counted {
+    fn sockets(&self, n: usize) -> std::io::Result<Vec<socket2::Socket>> {
+        self.made.fetch_add(n as u64, Ordering::Relaxed);
+        self.inner.sockets(n)
+    }
+    fn dst(&self) -> SocketAddr {
+        self.inner.dst()
+    }
+}
+
+/// ztunnel's count of mTLS (HBONE) connections opened: outbound on the first node, inbound on
+/// the second (`istio_tcp_connections_opened_total`, reporter `source` / `destination`).
+fn mtls_counters(nodes: &[Netns; 2]) -> Result<[f64; 2], String> {
+    Ok([
+        mtls_opened(&nodes[0], "source")?,
+        mtls_opened(&nodes[1], "destination")?,
+    ])
+}
+
+fn mtls_opened(ns: &Netns, reporter: &str) -> Result<f64, String> {
+    let addr: SocketAddr = METRICS.parse().expect("metrics address");
+    let (status, body) = ns
+        .http_get(addr, "/metrics")
+        .map_err(|e| format!("ztunnel's metrics in {}: {e}", ns.name()))?;
+    if status != 200 {
+        return Err(format!("ztunnel's metrics in {}: HTTP {status}", ns.name()));
+    }
+    let reporter = format!("reporter=\"{reporter}\"");
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .filter(|l| l.contains(&reporter))
+        .filter(|l| l.contains("connection_security_policy=\"mutual_tls\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// One 1 KiB echo (the app's `E` mode) of `mark` repeated, from inside `from` to `to`.
+fn echo(from: &Netns, to: SocketAddr, mark: &[u8]) -> std::io::Result<()> {
+    let msg: Vec<u8> = mark.iter().copied().cycle().take(1024).collect();
+    let mut s = from.tcp_connect(to, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"E")?;
+    s.write_all(&msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    if back != msg {
+        return Err(std::io::Error::other("the echo differs from the message"));
+    }
+    Ok(())
+}
+
+/// The IPv4 TCP segments of a pcap file of Ethernet frames: (source, destination).
+fn tcp_segments(pcap: &[u8]) -> Vec<(std::net::SocketAddrV4, std::net::SocketAddrV4)> {
+    let mut out = Vec::new();
+    let Some(magic) = pcap.get(..4) else {
+        return out;
+    };
+    // tcpdump writes the file in its host's byte order; microsecond or nanosecond stamps.
+    let le = matches!(magic, [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1]);
+    let u32_at = |b: &[u8], at: usize| -> Option<u32> {
+        let x: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
+        Some(if le {
+            u32::from_le_bytes(x)
+        } else {
+            u32::from_be_bytes(x)
+        })
+    };
+    if u32_at(pcap, 20) != Some(1) {
+        return out; // not Ethernet
+    }
+    let mut at = 24;
+    while let Some(len) = u32_at(pcap, at + 8) {
+        let start = at + 16;
+        let Some(frame) = pcap.get(start..start + len as usize) else {
+            break;
+        };
+        at = start + len as usize;
+        let Some(ip) = frame
+            .get(14..)
+            .filter(|_| frame.get(12..14) == Some(&[0x08, 0x00]))
+        else {
+            continue;
+        };
+        let ihl = usize::from(ip.first().copied().unwrap_or(0) & 0x0f) * 4;
+        if ip.get(9) != Some(&6) || ihl < 20 || ip.len() < ihl + 4 {
+            continue;
+        }
+        let addr = |a: usize, p: usize| {
+            std::net::SocketAddrV4::new(
+                Ipv4Addr::new(ip[a], ip[a + 1], ip[a + 2], ip[a + 3]),
+                u16::from_be_bytes([ip[ihl + p], ip[ihl + p + 1]]),
+            )
+        };
+        out.push((addr(12, 0), addr(16, 2)));
+    }
+    out
+}
