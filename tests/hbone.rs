@@ -646,22 +646,6 @@ async fn the_forwarded_address_is_believed_only_for_the_authenticated_identity()
     drop(t);
 }
 
-/// An app that echoes every connection until it closes.
-fn echo_app(listener: TcpListener) {
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut b = [0u8; 1024];
-                while let Ok(n) = c.read(&mut b).await {
-                    if n == 0 || c.write_all(&b[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-}
-
 async fn round_trip(t: &mut weft::proxy::pool::Tunnel) {
     t.io.write_all(b"ping").await.unwrap();
     let mut b = [0u8; 4];

@@ -108,39 +108,6 @@ impl Setup {
     }
 }
 
-/// An app answering each connection's bytes with the same bytes.
-fn echo_app(listener: TcpListener) {
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-}
-
-/// An HTTP/1.1 app answering every request `200 ok`.
-fn http_app(listener: TcpListener) {
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-            });
-        }
-    });
-}
-
 /// The JSON type of a value, as Go's decoder tells them apart.
 fn kind(v: &Value) -> &'static str {
     match v {

@@ -197,18 +197,6 @@ impl Weft {
     }
 }
 
-/// An echo app: every connection's bytes sent back.
-fn echo_app(listener: TcpListener) {
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = c.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-}
-
 /// A TCP connection from `src` to `dst`.
 async fn connect_from(src: IpAddr, dst: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     let s = tokio::net::TcpSocket::new_v4()?;
