@@ -13,7 +13,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,7 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use support::*;
-use weft::identity::{BuiltinCa, CertificateAuthority, Identity, IssuedCert};
+use weft::identity::{CertificateAuthority, Identity};
 use weft::logging::access::{fields_of, message};
 use weft::proxy::pool::{Pool, PoolKey, Tunnel};
 use weft::proxy::socket::SocketMode;
@@ -146,22 +145,7 @@ fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, String> {
 
 // === a weft process and the traffic through it ===
 
-/// A weft daemon process (node-b) with one local pod, `server-0`; the test is the mesh
-/// client `client-0` on node-a. Killed on drop.
-struct Weft {
-    node: NodeDir,
-    child: Child,
-    client_ip: IpAddr,
-    ca: BuiltinCa,
-    cert: Arc<IssuedCert>,
-}
-
-impl Drop for Weft {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::process::WeftProcess as Weft;
 
 const DENY_PORT_POLICY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
      metadata: {name: no-7071, namespace: mesh}\n\
@@ -187,8 +171,8 @@ const L4: &str = "app: server";
 const BEHIND_WAYPOINT: &str = "app: server, istio.io/use-waypoint: weft";
 
 impl Weft {
-    /// Starts weft with `config_extra` added to its config and its apps; waits until ready.
-    async fn start(config_extra: &str) -> Weft {
+    /// Starts weft with `config_extra` added to its config, and its apps; waits until ready.
+    async fn with_apps(config_extra: &str) -> Weft {
         let node = NodeDir::new("");
         let client_ip = unique_loopback();
         std::fs::write(
@@ -196,52 +180,12 @@ impl Weft {
             mesh((node.ip, client_ip), L4, &[DENY_PORT_POLICY]),
         )
         .unwrap();
-        let config = node.path("weft.yaml");
-        std::fs::write(
-            &config,
-            format!("{}{config_extra}", node.config_text("node-b")),
-        )
-        .unwrap();
-        let log = std::fs::File::create(node.path("weft.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_weft"))
-            .args(["run", "--log-format", "json", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let ca = BuiltinCa::load(&node.path("ca")).unwrap();
-        let cert = Arc::new(ca.issue(&id("client"), Duration::from_secs(3600)).unwrap());
-        let w = Weft {
-            node,
-            child,
-            client_ip,
-            ca,
-            cert,
-        };
+        let json = ["--log-format", "json"];
+        let w = Weft::start(node, client_ip, &id("client"), &json, config_extra).await;
         echo_app(TcpListener::bind((w.node.ip, ECHO_PORT)).await.unwrap());
         echo_app(TcpListener::bind((w.node.ip, DENIED_PORT)).await.unwrap());
         http_app(TcpListener::bind((w.node.ip, HTTP_PORT)).await.unwrap());
-        let started = Instant::now();
-        while std::net::TcpStream::connect(w.node.readiness()).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(15),
-                "weft never listened:\n{}",
-                w.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(
-            wait_ready(w.node.readiness(), Duration::from_secs(15)).await,
-            "weft not ready:\n{}",
-            w.log()
-        );
         w
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.node.path("weft.log")).unwrap_or_default()
     }
 
     /// The access-log lines on stderr so far, parsed.
@@ -389,7 +333,7 @@ const EVENTS: [&str; 4] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_access_log_event_carries_its_documented_fields() {
-    let w = Weft::start("").await;
+    let w = Weft::with_apps("").await;
     w.every_event().await;
     let lines = until(&w, "every access-log event", || {
         let lines = w.access_lines();
@@ -455,7 +399,7 @@ async fn every_access_log_event_carries_its_documented_fields() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_records_reach_an_otlp_collector_with_the_documented_fields() {
     let (collector, addr) = Collector::start().await;
-    let w = Weft::start(&format!(
+    let w = Weft::with_apps(&format!(
         "accessLog:\n  otlp: {{endpoint: 'http://{addr}', exportInterval: 100ms}}\n"
     ))
     .await;
@@ -522,7 +466,7 @@ async fn a_collector_that_never_answers_costs_the_data_path_nothing_and_drops_ar
             }
         });
     }
-    let w = Weft::start(&format!(
+    let w = Weft::with_apps(&format!(
         "accessLog:\n  otlp: {{endpoint: 'http://{addr}', queueSize: 8, batchSize: 4, exportInterval: 50ms, timeout: 5s}}\n"
     ))
     .await;

@@ -12,7 +12,7 @@
 mod support;
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,26 +24,12 @@ use tokio::net::TcpListener;
 
 use support::*;
 use weft::admin::{ADMIN_HEADER_TIMEOUT, ADMIN_LIMITS};
-use weft::identity::{BuiltinCa, CertificateAuthority, Identity, IssuedCert};
+use weft::identity::{CertificateAuthority, Identity};
 use weft::proxy::pool::{Pool, PoolKey};
 use weft::proxy::socket::SocketMode;
 use weft::tls::TlsConfigs;
 
-/// A weft daemon process on its own loopback address, killed on drop.
-struct Weft {
-    node: NodeDir,
-    child: Child,
-    client_ip: IpAddr,
-    ca: BuiltinCa,
-    cert: Arc<IssuedCert>,
-}
-
-impl Drop for Weft {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::process::WeftProcess as Weft;
 
 fn id(sa: &str) -> Identity {
     Identity::new("cluster.local", "mesh", sa).unwrap()
@@ -63,53 +49,10 @@ async fn weft(config_extra: &str) -> Weft {
         ),
     )
     .unwrap();
-    let config = node.path("weft.yaml");
-    std::fs::write(
-        &config,
-        format!("{}{config_extra}", node.config_text("node-b")),
-    )
-    .unwrap();
-    let log = std::fs::File::create(node.path("weft.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let ca = BuiltinCa::load(&node.path("ca")).unwrap();
-    let cert = Arc::new(ca.issue(&id("client"), Duration::from_secs(3600)).unwrap());
-    let w = Weft {
-        node,
-        child,
-        client_ip,
-        ca,
-        cert,
-    };
-    // The process takes a moment to listen at all.
-    let started = Instant::now();
-    while std::net::TcpStream::connect(w.node.readiness()).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "weft never listened:\n{}",
-            w.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        wait_ready(w.node.readiness(), Duration::from_secs(15)).await,
-        "weft not ready:\n{}",
-        w.log()
-    );
-    w
+    Weft::start(node, client_ip, &id("client"), &[], config_extra).await
 }
 
 impl Weft {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.node.path("weft.log")).unwrap_or_default()
-    }
-
     /// Resident memory, KiB.
     fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();

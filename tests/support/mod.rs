@@ -4,6 +4,7 @@
 
 pub mod istiod;
 pub mod mesh;
+pub mod process;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
