@@ -92,9 +92,11 @@ pub fn resolve(snap: &Snapshot, dst: SocketAddr) -> Result<Target<'_>, NoRoute> 
 }
 
 /// Handles one connection accepted on the outbound listener; the original destination is
-/// the accepted socket's local address (TPROXY).
+/// the accepted socket's local address (TPROXY), or in a pod `SO_ORIGINAL_DST` (REDIRECT).
 pub async fn serve_outbound(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
-    let Ok(dst) = client.local_addr() else { return };
+    let Ok(dst) = socket::original_dst(&client, &ctx.mode) else {
+        return;
+    };
     serve_outbound_to(ctx, client, peer, dst).await
 }
 
@@ -138,8 +140,10 @@ pub async fn serve_outbound_to(
         audits: Vec::new(),
     };
 
-    // Same node, destination in the mesh: the inbound side takes it, as if via HBONE.
-    if let Some(w) = dst_mesh.filter(|w| w.node == ctx.node) {
+    // Same node, destination in the mesh: the inbound side takes it, as if via HBONE. Not
+    // from inside a pod (in-pod): the destination's listeners are in its own pod, reached
+    // over HBONE like another node's.
+    if let Some(w) = dst_mesh.filter(|w| w.node == ctx.node && !ctx.mode.is_in_pod()) {
         let who = match &src_id {
             Some(id) => Client::Mesh {
                 identity: id.clone(),
@@ -204,7 +208,7 @@ pub async fn serve_outbound_to(
     let addr = target.addr;
     drop(snap);
     let mut client = client;
-    match socket::connect(addr, Some(peer.ip()), ctx.mode, CONNECT_TIMEOUT).await {
+    match socket::connect(addr, Some(peer.ip()), &ctx.mode, CONNECT_TIMEOUT).await {
         Ok(upstream) => {
             socket::keepalive(&upstream, &ctx.keepalive);
             if inbound::pump(&mut client, upstream, guard, None).await {
