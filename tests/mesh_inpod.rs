@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use support::mesh::*;
 use support::zds::{capture_in_pod, info, NodeAgent};
 
-/// Two nodes: node 1 in-pod (pods a and b, istio-cni's rules in both), node 2 node-level
-/// (c in the mesh, y outside it).
+/// Two nodes: node 1 in-pod (pods a and b, and x outside the mesh, istio-cni's rules in all
+/// three), node 2 node-level (c in the mesh, y outside it).
 fn inpod_env() -> Option<(MeshEnv, NodeAgent)> {
     let mut env = MeshEnv::build(
         2,
@@ -24,6 +24,7 @@ fn inpod_env() -> Option<(MeshEnv, NodeAgent)> {
         &[
             pod("a", 1, "shop"),
             pod("b", 1, "shop"),
+            pod("x", 1, "legacy"),
             pod("c", 2, "shop"),
             pod("y", 2, "legacy"),
         ],
@@ -35,7 +36,7 @@ fn inpod_env() -> Option<(MeshEnv, NodeAgent)> {
         1,
         format!("redirect: inpod\nzdsSocket: {}\n", socket.display()),
     );
-    for p in ["a", "b"] {
+    for p in ["a", "b", "x"] {
         capture_in_pod(&env.pod(p).ns).expect("istio-cni's in-pod rules");
     }
     env.start_all();
@@ -87,6 +88,16 @@ fn attempt(env: &MeshEnv, from: &str, dst: SocketAddr) -> Result<(), ErrorKind> 
         Ok(0) => Err(ErrorKind::UnexpectedEof),
         Ok(_) => Err(ErrorKind::InvalidData),
         Err(e) => Err(e.kind()),
+    }
+}
+
+/// Asserts that `from` reaches the app on `to`'s `port` (answering "ok").
+fn allowed(env: &MeshEnv, from: &str, to: &str, port: u16) {
+    if let Err(k) = attempt(env, from, env.addr(to, port)) {
+        panic!(
+            "{from} -> {to}:{port} should work, got {k:?}\n{}",
+            logs(env)
+        );
     }
 }
 
@@ -221,12 +232,7 @@ fn an_added_pod_is_tunnelled_over_hbone_and_its_inbound_is_policy_checked() {
             "c -> a: {k:?}"
         ),
     }
-    assert_eq!(
-        attempt(&env, "y", env.addr("a", 8083)),
-        Ok(()),
-        "{}",
-        logs(&env)
-    );
+    allowed(&env, "y", "a", 8083);
     let log = env.log_with(1, &["a-deny-c"]);
     assert!(
         log.contains("a-deny-c"),
@@ -260,27 +266,20 @@ fn a_reconnection_snapshot_that_omits_a_pod_forgets_it() {
     );
     assert_eq!(zds.snapshot_sent().unwrap(), "");
     env.answer_each("c", 8080, 5, b"ok");
+    allowed(&env, "a", "c", 8080);
+    allowed(&env, "b", "c", 8080);
+    // Two in-pod pods of one node: over HBONE from one pod into the other.
+    check_path(&env, "a", "b", 8085, 7);
     assert_eq!(
-        attempt(&env, "a", env.addr("c", 8080)),
-        Ok(()),
-        "{}",
-        logs(&env)
-    );
-    assert_eq!(
-        attempt(&env, "b", env.addr("c", 8080)),
-        Ok(()),
+        mtls_opened(&env, 1, "destination", "a", "b"),
+        1,
         "{}",
         logs(&env)
     );
 
     // The node agent restarts: the pods stay served while weft reconnects.
     drop(zds);
-    assert_eq!(
-        attempt(&env, "a", env.addr("c", 8080)),
-        Ok(()),
-        "{}",
-        logs(&env)
-    );
+    allowed(&env, "a", "c", 8080);
     let (zds, hello) = agent.accept().unwrap();
     assert_eq!(hello.version, 1);
     assert_eq!(
@@ -298,12 +297,7 @@ fn a_reconnection_snapshot_that_omits_a_pod_forgets_it() {
     assert_eq!(zds.snapshot_sent().unwrap(), "");
     wait_listening(&env, "b", &[]);
     assert_eq!(listening(&env, "a"), ALL);
-    assert_eq!(
-        attempt(&env, "a", env.addr("c", 8080)),
-        Ok(()),
-        "{}",
-        logs(&env)
-    );
+    allowed(&env, "a", "c", 8080);
     assert!(attempt(&env, "b", env.addr("c", 8080)).is_err());
     // keep is only for the snapshot.
     assert!(!zds.keep("uid-a").unwrap().is_empty());
@@ -339,10 +333,18 @@ fn bad_requests_get_an_error_ack_and_other_pods_keep_working() {
     assert_eq!(listening(&env, "b"), Vec::<u16>::new());
     assert_eq!(listening(&env, "a"), ALL);
     env.answer_each("c", 8080, 5, b"ok");
+    allowed(&env, "a", "c", 8080);
+    // A pod the mesh does not enroll, handed over anyway: its traffic is refused, not passed
+    // through in plaintext.
     assert_eq!(
-        attempt(&env, "a", env.addr("c", 8080)),
-        Ok(()),
-        "{}",
+        zds.add("uid-x", info("x", "legacy", "x"), &env.pod("x").ns)
+            .unwrap(),
+        ""
+    );
+    assert_eq!(listening(&env, "x"), ALL);
+    assert!(
+        attempt(&env, "x", env.addr("c", 8080)).is_err(),
+        "x's outbound must be refused\n{}",
         logs(&env)
     );
     // The connection is still good: the next request is served.
@@ -351,10 +353,5 @@ fn bad_requests_get_an_error_ack_and_other_pods_keep_working() {
             .unwrap(),
         ""
     );
-    assert_eq!(
-        attempt(&env, "b", env.addr("c", 8080)),
-        Ok(()),
-        "{}",
-        logs(&env)
-    );
+    allowed(&env, "b", "c", 8080);
 }

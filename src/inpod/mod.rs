@@ -82,7 +82,8 @@ enum Refusal {
 struct Pod {
     /// What istio-cni calls it, for logs.
     label: String,
-    /// The mesh state's uid of the workload, when it knew it.
+    /// The mesh state's uid of the workload (the one it had, else the one istio-cni's
+    /// workload info names), to find its addresses when it goes.
     mesh_uid: Option<String>,
     /// Its addresses when it was added (the connections to close when it goes).
     ips: Vec<IpAddr>,
@@ -281,7 +282,10 @@ impl Pods {
             uid,
             Pod {
                 label,
-                mesh_uid: workload.as_ref().map(|w| w.uid.clone()),
+                mesh_uid: workload.as_ref().map(|w| w.uid.clone()).or_else(|| {
+                    info.as_ref()
+                        .map(|i| Workload::pod_uid(&i.namespace, &i.name))
+                }),
                 ips: workload.map(|w| w.ips.clone()).unwrap_or_default(),
                 netns_id,
                 shutdown,

@@ -120,6 +120,13 @@ pub async fn serve_outbound_to(
     let src_w = snap
         .workload_by_ip(peer.ip())
         .filter(|w| w.node == ctx.node && w.enrollment.is_enrolled());
+    // In a pod (in-pod), every connection on 15001 is that pod's: one the mesh state does not
+    // know as a local enrolled workload is refused, never passed through in plaintext.
+    if src_w.is_none() && ctx.mode.is_in_pod() {
+        tracing::info!(src = %peer, dst = %dst, "outbound from a pod the mesh state does not know as local and enrolled; refused");
+        socket::reset_on_close(&client);
+        return;
+    }
     let src_id = src_w.and_then(|w| ctx.identity_of(w));
     let dst_mesh = target.workload.filter(|w| w.enrollment.is_enrolled());
     let meta = |protocol, dst_identity| ConnMeta {
