@@ -355,3 +355,102 @@ fn bad_requests_get_an_error_ack_and_other_pods_keep_working() {
     );
     allowed(&env, "b", "c", 8080);
 }
+
+const L7_ON_A: &str = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: a-only-ok, namespace: shop}
+spec:
+  selector: {matchLabels: {app: a}}
+  action: ALLOW
+  rules:
+  - to: [{operation: {paths: [/ok]}}]
+";
+
+/// An HTTP app in pod `name` on `port`: answers every request `200` with the client's IP.
+fn http_app(env: &MeshEnv, name: &str, port: u16) {
+    let l = env.pod(name).ns.tcp_listen(env.addr(name, port)).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let peer = s
+                    .peer_addr()
+                    .map(|p| p.ip().to_string())
+                    .unwrap_or_default();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    match s.read(&mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{peer}",
+                    peer.len()
+                );
+            });
+        }
+    });
+}
+
+/// `GET path` from pod `from` to `dst`: (status, body).
+fn get(env: &MeshEnv, from: &str, dst: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = env
+        .pod(from)
+        .ns
+        .tcp_connect(dst, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{from} -> {dst}: {e}\n{}", logs(env)));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: a.shop\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[test]
+fn l7_policy_on_an_in_pod_pod_is_decided_by_the_waypoint_which_reaches_the_app_from_inside_the_pod()
+{
+    let Some((mut env, agent)) = inpod_env() else {
+        return;
+    };
+    let (zds, _) = agent.accept().unwrap();
+    assert_eq!(
+        zds.add("uid-a", info("a", "shop", "a"), &env.pod("a").ns)
+            .unwrap(),
+        ""
+    );
+    assert_eq!(zds.snapshot_sent().unwrap(), "");
+    env.extra_yaml = L7_ON_A.to_string();
+    env.write_mesh();
+    env.wait_generation(1, 2);
+    env.wait_generation(2, 2);
+    http_app(&env, "a", 8086);
+    let c_ip = env.pod("c").ip.to_string();
+    let y_ip = env.pod("y").ip.to_string();
+    // Over HBONE from c, and in plaintext from y: allowed paths reach the app, from the
+    // client's own address; others are refused by the waypoint.
+    for (from, ip) in [("c", &c_ip), ("y", &y_ip)] {
+        let (status, body) = get(&env, from, env.addr("a", 8086), "/ok");
+        assert_eq!(
+            (status, body.as_str()),
+            (200, ip.as_str()),
+            "{from}\n{}",
+            logs(&env)
+        );
+        let (status, _) = get(&env, from, env.addr("a", 8086), "/no");
+        assert_eq!(status, 403, "{from}\n{}", logs(&env));
+    }
+}
