@@ -18,6 +18,11 @@ use support::zds::{capture_in_pod, info, NodeAgent};
 /// Two nodes: node 1 in-pod (pods a and b, and x outside the mesh, istio-cni's rules in all
 /// three), node 2 node-level (c in the mesh, y outside it).
 fn inpod_env() -> Option<(MeshEnv, NodeAgent)> {
+    inpod_env_with("")
+}
+
+/// [`inpod_env`] with more lines in node 1's config.
+fn inpod_env_with(node1_extra: &str) -> Option<(MeshEnv, NodeAgent)> {
     let mut env = MeshEnv::build(
         2,
         &[("shop", true), ("legacy", false)],
@@ -34,7 +39,10 @@ fn inpod_env() -> Option<(MeshEnv, NodeAgent)> {
     let agent = NodeAgent::listen(&socket).expect("ZDS stand-in");
     env.node_config_extra.insert(
         1,
-        format!("redirect: inpod\nzdsSocket: {}\n", socket.display()),
+        format!(
+            "redirect: inpod\nzdsSocket: {}\n{node1_extra}",
+            socket.display()
+        ),
     );
     for p in ["a", "b", "x"] {
         capture_in_pod(&env.pod(p).ns).expect("istio-cni's in-pod rules");
@@ -453,4 +461,67 @@ fn l7_policy_on_an_in_pod_pod_is_decided_by_the_waypoint_which_reaches_the_app_f
         let (status, _) = get(&env, from, env.addr("a", 8086), "/no");
         assert_eq!(status, 403, "{from}\n{}", logs(&env));
     }
+}
+
+/// An echo server in pod `name` on `port`: every connection gets its bytes back.
+fn echo(env: &MeshEnv, name: &str, port: u16) {
+    let l = env.pod(name).ns.tcp_listen(env.addr(name, port)).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut s, &mut w);
+            });
+        }
+    });
+}
+
+#[test]
+fn a_deleted_pods_live_connections_get_the_drain_grace_then_are_closed() {
+    let Some((env, agent)) = inpod_env_with("drainGrace: 2s\n") else {
+        return;
+    };
+    let (zds, _) = agent.accept().unwrap();
+    assert_eq!(
+        zds.add("uid-a", info("a", "shop", "a"), &env.pod("a").ns)
+            .unwrap(),
+        ""
+    );
+    assert_eq!(zds.snapshot_sent().unwrap(), "");
+    echo(&env, "c", 8087);
+    let mut s = env
+        .pod("a")
+        .ns
+        .tcp_connect(env.addr("c", 8087), Duration::from_secs(5))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let roundtrip = |s: &mut std::net::TcpStream| -> std::io::Result<()> {
+        s.write_all(b"ping")?;
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b)?;
+        assert_eq!(&b, b"ping");
+        Ok(())
+    };
+    roundtrip(&mut s).unwrap_or_else(|e| panic!("a -> c: {e}\n{}", logs(&env)));
+
+    let deleted = Instant::now();
+    assert_eq!(zds.del("uid-a").unwrap(), "");
+    wait_listening(&env, "a", &[]);
+    // Within the grace period the live connection still carries bytes...
+    roundtrip(&mut s).unwrap_or_else(|e| panic!("during the drain: {e}\n{}", logs(&env)));
+    // ...and after it, it is closed.
+    let mut b = [0u8; 4];
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let end = s.read(&mut b);
+    assert!(
+        matches!(&end, Ok(0)) || matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "closed after the grace period: {end:?}"
+    );
+    let after = deleted.elapsed();
+    assert!(
+        after >= Duration::from_millis(1500) && after < Duration::from_secs(8),
+        "closed {after:?} after the delete, grace 2s\n{}",
+        logs(&env)
+    );
 }
