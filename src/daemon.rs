@@ -215,11 +215,12 @@ impl Daemon {
         };
         // Capture: a missing iptables or a refused rule fails start-up; kept in step with the
         // state by a task.
+        let mut inpod = None;
         let redirector = match config.redirect {
             Redirect::None => None,
             // istio-cni programs the capture inside each pod; weft programs none on the node.
             Redirect::Inpod => {
-                tasks.push(crate::inpod::spawn(
+                let (task, status) = crate::inpod::spawn(
                     proxy_ctx.clone(),
                     crate::inpod::Settings {
                         zds_socket: config.zds_socket.clone(),
@@ -227,7 +228,9 @@ impl Daemon {
                         drain_grace: config.drain_grace,
                     },
                     shutdown_rx.clone(),
-                ));
+                );
+                tasks.push(task);
+                inpod = Some(status);
                 None
             }
             Redirect::Tproxy => {
@@ -280,6 +283,7 @@ impl Daemon {
             metrics,
             proxy: proxy_ctx,
             redirect: redirector.clone(),
+            inpod,
             shutdown: shutdown.clone(),
         });
         let admin = match admin::start(ctx, shutdown_rx) {

@@ -197,6 +197,12 @@ fn an_added_pod_is_tunnelled_over_hbone_and_its_inbound_is_policy_checked() {
     // Acknowledged only once the pod's listeners listen.
     assert_eq!(listening(&env, "a"), ALL);
     assert_eq!(zds.snapshot_sent().unwrap(), "");
+    let dump = env.admin_json(1, "/config_dump");
+    assert_eq!(dump["inpod"]["connected"], true, "{dump}");
+    assert_eq!(
+        dump["inpod"]["pods"]["uid-a"]["workload"], "Kubernetes//Pod/shop/a",
+        "{dump}"
+    );
 
     // Outbound: istio-cni's REDIRECT to 15001 in the pod, HBONE to node 2.
     check_path(&env, "a", "c", 8080, 1);
@@ -250,6 +256,8 @@ fn an_added_pod_is_tunnelled_over_hbone_and_its_inbound_is_policy_checked() {
     // Deleted: its listeners are gone.
     assert_eq!(zds.del("uid-a").unwrap(), "");
     wait_listening(&env, "a", &[]);
+    let dump = env.admin_json(1, "/config_dump");
+    assert_eq!(dump["inpod"]["pods"], serde_json::json!({}), "{dump}");
     assert!(
         attempt(&env, "a", env.addr("c", 8084)).is_err(),
         "nothing carries a's traffic any more"

@@ -78,6 +78,46 @@ enum Refusal {
     KeepOutsideSnapshot { uid: String },
 }
 
+/// What `/config_dump` shows of in-pod capture (`inpod`): whether the ZDS connection is up
+/// and the pods served.
+#[derive(Debug, Default)]
+pub struct Status {
+    view: std::sync::Mutex<StatusView>,
+}
+
+/// A copy of [`Status`].
+#[derive(Clone, Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusView {
+    /// istio-cni's node-agent socket.
+    pub zds_socket: PathBuf,
+    /// Whether the ZDS connection is up.
+    pub connected: bool,
+    /// The served pods by istio-cni's uid.
+    pub pods: std::collections::BTreeMap<String, PodView>,
+}
+
+/// One served pod in [`StatusView`].
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodView {
+    /// `<namespace>/<name>`.
+    pub pod: String,
+    /// The mesh state's workload it was matched with, if any when it was added.
+    pub workload: Option<String>,
+}
+
+impl Status {
+    /// A copy of the current status.
+    pub fn view(&self) -> StatusView {
+        crate::sync::lock(&self.view).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut StatusView)) {
+        f(&mut crate::sync::lock(&self.view));
+    }
+}
+
 /// One served pod.
 struct Pod {
     /// What istio-cni calls it, for logs.
@@ -94,18 +134,23 @@ struct Pod {
     proxy: Proxy,
 }
 
-/// Serves the pods istio-cni hands over until `shutdown`, then drains them.
+/// Serves the pods istio-cni hands over until `shutdown`, then drains them; the status
+/// follows.
 pub fn spawn(
     node: Arc<ProxyCtx>,
     settings: Settings,
     mut shutdown: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+) -> (tokio::task::JoinHandle<()>, Arc<Status>) {
+    let status = Arc::new(Status::default());
+    status.update(|v| v.zds_socket = settings.zds_socket.clone());
+    let task_status = status.clone();
+    let task = tokio::spawn(async move {
         let mut pods = Pods {
             node,
             settings,
             served: HashMap::new(),
             drains: TaskTracker::new(),
+            status: task_status,
         };
         let mut failures = 0u32;
         loop {
@@ -113,6 +158,7 @@ pub fn spawn(
                 r = pods.session(&mut failures) => r,
                 _ = crate::sync::shut_down(&mut shutdown) => break,
             };
+            pods.status.update(|v| v.connected = false);
             failures = failures.saturating_add(1);
             let delay = BACKOFF.delay(failures);
             match ended {
@@ -132,7 +178,8 @@ pub fn spawn(
             }
         }
         pods.stop_all().await;
-    })
+    });
+    (task, status)
 }
 
 /// The served pods and how to serve more.
@@ -142,6 +189,7 @@ struct Pods {
     served: HashMap<String, Pod>,
     /// The drains of removed pods still running.
     drains: TaskTracker,
+    status: Arc<Status>,
 }
 
 impl Pods {
@@ -150,6 +198,7 @@ impl Pods {
     async fn session(&mut self, failures: &mut u32) -> io::Result<()> {
         let conn = ZdsConnection::connect(&self.settings.zds_socket).await?;
         tracing::info!(socket = %self.settings.zds_socket.display(), served = self.served.len(), "connected to istio-cni (ZDS)");
+        self.status.update(|v| v.connected = true);
         // The pods named before `snapshot_sent`; `None` once the snapshot is complete.
         let mut snapshot: Option<HashSet<String>> = Some(HashSet::new());
         loop {
@@ -195,7 +244,7 @@ impl Pods {
             },
             Request::Del { uid } => {
                 match self.served.remove(&uid) {
-                    Some(pod) => self.remove(pod, "deleted by istio-cni"),
+                    Some(pod) => self.remove(&uid, pod, "deleted by istio-cni"),
                     None => {
                         tracing::info!(uid = %uid, "istio-cni deletes a pod weft does not serve")
                     }
@@ -212,7 +261,7 @@ impl Pods {
                         .collect();
                     for uid in gone {
                         if let Some(pod) = self.served.remove(&uid) {
-                            self.remove(pod, "not in istio-cni's snapshot");
+                            self.remove(&uid, pod, "not in istio-cni's snapshot");
                         }
                     }
                 }
@@ -268,7 +317,7 @@ impl Pods {
         })?;
         // The same pod in another namespace (its sandbox was recreated): the old one goes.
         if let Some(old) = self.served.remove(&uid) {
-            self.remove(old, "replaced by a new network namespace");
+            self.remove(&uid, old, "replaced by a new network namespace");
         }
         match &workload {
             Some(w) => {
@@ -278,6 +327,15 @@ impl Pods {
                 tracing::warn!(pod = %label, uid = %uid, "pod served in its network namespace, but the mesh state does not know it yet")
             }
         }
+        self.status.update(|v| {
+            v.pods.insert(
+                uid.clone(),
+                PodView {
+                    pod: label.clone(),
+                    workload: workload.as_ref().map(|w| w.uid.clone()),
+                },
+            );
+        });
         self.served.insert(
             uid,
             Pod {
@@ -333,8 +391,11 @@ impl Pods {
 
     /// Stops serving a pod: its listeners close now; its connections get the drain grace in
     /// the background, then the rest are closed.
-    fn remove(&self, pod: Pod, why: &'static str) {
+    fn remove(&self, uid: &str, pod: Pod, why: &'static str) {
         tracing::info!(pod = %pod.label, reason = why, "pod no longer served");
+        self.status.update(|v| {
+            v.pods.remove(uid);
+        });
         pod.shutdown.send_replace(true);
         // Its addresses now, if the state still has it, else when it was added.
         let ips = pod
@@ -358,8 +419,8 @@ impl Pods {
 
     /// Daemon shutdown: every pod drains at once, each for the grace period.
     async fn stop_all(mut self) {
-        for (_, pod) in std::mem::take(&mut self.served) {
-            self.remove(pod, "weft is stopping");
+        for (uid, pod) in std::mem::take(&mut self.served) {
+            self.remove(&uid, pod, "weft is stopping");
         }
         self.drains.close();
         self.drains.wait().await;
