@@ -512,6 +512,8 @@ fn a_deleted_pods_live_connections_get_the_drain_grace_then_are_closed() {
         Ok(())
     };
     roundtrip(&mut s).unwrap_or_else(|e| panic!("a -> c: {e}\n{}", logs(&env)));
+    let pid = env.daemons[0].as_ref().unwrap().pid();
+    assert_eq!(netns_threads(pid), 1, "one thread in a's namespace");
 
     let deleted = Instant::now();
     assert_eq!(zds.del("uid-a").unwrap(), "");
@@ -527,9 +529,30 @@ fn a_deleted_pods_live_connections_get_the_drain_grace_then_are_closed() {
         "closed after the grace period: {end:?}"
     );
     let after = deleted.elapsed();
+    // The pod's socket thread left its network namespace once the drain was over.
+    let pid = env.daemons[0].as_ref().unwrap().pid();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while netns_threads(pid) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the netns thread of shop/a outlived the drain"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
         after >= Duration::from_millis(1500) && after < Duration::from_secs(8),
         "closed {after:?} after the delete, grace 2s\n{}",
         logs(&env)
     );
+}
+
+/// How many threads of process `pid` are pod namespace threads of `shop/a` (`netns shop/a`).
+fn netns_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.trim() == "netns shop/a")
+                .count()
+        })
+        .unwrap_or(0)
 }

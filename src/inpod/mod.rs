@@ -132,6 +132,8 @@ struct Pod {
     netns_id: (u64, u64),
     shutdown: watch::Sender<bool>,
     proxy: Proxy,
+    /// Closed once the pod's connections are drained.
+    netns: Arc<PodNetns>,
 }
 
 /// Serves the pods istio-cni hands over until `shutdown`, then drains them; the status
@@ -307,7 +309,7 @@ impl Pods {
                 uid: uid.clone(),
                 source,
             })?;
-        let ctx = Arc::new(self.node.in_pod(entered));
+        let ctx = Arc::new(self.node.in_pod(entered.clone()));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let proxy = Proxy::start(ctx, self.pod_listeners(), shutdown_rx).map_err(|source| {
             Refusal::Listen {
@@ -348,6 +350,7 @@ impl Pods {
                 netns_id,
                 shutdown,
                 proxy,
+                netns: entered,
             },
         );
         Ok(())
@@ -413,6 +416,7 @@ impl Pods {
         let shutdown = pod.shutdown;
         self.drains.spawn(async move {
             pod.proxy.drain_matching(grace, |c| owned_by(c, &ips)).await;
+            pod.netns.close();
             drop(shutdown);
         });
     }

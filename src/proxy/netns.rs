@@ -5,9 +5,12 @@
 //! A socket belongs to the network namespace of the thread that created it, for its whole
 //! life; binding, listening and connecting can happen on any thread after that. So each pod
 //! gets one thread of its own that entered the namespace once (`setns`) and creates sockets
-//! on request; no runtime worker ever changes namespace. The thread ends when the last handle
-//! to the pod's namespace is dropped (the pod's listeners and connections gone), and the
-//! namespace fd istio-cni sent is closed as soon as the thread entered it.
+//! on request; no runtime worker ever changes namespace. The thread ends when the pod's data
+//! path is done with it ([`PodNetns::close`], after its drain) or the last handle is dropped,
+//! whichever comes first: a thread inside a namespace keeps it alive, and a removed pod's
+//! must not outlive its connections (a handle may linger in a cache, e.g. the waypoint's app
+//! connection pools). The namespace fd istio-cni sent is closed as soon as the thread entered
+//! it.
 //!
 //! Owns no policy and no listener: `proxy::socket` asks it for sockets, `inpod` makes it.
 
@@ -24,7 +27,8 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct PodNetns {
     /// Which pod, for logs.
     name: String,
-    jobs: mpsc::Sender<Job>,
+    /// `None` once closed.
+    jobs: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
 }
 
 impl std::fmt::Debug for PodNetns {
@@ -66,7 +70,7 @@ impl PodNetns {
         match entered.recv() {
             Ok(Ok(())) => Ok(Arc::new(PodNetns {
                 name: name.to_string(),
-                jobs,
+                jobs: std::sync::Mutex::new(Some(jobs)),
             })),
             Ok(Err(e)) => Err(io::Error::new(
                 e.kind(),
@@ -87,9 +91,19 @@ impl PodNetns {
         f: impl FnOnce() -> T + Send + 'static,
         reply: impl FnOnce(T) + Send + 'static,
     ) -> io::Result<()> {
-        self.jobs
-            .send(Box::new(move || reply(f())))
-            .map_err(|_| gone(&self.name))
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        match jobs.as_ref() {
+            Some(jobs) => jobs
+                .send(Box::new(move || reply(f())))
+                .map_err(|_| gone(&self.name)),
+            None => Err(gone(&self.name)),
+        }
+    }
+
+    /// Ends the namespace's thread (it leaves the namespace, which can then go away): no
+    /// socket can be created in it from now on.
+    pub fn close(&self) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// A new TCP socket inside the namespace, waiting on the calling thread for it (the
@@ -149,5 +163,8 @@ mod tests {
                 .into(),
         )
         .unwrap();
+        ns.close();
+        let e = ns.tcp_socket(Domain::IPV4).unwrap_err();
+        assert!(e.to_string().contains("is gone"), "{e}");
     }
 }
