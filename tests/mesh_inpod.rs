@@ -350,6 +350,25 @@ fn bad_requests_get_an_error_ack_and_other_pods_keep_working() {
     assert_eq!(listening(&env, "a"), ALL);
     env.answer_each("c", 8080, 5, b"ok");
     allowed(&env, "a", "c", 8080);
+    // Straight to a listener at the pod's address from inside the pod (istio-cni's rules
+    // leave traffic on `lo` alone): nothing to relay, closed at once, never relayed to the
+    // listener itself again (and again).
+    for port in [15001, 15006] {
+        let mut s = env
+            .pod("a")
+            .ns
+            .tcp_connect(env.addr("a", port), Duration::from_secs(5))
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"hello");
+        let mut b = [0u8; 4];
+        let end = s.read(&mut b);
+        assert!(
+            matches!(&end, Ok(0))
+                || matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "a direct connection to {port} must be closed: {end:?}"
+        );
+    }
     // A pod the mesh does not enroll, handed over anyway: its traffic is refused, not passed
     // through in plaintext.
     assert_eq!(
