@@ -228,6 +228,7 @@ impl Weft {
             src: id("client"),
             dst: id("server"),
             dst_ip: self.node.ip,
+            dst_port: 15008,
         };
         pool.tunnel(
             &key,

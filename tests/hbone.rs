@@ -112,6 +112,7 @@ impl Setup {
             src: id("client"),
             dst: id(dst),
             dst_ip: self.server_ip,
+            dst_port: 15008,
         }
     }
     fn app_addr(&self, port: u16) -> SocketAddr {

@@ -102,6 +102,7 @@ impl Setup {
             src: id("productpage"),
             dst: id(sa),
             dst_ip: self.server_ip,
+            dst_port: 15008,
         };
         let from = SocketAddr::new(self.client_ip, 40000);
         self.pool.tunnel(&key, &self.cert, dst, from).await.unwrap()
@@ -511,6 +512,7 @@ async fn l4_and_waypoint_traffic_carry_every_label_istios_dashboards_query() {
         src: id("productpage"),
         dst: id("reviews"),
         dst_ip: s.server_ip,
+        dst_port: 15008,
     };
     for port in [8080, 8099] {
         let failed = s

@@ -101,6 +101,7 @@ impl Weft {
             src: id("client"),
             dst: id("server"),
             dst_ip: self.node.ip,
+            dst_port: 15008,
         };
         let mut t = pool
             .tunnel(
@@ -468,6 +469,7 @@ async fn a_peer_that_stops_answering_fails_new_tunnels_in_time_and_is_probed_awa
         src: id("client"),
         dst: id("server"),
         dst_ip: w.node.ip,
+        dst_port: 15008,
     };
     let open = pool
         .tunnel(

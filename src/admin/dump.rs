@@ -22,7 +22,7 @@ use crate::metrics::Direction;
 use crate::model::policy::{
     Action, AuthorizationPolicy, IpBlock, PolicyScope, PortNumber, RuleFrom, RuleTo, StringMatch,
 };
-use crate::model::{Enrollment, Policy, Service, TargetPort, Workload};
+use crate::model::{Enrollment, GatewayAddress, Policy, Service, TargetPort, Workload};
 use crate::proxy::conntrack::{Conn, Protocol};
 use crate::state::Snapshot;
 
@@ -41,7 +41,7 @@ pub(super) fn workload(w: &Workload, snap: &Snapshot, cfg: &Config) -> Value {
         .services_of(&w.uid)
         .map(|s| format!("{}/{}", s.namespace, s.hostname()))
         .collect();
-    json!({
+    let mut out = json!({
         // ztunnel's fields (istioctl's `ZtunnelWorkload`).
         "uid": w.uid,
         "workloadIps": w.ips,
@@ -66,7 +66,23 @@ pub(super) fn workload(w: &Workload, snap: &Snapshot, cfg: &Config) -> Value {
         "local": w.node == cfg.node_name,
         "labels": w.labels,
         "enrollment": w.enrollment,
-    })
+    });
+    with_waypoint(&mut out, w.waypoint.as_ref());
+    out
+}
+
+/// Adds `waypoint` as ztunnel writes it (`{"destination": "<network>/<ip>" or
+/// "<namespace>/<hostname>", "hboneMtlsPort": 15008}`), absent without one.
+fn with_waypoint(out: &mut Value, waypoint: Option<&GatewayAddress>) {
+    if let (Some(obj), Some(wp)) = (out.as_object_mut(), waypoint) {
+        obj.insert(
+            "waypoint".to_string(),
+            json!({
+                "destination": wp.destination.to_string(),
+                "hboneMtlsPort": wp.hbone_mtls_port,
+            }),
+        );
+    }
 }
 
 /// Istio's workload type: `deployment` for a pod a ReplicaSet made (`<workload>-<hash>-<id>`),
@@ -131,7 +147,7 @@ pub(super) fn service(s: &Service, snap: &Snapshot) -> Value {
         (false, true) => "IPv6",
         _ => "IPv4",
     };
-    json!({
+    let mut out = json!({
         "name": s.name,
         "namespace": s.namespace,
         "hostname": host,
@@ -144,7 +160,9 @@ pub(super) fn service(s: &Service, snap: &Snapshot) -> Value {
         "portsDetail": s.ports,
         "selector": s.selector,
         "labels": s.labels,
-    })
+    });
+    with_waypoint(&mut out, s.waypoint.as_ref());
+    out
 }
 
 /// The AuthorizationPolicies in ztunnel's shape (`rules`: rules, each a list of clauses that
