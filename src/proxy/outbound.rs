@@ -250,8 +250,27 @@ async fn tunnel_and_relay(
     }
 }
 
-/// The tunnel to a waypoint, or why there is none.
-type WaypointTunnel = Result<(PoolKey, Arc<IssuedCert>), String>;
+/// Why a connection behind a waypoint cannot be sent to it (it then fails; it never goes
+/// direct).
+#[derive(Debug, thiserror::Error)]
+enum WaypointUnusable {
+    /// The waypoint is not in the state.
+    #[error(transparent)]
+    Unresolved(#[from] envoy_waypoint::Unresolved),
+    /// The source is not a workload weft holds an identity for.
+    #[error("the source has no mesh identity to present to the waypoint")]
+    NoSourceIdentity,
+    /// The source's certificate is not issued yet.
+    #[error("no certificate yet for {0}")]
+    NoCertificate(Identity),
+    /// The waypoint's workload has no valid SPIFFE identity to expect.
+    #[error("waypoint workload {0} has no valid identity")]
+    NoWaypointIdentity(String),
+}
+
+/// The tunnel to a waypoint (its pool key and the source's certificate), or why there is
+/// none.
+type WaypointTunnel = Result<(PoolKey, Arc<IssuedCert>), WaypointUnusable>;
 
 /// Decides, on `snap`, how a connection from `peer` to `dst` reaches the waypoint `via`
 /// names: the connection record (to the waypoint when it was found, else to `dst`) and the
@@ -288,28 +307,31 @@ fn to_waypoint(
         audits: Vec::new(),
     };
     let guard = ctx.conns.open(meta);
-    let tunnel = (|| {
-        let hop = hop.map_err(|e| e.to_string())?;
-        let src_id = src_id.ok_or("the source has no mesh identity to present to the waypoint")?;
-        let cert = ctx
-            .certs
-            .get(&src_id)
-            .ok_or_else(|| format!("no certificate yet for {src_id}"))?;
-        let dst_id = waypoint_id.ok_or_else(|| {
-            format!(
-                "waypoint workload {} has no valid identity",
-                hop.workload.uid
-            )
-        })?;
-        let key = PoolKey {
-            src: src_id,
-            dst: dst_id,
-            dst_ip: hop.addr.ip(),
-            dst_port: hop.addr.port(),
-        };
-        Ok((key, cert))
-    })();
-    (guard, tunnel)
+    (guard, waypoint_tunnel(ctx, hop, src_id, waypoint_id))
+}
+
+/// The pool key and source certificate of a tunnel to the waypoint at `hop`.
+fn waypoint_tunnel(
+    ctx: &ProxyCtx,
+    hop: Result<envoy_waypoint::Hop<'_>, envoy_waypoint::Unresolved>,
+    src_id: Option<Identity>,
+    waypoint_id: Option<Identity>,
+) -> WaypointTunnel {
+    let hop = hop?;
+    let src_id = src_id.ok_or(WaypointUnusable::NoSourceIdentity)?;
+    let cert = ctx
+        .certs
+        .get(&src_id)
+        .ok_or_else(|| WaypointUnusable::NoCertificate(src_id.clone()))?;
+    let dst_id = waypoint_id
+        .ok_or_else(|| WaypointUnusable::NoWaypointIdentity(hop.workload.uid.clone()))?;
+    let key = PoolKey {
+        src: src_id,
+        dst: dst_id,
+        dst_ip: hop.addr.ip(),
+        dst_port: hop.addr.port(),
+    };
+    Ok((key, cert))
 }
 
 /// Tunnels a connection to its waypoint, `:authority` the original destination `dst`; a
@@ -328,7 +350,7 @@ async fn serve_through_waypoint(
         Err(why) => {
             tracing::info!(src = %peer, dst = %dst, reason = %why, "waypoint unreachable; connection refused");
             socket::reset_on_close(&client);
-            guard.set_outcome(Outcome::ConnectFailed(why));
+            guard.set_outcome(Outcome::ConnectFailed(why.to_string()));
         }
     }
 }
