@@ -244,3 +244,98 @@ async fn a_daemon_in_istiod_mode_syncs_over_xds_and_gets_its_certificates_from_i
     );
     daemon.stop().await;
 }
+
+/// The keepalive enforcer in front of istiod: (istiod, enforcer, a control plane that goes
+/// through the enforcer and pings every `interval` while a stream is open).
+async fn istiod_enforcing_keepalive(
+    interval: Duration,
+    min_time: Duration,
+) -> (
+    FakeIstiod,
+    support::grpc_keepalive::KeepaliveEnforcer,
+    weft::config::ControlPlane,
+) {
+    let istiod = FakeIstiod::start().await;
+    let listen = std::net::SocketAddr::new(istiod.addr.ip(), istiod.addr.port() + 1);
+    let enforcer = support::grpc_keepalive::KeepaliveEnforcer::start(
+        listen,
+        istiod.serving_identity(),
+        istiod.addr,
+        &istiod.root_pem(),
+        min_time,
+    )
+    .await;
+    let mut cp = istiod.control_plane();
+    cp.address = format!("https://{listen}");
+    cp.keepalive = interval;
+    (istiod, enforcer, cp)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keepalive_stand_in_sends_goaway_on_the_third_idle_ping_strike() {
+    use std::sync::atomic::Ordering;
+    let (istiod, enforcer, _) =
+        istiod_enforcing_keepalive(Duration::from_secs(1), Duration::from_millis(100)).await;
+    // A bare h2 client over TLS that pings with no stream open.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut istiod.root_pem().as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(weft::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(enforcer.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(enforcer.addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (_client, mut conn) = h2::client::handshake(tls).await.unwrap();
+    let mut pings = conn.ping_pong().unwrap();
+    let conn = tokio::spawn(conn);
+    // The first ping is no strike; the second, third and fourth are (no stream, < 2 h).
+    for n in 1..=3 {
+        tokio::time::timeout(Duration::from_secs(5), pings.ping(h2::Ping::opaque()))
+            .await
+            .unwrap_or_else(|_| panic!("ping {n} unanswered"))
+            .unwrap_or_else(|e| panic!("ping {n}: {e}"));
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), pings.ping(h2::Ping::opaque())).await;
+    let end = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("connection closed by the GOAWAY")
+        .unwrap();
+    let e = end.expect_err("closed with an error");
+    assert_eq!(e.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{e}");
+    assert_eq!(enforcer.seen.goaways.load(Ordering::Relaxed), 1);
+    assert_eq!(enforcer.seen.strikes.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_ca_channel_is_not_pinged_and_keeps_its_connection() {
+    use std::sync::atomic::Ordering;
+    // istiod's policy scaled down 150 times: pings every 200 ms while a stream is open,
+    // MinTime 100 ms. Idle for 3 s, a pinging client would take its GOAWAY after 4 pings.
+    let (_istiod, enforcer, cp) =
+        istiod_enforcing_keepalive(Duration::from_millis(200), Duration::from_millis(100)).await;
+    let ca = IstioCa::new(cp).unwrap();
+    ca.issue(&id("cart"), Duration::from_secs(600))
+        .await
+        .expect("first certificate");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let seen = &enforcer.seen;
+    assert_eq!(
+        seen.idle_pings.load(Ordering::Relaxed),
+        0,
+        "pinged while idle"
+    );
+    assert_eq!(seen.goaways.load(Ordering::Relaxed), 0);
+    ca.issue(&id("cart"), Duration::from_secs(600))
+        .await
+        .expect("second certificate, on the same channel");
+    assert_eq!(seen.connections.load(Ordering::Relaxed), 1, "reconnected");
+    assert_eq!(seen.goaways.load(Ordering::Relaxed), 0);
+}

@@ -484,6 +484,16 @@ impl FakeIstiod {
         f
     }
 
+    /// istiod's serving certificate and key (PEM), for a stand-in in front of it.
+    pub fn serving_identity(&self) -> (&str, &str) {
+        (&self.identity.0, &self.identity.1)
+    }
+
+    /// The root istiod's serving certificate chains to (PEM).
+    pub fn root_pem(&self) -> String {
+        std::fs::read_to_string(self.root_cert_file()).unwrap()
+    }
+
     pub fn root_cert_file(&self) -> PathBuf {
         self.dir.path().join("root-cert.pem")
     }
@@ -503,6 +513,7 @@ impl FakeIstiod {
             root_cert_file: self.root_cert_file(),
             token_file: self.token_file(),
             cluster_id: CLUSTER_ID.to_string(),
+            keepalive: weft::istiod::KEEPALIVE_INTERVAL,
         }
     }
 
