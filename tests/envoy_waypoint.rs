@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use support::istiod::{FakeIstiod, ADDRESS_TYPE};
 use support::*;
-use weft::identity::{BuiltinCa, CertificateAuthority, Identity};
+use weft::identity::{BuiltinCa, Identity};
 use weft::proto::istio::workload as xw;
 use weft::proxy::ProxyCtx;
 use weft::tls::TlsConfigs;
@@ -464,7 +464,7 @@ async fn traffic_to_destinations_behind_an_istiod_announced_waypoint_goes_only_t
     // The stand-ins: the waypoint, reviews' node's HBONE port, and recorders on the pods'
     // own addresses (and the VIPs) that nothing may reach directly.
     let ca = BuiltinCa::load(&node.path("ca")).unwrap();
-    let tls = TlsConfigs::new(ca.roots_der()).unwrap();
+    let tls = TlsConfigs::new();
     let at_waypoint = hbone_stand_in(
         &ca,
         &tls,

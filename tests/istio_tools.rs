@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use support::*;
-use weft::identity::{BuiltinCa, CertificateAuthority, Identity, IssuedCert};
+use weft::identity::{BuiltinCa, Identity, IssuedCert};
 use weft::proxy::pool::{Pool, PoolKey, Tunnel};
 use weft::proxy::socket::SocketMode;
 use weft::tls::TlsConfigs;
@@ -73,7 +73,7 @@ async fn setup(waypoint: bool) -> Setup {
         .unwrap();
     assert!(wait_ready(node.readiness(), Duration::from_secs(10)).await);
     let ca = BuiltinCa::load(&node.path("ca")).unwrap();
-    let tls = Arc::new(TlsConfigs::new(ca.roots_der()).unwrap());
+    let tls = Arc::new(TlsConfigs::new());
     let pool = Pool::new(
         tls,
         SocketMode::Plain,

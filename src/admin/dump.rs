@@ -302,14 +302,12 @@ fn cert(der: &[u8]) -> Value {
 
 /// The workload certificates as ztunnel dumps them (`certChain`: leaf then intermediates;
 /// `rootCerts`), plus weft's hex serial and validity.
-pub(super) fn certificates(
-    certs: &[std::sync::Arc<IssuedCert>],
-    roots: &[rustls::pki_types::CertificateDer<'static>],
-) -> Vec<Value> {
-    let roots: Vec<Value> = roots.iter().map(|r| cert(r)).collect();
+pub(super) fn certificates(certs: &[std::sync::Arc<IssuedCert>]) -> Vec<Value> {
     let mut out: Vec<Value> = certs
         .iter()
         .map(|c| {
+            // The roots this certificate came with, which its connections trust.
+            let roots: Vec<Value> = c.roots.iter().map(|r| cert(r)).collect();
             // The chain weft presents; the root is listed apart, as ztunnel does.
             let chain: Vec<Value> = c
                 .chain_der
