@@ -290,7 +290,10 @@ async fn failed_now(metrics: SocketAddr) -> f64 {
 struct Mesh {
     client: IpAddr,
     waypoint: IpAddr,
+    waypoint_vip: IpAddr,
     reviews_vip: IpAddr,
+    shipping_vip: IpAddr,
+    shipping: IpAddr,
     reviews: IpAddr,
     ratings_vip: IpAddr,
     ratings: IpAddr,
@@ -302,7 +305,10 @@ impl Mesh {
         Mesh {
             client: unique_loopback(),
             waypoint: unique_loopback(),
+            waypoint_vip: unique_loopback(),
             reviews_vip: unique_loopback(),
+            shipping_vip: unique_loopback(),
+            shipping: unique_loopback(),
             reviews: unique_loopback(),
             ratings_vip: unique_loopback(),
             ratings: unique_loopback(),
@@ -310,8 +316,10 @@ impl Mesh {
         }
     }
 
-    /// What istiod announces: the client and the waypoint here (node-a); `reviews` (service
-    /// by hostname, pod by address, both the live waypoint) on node-b; `ratings` behind a
+    /// What istiod announces: the client and the waypoint (behind its service `waypoint`)
+    /// here (node-a); on node-b `reviews` (its service's waypoint by hostname, its pod's by
+    /// the waypoint pod's address) and `shipping` (its service's by the waypoint service's
+    /// VIP); `ratings` behind a
     /// waypoint nothing answers for, `details` behind one no service has the name of; and a
     /// workload whose waypoint is malformed.
     fn publish(&self, istiod: &FakeIstiod) {
@@ -341,7 +349,27 @@ impl Mesh {
         );
         put(
             svc_key("waypoint"),
-            service("waypoint", unique_loopback(), 15008, None),
+            service("waypoint", self.waypoint_vip, 15008, None),
+        );
+        put(
+            uid("shipping-0"),
+            workload(
+                "shipping-0",
+                "shipping",
+                self.shipping,
+                "node-b",
+                Some(("shipping", 9080)),
+                None,
+            ),
+        );
+        put(
+            svc_key("shipping"),
+            service(
+                "shipping",
+                self.shipping_vip,
+                9080,
+                Some(by_address(self.waypoint_vip, u32::from(WAYPOINT_PORT))),
+            ),
         );
         put(
             uid("reviews-0"),
@@ -483,6 +511,10 @@ async fn traffic_to_destinations_behind_an_istiod_announced_waypoint_goes_only_t
         SocketAddr::new(mesh.ratings_vip, 9080),
         SocketAddr::new(mesh.details, 8080),
         SocketAddr::new(mesh.details, 15008),
+        SocketAddr::new(mesh.shipping, 8080),
+        SocketAddr::new(mesh.shipping, 15008),
+        SocketAddr::new(mesh.shipping_vip, 9080),
+        SocketAddr::new(mesh.waypoint_vip, WAYPOINT_PORT),
     ] {
         untouched.push(recorder(addr).await);
     }
@@ -493,6 +525,10 @@ async fn traffic_to_destinations_behind_an_istiod_announced_waypoint_goes_only_t
     // To the pod's own address (waypoint by address): the waypoint, asked for the pod.
     let pod = SocketAddr::new(mesh.reviews, 8080);
     echoes(captured(&ctx, mesh.client, pod).await).await;
+    // To a Service VIP whose waypoint is named by its own service's VIP: that service's
+    // endpoint, asked for the VIP:port called.
+    let shipping = SocketAddr::new(mesh.shipping_vip, 9080);
+    echoes(captured(&ctx, mesh.client, shipping).await).await;
     let seen = at_waypoint.lock().unwrap().clone();
     let productpage = "spiffe://cluster.local/ns/shop/sa/productpage";
     assert_eq!(
@@ -501,7 +537,8 @@ async fn traffic_to_destinations_behind_an_istiod_announced_waypoint_goes_only_t
             .collect::<Vec<_>>(),
         vec![
             (vip.to_string().as_str(), productpage),
-            (pod.to_string().as_str(), productpage)
+            (pod.to_string().as_str(), productpage),
+            (shipping.to_string().as_str(), productpage)
         ]
     );
     assert!(seen
@@ -515,7 +552,7 @@ async fn traffic_to_destinations_behind_an_istiod_announced_waypoint_goes_only_t
     echoes(captured(&ctx, mesh.waypoint, vip).await).await;
     assert_eq!(
         at_waypoint.lock().unwrap().len(),
-        2,
+        3,
         "no more to the waypoint"
     );
     let direct = at_reviews_node.lock().unwrap().clone();
