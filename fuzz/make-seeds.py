@@ -47,20 +47,34 @@ def record(tag, body):
     return bytes([tag]) + struct.pack(">H", len(body)) + body
 
 
-def workload(uid, ip, sa="default", services=()):
+def workload(uid, ip, sa="default", services=(), waypoint=None):
     svc = b"".join(
         field(22, msg((1, key), (2, msg((1, msg((1, sp), (2, tp)))))))
         for key, sp, tp in services
     )
     w = msg((1, uid), (2, "ns1"), (3, bytes(ip)), (5, 1), (7, sa), (9, "n1"),
             (16, "ns1/allow-frontend"), (20, uid)) + svc
+    if waypoint is not None:
+        w += field(8, waypoint)
     return msg((1, w))
 
 
-def service(name, ip, port, target):
+def service(name, ip, port, target, waypoint=None):
     s = msg((1, name), (2, "ns1"), (3, f"{name}.ns1.svc.cluster.local"),
             (4, msg((1, ""), (2, bytes(ip)))), (5, msg((1, port), (2, target))))
+    if waypoint is not None:
+        s += field(7, waypoint)
     return msg((2, s))
+
+
+# GatewayAddress: hostname = 1 (NamespacedHostname), address = 2 (NetworkAddress),
+# hbone_mtls_port = 3.
+def waypoint_at(ip, port=15008):
+    return msg((2, msg((1, ""), (2, bytes(ip)))), (3, port))
+
+
+def waypoint_named(host, port=15008):
+    return msg((1, msg((1, "ns1"), (2, host))), (3, port))
 
 
 def authorization(name, action, scope, matches):
@@ -83,6 +97,11 @@ allow = authorization("allow-frontend", 0, 1, [
 deny = authorization("deny-all", 1, 0, [msg((10, 22), (7, cidr([10, 0, 0, 0], 8)))])
 write("xds_resources", "workloads-service", record(0, a) + record(4, b) + record(8, svc))
 write("xds_resources", "policies", record(1, allow) + record(5, deny))
+wa = workload("Kubernetes//Pod/ns1/c", [10, 244, 1, 11], "backend",
+              [("ns1/api.ns1.svc.cluster.local", 80, 8080)], waypoint_at([10, 244, 1, 20]))
+wsvc = service("api", [10, 96, 0, 11], 80, 8080,
+               waypoint_named("waypoint.ns1.svc.cluster.local"))
+write("xds_resources", "waypoints", record(0, wa) + record(8, wsvc))
 write("xds_resources", "mixed-remove",
       record(0, a) + record(1, allow) + record(2, b"") + record(4, b) + record(3, b""))
 

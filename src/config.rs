@@ -313,6 +313,7 @@ impl ControlPlane {
             root_cert_file,
             token_file,
             cluster_id,
+            keepalive: crate::istiod::KEEPALIVE_INTERVAL,
         })
     }
 }
@@ -1120,6 +1121,7 @@ mod tests {
                 root_cert_file: "/var/run/secrets/istio/root-cert.pem".into(),
                 token_file: "/etc/weft/token".into(),
                 cluster_id: "Kubernetes".into(),
+                keepalive: crate::istiod::KEEPALIVE_INTERVAL,
             })
         );
         let CaSource::Istio(ca) = c.ca else {

@@ -83,7 +83,7 @@ impl Daemon {
             MeshSource::Xds(cp) => format!("xds {}", cp.address),
         });
         // Everything that can fail on bad input comes before any task is started.
-        let tls = Arc::new(TlsConfigs::new(certs.roots_der())?);
+        let tls = Arc::new(TlsConfigs::new());
         let jwks_config = crate::waypoint::jwt::JwksConfig {
             extra_ca_file: config.waypoint.jwks_ca_file.clone(),
             ..Default::default()

@@ -15,7 +15,6 @@ use std::task::{Context, Poll, Waker};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use prost::Message as _;
-use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::identity::Identity;
@@ -57,33 +56,29 @@ pub fn run(name: &str, bytes: &[u8], fixtures: &Fixtures) -> bool {
     true
 }
 
-/// What the targets need besides their input: a key set to verify tokens against, and a CA
-/// (a trusted root and the key a CSR was made with) to check CA responses against. Public
-/// material and a throwaway key, kept in `fuzz/fixtures/`.
+/// What the targets need besides their input: a key set to verify tokens against, and the
+/// key a CSR was made with, which a CA response's leaf must certify (the response brings its
+/// own roots, in its last entry). Public material and a throwaway key, kept in
+/// `fuzz/fixtures/`.
 pub struct Fixtures {
     keys: KeySet,
     ca_identity: Identity,
     ca_key: rcgen::KeyPair,
-    ca_roots: Vec<CertificateDer<'static>>,
 }
 
 impl Fixtures {
-    /// From the texts of `fuzz/fixtures/`: `jwks.json`, `ca-leaf-key.pem` (PKCS#8) and
-    /// `ca-root.pem`. The CA responses are for `spiffe://cluster.local/ns/fuzz/sa/fuzz`.
-    pub fn from_texts(jwks: &str, ca_key_pem: &str, ca_root_pem: &str) -> Result<Fixtures, String> {
+    /// From the texts of `fuzz/fixtures/`: `jwks.json` and `ca-leaf-key.pem` (PKCS#8). The
+    /// CA responses are for `spiffe://cluster.local/ns/fuzz/sa/fuzz`.
+    pub fn from_texts(jwks: &str, ca_key_pem: &str) -> Result<Fixtures, String> {
         let keys = KeySet::parse(jwks).map_err(|e| format!("jwks.json: {e}"))?;
         let ca_key =
             rcgen::KeyPair::from_pem(ca_key_pem).map_err(|e| format!("ca-leaf-key.pem: {e}"))?;
-        let ca_roots = rustls_pemfile::certs(&mut ca_root_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("ca-root.pem: {e}"))?;
         let ca_identity =
             Identity::new("cluster.local", "fuzz", "fuzz").map_err(|e| e.to_string())?;
         Ok(Fixtures {
             keys,
             ca_identity,
             ca_key,
-            ca_roots,
         })
     }
 }
@@ -301,13 +296,8 @@ pub fn ca_response(bytes: &[u8], fixtures: &Fixtures) {
 
 /// [`ca_response`], saying whether the certificate was accepted.
 pub fn ca_response_accepted(bytes: &[u8], fixtures: &Fixtures) -> bool {
-    crate::identity::istio::accept_response_bytes(
-        bytes,
-        &fixtures.ca_identity,
-        &fixtures.ca_key,
-        &fixtures.ca_roots,
-    )
-    .is_ok()
+    crate::identity::istio::accept_response_bytes(bytes, &fixtures.ca_identity, &fixtures.ca_key)
+        .is_ok()
 }
 
 /// The admin query strings (`/debug/explain` and `/logging`, as `admin` reads them).

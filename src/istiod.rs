@@ -15,8 +15,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// How long establishing TCP + TLS + h2 to istiod may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// h2 pings keep long-lived xDS streams alive through NAT and detect a dead istiod.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// h2 pings keep long-lived xDS streams alive through NAT and detect a dead istiod; sent
+/// only while a stream is open (see [`ControlPlane::keepalive`]).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors reaching istiod, each naming the file or address involved.
@@ -62,6 +63,13 @@ pub struct ControlPlane {
     pub token_file: PathBuf,
     /// The cluster id (header `clusterid`, node metadata `CLUSTER_ID`); default `Kubernetes`.
     pub cluster_id: String,
+    /// How often an h2 PING is sent on a connection with an open stream (the xDS stream);
+    /// never on one without (the CA channel between renewals). istiod enforces grpc-go's
+    /// keepalive policy: pings closer than 15 s apart (`MinTime`, half its 30 s keepalive
+    /// time), or any ping while no stream is open (`PermitWithoutStream` false), are strikes,
+    /// and after the third it closes the connection with GOAWAY `too_many_pings`. Not a
+    /// config key: [`KEEPALIVE_INTERVAL`] (30 s) everywhere but tests.
+    pub keepalive: Duration,
 }
 
 /// A handle on one istiod: knows how to connect and how to authenticate requests.
@@ -98,9 +106,10 @@ impl Istiod {
         let endpoint = Endpoint::from_shared(address.clone())
             .map_err(|e| connect_err(chain(&e)))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .http2_keep_alive_interval(self.config.keepalive)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
+            // No pings on an idle channel: istiod counts each as a strike (see `keepalive`).
+            .keep_alive_while_idle(false)
             .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
             .map_err(|e| connect_err(chain(&e)))?;
         endpoint.connect().await.map_err(|e| connect_err(chain(&e)))

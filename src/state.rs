@@ -241,6 +241,22 @@ impl Snapshot {
         self.mesh.services.get(key).map(|s| &**s)
     }
 
+    /// The service of `namespace` whose hostname is `hostname`: the xDS source keys services
+    /// by `<namespace>/<hostname>`, the file source's hostnames are
+    /// [`Service::hostname`]. (How a waypoint named by hostname is found.)
+    pub fn service_by_hostname(&self, namespace: &str, hostname: &str) -> Option<&Service> {
+        if let Some(s) = self.mesh.services.get(&format!("{namespace}/{hostname}")) {
+            return Some(s);
+        }
+        self.index
+            .ns_services
+            .get(namespace)?
+            .iter()
+            .filter_map(|key| self.mesh.services.get(key))
+            .find(|s| s.hostname() == hostname)
+            .map(|s| &**s)
+    }
+
     /// The services a workload backs.
     pub fn services_of<'a>(&'a self, uid: &str) -> impl Iterator<Item = &'a Service> + 'a {
         self.index
@@ -758,6 +774,7 @@ mod tests {
             workload_name: name.into(),
             canonical_name: name.into(),
             canonical_revision: "latest".into(),
+            waypoint: None,
         }
     }
 
@@ -783,6 +800,7 @@ mod tests {
             selector: BTreeMap::from([("app".to_string(), "a".to_string())]),
             endpoints: vec![],
             labels: BTreeMap::new(),
+            waypoint: None,
         });
         m
     }
@@ -902,6 +920,7 @@ mod tests {
                     workload_name: name.clone(),
                     canonical_name: name,
                     canonical_revision: "latest".into(),
+                    waypoint: None,
                 }
             })
     }
@@ -933,6 +952,7 @@ mod tests {
                         .unwrap_or_default(),
                     endpoints,
                     labels: BTreeMap::new(),
+                    waypoint: None,
                 };
                 (key, service)
             })

@@ -4,9 +4,10 @@
 //! Owns: TLS 1.3 only, ALPN `h2`, the cipher suites ztunnel offers, the client-side *secure
 //! naming* check (the server's one URI SAN must be exactly the identity expected for the
 //! destination) and reading the peer's identity from its certificate. Chains are validated
-//! with webpki against the trust roots on both sides. Configs are cached per certificate
-//! (by serial), so a renewed certificate is picked up by the next handshake while live
-//! connections keep theirs. It does not decide *which* identity a connection uses: the proxy
+//! with webpki on both sides, against the trust roots that came with the certificate in use
+//! ([`IssuedCert::roots`]: a root rotated at Istio's CA arrives with the next certificate).
+//! Configs are cached per certificate (by serial), so a renewed certificate, and its roots,
+//! are picked up by the next handshake while live connections keep theirs. It does not decide *which* identity a connection uses: the proxy
 //! passes that in.
 
 use arc_swap::ArcSwap;
@@ -165,35 +166,41 @@ type ClientKey = (Identity, String, Identity);
 /// Builds and caches TLS configs for workload identities.
 pub struct TlsConfigs {
     provider: Arc<CryptoProvider>,
-    roots: Arc<Vec<CertificateDer<'static>>>,
-    client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     /// Read without a lock on every HBONE handshake; replaced copy-on-write when a config is
     /// built (a new identity or a renewed certificate).
     servers: ArcSwap<imbl::HashMap<Identity, (String, Arc<ServerConfig>)>>,
     clients: ArcSwap<imbl::HashMap<ClientKey, Arc<ClientConfig>>>,
 }
 
+impl Default for TlsConfigs {
+    fn default() -> TlsConfigs {
+        TlsConfigs::new()
+    }
+}
+
 impl TlsConfigs {
-    /// Configs trusting `roots` (the mesh trust roots, DER).
-    pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<TlsConfigs, TlsError> {
-        let provider = provider();
-        let mut store = RootCertStore::empty();
-        for r in &roots {
-            store
-                .add(r.clone())
-                .map_err(|e| TlsError::Roots(e.to_string()))?;
-        }
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Roots(e.to_string()))?;
-        Ok(TlsConfigs {
-            provider,
-            roots: Arc::new(roots),
-            client_verifier,
+    /// An empty cache; each config trusts the roots of the certificate it is built for.
+    pub fn new() -> TlsConfigs {
+        TlsConfigs {
+            provider: provider(),
             servers: ArcSwap::default(),
             clients: ArcSwap::default(),
-        })
+        }
+    }
+
+    /// The roots `cert` came with, refused when there are none or one cannot be an anchor.
+    fn roots_of(&self, cert: &IssuedCert) -> Result<RootCertStore, TlsError> {
+        let fail = |reason: String| {
+            TlsError::Roots(format!("the certificate of {}: {reason}", cert.identity))
+        };
+        if cert.roots.is_empty() {
+            return Err(fail("came with no trust roots".into()));
+        }
+        let mut store = RootCertStore::empty();
+        for r in &cert.roots {
+            store.add(r.clone()).map_err(|e| fail(e.to_string()))?;
+        }
+        Ok(store)
     }
 
     fn certified_key(
@@ -223,10 +230,16 @@ impl TlsConfigs {
             }
         }
         let ck = self.certified_key(cert)?;
+        let client_verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(self.roots_of(cert)?),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsError::Roots(e.to_string()))?;
         let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Roots(e.to_string()))?
-            .with_client_cert_verifier(self.client_verifier.clone())
+            .with_client_cert_verifier(client_verifier)
             .with_cert_resolver(Arc::new(SingleCert(ck)));
         cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
         let cfg = Arc::new(cfg);
@@ -254,8 +267,9 @@ impl TlsConfigs {
             return Ok(cfg.clone());
         }
         let ck = self.certified_key(cert)?;
+        self.roots_of(cert)?;
         let verifier = Arc::new(SpiffeServerVerifier {
-            roots: self.roots.clone(),
+            roots: Arc::new(cert.roots.clone()),
             expected: expected.clone(),
             provider: self.provider.clone(),
         });
@@ -311,7 +325,7 @@ impl rustls::client::ResolvesClientCert for SingleCert {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{BuiltinCa, CertificateAuthority};
+    use crate::identity::BuiltinCa;
     use std::time::Duration;
 
     #[test]
@@ -319,7 +333,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         crate::identity::ca::init_dir(dir.path(), "cluster.local").unwrap();
         let ca = BuiltinCa::load(dir.path()).unwrap();
-        let tls = TlsConfigs::new(ca.roots_der()).unwrap();
+        let tls = TlsConfigs::new();
         let (a, b) = (
             Identity::new("cluster.local", "ns", "a").unwrap(),
             Identity::new("cluster.local", "ns", "b").unwrap(),

@@ -29,7 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use support::*;
-use weft::identity::{CertificateAuthority, Identity};
+use weft::identity::Identity;
 use weft::logging::access::{fields_of, message};
 use weft::proxy::pool::{Pool, PoolKey, Tunnel};
 use weft::proxy::socket::SocketMode;
@@ -207,7 +207,7 @@ impl Weft {
     }
 
     fn pool(&self) -> Arc<Pool> {
-        let tls = Arc::new(TlsConfigs::new(self.ca.roots_der()).unwrap());
+        let tls = Arc::new(TlsConfigs::new());
         Pool::new(
             tls,
             SocketMode::Plain,
@@ -228,6 +228,7 @@ impl Weft {
             src: id("client"),
             dst: id("server"),
             dst_ip: self.node.ip,
+            dst_port: 15008,
         };
         pool.tunnel(
             &key,

@@ -9,12 +9,7 @@ use weft::fuzzing::{Fixtures, TARGETS};
 
 fn fixtures(root: &Path) -> Fixtures {
     let read = |name: &str| std::fs::read_to_string(root.join("fuzz/fixtures").join(name)).unwrap();
-    Fixtures::from_texts(
-        &read("jwks.json"),
-        &read("ca-leaf-key.pem"),
-        &read("ca-root.pem"),
-    )
-    .unwrap()
+    Fixtures::from_texts(&read("jwks.json"), &read("ca-leaf-key.pem")).unwrap()
 }
 
 /// `(target, file)` for every file under `fuzz/<kind>/<target>/`.

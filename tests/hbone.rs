@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use support::*;
-use weft::identity::{BuiltinCa, CertificateAuthority, Identity, IssuedCert};
+use weft::identity::{BuiltinCa, Identity, IssuedCert};
 use weft::proxy::pool::{Pool, PoolKey, Tunnel, TunnelError};
 use weft::proxy::socket::SocketMode;
 use weft::tls::TlsConfigs;
@@ -69,7 +69,7 @@ async fn setup_configured(edit: impl Fn(String) -> String, config_extra: &str) -
         .unwrap();
     assert!(wait_ready(node.readiness(), Duration::from_secs(10)).await);
     let ca = BuiltinCa::load(&node.path("ca")).unwrap();
-    let tls = Arc::new(TlsConfigs::new(ca.roots_der()).unwrap());
+    let tls = Arc::new(TlsConfigs::new());
     let pool = Pool::new(
         tls,
         SocketMode::Plain,
@@ -112,6 +112,7 @@ impl Setup {
             src: id("client"),
             dst: id(dst),
             dst_ip: self.server_ip,
+            dst_port: 15008,
         }
     }
     fn app_addr(&self, port: u16) -> SocketAddr {
@@ -517,7 +518,7 @@ async fn a_reset_in_the_middle_of_a_request_body_through_the_waypoint_ends_the_a
 /// A raw HTTP/2 client over the real mTLS, to send requests weft's own pool never sends.
 async fn raw(s: &Setup) -> h2::client::SendRequest<Bytes> {
     let cert = s.client_cert();
-    let tls = TlsConfigs::new(s.ca.roots_der()).unwrap();
+    let tls = TlsConfigs::new();
     let cfg = tls.client(&cert, &id("server")).unwrap();
     let tcp = tokio::net::TcpStream::connect(SocketAddr::new(s.server_ip, 15008))
         .await
@@ -837,7 +838,7 @@ fn turning_away_server(s: &Setup, turn: Turn) -> TurningAway {
     let cert =
         s.ca.issue(&id("server"), Duration::from_secs(3600))
             .unwrap();
-    let tls = TlsConfigs::new(s.ca.roots_der()).unwrap();
+    let tls = TlsConfigs::new();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server(&cert).unwrap());
     let listener = std::net::TcpListener::bind(SocketAddr::new(ip, 15008)).unwrap();
     listener.set_nonblocking(true).unwrap();

@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use support::*;
-use weft::identity::{BuiltinCa, CertificateAuthority, Identity, IssuedCert};
+use weft::identity::{BuiltinCa, Identity, IssuedCert};
 use weft::proxy::pool::{Pool, PoolKey, Tunnel};
 use weft::proxy::socket::SocketMode;
 use weft::tls::TlsConfigs;
@@ -73,7 +73,7 @@ async fn setup(waypoint: bool) -> Setup {
         .unwrap();
     assert!(wait_ready(node.readiness(), Duration::from_secs(10)).await);
     let ca = BuiltinCa::load(&node.path("ca")).unwrap();
-    let tls = Arc::new(TlsConfigs::new(ca.roots_der()).unwrap());
+    let tls = Arc::new(TlsConfigs::new());
     let pool = Pool::new(
         tls,
         SocketMode::Plain,
@@ -102,6 +102,7 @@ impl Setup {
             src: id("productpage"),
             dst: id(sa),
             dst_ip: self.server_ip,
+            dst_port: 15008,
         };
         let from = SocketAddr::new(self.client_ip, 40000);
         self.pool.tunnel(&key, &self.cert, dst, from).await.unwrap()
@@ -511,6 +512,7 @@ async fn l4_and_waypoint_traffic_carry_every_label_istios_dashboards_query() {
         src: id("productpage"),
         dst: id("reviews"),
         dst_ip: s.server_ip,
+        dst_port: 15008,
     };
     for port in [8080, 8099] {
         let failed = s

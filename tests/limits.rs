@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 
 use support::*;
 use weft::admin::{ADMIN_HEADER_TIMEOUT, ADMIN_LIMITS};
-use weft::identity::{CertificateAuthority, Identity};
+use weft::identity::Identity;
 use weft::proxy::pool::{Pool, PoolKey};
 use weft::proxy::socket::SocketMode;
 use weft::tls::TlsConfigs;
@@ -86,7 +86,7 @@ impl Weft {
 
     /// A pool as the client workload.
     fn pool(&self) -> Arc<Pool> {
-        let tls = Arc::new(TlsConfigs::new(self.ca.roots_der()).unwrap());
+        let tls = Arc::new(TlsConfigs::new());
         Pool::new(
             tls,
             SocketMode::Plain,
@@ -101,6 +101,7 @@ impl Weft {
             src: id("client"),
             dst: id("server"),
             dst_ip: self.node.ip,
+            dst_port: 15008,
         };
         let mut t = pool
             .tunnel(
@@ -121,7 +122,7 @@ impl Weft {
     /// A raw HTTP/2 client over mTLS as the client workload (to send what weft's pool never
     /// sends).
     async fn raw_h2(&self) -> h2::client::SendRequest<Bytes> {
-        let tls = TlsConfigs::new(self.ca.roots_der()).unwrap();
+        let tls = TlsConfigs::new();
         let cfg = tls.client(&self.cert, &id("server")).unwrap();
         let tcp = tokio::net::TcpStream::connect(self.hbone()).await.unwrap();
         let stream = tokio_rustls::TlsConnector::from(cfg)
@@ -468,6 +469,7 @@ async fn a_peer_that_stops_answering_fails_new_tunnels_in_time_and_is_probed_awa
         src: id("client"),
         dst: id("server"),
         dst_ip: w.node.ip,
+        dst_port: 15008,
     };
     let open = pool
         .tunnel(

@@ -68,6 +68,7 @@ fn service() -> xw::Address {
                 service_port: 80,
                 target_port: 8080,
             }],
+            waypoint: None,
         })),
     }
 }

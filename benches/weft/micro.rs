@@ -159,11 +159,10 @@ pub(crate) fn run_crypto(sz: Sizes, report: &mut Report) {
     let dir = tempfile::tempdir().unwrap();
     weft::identity::ca::init_dir(dir.path(), "cluster.local").unwrap();
     let ca = weft::identity::BuiltinCa::load(dir.path()).unwrap();
-    use weft::identity::CertificateAuthority;
     let id = |sa: &str| weft::identity::Identity::new("cluster.local", "b", sa).unwrap();
     let server_cert = ca.issue(&id("server"), Duration::from_secs(3600)).unwrap();
     let client_cert = ca.issue(&id("client"), Duration::from_secs(3600)).unwrap();
-    let tls = weft::tls::TlsConfigs::new(ca.roots_der()).unwrap();
+    let tls = weft::tls::TlsConfigs::new();
     let mut client = rustls::ClientConnection::new(
         tls.client(&client_cert, &id("server")).unwrap(),
         ServerName::IpAddress(Ipv4Addr::LOCALHOST.into()),

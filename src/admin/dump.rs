@@ -22,7 +22,7 @@ use crate::metrics::Direction;
 use crate::model::policy::{
     Action, AuthorizationPolicy, IpBlock, PolicyScope, PortNumber, RuleFrom, RuleTo, StringMatch,
 };
-use crate::model::{Enrollment, Policy, Service, TargetPort, Workload};
+use crate::model::{Enrollment, GatewayAddress, Policy, Service, TargetPort, Workload};
 use crate::proxy::conntrack::{Conn, Protocol};
 use crate::state::Snapshot;
 
@@ -41,7 +41,7 @@ pub(super) fn workload(w: &Workload, snap: &Snapshot, cfg: &Config) -> Value {
         .services_of(&w.uid)
         .map(|s| format!("{}/{}", s.namespace, s.hostname()))
         .collect();
-    json!({
+    let mut out = json!({
         // ztunnel's fields (istioctl's `ZtunnelWorkload`).
         "uid": w.uid,
         "workloadIps": w.ips,
@@ -66,7 +66,23 @@ pub(super) fn workload(w: &Workload, snap: &Snapshot, cfg: &Config) -> Value {
         "local": w.node == cfg.node_name,
         "labels": w.labels,
         "enrollment": w.enrollment,
-    })
+    });
+    with_waypoint(&mut out, w.waypoint.as_ref());
+    out
+}
+
+/// Adds `waypoint` as ztunnel writes it (`{"destination": "<network>/<ip>" or
+/// "<namespace>/<hostname>", "hboneMtlsPort": 15008}`), absent without one.
+fn with_waypoint(out: &mut Value, waypoint: Option<&GatewayAddress>) {
+    if let (Some(obj), Some(wp)) = (out.as_object_mut(), waypoint) {
+        obj.insert(
+            "waypoint".to_string(),
+            json!({
+                "destination": wp.destination.to_string(),
+                "hboneMtlsPort": wp.hbone_mtls_port,
+            }),
+        );
+    }
 }
 
 /// Istio's workload type: `deployment` for a pod a ReplicaSet made (`<workload>-<hash>-<id>`),
@@ -131,7 +147,7 @@ pub(super) fn service(s: &Service, snap: &Snapshot) -> Value {
         (false, true) => "IPv6",
         _ => "IPv4",
     };
-    json!({
+    let mut out = json!({
         "name": s.name,
         "namespace": s.namespace,
         "hostname": host,
@@ -144,7 +160,9 @@ pub(super) fn service(s: &Service, snap: &Snapshot) -> Value {
         "portsDetail": s.ports,
         "selector": s.selector,
         "labels": s.labels,
-    })
+    });
+    with_waypoint(&mut out, s.waypoint.as_ref());
+    out
 }
 
 /// The AuthorizationPolicies in ztunnel's shape (`rules`: rules, each a list of clauses that
@@ -284,14 +302,12 @@ fn cert(der: &[u8]) -> Value {
 
 /// The workload certificates as ztunnel dumps them (`certChain`: leaf then intermediates;
 /// `rootCerts`), plus weft's hex serial and validity.
-pub(super) fn certificates(
-    certs: &[std::sync::Arc<IssuedCert>],
-    roots: &[rustls::pki_types::CertificateDer<'static>],
-) -> Vec<Value> {
-    let roots: Vec<Value> = roots.iter().map(|r| cert(r)).collect();
+pub(super) fn certificates(certs: &[std::sync::Arc<IssuedCert>]) -> Vec<Value> {
     let mut out: Vec<Value> = certs
         .iter()
         .map(|c| {
+            // The roots this certificate came with, which its connections trust.
+            let roots: Vec<Value> = c.roots.iter().map(|r| cert(r)).collect();
             // The chain weft presents; the root is listed apart, as ztunnel does.
             let chain: Vec<Value> = c
                 .chain_der

@@ -180,7 +180,7 @@ impl AdminContext {
             "workloads": workloads,
             "services": services,
             "policies": dump::policies(&snap, &cfg.root_namespace),
-            "certificates": dump::certificates(&self.certs.certs(), &self.certs.roots_der()),
+            "certificates": dump::certificates(&self.certs.certs()),
             "workloadState": dump::workload_state(&snap, cfg, &conns),
             // weft's.
             "node": cfg.node_name,

@@ -11,12 +11,22 @@
 //! Every failure is an [`IstioCaError`], naming istiod's address when it refused, or the
 //! chain entry or check that failed.
 //!
-//! A returned chain is used only if all of these hold:
-//! - it holds at least one PEM certificate, each valid X.509, leaf first;
+//! A response's `cert_chain` is, as istiod builds it: the leaf, then the signing CA's chain,
+//! then, as its last entry, the trust root(s) (one PEM entry that may hold several
+//! certificates during a root rotation). It is used only if all of these hold:
+//! - every entry is PEM holding at least one certificate, each valid X.509, leaf first;
+//! - there are at least two entries, the last one holding the roots, each usable as a trust
+//!   anchor;
 //! - the leaf's public key is the key generated for this request;
 //! - the leaf has exactly one URI SAN, equal to the requested SPIFFE id;
-//! - the leaf validates (webpki, client and server auth) through the rest of the chain to a
-//!   root of `rootCertFile`.
+//! - the leaf validates (webpki, client and server auth) through the entries between it and
+//!   the last up to one of those roots.
+//!
+//! Those roots travel with the certificate ([`IssuedCert::roots`]): the data path trusts them
+//! while that certificate is in use, until the next response brings the next ones, as
+//! ztunnel does. `rootCertFile` authenticates only the connection to istiod (which is what
+//! makes the roots in its answer trustworthy); it is checked at start so a bad file fails
+//! early, and read again on every connection.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -126,8 +136,31 @@ pub enum IstioCaError {
         /// The SPIFFE id asked for.
         wanted: String,
     },
-    /// The chain does not validate up to a root of `rootCertFile`.
-    #[error("istiod returned an unusable chain: the chain does not lead to a trusted root: {0}")]
+    /// The chain has no entry for the roots after the leaf.
+    #[error(
+        "istiod returned an unusable chain: cert_chain has {entries} entry, so no root \
+         (its last entry must hold the trust root(s))"
+    )]
+    NoRoots {
+        /// How many entries `cert_chain` has.
+        entries: usize,
+    },
+    /// A certificate of the last entry cannot be a trust anchor.
+    #[error(
+        "istiod returned an unusable chain: root #{number} of the last entry cannot be a \
+         trust anchor: {reason}"
+    )]
+    BadRoot {
+        /// Its position in the last entry, from 1.
+        number: usize,
+        /// webpki's reason.
+        reason: String,
+    },
+    /// The chain does not validate up to the roots of its last entry.
+    #[error(
+        "istiod returned an unusable chain: the chain does not lead to a trusted root (the \
+         roots of its last entry): {0}"
+    )]
     Untrusted(ChainError),
 }
 
@@ -135,8 +168,8 @@ pub enum IstioCaError {
 pub struct IstioCa {
     istiod: Istiod,
     root_cert_file: PathBuf,
-    /// The roots of `rootCertFile`, read once at start (they also seed the data path's
-    /// trust), plus any self-signed root a validated chain ended with.
+    /// The roots of the latest accepted response (none before the first), for display: the
+    /// data path reads each certificate's own.
     roots: Mutex<Vec<CertificateDer<'static>>>,
     /// The connected channel, dropped after a transport failure so the next call reconnects
     /// (and re-reads `rootCertFile`).
@@ -153,9 +186,10 @@ impl std::fmt::Debug for IstioCa {
 }
 
 impl IstioCa {
-    /// Reads the trust roots of `config.root_cert_file` (a missing or malformed file fails
-    /// start-up, naming it); connects nothing yet: istiod may come up later. Reads a file
-    /// synchronously: call it at start-up or from `spawn_blocking`.
+    /// Checks the trust roots of `config.root_cert_file`, which istiod's serving certificate
+    /// must chain to (a missing or malformed file fails start-up, naming it); connects
+    /// nothing yet: istiod may come up later. Reads a file synchronously: call it at
+    /// start-up or from `spawn_blocking`.
     pub fn new(config: ControlPlane) -> Result<IstioCa, IdentityError> {
         let roots = read_certs(&config.root_cert_file)?;
         for root in &roots {
@@ -173,7 +207,7 @@ impl IstioCa {
         Ok(IstioCa {
             root_cert_file: config.root_cert_file.clone(),
             istiod: Istiod::new(config),
-            roots: Mutex::new(roots),
+            roots: Mutex::new(Vec::new()),
             channel: tokio::sync::Mutex::new(None),
         })
     }
@@ -225,12 +259,16 @@ impl IstioCa {
                 }));
             }
         };
-        let roots = self.roots_der();
-        let checked = check_chain(id, &key, &response.cert_chain, &roots).map_err(fail)?;
-        if let Some(root) = checked.self_signed_root.clone() {
+        let checked = check_chain(id, &key, &response.cert_chain).map_err(fail)?;
+        {
             let mut roots = crate::sync::lock(&self.roots);
-            if !roots.contains(&root) {
-                roots.push(root);
+            if *roots != checked.roots {
+                tracing::info!(
+                    identity = %id,
+                    roots = checked.roots.len(),
+                    "trust roots from Istio's CA changed; new connections use them"
+                );
+                roots.clone_from(&checked.roots);
             }
         }
         tracing::debug!(identity = %id, serial = %checked.serial_hex, "certificate from Istio's CA");
@@ -241,6 +279,7 @@ impl IstioCa {
             checked.serial_hex,
             checked.not_before,
             checked.not_after,
+            checked.roots,
         ))
     }
 
@@ -295,33 +334,36 @@ fn csr_for(id: &Identity) -> Result<(KeyPair, String), IstioCaError> {
 /// A chain that passed every check of the module doc.
 #[derive(Debug)]
 struct CheckedChain {
+    /// The leaf and the intermediates (what we present).
     chain: Vec<CertificateDer<'static>>,
+    /// The roots of the last entry.
+    roots: Vec<CertificateDer<'static>>,
     serial_hex: String,
     not_before: SystemTime,
     not_after: SystemTime,
-    /// The chain's last certificate, when it is self-signed.
-    self_signed_root: Option<CertificateDer<'static>>,
 }
 
-/// Checks a `cert_chain` from istiod for `id` and `key` against `roots`.
+/// Checks a `cert_chain` from istiod for `id` and `key` (the module doc's list).
 fn check_chain(
     id: &Identity,
     key: &KeyPair,
     pem_chain: &[String],
-    roots: &[CertificateDer<'static>],
 ) -> Result<CheckedChain, IstioCaError> {
-    let mut chain = Vec::new();
+    let mut entries: Vec<Vec<CertificateDer<'static>>> = Vec::with_capacity(pem_chain.len());
     for (index, pem) in pem_chain.iter().enumerate() {
-        let before = chain.len();
-        for item in rustls_pemfile::certs(&mut pem.as_bytes()) {
-            chain.push(item.map_err(|source| IstioCaError::ChainNotPem { index, source })?);
-        }
-        if chain.len() == before {
+        let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| IstioCaError::ChainNotPem { index, source })?;
+        if certs.is_empty() {
             return Err(IstioCaError::ChainEntryEmpty { index });
         }
+        entries.push(certs);
     }
-    let (leaf_der, rest) = chain.split_first().ok_or(IstioCaError::ChainEmpty)?;
-    let parsed = chain
+    if entries.is_empty() {
+        return Err(IstioCaError::ChainEmpty);
+    }
+    let all: Vec<&CertificateDer<'static>> = entries.iter().flatten().collect();
+    let parsed = all
         .iter()
         .enumerate()
         .map(|(i, der)| {
@@ -333,6 +375,19 @@ fn check_chain(
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let Some((roots, signed)) = entries.split_last().filter(|(_, rest)| !rest.is_empty()) else {
+        return Err(IstioCaError::NoRoots {
+            entries: entries.len(),
+        });
+    };
+    for (i, root) in roots.iter().enumerate() {
+        webpki::anchor_from_trusted_cert(root).map_err(|e| IstioCaError::BadRoot {
+            number: i + 1,
+            reason: e.to_string(),
+        })?;
+    }
+    let chain: Vec<CertificateDer<'static>> = signed.iter().flatten().cloned().collect();
+    let (leaf_der, intermediates) = chain.split_first().ok_or(IstioCaError::ChainEmpty)?;
     let leaf = &parsed[0];
     if leaf.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
         return Err(IstioCaError::LeafKeyMismatch);
@@ -370,38 +425,32 @@ fn check_chain(
         webpki::KeyUsage::client_auth(),
         webpki::KeyUsage::server_auth(),
     ] {
-        verify_leaf(leaf_der, rest, roots, usage).map_err(IstioCaError::Untrusted)?;
+        verify_leaf(leaf_der, intermediates, roots, usage).map_err(IstioCaError::Untrusted)?;
     }
     let validity = leaf.validity();
     let at = |t: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
-    let last = parsed.len() - 1;
-    let self_signed_root = (last > 0
-        && parsed[last].subject() == parsed[last].issuer()
-        && parsed[last].verify_signature(None).is_ok())
-    .then(|| chain[last].clone());
     Ok(CheckedChain {
         serial_hex: hex::encode(leaf.raw_serial()),
         not_before: at(validity.not_before.timestamp()),
         not_after: at(validity.not_after.timestamp()),
-        self_signed_root,
+        roots: roots.clone(),
         chain,
     })
 }
 
 /// What [`IstioCa::issue`] does with the bytes of a `CreateCertificate` response, for the
-/// fuzz targets (`crate::fuzzing`): decoded as protobuf, its chain checked against `key` and
-/// `roots` for `id`, and the certificate assembled. Errors are flattened to text: the fuzzer
+/// fuzz targets (`crate::fuzzing`): decoded as protobuf, its chain checked against `key` for
+/// `id`, and the certificate assembled. Errors are flattened to text: the fuzzer
 /// only looks for panics.
 pub(crate) fn accept_response_bytes(
     bytes: &[u8],
     id: &Identity,
     key: &KeyPair,
-    roots: &[CertificateDer<'static>],
 ) -> Result<IssuedCert, String> {
     use prost::Message as _;
     let response = crate::proto::istio::v1::auth::IstioCertificateResponse::decode(bytes)
         .map_err(|e| e.to_string())?;
-    let checked = check_chain(id, key, &response.cert_chain, roots).map_err(|e| e.to_string())?;
+    let checked = check_chain(id, key, &response.cert_chain).map_err(|e| e.to_string())?;
     Ok(IssuedCert::from_parts(
         id.clone(),
         key,
@@ -409,6 +458,7 @@ pub(crate) fn accept_response_bytes(
         checked.serial_hex,
         checked.not_before,
         checked.not_after,
+        checked.roots,
     ))
 }
 
@@ -457,10 +507,8 @@ mod tests {
     #[test]
     fn a_chain_for_another_identity_is_refused() {
         let (key, csr) = csr_for(&id("a")).unwrap();
-        let (chain, root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/b");
-        let e = check_chain(&id("a"), &key, &chain, &[root])
-            .unwrap_err()
-            .to_string();
+        let (chain, _) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/b");
+        let e = check_chain(&id("a"), &key, &chain).unwrap_err().to_string();
         assert!(
             e.contains("not \"spiffe://cluster.local/ns/ns1/sa/a\""),
             "{e}"
@@ -468,22 +516,31 @@ mod tests {
     }
 
     #[test]
-    fn a_chain_from_an_untrusted_root_is_refused() {
+    fn a_chain_that_does_not_lead_to_its_own_roots_is_refused() {
         let (key, csr) = csr_for(&id("a")).unwrap();
-        let (chain, _root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/a");
-        let (_dir, trusted) = test_ca();
-        let e = check_chain(&id("a"), &key, &chain, &trusted.roots_der())
+        let (mut chain, _root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/a");
+        let (_dir, other) = test_ca();
+        chain[1] = other.roots_pem().concat();
+        let e = check_chain(&id("a"), &key, &chain).unwrap_err().to_string();
+        assert!(e.contains("does not lead to a trusted root"), "{e}");
+    }
+
+    #[test]
+    fn a_chain_with_no_root_entry_is_refused() {
+        let (key, csr) = csr_for(&id("a")).unwrap();
+        let (chain, _) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/a");
+        let e = check_chain(&id("a"), &key, &chain[..1])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("does not lead to a trusted root"), "{e}");
+        assert!(e.contains("has 1 entry, so no root"), "{e}");
     }
 
     #[test]
     fn a_chain_for_another_key_is_refused() {
         let (_key, csr) = csr_for(&id("a")).unwrap();
         let (other_key, _) = csr_for(&id("a")).unwrap();
-        let (chain, root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/a");
-        let e = check_chain(&id("a"), &other_key, &chain, &[root])
+        let (chain, _) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/a");
+        let e = check_chain(&id("a"), &other_key, &chain)
             .unwrap_err()
             .to_string();
         assert!(e.contains("public key"), "{e}");
@@ -492,30 +549,38 @@ mod tests {
     #[test]
     fn garbage_and_empty_chains_are_refused() {
         let (key, _) = csr_for(&id("a")).unwrap();
-        let (_dir, ca) = test_ca();
-        let roots = ca.roots_der();
-        assert!(check_chain(&id("a"), &key, &[], &roots)
+        assert!(check_chain(&id("a"), &key, &[])
             .unwrap_err()
             .to_string()
             .contains("empty"));
-        assert!(check_chain(&id("a"), &key, &["hello".into()], &roots)
+        assert!(check_chain(&id("a"), &key, &["hello".into()])
             .unwrap_err()
             .to_string()
             .contains("no PEM certificate"));
         let junk = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        assert!(check_chain(&id("a"), &key, &[junk.into()], &roots)
+        assert!(check_chain(&id("a"), &key, &[junk.into()])
             .unwrap_err()
             .to_string()
             .contains("not valid X.509"));
     }
 
     #[test]
-    fn a_good_chain_passes_and_reports_its_root() {
+    fn a_good_chain_passes_and_brings_the_roots_of_its_last_entry() {
         let (key, csr) = csr_for(&id("a")).unwrap();
-        let (chain, root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/a");
-        let checked = check_chain(&id("a"), &key, &chain, std::slice::from_ref(&root)).unwrap();
-        assert_eq!(checked.chain.len(), 2);
-        assert_eq!(checked.self_signed_root, Some(root));
+        let (mut chain, root) = sign_with_new_ca(&csr, "spiffe://cluster.local/ns/ns1/sa/a");
+        let checked = check_chain(&id("a"), &key, &chain).unwrap();
+        assert_eq!(
+            checked.chain.len(),
+            1,
+            "the leaf; the root is not presented"
+        );
+        assert_eq!(checked.roots, vec![root.clone()]);
         assert!(checked.not_after > checked.not_before);
+        // During a rotation the last entry holds two roots: both are trusted.
+        let (_dir, other) = test_ca();
+        chain[1] = format!("{}{}", chain[1], other.roots_pem().concat());
+        let checked = check_chain(&id("a"), &key, &chain).unwrap();
+        assert_eq!(checked.roots.len(), 2);
+        assert_eq!(checked.roots[0], root);
     }
 }

@@ -22,7 +22,6 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rand::Rng;
-use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -117,11 +116,6 @@ impl CertManager {
     /// All current certificates, ordered by identity (for the admin dump).
     pub fn certs(&self) -> Vec<Arc<IssuedCert>> {
         self.certs.load().values().cloned().collect()
-    }
-
-    /// The CA's trust root(s), against which peers' chains are verified.
-    pub fn roots_der(&self) -> Vec<CertificateDer<'static>> {
-        self.ca.roots_der()
     }
 
     /// Readiness: whether every identity in `wanted` has a certificate.
@@ -464,7 +458,7 @@ mod tests {
             Box::pin(std::future::ready(result))
         }
 
-        fn roots_der(&self) -> Vec<CertificateDer<'static>> {
+        fn roots_der(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
             self.inner.roots_der()
         }
     }

@@ -108,6 +108,12 @@ pub struct Workload {
     /// Istio's canonical revision (`service.istio.io/canonical-revision`,
     /// `app.kubernetes.io/version`, `version`, else `latest`).
     pub canonical_revision: String,
+    /// The Envoy waypoint istiod announced for the workload (`Workload.waypoint`): every
+    /// connection addressed to the workload's own IP goes through it. Not the in-binary
+    /// waypoint of `istio.io/use-waypoint` (`crate::waypoint`), which the mesh file selects
+    /// with labels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
 }
 
 impl Workload {
@@ -177,6 +183,61 @@ pub struct Service {
     /// The Service's own labels (e.g. `istio.io/use-waypoint`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The Envoy waypoint istiod announced for the service (`Service.waypoint`): every
+    /// connection to one of its VIPs goes through it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
+}
+
+/// Where a gateway of the mesh, here an Envoy waypoint, takes HBONE connections: Istio's
+/// `GatewayAddress`, checked (an IP is an IP, the port a port).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayAddress {
+    /// The waypoint: an address (of its workload, or a VIP of its service) or its service's
+    /// hostname.
+    pub destination: GatewayDestination,
+    /// The port its HBONE (mTLS) listener takes connections on, `15008` in practice.
+    pub hbone_mtls_port: u16,
+}
+
+/// A [`GatewayAddress`]'s destination. Serialized as ztunnel writes it: `<network>/<ip>` or
+/// `<namespace>/<hostname>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum GatewayDestination {
+    /// The IP of the waypoint's workload or a VIP of its service, on `network` (empty: the
+    /// default network, the only one weft knows).
+    Address {
+        /// The network the address is on.
+        network: String,
+        /// The address.
+        ip: IpAddr,
+    },
+    /// The waypoint's service, by namespace and hostname.
+    Hostname {
+        /// The service's namespace.
+        namespace: String,
+        /// Its hostname (`<name>.<namespace>.svc.cluster.local` for Kubernetes).
+        hostname: String,
+    },
+}
+
+impl std::fmt::Display for GatewayDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GatewayDestination::Address { network, ip } => write!(f, "{network}/{ip}"),
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => write!(f, "{namespace}/{hostname}"),
+        }
+    }
+}
+
+impl Serialize for GatewayDestination {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 impl Service {

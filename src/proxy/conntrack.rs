@@ -638,6 +638,7 @@ mod tests {
             workload_name: name.into(),
             canonical_name: name.into(),
             canonical_revision: revision.into(),
+            waypoint: None,
         })
     }
 

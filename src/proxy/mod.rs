@@ -6,6 +6,7 @@
 //! stop accepting, live connections get a grace period to finish, then are closed.
 
 pub mod conntrack;
+pub mod envoy_waypoint;
 pub mod h2io;
 pub mod hbone;
 pub mod inbound;

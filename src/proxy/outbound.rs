@@ -4,6 +4,11 @@
 //! The original destination is the accepted socket's local address (TPROXY). A Service VIP
 //! is resolved here to one of its endpoints and the target port, since nothing else on a
 //! captured path will do it.
+//!
+//! First, a destination behind an Envoy waypoint istiod announced ([`envoy_waypoint`] says
+//! which and where) is tunnelled to that waypoint only, `:authority` the original
+//! destination (the VIP or the pod address, unresolved); a waypoint that cannot be found or
+//! reached fails the connection, which never goes direct.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,12 +17,14 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::net::TcpStream;
 
-use super::conntrack::{ConnMeta, Outcome, Peer, Protocol, ServiceRef};
+use super::conntrack::{ConnGuard, ConnMeta, Outcome, Peer, Protocol, ServiceRef};
+use super::envoy_waypoint::{self, Via};
 use super::inbound::{self, Client};
 use super::pool::PoolKey;
 use super::relay::relay;
 use super::socket;
 use super::ProxyCtx;
+use crate::identity::{Identity, IssuedCert};
 use crate::metrics::Direction;
 use crate::model::{Service, TargetPort, Workload};
 use crate::state::{Address, Snapshot};
@@ -109,14 +116,6 @@ pub async fn serve_outbound_to(
     dst: SocketAddr,
 ) {
     let snap = ctx.store.snapshot();
-    let target = match resolve(&snap, dst) {
-        Ok(t) => t,
-        Err(NoRoute(why)) => {
-            tracing::info!(src = %peer, dst = %dst, reason = %why, "outbound refused");
-            socket::reset_on_close(&client);
-            return;
-        }
-    };
     let src_w = snap
         .workload_by_ip(peer.ip())
         .filter(|w| w.node == ctx.node && w.enrollment.is_enrolled());
@@ -128,6 +127,23 @@ pub async fn serve_outbound_to(
         return;
     }
     let src_id = src_w.and_then(|w| ctx.identity_of(w));
+
+    // Behind an Envoy waypoint istiod announced: only through it, never direct.
+    if let Some(via) = envoy_waypoint::required(&snap, dst, peer.ip(), src_w.map(|w| &**w)) {
+        let (guard, tunnel) = to_waypoint(&ctx, &snap, via, peer, dst, src_w, src_id);
+        drop(snap);
+        serve_through_waypoint(ctx, client, peer, dst, guard, tunnel).await;
+        return;
+    }
+
+    let target = match resolve(&snap, dst) {
+        Ok(t) => t,
+        Err(NoRoute(why)) => {
+            tracing::info!(src = %peer, dst = %dst, reason = %why, "outbound refused");
+            socket::reset_on_close(&client);
+            return;
+        }
+    };
     let dst_mesh = target.workload.filter(|w| w.enrollment.is_enrolled());
     let meta = |protocol, dst_identity| ConnMeta {
         direction: Direction::Outbound,
@@ -183,30 +199,12 @@ pub async fn serve_outbound_to(
             src: src_id.clone(),
             dst: dst_id.clone(),
             dst_ip: target.addr.ip(),
+            dst_port: ctx.pool.hbone_port(),
         };
-        let mut guard = ctx.conns.open(meta(Protocol::Hbone, Some(dst_id)));
+        let guard = ctx.conns.open(meta(Protocol::Hbone, Some(dst_id)));
         let addr = target.addr;
         drop(snap);
-        let mut client = client;
-        match ctx.pool.tunnel_early(&key, &cert, addr, peer).await {
-            Ok(mut tunnel) => {
-                let conns = [guard.conn().clone()];
-                match relay(&mut client, &mut tunnel.io, &conns).await {
-                    Ok(()) => guard.set_outcome(Outcome::Closed),
-                    Err(e) => {
-                        // A refusal reads, and fails a write, naming the peer's answer.
-                        socket::reset_on_close(&client);
-                        tunnel.io.reset();
-                        guard.set_outcome(e.into());
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::info!(src = %peer, dst = %addr, error = %e, "HBONE tunnel failed");
-                socket::reset_on_close(&client);
-                guard.set_outcome(Outcome::ConnectFailed(e.to_string()));
-            }
-        }
+        tunnel_and_relay(&ctx, client, peer, addr, guard, &key, &cert).await;
         return;
     }
 
@@ -226,6 +224,144 @@ pub async fn serve_outbound_to(
             tracing::info!(src = %peer, dst = %addr, error = %e, "passthrough connect failed");
             socket::reset_on_close(&client);
             guard.set_outcome(Outcome::ConnectFailed(e.to_string()));
+        }
+    }
+}
+
+/// Opens an HBONE stream for `key` with `:authority` `authority` (the original destination,
+/// or the endpoint a VIP resolved to) and relays `client` over it; a failure resets the
+/// client and is recorded on `guard` (`ConnectFailed` when the tunnel could not be opened).
+async fn tunnel_and_relay(
+    ctx: &ProxyCtx,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    authority: SocketAddr,
+    mut guard: ConnGuard,
+    key: &PoolKey,
+    cert: &Arc<IssuedCert>,
+) {
+    match ctx.pool.tunnel_early(key, cert, authority, peer).await {
+        Ok(mut tunnel) => {
+            let conns = [guard.conn().clone()];
+            match relay(&mut client, &mut tunnel.io, &conns).await {
+                Ok(()) => guard.set_outcome(Outcome::Closed),
+                Err(e) => {
+                    // A refusal reads, and fails a write, naming the peer's answer.
+                    socket::reset_on_close(&client);
+                    tunnel.io.reset();
+                    guard.set_outcome(e.into());
+                }
+            }
+        }
+        Err(e) => {
+            tracing::info!(src = %peer, dst = %authority, via = %key.peer(), error = %e, "HBONE tunnel failed");
+            socket::reset_on_close(&client);
+            guard.set_outcome(Outcome::ConnectFailed(e.to_string()));
+        }
+    }
+}
+
+/// Why a connection behind a waypoint cannot be sent to it (it then fails; it never goes
+/// direct).
+#[derive(Debug, thiserror::Error)]
+enum WaypointUnusable {
+    /// The waypoint is not in the state.
+    #[error(transparent)]
+    Unresolved(#[from] envoy_waypoint::Unresolved),
+    /// The source is not a workload weft holds an identity for.
+    #[error("the source has no mesh identity to present to the waypoint")]
+    NoSourceIdentity,
+    /// The source's certificate is not issued yet.
+    #[error("no certificate yet for {0}")]
+    NoCertificate(Identity),
+    /// The waypoint's workload has no valid SPIFFE identity to expect.
+    #[error("waypoint workload {0} has no valid identity")]
+    NoWaypointIdentity(String),
+}
+
+/// The tunnel to a waypoint (its pool key and the source's certificate), or why there is
+/// none.
+type WaypointTunnel = Result<(PoolKey, Arc<IssuedCert>), WaypointUnusable>;
+
+/// Decides, on `snap`, how a connection from `peer` to `dst` reaches the waypoint `via`
+/// names: the connection record (to the waypoint when it was found, else to `dst`) and the
+/// pool key and source certificate, or why the connection must fail.
+fn to_waypoint(
+    ctx: &ProxyCtx,
+    snap: &crate::state::Snapshot,
+    via: Via<'_>,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src_w: Option<&Arc<Workload>>,
+    src_id: Option<Identity>,
+) -> (ConnGuard, WaypointTunnel) {
+    let hop = envoy_waypoint::resolve(snap, via.waypoint, dst.ip());
+    let waypoint_id = hop.as_ref().ok().and_then(|h| ctx.identity_of(h.workload));
+    let meta = ConnMeta {
+        direction: Direction::Outbound,
+        protocol: Protocol::Hbone,
+        src: peer,
+        dst: hop.as_ref().map_or(dst, |h| h.addr),
+        original_dst: hop.is_ok().then_some(dst),
+        src_identity: src_id.clone(),
+        dst_identity: waypoint_id.clone(),
+        src_workload: src_w.map(Peer::of),
+        dst_workload: match &hop {
+            Ok(h) => Some(Peer::of(h.workload)),
+            Err(_) => via.workload.map(Peer::of),
+        },
+        service: via.service.map(|s| ServiceRef {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+        }),
+        decision: None,
+        audits: Vec::new(),
+    };
+    let guard = ctx.conns.open(meta);
+    (guard, waypoint_tunnel(ctx, hop, src_id, waypoint_id))
+}
+
+/// The pool key and source certificate of a tunnel to the waypoint at `hop`.
+fn waypoint_tunnel(
+    ctx: &ProxyCtx,
+    hop: Result<envoy_waypoint::Hop<'_>, envoy_waypoint::Unresolved>,
+    src_id: Option<Identity>,
+    waypoint_id: Option<Identity>,
+) -> WaypointTunnel {
+    let hop = hop?;
+    let src_id = src_id.ok_or(WaypointUnusable::NoSourceIdentity)?;
+    let cert = ctx
+        .certs
+        .get(&src_id)
+        .ok_or_else(|| WaypointUnusable::NoCertificate(src_id.clone()))?;
+    let dst_id = waypoint_id
+        .ok_or_else(|| WaypointUnusable::NoWaypointIdentity(hop.workload.uid.clone()))?;
+    let key = PoolKey {
+        src: src_id,
+        dst: dst_id,
+        dst_ip: hop.addr.ip(),
+        dst_port: hop.addr.port(),
+    };
+    Ok((key, cert))
+}
+
+/// Tunnels a connection to its waypoint, `:authority` the original destination `dst`; a
+/// waypoint that could not be found or reached fails the connection (reset, logged,
+/// `istio_tcp_connections_failed_total`).
+async fn serve_through_waypoint(
+    ctx: Arc<ProxyCtx>,
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    mut guard: ConnGuard,
+    tunnel: WaypointTunnel,
+) {
+    match tunnel {
+        Ok((key, cert)) => tunnel_and_relay(&ctx, client, peer, dst, guard, &key, &cert).await,
+        Err(why) => {
+            tracing::info!(src = %peer, dst = %dst, reason = %why, "waypoint unreachable; connection refused");
+            socket::reset_on_close(&client);
+            guard.set_outcome(Outcome::ConnectFailed(why.to_string()));
         }
     }
 }

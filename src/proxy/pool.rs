@@ -148,8 +148,19 @@ pub struct PoolKey {
     pub src: Identity,
     /// Whom the server must prove to be.
     pub dst: Identity,
-    /// The destination workload's IP (the tunnel goes to `dst_ip:15008`).
+    /// The IP of the workload the tunnel goes to: the destination's, or its waypoint's.
     pub dst_ip: IpAddr,
+    /// Its HBONE port: [`Pool::hbone_port`] for another node's weft (or ztunnel), the
+    /// announced `hboneMtlsPort` for an Envoy waypoint. The CONNECT's `:authority` is chosen
+    /// apart from this address (the original destination).
+    pub dst_port: u16,
+}
+
+impl PoolKey {
+    /// The address the tunnel's TCP connection goes to.
+    pub fn peer(&self) -> SocketAddr {
+        SocketAddr::new(self.dst_ip, self.dst_port)
+    }
 }
 
 struct Pooled {
@@ -226,7 +237,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A pool connecting to `<ip>:hbone_port`.
+    /// A pool whose tunnels to other nodes go to `<ip>:hbone_port` (see [`PoolKey::dst_port`]).
     pub fn new(
         tls: Arc<TlsConfigs>,
         mode: SocketMode,
@@ -241,6 +252,11 @@ impl Pool {
             conns: ArcSwap::from_pointee(Conns::new()),
             connecting: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The HBONE port of other nodes, for the keys of tunnels to them.
+    pub fn hbone_port(&self) -> u16 {
+        self.hbone_port
     }
 
     /// An empty pool with the same settings whose connections are opened with `mode` (a
@@ -280,7 +296,7 @@ impl Pool {
         let mut tunnel = self
             .tunnel_early(key, cert, authority, forwarded_for)
             .await?;
-        let addr = SocketAddr::new(key.dst_ip, self.hbone_port);
+        let addr = key.peer();
         match tunnel.io.established().await {
             Ok(()) => Ok(tunnel),
             Err(Refusal::Status(status)) => Err(TunnelError::Refused {
@@ -338,7 +354,7 @@ impl Pool {
         authority: SocketAddr,
         forwarded_for: SocketAddr,
     ) -> Result<Tunnel, TunnelError> {
-        let addr = SocketAddr::new(key.dst_ip, self.hbone_port);
+        let addr = key.peer();
         let connect = Connect::new(authority, forwarded_for);
         let req = || {
             connect.request().map_err(|e| TunnelError::Connect {
@@ -415,7 +431,7 @@ impl Pool {
     }
 
     async fn connect(&self, key: &PoolKey, cert: &IssuedCert) -> Result<Pooled, TunnelError> {
-        let addr = SocketAddr::new(key.dst_ip, self.hbone_port);
+        let addr = key.peer();
         let tcp = socket::connect(addr, None, &self.mode, CONNECT_TIMEOUT)
             .await
             .map_err(|source| TunnelError::Connect { addr, source })?;
@@ -528,7 +544,7 @@ impl Pool {
                 out.push(PoolView {
                     src_identity: k.src.to_string(),
                     dst_identity: k.dst.to_string(),
-                    peer: SocketAddr::new(k.dst_ip, self.hbone_port),
+                    peer: k.peer(),
                     local: c.local,
                     streams: c.active.load(Ordering::Acquire),
                     age_secs: c.created.elapsed().as_secs_f64(),

@@ -44,6 +44,7 @@ pub const CLUSTER_ID: &str = "test-cluster";
 /// A CA: its certificate (PEM) and the issuer that signs with it.
 struct TestCa {
     pem: String,
+    key_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -60,6 +61,7 @@ impl TestCa {
         let cert = params.self_signed(&key).unwrap();
         TestCa {
             pem: cert.pem(),
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
         }
     }
@@ -341,8 +343,15 @@ pub enum CaMode {
     Good,
     /// A chain for another SPIFFE id.
     WrongIdentity,
-    /// A chain for the right id from a CA the client does not trust.
-    UntrustedRoot,
+    /// A chain for the right id whose leaf does not lead to the root sent with it.
+    UnrootedLeaf,
+    /// A chain without the root entry (only the leaf).
+    NoRoot,
+    /// A root rotation under way: the leaf from the new root, the last entry holding the old
+    /// root and the new one (as istiod sends both while a plugin CA's roots overlap).
+    Rotating,
+    /// The rotation done: the leaf and the last entry from the new root only.
+    Rotated,
     /// Not a certificate at all.
     Garbage,
 }
@@ -421,7 +430,13 @@ impl IstioCertificateService for CaService {
                 sign(&self.0.root, "spiffe://cluster.local/ns/evil/sa/impostor")?,
                 self.0.root.pem.clone(),
             ],
-            CaMode::UntrustedRoot => vec![sign(&self.0.other, &id)?, self.0.other.pem.clone()],
+            CaMode::UnrootedLeaf => vec![sign(&self.0.other, &id)?, self.0.root.pem.clone()],
+            CaMode::NoRoot => vec![sign(&self.0.root, &id)?],
+            CaMode::Rotating => vec![
+                sign(&self.0.other, &id)?,
+                format!("{}{}", self.0.root.pem, self.0.other.pem),
+            ],
+            CaMode::Rotated => vec![sign(&self.0.other, &id)?, self.0.other.pem.clone()],
             CaMode::Garbage => vec![
                 "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n".into(),
             ],
@@ -484,6 +499,30 @@ impl FakeIstiod {
         f
     }
 
+    /// istiod's serving certificate and key (PEM), for a stand-in in front of it.
+    pub fn serving_identity(&self) -> (&str, &str) {
+        (&self.identity.0, &self.identity.1)
+    }
+
+    /// A plugin-CA directory (Istio's `cacerts` layout) for a peer's built-in CA that signs
+    /// with the first root (`old`) or with the root `CaMode::Rotating` and `CaMode::Rotated`
+    /// move to, and trusts both roots.
+    pub fn plugin_ca_dir(&self, old: bool) -> tempfile::TempDir {
+        let ca = if old { &*self.ca.root } else { &self.ca.other };
+        let dir = tempfile::tempdir().unwrap();
+        let both = format!("{}{}", self.ca.root.pem, self.ca.other.pem);
+        std::fs::write(dir.path().join("ca-cert.pem"), &ca.pem).unwrap();
+        std::fs::write(dir.path().join("ca-key.pem"), &ca.key_pem).unwrap();
+        std::fs::write(dir.path().join("cert-chain.pem"), &ca.pem).unwrap();
+        std::fs::write(dir.path().join("root-cert.pem"), both).unwrap();
+        dir
+    }
+
+    /// The root istiod's serving certificate chains to (PEM).
+    pub fn root_pem(&self) -> String {
+        std::fs::read_to_string(self.root_cert_file()).unwrap()
+    }
+
     pub fn root_cert_file(&self) -> PathBuf {
         self.dir.path().join("root-cert.pem")
     }
@@ -503,6 +542,7 @@ impl FakeIstiod {
             root_cert_file: self.root_cert_file(),
             token_file: self.token_file(),
             cluster_id: CLUSTER_ID.to_string(),
+            keepalive: weft::istiod::KEEPALIVE_INTERVAL,
         }
     }
 

@@ -286,6 +286,7 @@ impl BuiltinCa {
             serial_hex: hex::encode(leaf.serial),
             not_before: leaf.not_before,
             not_after: leaf.not_after,
+            roots: self.roots_der.clone(),
             key_pkcs8: PrivatePkcs8KeyDer::from(leaf.key.serialize_der()),
         };
         tracing::debug!(identity = %id, serial = %cert.serial_hex, "issued certificate");

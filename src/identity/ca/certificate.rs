@@ -34,6 +34,11 @@ pub struct IssuedCert {
     pub not_before: SystemTime,
     /// End of the leaf's validity.
     pub not_after: SystemTime,
+    /// The trust roots that came with this certificate (DER): while it is in use, peers'
+    /// chains must lead to one of these. The built-in CA's `root-cert.pem`; for Istio's CA,
+    /// the last entry of the response that brought it, so a root rotated at the CA reaches
+    /// the data path with the next certificate, without a restart.
+    pub roots: Vec<CertificateDer<'static>>,
     pub(super) key_pkcs8: PrivatePkcs8KeyDer<'static>,
 }
 
@@ -47,8 +52,10 @@ impl IssuedCert {
         serial_hex: String,
         not_before: SystemTime,
         not_after: SystemTime,
+        roots: Vec<CertificateDer<'static>>,
     ) -> IssuedCert {
         IssuedCert {
+            roots,
             identity,
             key_pem: key.serialize_pem(),
             chain_pem: chain_der.iter().map(|c| pem_encode_cert(c)).collect(),
@@ -76,6 +83,7 @@ impl Clone for IssuedCert {
             serial_hex: self.serial_hex.clone(),
             not_before: self.not_before,
             not_after: self.not_after,
+            roots: self.roots.clone(),
             key_pkcs8: self.key_pkcs8.clone_key(),
         }
     }
@@ -90,6 +98,7 @@ impl fmt::Debug for IssuedCert {
             .field("not_before", &self.not_before)
             .field("not_after", &self.not_after)
             .field("chain_len", &self.chain_der.len())
+            .field("roots", &self.roots.len())
             .finish_non_exhaustive()
     }
 }

@@ -76,7 +76,9 @@ pub trait CertificateAuthority: Send + Sync + 'static {
         ttl: Duration,
     ) -> Pin<Box<dyn Future<Output = Result<IssuedCert, IdentityError>> + Send + '_>>;
 
-    /// The trust root(s) peers' chains must lead to (DER).
+    /// The trust root(s) this CA's certificates come with now (DER): the built-in CA's
+    /// `root-cert.pem`; for Istio's CA, those of its latest response (none before the
+    /// first). The data path trusts each certificate's own [`IssuedCert::roots`], not these.
     fn roots_der(&self) -> Vec<CertificateDer<'static>>;
 }
 

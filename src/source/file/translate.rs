@@ -271,6 +271,9 @@ impl Parser<'_> {
             labels,
             named_ports,
             enrollment,
+            // The mesh file has no istiod-announced waypoint; `istio.io/use-waypoint` labels
+            // select the in-binary one instead.
+            waypoint: None,
         })
     }
 
@@ -371,6 +374,7 @@ impl Parser<'_> {
             selector: spec.selector.clone().unwrap_or_default(),
             endpoints: Vec::new(),
             labels: svc.metadata.labels.clone().unwrap_or_default(),
+            waypoint: None,
         })
     }
 }

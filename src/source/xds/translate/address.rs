@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use super::{ip_from_bytes, port, FieldError};
-use crate::model::{Enrollment, Service, Workload};
+use crate::model::{Enrollment, GatewayAddress, GatewayDestination, Service, Workload};
 use crate::proto::istio::workload as xw;
 
 /// A workload as accepted, with what [`assemble`] needs besides the model.
@@ -112,6 +112,40 @@ fn ports(list: &[xw::Port], what: &str) -> Result<Vec<(u16, u16)>, FieldError> {
         .collect()
 }
 
+/// The waypoint a workload or service names (`what`: the field, for errors): an address
+/// (4 or 16 bytes) or a namespaced hostname (both parts set), and a non-zero HBONE port.
+fn waypoint(g: &xw::GatewayAddress, what: &str) -> Result<GatewayAddress, FieldError> {
+    use xw::gateway_address::Destination;
+    let destination = match &g.destination {
+        Some(Destination::Address(a)) => GatewayDestination::Address {
+            network: a.network.clone(),
+            ip: ip_from_bytes(&a.address, &format!("{what}.address.address"))?,
+        },
+        Some(Destination::Hostname(h)) => {
+            for (v, field) in [(&h.namespace, "namespace"), (&h.hostname, "hostname")] {
+                if v.is_empty() {
+                    return Err(FieldError::EmptyString {
+                        what: format!("{what}.hostname.{field}"),
+                    });
+                }
+            }
+            GatewayDestination::Hostname {
+                namespace: h.namespace.clone(),
+                hostname: h.hostname.clone(),
+            }
+        }
+        None => {
+            return Err(FieldError::Missing {
+                what: format!("{what}.destination (an address or a hostname)"),
+            })
+        }
+    };
+    Ok(GatewayAddress {
+        destination,
+        hbone_mtls_port: port(g.hbone_mtls_port, &format!("{what}.hbone_mtls_port"), false)?,
+    })
+}
+
 fn workload(w: xw::Workload) -> Result<WorkloadEntry, AddressError> {
     if w.uid.is_empty() {
         return Err(AddressError::WorkloadUid);
@@ -137,6 +171,12 @@ fn workload(w: xw::Workload) -> Result<WorkloadEntry, AddressError> {
             ports(&list.ports, &format!("services[{key}].ports")).map_err(ctx)?,
         );
     }
+    let waypoint = w
+        .waypoint
+        .as_ref()
+        .map(|g| waypoint(g, "waypoint"))
+        .transpose()
+        .map_err(ctx)?;
     let host_network = w.network_mode == xw::NetworkMode::HostNetwork as i32;
     let hbone = w.tunnel_protocol == xw::TunnelProtocol::Hbone as i32;
     let enrollment = match (host_network, hbone) {
@@ -170,6 +210,7 @@ fn workload(w: xw::Workload) -> Result<WorkloadEntry, AddressError> {
             canonical_name: or(&w.canonical_name, default_name),
             canonical_revision: or(&w.canonical_revision, default_revision),
             workload_name,
+            waypoint,
         },
         trust_domain: w.trust_domain,
         healthy: w.status != xw::WorkloadStatus::Unhealthy as i32,
@@ -198,6 +239,12 @@ fn service(s: xw::Service) -> Result<ServiceEntry, AddressError> {
         }
     }
     let ports = ports(&s.ports, "ports").map_err(ctx)?;
+    let waypoint = s
+        .waypoint
+        .as_ref()
+        .map(|g| waypoint(g, "waypoint"))
+        .transpose()
+        .map_err(ctx)?;
     Ok(ServiceEntry {
         service: Service {
             name: s.name,
@@ -207,6 +254,7 @@ fn service(s: xw::Service) -> Result<ServiceEntry, AddressError> {
             selector: BTreeMap::new(),
             endpoints: Vec::new(),
             labels: Default::default(),
+            waypoint,
         },
         key,
         ports,
@@ -231,5 +279,135 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("70000 is not a port"));
+    }
+
+    fn gateway(
+        destination: Option<xw::gateway_address::Destination>,
+        port: u32,
+    ) -> xw::GatewayAddress {
+        xw::GatewayAddress {
+            destination,
+            hbone_mtls_port: port,
+        }
+    }
+
+    fn by_address(ip: Vec<u8>) -> Option<xw::gateway_address::Destination> {
+        Some(xw::gateway_address::Destination::Address(
+            xw::NetworkAddress {
+                network: "net1".into(),
+                address: ip,
+            },
+        ))
+    }
+
+    fn by_hostname(namespace: &str, hostname: &str) -> Option<xw::gateway_address::Destination> {
+        Some(xw::gateway_address::Destination::Hostname(
+            xw::NamespacedHostname {
+                namespace: namespace.into(),
+                hostname: hostname.into(),
+            },
+        ))
+    }
+
+    fn with_workload_waypoint(g: xw::GatewayAddress) -> xw::Address {
+        let mut a = wl("a", [10, 0, 0, 1], &[]);
+        if let Some(xw::address::Type::Workload(w)) = &mut a.r#type {
+            w.waypoint = Some(g);
+        }
+        a
+    }
+
+    fn with_service_waypoint(g: xw::GatewayAddress) -> xw::Address {
+        xw::Address {
+            r#type: Some(xw::address::Type::Service(xw::Service {
+                name: "cart".into(),
+                namespace: "ns1".into(),
+                hostname: "cart.ns1.svc.cluster.local".into(),
+                waypoint: Some(g),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn a_workloads_and_a_services_waypoint_are_decoded() {
+        let Ok(AddressEntry::Workload(w)) = address(with_workload_waypoint(gateway(
+            by_address(vec![10, 0, 0, 9]),
+            15008,
+        ))) else {
+            panic!("workload refused")
+        };
+        assert_eq!(
+            w.workload.waypoint,
+            Some(GatewayAddress {
+                destination: GatewayDestination::Address {
+                    network: "net1".into(),
+                    ip: "10.0.0.9".parse().unwrap(),
+                },
+                hbone_mtls_port: 15008,
+            })
+        );
+        let Ok(AddressEntry::Service(s)) = address(with_service_waypoint(gateway(
+            by_hostname("ns1", "waypoint.ns1.svc.cluster.local"),
+            15008,
+        ))) else {
+            panic!("service refused")
+        };
+        assert_eq!(
+            s.service.waypoint,
+            Some(GatewayAddress {
+                destination: GatewayDestination::Hostname {
+                    namespace: "ns1".into(),
+                    hostname: "waypoint.ns1.svc.cluster.local".into(),
+                },
+                hbone_mtls_port: 15008,
+            })
+        );
+        // Without one, none.
+        let Ok(AddressEntry::Workload(w)) = address(wl("a", [10, 0, 0, 1], &[])) else {
+            panic!("workload refused")
+        };
+        assert_eq!(w.workload.waypoint, None);
+    }
+
+    #[test]
+    fn a_malformed_waypoint_refuses_its_resource_naming_the_field() {
+        let cases = [
+            (
+                gateway(None, 15008),
+                "waypoint.destination (an address or a hostname) is required",
+            ),
+            (
+                gateway(by_address(vec![10, 0, 9]), 15008),
+                "waypoint.address.address: 3 bytes is neither",
+            ),
+            (
+                gateway(by_address(vec![10, 0, 0, 9]), 0),
+                "waypoint.hbone_mtls_port: port 0 is not allowed",
+            ),
+            (
+                gateway(by_address(vec![10, 0, 0, 9]), 70000),
+                "waypoint.hbone_mtls_port: 70000 is not a port",
+            ),
+            (
+                gateway(by_hostname("", "w.ns1.svc.cluster.local"), 15008),
+                "waypoint.hostname.namespace must not be empty",
+            ),
+            (
+                gateway(by_hostname("ns1", ""), 15008),
+                "waypoint.hostname.hostname must not be empty",
+            ),
+        ];
+        for (g, want) in cases {
+            let e = address(with_workload_waypoint(g.clone()))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("workload a: ") && e.contains(want), "{e}");
+            let e = address(with_service_waypoint(g)).unwrap_err().to_string();
+            assert!(
+                e.starts_with("service ns1/cart.ns1.svc.cluster.local: ") && e.contains(want),
+                "{e}"
+            );
+        }
     }
 }

@@ -486,6 +486,7 @@ mod tests {
                         target_port: 8443,
                     },
                 ],
+                waypoint: None,
             })),
         };
         addrs.insert("ns1/web.ns1.svc".to_string(), address(svc).unwrap());
@@ -644,6 +645,7 @@ mod tests {
                                                 service_port: 80,
                                                 target_port: [0, 8080][target],
                                             }],
+                                            waypoint: None,
                                         })),
                                     };
                                     let name = service_name(i);

@@ -46,6 +46,18 @@ pub enum FieldError {
         /// The field.
         what: String,
     },
+    /// A required field (a message, a oneof) that is not set.
+    #[error("{what} is required")]
+    Missing {
+        /// The field.
+        what: String,
+    },
+    /// A required string that is empty.
+    #[error("{what} must not be empty")]
+    EmptyString {
+        /// The field.
+        what: String,
+    },
     /// A number too large for a port.
     #[error("{what}: {value} is not a port (1-65535)")]
     NotAPort {
