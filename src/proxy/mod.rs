@@ -1,5 +1,7 @@
 //! The data path: the listeners on `:15001` (outbound), `:15006` (plaintext inbound) and
-//! `:15008` (HBONE inbound), the HBONE client pool, and connection tracking.
+//! `:15008` (HBONE inbound), the HBONE client pool, and connection tracking. In-pod, one
+//! such data path per pod runs inside the pod's network namespace (`ProxyCtx::in_pod`,
+//! `netns`), sharing the node's state, policies, certificates and connection table.
 //!
 //! Each accepted connection reads the state snapshot once and decides from it; nothing on
 //! the accept path takes a lock shared with the control plane. On shutdown the listeners

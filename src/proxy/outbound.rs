@@ -1,7 +1,8 @@
 //! Traffic leaving local enrolled pods (`:15001`): find where it really goes, then tunnel it
 //! (HBONE to another node), hand it to the inbound side (same node), or pass it through.
 //!
-//! The original destination is the accepted socket's local address (TPROXY). A Service VIP
+//! The original destination is the accepted socket's local address (TPROXY), or in a pod
+//! (in-pod capture) `SO_ORIGINAL_DST` (istio-cni's REDIRECT). A Service VIP
 //! is resolved here to one of its endpoints and the target port, since nothing else on a
 //! captured path will do it.
 //!
