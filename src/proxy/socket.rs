@@ -78,10 +78,14 @@ pub fn listen(addr: SocketAddr, mode: &SocketMode) -> io::Result<TcpListener> {
 /// [`enable_listener_handover`]) those queued on the old one move to it when the old one
 /// closes. An IPv6 address binds an IPv6-only socket (IPv4 has listeners of its own, whose
 /// accepted addresses stay plain IPv4 rather than IPv4-mapped). In a pod, the socket is the
-/// pod's, marked [`INPOD_MARK`], its port not shared.
+/// pod's, marked [`INPOD_MARK`], its port shared too (a new weft's listeners beside the old
+/// one's in the same pod).
 pub fn bind(addr: SocketAddr, mode: &SocketMode) -> io::Result<Socket> {
     let transparent = *mode == SocketMode::Transparent;
-    bound(mode, addr, transparent, |s| {
+    // The port is shared when capturing, so a new weft can listen beside a draining one: on
+    // the node (TPROXY), and inside each pod (in-pod, as ztunnel's `inpodPortReuse`: during a
+    // rolling update istio-cni hands the pods to the new weft while the old one drains).
+    bound(mode, addr, transparent || mode.is_in_pod(), |s| {
         if addr.is_ipv6() {
             s.set_only_v6(true)?;
         }
