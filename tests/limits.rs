@@ -439,6 +439,27 @@ fn signal(w: &Weft, signal: &str) {
         .unwrap()
         .success();
     assert!(ok, "kill -{signal}");
+    // kill returns once the signal is sent; the stop reaches each thread after that. Wait
+    // until every thread of the daemon is stopped (state T), so nothing it does afterwards
+    // is a thread that had not stopped yet.
+    if signal == "STOP" {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let tasks = format!("/proc/{}/task", w.child.id());
+        loop {
+            let all_stopped = std::fs::read_dir(&tasks).unwrap().all(|t| {
+                let stat =
+                    std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the command name's closing parenthesis.
+                let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+                matches!(state, Some(Some('T' | 't')))
+            });
+            if all_stopped {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the daemon did not stop");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
