@@ -46,6 +46,30 @@ pub enum SignError {
     /// Signing the leaf failed.
     #[error("signing: {0}")]
     Sign(rcgen::Error),
+    /// The CSR is not PEM, does not parse, or its signature does not verify.
+    #[error("the CSR is unusable: {0}")]
+    Csr(rcgen::Error),
+    /// A name for a serving certificate is not a valid IA5 string.
+    #[error("DNS name {name:?}: {source}")]
+    DnsName {
+        /// The name given.
+        name: String,
+        /// rcgen's reason.
+        source: rcgen::Error,
+    },
+}
+
+/// A leaf signed for a key held elsewhere ([`BuiltinCa::sign_csr`]): the requester has the key.
+#[derive(Debug, Clone)]
+pub struct SignedLeaf {
+    /// The leaf, PEM.
+    pub pem: String,
+    /// The leaf, DER.
+    pub der: CertificateDer<'static>,
+    /// Lower-case hex of its serial number.
+    pub serial_hex: String,
+    /// Its end of validity.
+    pub not_after: SystemTime,
 }
 
 /// The built-in CA: signs workload leaves with the key of `ca-cert.pem`. See the module doc
@@ -293,12 +317,102 @@ impl BuiltinCa {
         Ok(cert)
     }
 
+    /// Signs a leaf for `id` certifying the public key of `csr_pem` (a PEM CSR whose signature
+    /// must verify), with the same shape and lifetime rules as [`issue`](Self::issue). What
+    /// the CSR asks for besides its key (subject, SANs) is ignored, as istiod ignores it: the
+    /// identity is the one the caller was authorized for.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &Identity,
+        ttl: Duration,
+    ) -> Result<SignedLeaf, SignError> {
+        let csr =
+            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(SignError::Csr)?;
+        // Cannot fail: an Identity's URI is ASCII (see `Identity::new`).
+        let uri = rcgen::string::Ia5String::try_from(id.to_string()).map_err(SignError::UriSan)?;
+        let (cert, serial, _, not_after) =
+            self.sign_key(&csr.public_key, vec![SanType::URI(uri)], ttl)?;
+        Ok(SignedLeaf {
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            serial_hex: hex::encode(serial),
+            not_after,
+        })
+    }
+
+    /// Issues a serving certificate for `names`, DNS names or IP addresses (e.g. the CA
+    /// service's own names for
+    /// `weft ca serve`), with a fresh key: the chain (leaf, then `ca-cert.pem` and the rest of
+    /// `cert-chain.pem`), its PKCS#8 key and its end of validity.
+    #[allow(clippy::type_complexity)]
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<
+        (
+            Vec<CertificateDer<'static>>,
+            PrivatePkcs8KeyDer<'static>,
+            SystemTime,
+        ),
+        SignError,
+    > {
+        let sans = names
+            .iter()
+            .map(|name| {
+                if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+                    return Ok(SanType::IpAddress(ip));
+                }
+                rcgen::string::Ia5String::try_from(name.as_str())
+                    .map(SanType::DnsName)
+                    .map_err(|source| SignError::DnsName {
+                        name: name.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let leaf = self.sign_leaf(sans, ttl)?;
+        let mut chain = vec![leaf.der];
+        chain.extend(self.chain_der.iter().cloned());
+        Ok((
+            chain,
+            PrivatePkcs8KeyDer::from(leaf.key.serialize_der()),
+            leaf.not_after,
+        ))
+    }
+
     /// The trust root(s) of `root-cert.pem`, one PEM string per certificate.
     pub fn roots_pem(&self) -> &[String] {
         &self.roots_pem
     }
 
+    /// What follows the leaf in every issued chain, one PEM string per certificate:
+    /// `ca-cert.pem`, then `cert-chain.pem` without its leading copy of `ca-cert.pem`.
+    pub fn chain_pem(&self) -> &[String] {
+        &self.chain_pem
+    }
+
     fn sign_leaf(&self, sans: Vec<SanType>, ttl: Duration) -> Result<Leaf, SignError> {
+        let key = KeyPair::generate().map_err(SignError::GenerateKey)?;
+        let (cert, serial, not_before, not_after) = self.sign_key(&key, sans, ttl)?;
+        Ok(Leaf {
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            key,
+            serial,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Signs a leaf certifying `public_key` for `sans`; returns it with its serial and validity.
+    fn sign_key(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        sans: Vec<SanType>,
+        ttl: Duration,
+    ) -> Result<(rcgen::Certificate, [u8; 16], SystemTime, SystemTime), SignError> {
         let now = whole_seconds(SystemTime::now());
         if now >= self.ca_not_after {
             return Err(SignError::CaExpired);
@@ -314,7 +428,6 @@ impl BuiltinCa {
         }
         let serial = random_serial();
 
-        let key = KeyPair::generate().map_err(SignError::GenerateKey)?;
         let mut params = CertificateParams::default();
         // Like Istio's workload certificates: empty subject, identity only in the (then
         // critical) SAN.
@@ -334,16 +447,9 @@ impl BuiltinCa {
         params.not_after = OffsetDateTime::from(not_after);
         params.use_authority_key_identifier_extension = true;
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(SignError::Sign)?;
-        Ok(Leaf {
-            pem: cert.pem(),
-            der: cert.der().clone(),
-            key,
-            serial,
-            not_before,
-            not_after,
-        })
+        Ok((cert, serial, not_before, not_after))
     }
 }
 
