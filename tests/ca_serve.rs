@@ -205,16 +205,51 @@ async fn a_node_gets_certificates_for_the_service_accounts_of_pods_on_its_node()
     assert_chains_to(&own, &roots);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_refusal_says_why() {
-    let api = cluster().await;
-    let (tmp, dir) = ca_dir();
-    let serve = CaServe::start(&api, &dir).await;
-    let weft_token = |aud: &str, expires| api.pod_token("istio-system", "weft-n1", &[aud], expires);
+/// A cluster, a CA directory and `weft ca serve` on it; kept alive together.
+struct Setup {
+    api: FakeApiServer,
+    tmp: tempfile::TempDir,
+    dir: PathBuf,
+    serve: CaServe,
+}
 
-    // A ServiceAccount with no pod on the caller's node (shop/pay runs on node-2).
-    let ca = serve.client(&dir, &weft_token("istio-ca", in_an_hour()), tmp.path());
-    let (code, message) = refusal(ca.issue(&id("shop", "pay"), HOUR).await.unwrap_err());
+impl Setup {
+    async fn new() -> Setup {
+        let api = cluster().await;
+        let (tmp, dir) = ca_dir();
+        let serve = CaServe::start(&api, &dir).await;
+        Setup {
+            api,
+            tmp,
+            dir,
+            serve,
+        }
+    }
+
+    /// The client of node-1's weft with a token for `audience`, valid until `expires`.
+    fn node_client(&self, audience: &str, expires: SystemTime) -> IstioCa {
+        let token = self
+            .api
+            .pod_token("istio-system", "weft-n1", &[audience], expires);
+        self.client(&token)
+    }
+
+    fn client(&self, token: &str) -> IstioCa {
+        self.serve.client(&self.dir, token, self.tmp.path())
+    }
+}
+
+/// How `ca` refuses `id`: the status code and its message.
+async fn refused(ca: &IstioCa, id: &Identity) -> (tonic::Code, String) {
+    refusal(ca.issue(id, HOUR).await.unwrap_err())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_with_no_pod_on_the_callers_node_is_refused_naming_the_node() {
+    let s = Setup::new().await;
+    let ca = s.node_client("istio-ca", in_an_hour());
+    // shop/pay runs on node-2 only.
+    let (code, message) = refused(&ca, &id("shop", "pay")).await;
     assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
     assert!(
         message.contains("no pod with ServiceAccount shop/pay runs on node \"node-1\""),
@@ -222,10 +257,24 @@ async fn each_refusal_says_why() {
     );
     assert!(message.contains("istio-system/weft"), "{message}");
 
-    // A token of another ServiceAccount, not a trusted node account.
-    let cart_token = api.pod_token("shop", "cart-1", &["istio-ca"], in_an_hour());
-    let ca = serve.client(&dir, &cart_token, tmp.path());
-    let (code, message) = refusal(ca.issue(&id("shop", "cart"), HOUR).await.unwrap_err());
+    // Served for a local one; refused again once its pod is gone from the node.
+    ca.issue(&id("shop", "cart"), HOUR).await.unwrap();
+    s.api.delete_pod("shop", "cart-1");
+    let (code, message) = refused(&ca, &id("shop", "cart")).await;
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    assert!(
+        message.contains("shop/cart runs on node \"node-1\""),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_an_untrusted_service_account_is_refused_naming_the_account() {
+    let s = Setup::new().await;
+    let cart_token = s
+        .api
+        .pod_token("shop", "cart-1", &["istio-ca"], in_an_hour());
+    let (code, message) = refused(&s.client(&cart_token), &id("shop", "cart")).await;
     assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
     assert!(
         message.contains("the caller shop/cart is not a trusted node account"),
@@ -235,42 +284,38 @@ async fn each_refusal_says_why() {
         message.contains("spiffe://cluster.local/ns/shop/sa/cart"),
         "{message}"
     );
+}
 
-    // A token for another audience (the API server's own).
-    let ca = serve.client(&dir, &weft_token(API_AUDIENCE, in_an_hour()), tmp.path());
-    let (code, message) = refusal(ca.issue(&id("shop", "cart"), HOUR).await.unwrap_err());
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_for_another_audience_is_refused_with_the_api_servers_reason() {
+    let s = Setup::new().await;
+    let ca = s.node_client(API_AUDIENCE, in_an_hour());
+    let (code, message) = refused(&ca, &id("shop", "cart")).await;
     assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
     assert!(
         message.contains("not authenticated (audience istio-ca)"),
         "{message}"
     );
     assert!(message.contains("token audiences"), "{message}");
+}
 
-    // An expired token.
-    let expired = weft_token("istio-ca", SystemTime::now() - Duration::from_secs(1));
-    let ca = serve.client(&dir, &expired, tmp.path());
-    let (code, message) = refusal(ca.issue(&id("shop", "cart"), HOUR).await.unwrap_err());
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_refused_with_the_api_servers_reason() {
+    let s = Setup::new().await;
+    let ca = s.node_client("istio-ca", SystemTime::now() - Duration::from_secs(1));
+    let (code, message) = refused(&ca, &id("shop", "cart")).await;
     assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
     assert!(message.contains("has expired"), "{message}");
+}
 
-    // An identity of another trust domain.
-    let ca = serve.client(&dir, &weft_token("istio-ca", in_an_hour()), tmp.path());
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_of_another_trust_domain_is_refused_naming_ours() {
+    let s = Setup::new().await;
+    let ca = s.node_client("istio-ca", in_an_hour());
     let other = Identity::new("other.domain", "shop", "cart").unwrap();
-    let (code, message) = refusal(ca.issue(&other, HOUR).await.unwrap_err());
+    let (code, message) = refused(&ca, &other).await;
     assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
     assert!(message.contains("trust domain cluster.local"), "{message}");
-
-    // The same node asking again for a local ServiceAccount is served: nothing above stuck.
-    ca.issue(&id("shop", "cart"), HOUR).await.unwrap();
-
-    // Once the pod is gone from the node, its identity is refused.
-    api.delete_pod("shop", "cart-1");
-    let (code, message) = refusal(ca.issue(&id("shop", "cart"), HOUR).await.unwrap_err());
-    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
-    assert!(
-        message.contains("shop/cart runs on node \"node-1\""),
-        "{message}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
