@@ -344,3 +344,127 @@ async fn two_replicas_on_one_ca_directory_issue_certificates_of_the_same_root() 
     // Each chain also validates with the other's intermediates: the same signing CA.
     assert_eq!(a.chain_der[1..], b.chain_der[1..]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_impersonation_the_caller_gets_its_own_identity_in_istiods_chain_shape() {
+    use weft::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+    use weft::proto::istio::v1::auth::IstioCertificateRequest;
+
+    let s = Setup::new().await;
+    // Any authenticated ServiceAccount, trusted node account or not, may have its own.
+    let token = s
+        .api
+        .pod_token("shop", "cart-1", &["istio-ca"], in_an_hour());
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let root_pem = std::fs::read_to_string(s.dir.join("root-cert.pem")).unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("https://{}", s.serve.addr))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&root_pem)),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: 0,
+        metadata: None,
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let chain = IstioCertificateServiceClient::new(channel)
+        .create_certificate(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain;
+    // [leaf, ca-cert.pem, the rest of cert-chain.pem..., root-cert.pem]
+    let certs = |pem: &str| -> Vec<CertificateDer<'static>> {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let leaf = certs(&chain[0]);
+    assert_eq!(leaf.len(), 1);
+    assert_eq!(
+        weft::tls::identity_of(&leaf[0]).unwrap(),
+        id("shop", "cart")
+    );
+    let ca_cert = std::fs::read_to_string(s.dir.join("ca-cert.pem")).unwrap();
+    assert_eq!(certs(&chain[1]), certs(&ca_cert));
+    assert_eq!(chain.last().unwrap(), &root_pem);
+    // No lifetime asked: istiod's default, a day.
+    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf[0]).unwrap();
+    let v = parsed.validity();
+    let lifetime = v.not_after.timestamp() - v.not_before.timestamp();
+    assert!(
+        (24 * 3600..24 * 3600 + 120).contains(&lifetime),
+        "{lifetime}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_weft_binary_serves_with_its_cli_flags_and_stops_on_sigterm() {
+    let api = cluster().await;
+    let (tmp, dir) = ca_dir();
+    let ip = support::unique_loopback();
+    let addr = SocketAddr::new(ip, 15012);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["ca", "serve", "--ca-dir"])
+        .arg(&dir)
+        .args(["--listen", &addr.to_string()])
+        .args([
+            "--trusted-node-accounts",
+            "kube-system/other,istio-system/weft",
+        ])
+        .args(["--server-name", &format!("weft-ca.istio-system.svc,{ip}")])
+        .arg("--kubeconfig")
+        .arg(api.kubeconfig())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "weft ca serve exited");
+        assert!(std::time::Instant::now() < deadline, "never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let serve = CaServe {
+        addr,
+        stop: CancellationToken::new(),
+    };
+    let token = api.pod_token("istio-system", "weft-n1", &["istio-ca"], in_an_hour());
+    let cert = serve
+        .client(&dir, &token, tmp.path())
+        .issue(&id("shop", "cart"), HOUR)
+        .await
+        .unwrap();
+    assert_chains_to(&cert, &roots_of(&dir));
+
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("weft ca serve did not stop on SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+}
