@@ -287,6 +287,30 @@ async fn a_token_of_an_untrusted_service_account_is_refused_naming_the_account()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_token_bound_to_no_pod_has_no_node_and_is_refused_saying_so() {
+    let s = Setup::new().await;
+    let token = s
+        .api
+        .unbound_token("istio-system", "weft", &["istio-ca"], in_an_hour());
+    let (code, message) = refused(&s.client(&token), &id("shop", "cart")).await;
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    assert!(
+        message.contains("the token of istio-system/weft is not bound to a pod"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_a_deleted_node_pod_is_refused_by_the_api_server() {
+    let s = Setup::new().await;
+    let ca = s.node_client("istio-ca", in_an_hour());
+    s.api.delete_pod("istio-system", "weft-n1");
+    let (code, message) = refused(&ca, &id("shop", "cart")).await;
+    assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
+    assert!(message.contains("\"weft-n1\" not found"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_for_another_audience_is_refused_with_the_api_servers_reason() {
     let s = Setup::new().await;
     let ca = s.node_client(API_AUDIENCE, in_an_hour());

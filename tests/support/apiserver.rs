@@ -252,6 +252,31 @@ impl FakeApiServer {
         token
     }
 
+    /// Issues a token of ServiceAccount `namespace/service_account` bound to no pod (as
+    /// `kubectl create token` without `--bound-object-kind Pod`).
+    pub fn unbound_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audiences: &[&str],
+        expires: SystemTime,
+    ) -> String {
+        let mut store = self.store.lock().unwrap();
+        store.next_token += 1;
+        let token = format!("test-sa-token-{}", store.next_token);
+        store.tokens.insert(
+            token.clone(),
+            TokenInfo {
+                namespace: namespace.into(),
+                service_account: service_account.into(),
+                audiences: audiences.iter().map(|a| a.to_string()).collect(),
+                expires,
+                pod: None,
+            },
+        );
+        token
+    }
+
     /// Every request served so far, `METHOD path?query`.
     pub fn requests(&self) -> Vec<String> {
         self.store.lock().unwrap().requests.clone()

@@ -498,6 +498,84 @@ mod tests {
     }
 
     #[test]
+    fn a_csr_is_signed_for_its_key_and_the_identity_given_not_the_one_it_asks_for() {
+        let (_dir, ca) = test_ca();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://cluster.local/ns/evil/sa/root".try_into().unwrap(),
+        )];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let leaf = ca.sign_csr(&csr, &id("shop", "cart"), DAY).unwrap();
+        assert_eq!(
+            crate::tls::identity_of(&leaf.der).unwrap(),
+            id("shop", "cart")
+        );
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf.der).unwrap();
+        assert_eq!(
+            parsed.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+        let anchors: Vec<_> = ca
+            .roots_der()
+            .iter()
+            .map(|r| webpki::anchor_from_trusted_cert(r).unwrap().to_owned())
+            .collect();
+        webpki::EndEntityCert::try_from(&leaf.der)
+            .unwrap()
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &ca.chain_der,
+                rustls::pki_types::UnixTime::now(),
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn what_is_not_a_csr_is_refused() {
+        let (_dir, ca) = test_ca();
+        let e = ca
+            .sign_csr("hello", &id("shop", "cart"), DAY)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the CSR is unusable"), "{e}");
+    }
+
+    #[test]
+    fn a_serving_certificate_names_its_dns_names_and_ip_addresses() {
+        let (_dir, ca) = test_ca();
+        let names = vec![
+            "weft-ca.istio-system.svc".to_string(),
+            "10.0.0.1".to_string(),
+        ];
+        let (chain, _key, _) = ca.issue_server(&names, DAY).unwrap();
+        assert_eq!(chain[1..], ca.chain_der[..]);
+        let (_, parsed) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let san = parsed.subject_alternative_name().unwrap().unwrap();
+        let found: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => d.to_string(),
+                GeneralName::IPAddress(ip) => format!("{ip:?}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                "weft-ca.istio-system.svc".to_string(),
+                "[10, 0, 0, 1]".into()
+            ]
+        );
+    }
+
+    #[test]
     fn issued_leaf_does_not_verify_against_another_root() {
         let (_dir, ca) = test_ca();
         let (_other_dir, other) = test_ca();
