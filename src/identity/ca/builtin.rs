@@ -50,7 +50,7 @@ pub enum SignError {
     #[error("the CSR is unusable: {0}")]
     Csr(rcgen::Error),
     /// A name for a serving certificate is not a valid IA5 string.
-    #[error("DNS name {name:?}: {source}")]
+    #[error("server name {name:?}: {source}")]
     DnsName {
         /// The name given.
         name: String,
@@ -341,10 +341,9 @@ impl BuiltinCa {
         })
     }
 
-    /// Issues a serving certificate for `names`, DNS names or IP addresses (e.g. the CA
-    /// service's own names for
-    /// `weft ca serve`), with a fresh key: the chain (leaf, then `ca-cert.pem` and the rest of
-    /// `cert-chain.pem`), its PKCS#8 key and its end of validity.
+    /// Issues a serving certificate for `names`, DNS names or IP addresses (e.g. the names
+    /// `weft ca serve` is dialled by), with a fresh key: the chain (leaf, then `ca-cert.pem`
+    /// and the rest of `cert-chain.pem`), its PKCS#8 key and its end of validity.
     #[allow(clippy::type_complexity)]
     pub fn issue_server(
         &self,
