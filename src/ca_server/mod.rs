@@ -152,9 +152,13 @@ impl CaServer {
     ) -> Result<(), CaServerError> {
         let acceptor = TlsAcceptor::from(self.tls.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let accept_stop = shutdown.clone();
-        // Handshakes run in tasks of their own so a slow client holds up nobody; the accept
-        // loop ends with `shutdown`, and the handshake tasks with their timeout.
+        // A child: cancelled with `shutdown`, and by this function when the server returns.
+        let accept_stop = shutdown.child_token();
+        // Handshakes run in tasks of their own so a slow client holds up nobody; every one
+        // ends with its timeout or `shutdown`, and `handshakes` is waited for before return.
+        let handshakes = tokio_util::task::TaskTracker::new();
+        let stop_all = accept_stop.clone();
+        let tracker = handshakes.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let (tcp, peer) = tokio::select! {
@@ -170,8 +174,14 @@ impl CaServer {
                 };
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let stop = accept_stop.clone();
+                tracker.spawn(async move {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                    let result = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = handshake => r,
+                    };
+                    match result {
                         Ok(Ok(tls)) => {
                             let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
                         }
@@ -189,11 +199,16 @@ impl CaServer {
             .add_service(IstioCertificateServiceServer::new(service))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::ReceiverStream::new(rx),
-                shutdown.cancelled_owned(),
+                shutdown.clone().cancelled_owned(),
             )
             .await
             .map_err(CaServerError::Serve);
-        accept.abort();
+        // The server returns on `shutdown` or on an error; either way the accept loop and the
+        // handshakes in flight end now.
+        stop_all.cancel();
+        let _ = accept.await;
+        handshakes.close();
+        handshakes.wait().await;
         result
     }
 }
