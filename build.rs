@@ -1,5 +1,5 @@
 //! Compiles the control-plane schemas in `proto/` (Envoy delta ADS, Istio's workload and
-//! authorization APIs, Istio's certificate service) into Rust with prost and tonic.
+//! authorization APIs, Istio's certificate service, istio-cni's ZDS) into Rust with prost and tonic.
 //!
 //! `protoc` comes from the `protoc-bin-vendored` crate, with the well-known types it ships
 //! (`google/protobuf/*.proto`), so building needs no system package.
@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "proto/istio/workload/workload.proto",
     "proto/istio/security/authorization.proto",
     "proto/istio/v1/auth/ca.proto",
+    "proto/istio/zds/zds.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -59,6 +59,8 @@ struct RawConfig {
     #[serde(default)]
     redirect: Option<Redirect>,
     #[serde(default)]
+    zds_socket: Option<String>,
+    #[serde(default)]
     ipv6: Option<Ipv6>,
     #[serde(default)]
     waypoint: RawWaypoint,
@@ -215,6 +217,9 @@ impl<'de> Deserialize<'de> for Listen {
 pub enum Redirect {
     /// iptables/TPROXY rules for local enrolled pods.
     Tproxy,
+    /// istio-cni captures inside each pod and hands the pod's network namespace over ZDS
+    /// (`zdsSocket`); weft listens inside it (`inpod`).
+    Inpod,
     /// No capture: traffic is sent to the listeners directly (tests, benches).
     None,
 }
@@ -388,6 +393,8 @@ pub struct Config {
     pub listen: Listeners,
     /// Capture mode.
     pub redirect: Redirect,
+    /// istio-cni's node-agent socket (`zdsSocket`), read with `redirect: inpod`.
+    pub zds_socket: PathBuf,
     /// IPv6 capture (`ipv6`).
     pub ipv6: Ipv6,
     /// The in-binary waypoint's settings.
@@ -433,6 +440,9 @@ impl Env {
         }
     }
 }
+
+/// istio-cni's node-agent socket when `zdsSocket` is unset (ztunnel's path).
+pub const DEFAULT_ZDS_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
 
 /// `drainGrace` when neither the config nor `TERMINATION_GRACE_PERIOD_SECONDS` sets it.
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -615,6 +625,8 @@ impl Config {
             }
         };
         let drain_grace = drain_grace(raw.drain_grace.as_deref(), env, &mut problems);
+        let redirect = raw.redirect.unwrap_or(Redirect::Tproxy);
+        let zds_socket = zds_socket(redirect, raw.zds_socket, base, &mut problems);
         let limits = limits(raw.limits, &mut problems);
         let access_log = AccessLogConfig {
             otlp: raw.access_log.otlp.map(|o| otlp(o, &mut problems)),
@@ -633,7 +645,8 @@ impl Config {
             ca,
             cert_ttl,
             listen,
-            redirect: raw.redirect.unwrap_or(Redirect::Tproxy),
+            redirect,
+            zds_socket,
             ipv6: raw.ipv6.unwrap_or_default(),
             waypoint: WaypointConfig {
                 jwks_ca_file: raw.waypoint.jwks_ca_file.map(|f| base.join(f)),
@@ -643,6 +656,35 @@ impl Config {
             limits,
             access_log,
         })
+    }
+}
+
+/// `zdsSocket`: istio-cni's node-agent socket, only meaningful with `redirect: inpod`
+/// (ztunnel's default path when unset); relative paths are taken from the config's folder.
+fn zds_socket(
+    redirect: Redirect,
+    raw: Option<String>,
+    base: &Path,
+    problems: &mut Vec<String>,
+) -> PathBuf {
+    match (redirect, raw) {
+        (_, None) => PathBuf::from(DEFAULT_ZDS_SOCKET),
+        (Redirect::Inpod, Some(p)) if p.is_empty() => {
+            problems.push("zdsSocket: empty (a unix socket path is required)".to_string());
+            PathBuf::from(DEFAULT_ZDS_SOCKET)
+        }
+        (Redirect::Inpod, Some(p)) => base.join(p),
+        (other, Some(p)) => {
+            problems.push(format!(
+                "zdsSocket: {p:?} is only used with redirect: inpod (redirect is {})",
+                match other {
+                    Redirect::Tproxy => "tproxy",
+                    Redirect::None => "none",
+                    Redirect::Inpod => "inpod",
+                }
+            ));
+            PathBuf::from(DEFAULT_ZDS_SOCKET)
+        }
     }
 }
 
@@ -1137,5 +1179,42 @@ mod tests {
             e.contains("listen.metrics: 0.0.0.0:15001 collides with listen.outbound"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn inpod_reads_the_zds_socket_with_ztunnels_default() {
+        let base = "nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\nredirect: inpod\n";
+        let c = parse(base).unwrap();
+        assert_eq!(c.redirect, Redirect::Inpod);
+        assert_eq!(c.zds_socket, PathBuf::from("/var/run/ztunnel/ztunnel.sock"));
+        let c = parse(&format!("{base}zdsSocket: /run/cni/zds.sock\n")).unwrap();
+        assert_eq!(c.zds_socket, PathBuf::from("/run/cni/zds.sock"));
+        let c = parse(&format!("{base}zdsSocket: zds.sock\n")).unwrap();
+        assert_eq!(c.zds_socket, PathBuf::from("/etc/weft/zds.sock"));
+    }
+
+    #[test]
+    fn a_zds_socket_without_inpod_or_empty_is_refused() {
+        let e =
+            parse("nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\nzdsSocket: /z.sock\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains(
+                "zdsSocket: \"/z.sock\" is only used with redirect: inpod (redirect is tproxy)"
+            ),
+            "{e}"
+        );
+        let e = parse(
+            "nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\nredirect: inpod\nzdsSocket: \"\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("zdsSocket: empty"), "{e}");
+        let e =
+            parse("nodeName: n1\nmesh: {file: m}\nca: {builtin: {dir: c}}\nredirect: sidecar\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("inpod"), "{e}");
     }
 }

@@ -119,14 +119,21 @@ impl Daemon {
         ));
         let mode = match config.redirect {
             Redirect::Tproxy => SocketMode::Transparent,
-            Redirect::None => SocketMode::Plain,
+            // In-pod, the node itself neither listens nor connects: each pod's data path has
+            // sockets of its own (`inpod`).
+            Redirect::None | Redirect::Inpod => SocketMode::Plain,
         };
         let keepalive = crate::proxy::socket::Keepalive {
             idle: config.limits.tcp_keepalive.idle,
             interval: config.limits.tcp_keepalive.interval,
             probes: config.limits.tcp_keepalive.probes,
         };
-        let pool = Pool::new(tls.clone(), mode, config.listen.hbone.port(), keepalive);
+        let pool = Pool::new(
+            tls.clone(),
+            mode.clone(),
+            config.listen.hbone.port(),
+            keepalive,
+        );
         let conns = ConnTable::new(metrics.tcp.clone());
         let jwks_stop = tokio_util::sync::CancellationToken::new();
         tasks.push(jwks.spawn_refresher(jwks_stop.clone()));
@@ -143,7 +150,7 @@ impl Daemon {
             WaypointCtx {
                 store: store.clone(),
                 policies: policies.clone(),
-                mode,
+                mode: mode.clone(),
                 trust_domain: config.trust_domain.clone(),
             },
             jwks,
@@ -189,7 +196,17 @@ impl Daemon {
         };
         // The listeners are bound first (capturing, they listen only once weft can serve):
         // whether IPv6 has listeners decides whether it is captured or refused.
-        let proxy = match Proxy::start(proxy_ctx.clone(), listeners, shutdown_rx.clone()) {
+        let started = match config.redirect {
+            // In-pod, the listeners are in the pods, opened as istio-cni hands them over.
+            Redirect::Inpod => Ok(Proxy::without_listeners(
+                proxy_ctx.clone(),
+                shutdown_rx.clone(),
+            )),
+            Redirect::Tproxy | Redirect::None => {
+                Proxy::start(proxy_ctx.clone(), listeners, shutdown_rx.clone())
+            }
+        };
+        let proxy = match started {
             Ok(p) => p,
             Err(e) => {
                 stop_tasks(&shutdown, tasks).await;
@@ -198,8 +215,24 @@ impl Daemon {
         };
         // Capture: a missing iptables or a refused rule fails start-up; kept in step with the
         // state by a task.
+        let mut inpod = None;
         let redirector = match config.redirect {
             Redirect::None => None,
+            // istio-cni programs the capture inside each pod; weft programs none on the node.
+            Redirect::Inpod => {
+                let (task, status) = crate::inpod::spawn(
+                    proxy_ctx.clone(),
+                    crate::inpod::Settings {
+                        zds_socket: config.zds_socket.clone(),
+                        ports: listeners,
+                        drain_grace: config.drain_grace,
+                    },
+                    shutdown_rx.clone(),
+                );
+                tasks.push(task);
+                inpod = Some(status);
+                None
+            }
             Redirect::Tproxy => {
                 let r = Arc::new(Redirector::new(
                     RedirectPorts {
@@ -250,6 +283,7 @@ impl Daemon {
             metrics,
             proxy: proxy_ctx,
             redirect: redirector.clone(),
+            inpod,
             shutdown: shutdown.clone(),
         });
         let admin = match admin::start(ctx, shutdown_rx) {

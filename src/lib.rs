@@ -23,6 +23,7 @@ pub mod daemon;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+pub mod inpod;
 pub mod istiod;
 pub mod logging;
 pub mod metrics;

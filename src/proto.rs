@@ -1,9 +1,9 @@
 //! The control-plane schemas of `proto/`, compiled by `build.rs`: Envoy's delta ADS, Istio's
-//! workload and authorization APIs and Istio's certificate service, as prost messages and
-//! tonic clients (and servers, which the tests use as istiod stand-ins).
+//! workload and authorization APIs, Istio's certificate service and istio-cni's ZDS, as prost
+//! messages and tonic clients (and servers, which the tests use as istiod stand-ins).
 //!
 //! Modules mirror the protobuf packages, so the generated cross-references resolve. Nothing
-//! here has logic; `source::xds` and `identity::istio` use these types.
+//! here has logic; `source::xds`, `identity::istio` and `inpod` use these types.
 #![allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
 
 /// Envoy's API.
@@ -43,6 +43,10 @@ pub mod istio {
     /// `istio.workload`: `Address`, `Workload`, `Service`.
     pub mod workload {
         include!(concat!(env!("OUT_DIR"), "/istio.workload.rs"));
+        /// `istio.workload.zds`: istio-cni's node agent to the node proxy (`inpod`).
+        pub mod zds {
+            include!(concat!(env!("OUT_DIR"), "/istio.workload.zds.rs"));
+        }
     }
     /// `istio.security`: `Authorization`.
     pub mod security {

@@ -1,7 +1,8 @@
 //! The Kubernetes manifests in `deploy/kubernetes/` are valid Kubernetes objects (typed with
 //! k8s-openapi, with no field the types do not know) and reference only what exists: the
 //! ServiceAccount, the ConfigMap and its key, volumes, ports, and the paths weft's config
-//! reads.
+//! reads (istio-cni's ZDS socket among them); the Helm values and the IstioOperator make
+//! istiod trust that ServiceAccount as a node proxy.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, ServiceAccount};
 use serde::de::DeserializeOwned;
-use weft::config::{CaSource, Config, MeshSource};
+use weft::config::{CaSource, Config, MeshSource, Redirect};
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes")
@@ -99,7 +100,8 @@ fn the_daemonset_references_only_what_exists() {
     let pod = spec.template.spec.unwrap();
 
     assert_eq!(pod.service_account_name, sa.metadata.name);
-    assert_eq!(pod.host_network, Some(true));
+    // In-pod mode works in the pods' network namespaces, not the node's (as ztunnel).
+    assert_ne!(pod.host_network, Some(true));
     assert_eq!(pod.automount_service_account_token, Some(false));
     assert!(pod.termination_grace_period_seconds.unwrap() >= 10);
     let tolerations = pod.tolerations.clone().unwrap();
@@ -125,7 +127,11 @@ fn the_daemonset_references_only_what_exists() {
             .unwrap()
             .into_iter()
             .collect::<BTreeSet<_>>(),
-        BTreeSet::from(["NET_ADMIN".to_string(), "NET_RAW".to_string()])
+        BTreeSet::from([
+            "NET_ADMIN".to_string(),
+            "NET_RAW".to_string(),
+            "SYS_ADMIN".to_string()
+        ])
     );
     assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(false));
     let node_name = c
@@ -252,6 +258,26 @@ fn the_daemonset_references_only_what_exists() {
         assert_eq!(cp.root_cert_file, root_path);
     }
 
+    // In-pod capture: istio-cni's socket folder comes from the host, where istio-cni's node
+    // agent listens (its default, /var/run/ztunnel/ztunnel.sock).
+    assert_eq!(config.redirect, Redirect::Inpod);
+    let zds_volume = volumes
+        .iter()
+        .find(|v| {
+            v.host_path
+                .as_ref()
+                .is_some_and(|h| h.path == "/var/run/ztunnel")
+        })
+        .expect("istio-cni's socket folder from the host");
+    assert_eq!(
+        Some(mount_of(&zds_volume.name).as_path()),
+        config.zds_socket.parent()
+    );
+    assert_eq!(
+        config.zds_socket,
+        Path::new("/var/run/ztunnel/ztunnel.sock")
+    );
+
     // Ports: the probe hits the readiness listener, and every listener is a declared port.
     let probe = c
         .readiness_probe
@@ -294,4 +320,49 @@ fn the_daemonset_references_only_what_exists() {
             l.port()
         );
     }
+}
+
+/// `CA_TRUSTED_NODE_ACCOUNTS` as a chart value or IstioOperator setting lists `account`.
+fn trusts(value: &serde_yaml_ng::Value, account: &str) -> bool {
+    value
+        .as_str()
+        .unwrap_or_default()
+        .split(',')
+        .any(|a| a.trim() == account)
+}
+
+#[test]
+fn istiod_is_told_through_its_chart_values_to_trust_wefts_service_account() {
+    let sa: ServiceAccount = one("rbac.yaml", "ServiceAccount");
+    let account = format!(
+        "{}/{}",
+        sa.metadata.namespace.unwrap(),
+        sa.metadata.name.unwrap()
+    );
+    let read = |file: &str| -> serde_yaml_ng::Value {
+        let text = std::fs::read_to_string(dir().join(file)).unwrap();
+        serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
+    };
+    // The istiod chart reads `.Values.env` (its deployment template sets each as a variable,
+    // and its own CA_TRUSTED_NODE_ACCOUNTS only when env has none).
+    let values = read("helm/istiod-values.yaml");
+    assert!(
+        trusts(&values["env"]["CA_TRUSTED_NODE_ACCOUNTS"], &account),
+        "helm/istiod-values.yaml does not trust {account}"
+    );
+    // istioctl: the same under values.pilot.env, ztunnel not installed.
+    let iop = read("helm/istio-operator.yaml");
+    assert_eq!(iop["kind"], "IstioOperator");
+    assert_eq!(iop["spec"]["profile"], "ambient");
+    assert_eq!(
+        iop["spec"]["components"]["ztunnel"]["enabled"],
+        serde_yaml_ng::Value::Bool(false)
+    );
+    assert!(
+        trusts(
+            &iop["spec"]["values"]["pilot"]["env"]["CA_TRUSTED_NODE_ACCOUNTS"],
+            &account
+        ),
+        "helm/istio-operator.yaml does not trust {account}"
+    );
 }

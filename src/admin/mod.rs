@@ -61,6 +61,8 @@ pub struct AdminContext {
     pub proxy: Arc<crate::proxy::ProxyCtx>,
     /// The capture, when weft programs it (readiness waits for its rules).
     pub redirect: Option<Arc<crate::redirect::Redirector>>,
+    /// In-pod capture's ZDS connection and served pods (`redirect: inpod`).
+    pub inpod: Option<Arc<crate::inpod::Status>>,
     /// Set to `true` to shut the daemon down (`/quitquitquit`).
     pub shutdown: watch::Sender<bool>,
 }
@@ -190,6 +192,7 @@ impl AdminContext {
             "namespaces": snap.mesh.namespaces.values().collect::<Vec<_>>(),
             "meshPolicies": snap.mesh.policies,
             "capture": self.redirect.as_ref().map(|r| r.status()),
+            "inpod": self.inpod.as_ref().map(|s| s.view()),
         })
     }
 }

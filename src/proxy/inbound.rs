@@ -305,23 +305,29 @@ async fn route(
     if l7 {
         return Ok(Route::Waypoint(ctx.conns.open(meta)));
     }
-    let app = socket::connect(dst, Some(client.addr().ip()), ctx.mode, APP_CONNECT_TIMEOUT)
-        .await
-        .map_err(|e| {
-            ctx.conns.count_failure(&meta, FAILED_TO_CONNECT);
-            refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("connect to app {dst}: {e}"),
-            )
-        })?;
+    let app = socket::connect(
+        dst,
+        Some(client.addr().ip()),
+        &ctx.mode,
+        APP_CONNECT_TIMEOUT,
+    )
+    .await
+    .map_err(|e| {
+        ctx.conns.count_failure(&meta, FAILED_TO_CONNECT);
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("connect to app {dst}: {e}"),
+        )
+    })?;
     socket::keepalive(&app, &ctx.keepalive);
     Ok(Route::App(app, ctx.conns.open(meta)))
 }
 
-fn downstream(client: &Client) -> crate::waypoint::http::Downstream {
+fn downstream(client: &Client, mode: &socket::SocketMode) -> crate::waypoint::http::Downstream {
     crate::waypoint::http::Downstream {
         addr: client.addr(),
         identity: client.identity().cloned(),
+        mode: mode.clone(),
     }
 }
 
@@ -366,7 +372,7 @@ where
     Box::pin(crate::waypoint::http::serve(
         ctx.waypoint.clone(),
         io,
-        downstream(who),
+        downstream(who, &ctx.mode),
         dst,
         guard,
     ))
@@ -377,7 +383,9 @@ where
 
 /// Handles one connection accepted on the plaintext inbound listener.
 pub async fn serve_plaintext(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
-    let Ok(dst) = client.local_addr() else { return };
+    let Ok(dst) = socket::original_dst(&client, &ctx.mode) else {
+        return;
+    };
     let snap = ctx.store.snapshot();
     let who = Client::Plaintext { addr: peer };
     match Box::pin(route(&ctx, &snap, &who, dst, Protocol::Plain)).await {

@@ -1,5 +1,7 @@
 //! The data path: the listeners on `:15001` (outbound), `:15006` (plaintext inbound) and
-//! `:15008` (HBONE inbound), the HBONE client pool, and connection tracking.
+//! `:15008` (HBONE inbound), the HBONE client pool, and connection tracking. In-pod, one
+//! such data path per pod runs inside the pod's network namespace (`ProxyCtx::in_pod`,
+//! `netns`), sharing the node's state, policies, certificates and connection table.
 //!
 //! Each accepted connection reads the state snapshot once and decides from it; nothing on
 //! the accept path takes a lock shared with the control plane. On shutdown the listeners
@@ -11,6 +13,7 @@ pub mod h2io;
 pub mod hbone;
 pub mod inbound;
 pub mod limit;
+pub mod netns;
 pub mod outbound;
 pub mod pool;
 pub mod relay;
@@ -115,6 +118,33 @@ impl ProxyCtx {
     pub fn authz(&self, snap: &Snapshot) -> Arc<Authz> {
         self.policies.get(snap.generation, &snap.mesh)
     }
+
+    /// The data path of one pod (in-pod capture): everything shared with the node's (state,
+    /// policies, certificates, live connections, metrics, caps), but sockets inside the pod's
+    /// network namespace, an HBONE pool of its own (its connections leave from the pod), and
+    /// its own drain (`draining`, `tasks`), so a pod going away drains alone.
+    pub fn in_pod(&self, netns: Arc<netns::PodNetns>) -> ProxyCtx {
+        let mode = SocketMode::InPod(netns);
+        ProxyCtx {
+            node: self.node.clone(),
+            trust_domain: self.trust_domain.clone(),
+            policies: self.policies.clone(),
+            denials: self.denials.clone(),
+            waypoint: self.waypoint.clone(),
+            pool: self.pool.in_mode(mode.clone()),
+            mode,
+            store: self.store.clone(),
+            certs: self.certs.clone(),
+            tls: self.tls.clone(),
+            conns: self.conns.clone(),
+            draining: tokio_util::sync::CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            limits: self.limits,
+            limit_metrics: self.limit_metrics.clone(),
+            handshakes: self.handshakes.clone(),
+            keepalive: self.keepalive,
+        }
+    }
 }
 
 /// Re-evaluates live inbound connections whenever the state changes and closes those the new
@@ -211,14 +241,15 @@ impl Proxy {
         // Capturing, a listener is bound now (a port taken by something else fails here) and
         // listens from the first complete mesh load on; otherwise it listens at once.
         let bind = |what, addr| -> Result<Listener, ProxyError> {
-            let bound = socket::bind(addr, ctx.mode).map_err(|source| ProxyError::Bind {
+            let bound = socket::bind(addr, &ctx.mode).map_err(|source| ProxyError::Bind {
                 what,
                 addr,
                 source,
             })?;
-            Ok(match ctx.mode {
+            Ok(match &ctx.mode {
                 SocketMode::Transparent => Listener::Deferred(bound),
-                SocketMode::Plain => Listener::Listening(
+                // In a pod, the pod is handed over only now: it listens at once.
+                SocketMode::Plain | SocketMode::InPod(_) => Listener::Listening(
                     socket::listen_on(bound).map_err(|source| ProxyError::Bind {
                         what,
                         addr,
@@ -273,8 +304,12 @@ impl Proxy {
                 inbound::serve_hbone,
             ),
             ctx.pool.spawn_reaper(shutdown.clone()),
-            spawn_policy_follower(ctx.clone(), shutdown.clone()),
         ];
+        // One follower re-checks every live connection of the node (the table is shared): a
+        // pod's data path (in-pod) leaves it to the node's (`Proxy::without_listeners`).
+        if !ctx.mode.is_in_pod() {
+            tasks.push(spawn_policy_follower(ctx.clone(), shutdown.clone()));
+        }
         let ipv6_unavailable = match ipv6 {
             Ok([out6, plain6, hbone6]) => {
                 tasks.push(accept_loop(
@@ -309,6 +344,20 @@ impl Proxy {
         })
     }
 
+    /// The node's data path when the listeners are in the pods (in-pod capture, each pod's
+    /// own [`Proxy`] from `inpod`): no listener here, only the policy re-check of every live
+    /// connection and the node pool's reaper.
+    pub fn without_listeners(ctx: Arc<ProxyCtx>, shutdown: watch::Receiver<bool>) -> Proxy {
+        Proxy {
+            tasks: vec![
+                ctx.pool.spawn_reaper(shutdown.clone()),
+                spawn_policy_follower(ctx.clone(), shutdown),
+            ],
+            ctx,
+            ipv6_unavailable: Some("in-pod capture: the listeners are in the pods".to_string()),
+        }
+    }
+
     /// Why there are no IPv6 listeners (so IPv6 cannot be captured), when there are none.
     pub fn ipv6_unavailable(&self) -> Option<&str> {
         self.ipv6_unavailable.as_deref()
@@ -322,6 +371,13 @@ impl Proxy {
     /// After shutdown was signalled: waits for the listeners to close, gives live
     /// connections up to `grace` to finish, then closes the rest.
     pub async fn drain(self, grace: Duration) {
+        self.drain_matching(grace, |_| true).await
+    }
+
+    /// [`Proxy::drain`] for a data path whose connections share the node's table with
+    /// others' (a pod's, in-pod): at the end of the grace period only the live connections
+    /// `mine` picks are closed.
+    pub async fn drain_matching(self, grace: Duration, mine: impl Fn(&conntrack::Conn) -> bool) {
         for t in self.tasks {
             let _ = t.await;
         }
@@ -339,7 +395,11 @@ impl Proxy {
                 tasks = tasks.len(),
                 "drain grace period over; closing connections"
             );
-            conns.close_all();
+            for conn in conns.list() {
+                if mine(&conn) {
+                    conn.close.cancel();
+                }
+            }
             let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
         }
         self.ctx.pool.clear();

@@ -1,7 +1,8 @@
 //! Traffic leaving local enrolled pods (`:15001`): find where it really goes, then tunnel it
 //! (HBONE to another node), hand it to the inbound side (same node), or pass it through.
 //!
-//! The original destination is the accepted socket's local address (TPROXY). A Service VIP
+//! The original destination is the accepted socket's local address (TPROXY), or in a pod
+//! (in-pod capture) `SO_ORIGINAL_DST` (istio-cni's REDIRECT). A Service VIP
 //! is resolved here to one of its endpoints and the target port, since nothing else on a
 //! captured path will do it.
 //!
@@ -99,9 +100,11 @@ pub fn resolve(snap: &Snapshot, dst: SocketAddr) -> Result<Target<'_>, NoRoute> 
 }
 
 /// Handles one connection accepted on the outbound listener; the original destination is
-/// the accepted socket's local address (TPROXY).
+/// the accepted socket's local address (TPROXY), or in a pod `SO_ORIGINAL_DST` (REDIRECT).
 pub async fn serve_outbound(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
-    let Ok(dst) = client.local_addr() else { return };
+    let Ok(dst) = socket::original_dst(&client, &ctx.mode) else {
+        return;
+    };
     serve_outbound_to(ctx, client, peer, dst).await
 }
 
@@ -117,6 +120,13 @@ pub async fn serve_outbound_to(
     let src_w = snap
         .workload_by_ip(peer.ip())
         .filter(|w| w.node == ctx.node && w.enrollment.is_enrolled());
+    // In a pod (in-pod), every connection on 15001 is that pod's: one the mesh state does not
+    // know as a local enrolled workload is refused, never passed through in plaintext.
+    if src_w.is_none() && ctx.mode.is_in_pod() {
+        tracing::info!(src = %peer, dst = %dst, "outbound from a pod the mesh state does not know as local and enrolled; refused");
+        socket::reset_on_close(&client);
+        return;
+    }
     let src_id = src_w.and_then(|w| ctx.identity_of(w));
 
     // Behind an Envoy waypoint istiod announced: only through it, never direct.
@@ -154,8 +164,10 @@ pub async fn serve_outbound_to(
         audits: Vec::new(),
     };
 
-    // Same node, destination in the mesh: the inbound side takes it, as if via HBONE.
-    if let Some(w) = dst_mesh.filter(|w| w.node == ctx.node) {
+    // Same node, destination in the mesh: the inbound side takes it, as if via HBONE. Not
+    // from inside a pod (in-pod): the destination's listeners are in its own pod, reached
+    // over HBONE like another node's.
+    if let Some(w) = dst_mesh.filter(|w| w.node == ctx.node && !ctx.mode.is_in_pod()) {
         let who = match &src_id {
             Some(id) => Client::Mesh {
                 identity: id.clone(),
@@ -202,7 +214,7 @@ pub async fn serve_outbound_to(
     let addr = target.addr;
     drop(snap);
     let mut client = client;
-    match socket::connect(addr, Some(peer.ip()), ctx.mode, CONNECT_TIMEOUT).await {
+    match socket::connect(addr, Some(peer.ip()), &ctx.mode, CONNECT_TIMEOUT).await {
         Ok(upstream) => {
             socket::keepalive(&upstream, &ctx.keepalive);
             if inbound::pump(&mut client, upstream, guard, None).await {

@@ -259,6 +259,12 @@ impl Pool {
         self.hbone_port
     }
 
+    /// An empty pool with the same settings whose connections are opened with `mode` (a
+    /// pod's, in-pod: they leave from inside the pod).
+    pub fn in_mode(&self, mode: SocketMode) -> Arc<Pool> {
+        Pool::new(self.tls.clone(), mode, self.hbone_port, self.keepalive)
+    }
+
     /// Takes a slot on a live pooled connection with room, if any. Takes no lock: closed
     /// connections are skipped here and removed by [`Pool::reap`].
     fn pick(&self, key: &PoolKey) -> Option<Slot> {
@@ -426,7 +432,7 @@ impl Pool {
 
     async fn connect(&self, key: &PoolKey, cert: &IssuedCert) -> Result<Pooled, TunnelError> {
         let addr = key.peer();
-        let tcp = socket::connect(addr, None, self.mode, CONNECT_TIMEOUT)
+        let tcp = socket::connect(addr, None, &self.mode, CONNECT_TIMEOUT)
             .await
             .map_err(|source| TunnelError::Connect { addr, source })?;
         socket::keepalive(&tcp, &self.keepalive);

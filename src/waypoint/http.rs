@@ -64,6 +64,9 @@ pub struct Downstream {
     pub addr: SocketAddr,
     /// Its mTLS identity, when authenticated.
     pub identity: Option<Identity>,
+    /// How the app is reached: the socket mode of the data path that took the connection (in
+    /// a pod, from inside its network namespace).
+    pub mode: crate::proxy::socket::SocketMode,
 }
 
 fn full(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -469,7 +472,9 @@ async fn handle(
         Err(_) => return log.done(full_and_close(StatusCode::BAD_REQUEST, "bad request\n")),
     };
     let forwarded = Request::from_parts(parts, body);
-    let upstream = wp.upstream.client(client.addr.ip(), dst, h2, wp.ctx.mode);
+    let upstream = wp
+        .upstream
+        .client(client.addr.ip(), dst, h2, client.mode.clone());
     let mut resp = match upstream.request(forwarded).await {
         Ok(r) => r,
         Err(e) => {

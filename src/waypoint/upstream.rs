@@ -50,9 +50,9 @@ impl tower_service::Service<http::Uri> for FromSource {
     }
 
     fn call(&mut self, _uri: http::Uri) -> Self::Future {
-        let (src, dst, mode) = (self.src, self.dst, self.mode);
+        let (src, dst, mode) = (self.src, self.dst, self.mode.clone());
         Box::pin(async move {
-            let s = socket::connect(dst, Some(src), mode, CONNECT_TIMEOUT).await?;
+            let s = socket::connect(dst, Some(src), &mode, CONNECT_TIMEOUT).await?;
             Ok(TokioIo::new(s))
         })
     }

@@ -51,6 +51,8 @@ pub struct MeshEnv {
     pub extra_yaml: String,
     /// Lines added to every node's daemon config (before [`MeshEnv::start_all`]).
     pub config_extra: String,
+    /// Lines added to one node's daemon config (1-based node → lines), after `config_extra`.
+    pub node_config_extra: std::collections::BTreeMap<usize, String>,
     /// IPv6 addresses given to pods (dual stack), listed in their `podIPs`.
     pub ipv6: std::collections::BTreeMap<&'static str, std::net::Ipv6Addr>,
     /// Each node's firewall and routing rules before any weft ran ([`MeshEnv::firewall`]).
@@ -94,6 +96,7 @@ impl MeshEnv {
             daemons: Vec::new(),
             extra_yaml: String::new(),
             config_extra: String::new(),
+            node_config_extra: std::collections::BTreeMap::new(),
             ipv6: std::collections::BTreeMap::new(),
             pristine: Vec::new(),
         };
@@ -121,10 +124,14 @@ impl MeshEnv {
             std::fs::write(
                 self.config_path(i),
                 format!(
-                    "nodeName: node-{i}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\n{}",
+                    "nodeName: node-{i}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\n{}{}",
                     self.mesh_path().display(),
                     self.bed.temp_dir().join("ca").display(),
-                    self.config_extra
+                    self.config_extra,
+                    self.node_config_extra
+                        .get(&i)
+                        .map(String::as_str)
+                        .unwrap_or_default()
                 ),
             )
             .unwrap();

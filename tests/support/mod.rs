@@ -7,6 +7,7 @@ pub mod grpc_keepalive;
 pub mod istiod;
 pub mod mesh;
 pub mod process;
+pub mod zds;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
