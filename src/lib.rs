@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod authz;
 pub mod backoff;
+pub mod ca_server;
 pub mod check;
 pub mod config;
 pub mod ctl;

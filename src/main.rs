@@ -78,6 +78,39 @@ enum CaCommand {
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },
+    /// Serve Istio's certificate service (`IstioCertificateService`) from a plugin-CA
+    /// directory, authorizing node daemons as istiod does (TokenReview, node authorization),
+    /// so that node daemons never hold the CA key.
+    Serve {
+        /// The plugin-CA directory (Istio's `cacerts` layout).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: std::net::SocketAddr,
+        /// ServiceAccounts (NAMESPACE/NAME, comma-separated) allowed to ask for the
+        /// identities of the pods on their own node.
+        #[arg(long, value_delimiter = ',', default_value = "istio-system/weft")]
+        trusted_node_accounts: Vec<weft::ca_server::ServiceAccount>,
+        /// The names clients dial this server by (DNS names or IP addresses, comma-separated):
+        /// its serving certificate is issued for them from the same CA, so clients verify it
+        /// with `root-cert.pem`.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "weft-ca.istio-system.svc"
+        )]
+        server_name: Vec<String>,
+        /// SPIFFE trust domain of the identities issued.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// kubeconfig to reach the API server with (default: in-cluster).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Log format on stderr.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
 }
 
 fn main() -> ExitCode {
@@ -101,6 +134,42 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 "created root and intermediate CA for trust domain {trust_domain} in {}",
                 dir.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca {
+            command:
+                CaCommand::Serve {
+                    ca_dir,
+                    listen,
+                    trusted_node_accounts,
+                    server_name,
+                    trust_domain,
+                    kubeconfig,
+                    log_format,
+                },
+        } => {
+            let (_log, _flush) = logging::init(log_format, None)?;
+            weft::identity::validate_trust_domain(&trust_domain)?;
+            let settings = weft::ca_server::Settings {
+                ca_dir,
+                trust_domain,
+                trusted_node_accounts: trusted_node_accounts.into_iter().collect(),
+                server_names: server_name,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("weft-ca")
+                .build()
+                .context("cannot start the runtime")?;
+            rt.block_on(async move {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    stop.cancel();
+                });
+                weft::ca_server::run(settings, listen, kubeconfig, shutdown).await
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config, log_format } => {
@@ -153,6 +222,22 @@ fn real_main() -> anyhow::Result<ExitCode> {
             let out = rt.block_on(weft::ctl::run(admin, command))?;
             print!("{out}");
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -2,6 +2,7 @@
 //! daemon started in-process on a temporary directory.
 #![allow(dead_code)]
 
+pub mod apiserver;
 pub mod grpc_keepalive;
 pub mod istiod;
 pub mod mesh;

@@ -46,6 +46,30 @@ pub enum SignError {
     /// Signing the leaf failed.
     #[error("signing: {0}")]
     Sign(rcgen::Error),
+    /// The CSR is not PEM, does not parse, or its signature does not verify.
+    #[error("the CSR is unusable: {0}")]
+    Csr(rcgen::Error),
+    /// A name for a serving certificate is not a valid IA5 string.
+    #[error("server name {name:?}: {source}")]
+    DnsName {
+        /// The name given.
+        name: String,
+        /// rcgen's reason.
+        source: rcgen::Error,
+    },
+}
+
+/// A leaf signed for a key held elsewhere ([`BuiltinCa::sign_csr`]): the requester has the key.
+#[derive(Debug, Clone)]
+pub struct SignedLeaf {
+    /// The leaf, PEM.
+    pub pem: String,
+    /// The leaf, DER.
+    pub der: CertificateDer<'static>,
+    /// Lower-case hex of its serial number.
+    pub serial_hex: String,
+    /// Its end of validity.
+    pub not_after: SystemTime,
 }
 
 /// The built-in CA: signs workload leaves with the key of `ca-cert.pem`. See the module doc
@@ -293,12 +317,101 @@ impl BuiltinCa {
         Ok(cert)
     }
 
+    /// Signs a leaf for `id` certifying the public key of `csr_pem` (a PEM CSR whose signature
+    /// must verify), with the same shape and lifetime rules as [`issue`](Self::issue). What
+    /// the CSR asks for besides its key (subject, SANs) is ignored, as istiod ignores it: the
+    /// identity is the one the caller was authorized for.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &Identity,
+        ttl: Duration,
+    ) -> Result<SignedLeaf, SignError> {
+        let csr =
+            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(SignError::Csr)?;
+        // Cannot fail: an Identity's URI is ASCII (see `Identity::new`).
+        let uri = rcgen::string::Ia5String::try_from(id.to_string()).map_err(SignError::UriSan)?;
+        let (cert, serial, _, not_after) =
+            self.sign_key(&csr.public_key, vec![SanType::URI(uri)], ttl)?;
+        Ok(SignedLeaf {
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            serial_hex: hex::encode(serial),
+            not_after,
+        })
+    }
+
+    /// Issues a serving certificate for `names`, DNS names or IP addresses (e.g. the names
+    /// `weft ca serve` is dialled by), with a fresh key: the chain (leaf, then `ca-cert.pem`
+    /// and the rest of `cert-chain.pem`), its PKCS#8 key and its end of validity.
+    #[allow(clippy::type_complexity)]
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<
+        (
+            Vec<CertificateDer<'static>>,
+            PrivatePkcs8KeyDer<'static>,
+            SystemTime,
+        ),
+        SignError,
+    > {
+        let sans = names
+            .iter()
+            .map(|name| {
+                if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+                    return Ok(SanType::IpAddress(ip));
+                }
+                rcgen::string::Ia5String::try_from(name.as_str())
+                    .map(SanType::DnsName)
+                    .map_err(|source| SignError::DnsName {
+                        name: name.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let leaf = self.sign_leaf(sans, ttl)?;
+        let mut chain = vec![leaf.der];
+        chain.extend(self.chain_der.iter().cloned());
+        Ok((
+            chain,
+            PrivatePkcs8KeyDer::from(leaf.key.serialize_der()),
+            leaf.not_after,
+        ))
+    }
+
     /// The trust root(s) of `root-cert.pem`, one PEM string per certificate.
     pub fn roots_pem(&self) -> &[String] {
         &self.roots_pem
     }
 
+    /// What follows the leaf in every issued chain, one PEM string per certificate:
+    /// `ca-cert.pem`, then `cert-chain.pem` without its leading copy of `ca-cert.pem`.
+    pub fn chain_pem(&self) -> &[String] {
+        &self.chain_pem
+    }
+
     fn sign_leaf(&self, sans: Vec<SanType>, ttl: Duration) -> Result<Leaf, SignError> {
+        let key = KeyPair::generate().map_err(SignError::GenerateKey)?;
+        let (cert, serial, not_before, not_after) = self.sign_key(&key, sans, ttl)?;
+        Ok(Leaf {
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            key,
+            serial,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Signs a leaf certifying `public_key` for `sans`; returns it with its serial and validity.
+    fn sign_key(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        sans: Vec<SanType>,
+        ttl: Duration,
+    ) -> Result<(rcgen::Certificate, [u8; 16], SystemTime, SystemTime), SignError> {
         let now = whole_seconds(SystemTime::now());
         if now >= self.ca_not_after {
             return Err(SignError::CaExpired);
@@ -314,7 +427,6 @@ impl BuiltinCa {
         }
         let serial = random_serial();
 
-        let key = KeyPair::generate().map_err(SignError::GenerateKey)?;
         let mut params = CertificateParams::default();
         // Like Istio's workload certificates: empty subject, identity only in the (then
         // critical) SAN.
@@ -334,16 +446,9 @@ impl BuiltinCa {
         params.not_after = OffsetDateTime::from(not_after);
         params.use_authority_key_identifier_extension = true;
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(SignError::Sign)?;
-        Ok(Leaf {
-            pem: cert.pem(),
-            der: cert.der().clone(),
-            key,
-            serial,
-            not_before,
-            not_after,
-        })
+        Ok((cert, serial, not_before, not_after))
     }
 }
 
@@ -389,6 +494,84 @@ mod tests {
         let roots = ca.roots_der();
         verify(&cert, &roots, webpki::KeyUsage::server_auth()).unwrap();
         verify(&cert, &roots, webpki::KeyUsage::client_auth()).unwrap();
+    }
+
+    #[test]
+    fn a_csr_is_signed_for_its_key_and_the_identity_given_not_the_one_it_asks_for() {
+        let (_dir, ca) = test_ca();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://cluster.local/ns/evil/sa/root".try_into().unwrap(),
+        )];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let leaf = ca.sign_csr(&csr, &id("shop", "cart"), DAY).unwrap();
+        assert_eq!(
+            crate::tls::identity_of(&leaf.der).unwrap(),
+            id("shop", "cart")
+        );
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf.der).unwrap();
+        assert_eq!(
+            parsed.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+        let anchors: Vec<_> = ca
+            .roots_der()
+            .iter()
+            .map(|r| webpki::anchor_from_trusted_cert(r).unwrap().to_owned())
+            .collect();
+        webpki::EndEntityCert::try_from(&leaf.der)
+            .unwrap()
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &ca.chain_der,
+                rustls::pki_types::UnixTime::now(),
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn what_is_not_a_csr_is_refused() {
+        let (_dir, ca) = test_ca();
+        let e = ca
+            .sign_csr("hello", &id("shop", "cart"), DAY)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the CSR is unusable"), "{e}");
+    }
+
+    #[test]
+    fn a_serving_certificate_names_its_dns_names_and_ip_addresses() {
+        let (_dir, ca) = test_ca();
+        let names = vec![
+            "weft-ca.istio-system.svc".to_string(),
+            "10.0.0.1".to_string(),
+        ];
+        let (chain, _key, _) = ca.issue_server(&names, DAY).unwrap();
+        assert_eq!(chain[1..], ca.chain_der[..]);
+        let (_, parsed) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let san = parsed.subject_alternative_name().unwrap().unwrap();
+        let found: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => d.to_string(),
+                GeneralName::IPAddress(ip) => format!("{ip:?}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                "weft-ca.istio-system.svc".to_string(),
+                "[10, 0, 0, 1]".into()
+            ]
+        );
     }
 
     #[test]

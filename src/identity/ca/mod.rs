@@ -47,7 +47,7 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 
 use super::{Identity, IdentityError};
 
-pub use builtin::{BuiltinCa, SignError};
+pub use builtin::{BuiltinCa, SignError, SignedLeaf};
 pub use certificate::IssuedCert;
 pub(crate) use files::read_certs;
 pub use init::init_dir;
