@@ -3,6 +3,10 @@
 //! RBAC is exactly what `weft ca serve` uses, and the Deployment references only what exists
 //! and starts `weft ca serve` with arguments the CLI takes.
 
+#[path = "support/manifests.rs"]
+mod manifests;
+use manifests::typed;
+
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -16,38 +20,12 @@ fn dir() -> PathBuf {
 
 /// Every YAML document of `file` as (kind, value).
 fn docs(file: &str) -> Vec<(String, serde_yaml_ng::Value)> {
-    let text = std::fs::read_to_string(dir().join(file)).unwrap();
-    serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|d| {
-            let v = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(d)
-                .unwrap_or_else(|e| panic!("{file}: {e}"));
-            let kind = v["kind"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{file}: no kind"))
-                .to_string();
-            (kind, v)
-        })
-        .filter(|(_, v)| !v.is_null())
-        .collect()
+    manifests::docs_in(&dir(), file)
 }
 
-/// Parses `v` as `T` and checks that nothing was dropped (a misspelt field would be ignored).
-fn typed<T: DeserializeOwned + serde::Serialize>(file: &str, v: &serde_yaml_ng::Value) -> T {
-    let t: T = serde_yaml_ng::from_value(v.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
-    let original = serde_json::to_value(v).unwrap();
-    let back = serde_json::to_value(&t).unwrap();
-    assert_eq!(
-        back, original,
-        "{file}: fields lost in parsing (unknown or misspelt?)"
-    );
-    t
-}
-
+/// The one object of `kind` in `file`, typed.
 fn one<T: DeserializeOwned + serde::Serialize>(file: &str, kind: &str) -> T {
-    let all = docs(file);
-    let matching: Vec<_> = all.iter().filter(|(k, _)| k == kind).collect();
-    assert_eq!(matching.len(), 1, "{file}: expected one {kind}");
-    typed(file, &matching[0].1)
+    manifests::one_in(&dir(), file, kind)
 }
 
 #[test]
