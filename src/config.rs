@@ -134,6 +134,15 @@ struct RawMesh {
     file: Option<PathBuf>,
     #[serde(default)]
     xds: Option<RawControlPlane>,
+    #[serde(default)]
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawKubernetes {
+    #[serde(default)]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -242,6 +251,16 @@ pub enum MeshSource {
     File(PathBuf),
     /// Istio's control plane: delta ADS (`mesh.xds`).
     Xds(ControlPlane),
+    /// The cluster's API server, watched (`mesh.kubernetes`).
+    Kubernetes(KubeSettings),
+}
+
+/// How to reach the API server (`mesh.kubernetes`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KubeSettings {
+    /// A kubeconfig file (its current context: server, CA, token or client certificate);
+    /// `None`: in-cluster, the pod's ServiceAccount and `KUBERNETES_SERVICE_HOST`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Where certificates come from.
@@ -592,13 +611,16 @@ impl Config {
                 }
             }
         }
-        let mesh = match (raw.mesh.file, raw.mesh.xds) {
-            (Some(f), None) => Some(MeshSource::File(base.join(f))),
-            (None, Some(x)) => {
+        let mesh = match (raw.mesh.file, raw.mesh.xds, raw.mesh.kubernetes) {
+            (Some(f), None, None) => Some(MeshSource::File(base.join(f))),
+            (None, Some(x), None) => {
                 ControlPlane::from_raw(x, "mesh.xds", base, &mut problems).map(MeshSource::Xds)
             }
+            (None, None, Some(k)) => Some(MeshSource::Kubernetes(KubeSettings {
+                kubeconfig: k.kubeconfig.map(|p| base.join(p)),
+            })),
             _ => {
-                problems.push("mesh: exactly one of file, xds is required".to_string());
+                problems.push("mesh: exactly one of file, xds, kubernetes is required".to_string());
                 None
             }
         };
@@ -1152,6 +1174,27 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_source_takes_an_optional_kubeconfig_relative_to_the_config() {
+        let c = parse("nodeName: n1\nmesh: {kubernetes: {}}\nca: {builtin: {dir: c}}\n").unwrap();
+        assert_eq!(
+            c.mesh,
+            MeshSource::Kubernetes(KubeSettings { kubeconfig: None })
+        );
+        let c =
+            parse("nodeName: n1\nmesh: {kubernetes: {kubeconfig: kc}}\nca: {builtin: {dir: c}}\n")
+                .unwrap();
+        let MeshSource::Kubernetes(k) = c.mesh else {
+            panic!("not kubernetes")
+        };
+        assert!(k.kubeconfig.unwrap().ends_with("kc"));
+        let e =
+            parse("nodeName: n1\nmesh: {kubernetes: {kubeconfg: kc}}\nca: {builtin: {dir: c}}\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("kubeconfg"), "{e}");
+    }
+
+    #[test]
     fn exactly_one_mesh_source_and_one_ca_are_required() {
         let e = parse(
             "nodeName: n1\nmesh: {file: m, xds: {address: 'https://i:1', rootCertFile: r, tokenFile: t}}\nca: {}\n",
@@ -1159,7 +1202,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("mesh: exactly one of file, xds is required"),
+            e.contains("mesh: exactly one of file, xds, kubernetes is required"),
             "{e}"
         );
         assert!(

@@ -81,6 +81,7 @@ impl Daemon {
         let store = StateStore::new(match &config.mesh {
             MeshSource::File(path) => path.display().to_string(),
             MeshSource::Xds(cp) => format!("xds {}", cp.address),
+            MeshSource::Kubernetes(k) => source::kube::describe(k),
         });
         // Everything that can fail on bad input comes before any task is started.
         let tls = Arc::new(TlsConfigs::new());
@@ -114,7 +115,7 @@ impl Daemon {
         tasks.push(mesh_source(
             &config,
             store.clone(),
-            metrics.xds.clone(),
+            &metrics,
             shutdown_rx.clone(),
         ));
         let mode = match config.redirect {
@@ -363,11 +364,12 @@ async fn ca(config: &Config) -> Result<Arc<dyn CertificateAuthority>, DaemonErro
     .map_err(DaemonError::Ca)
 }
 
-/// Starts the mesh source the config names: the watched file, or the xDS client of istiod.
+/// Starts the mesh source the config names: the watched file, the xDS client of istiod, or
+/// the watch of the API server.
 fn mesh_source(
     config: &Config,
     store: Arc<StateStore>,
-    xds_metrics: crate::metrics::XdsMetrics,
+    metrics: &crate::metrics::Metrics,
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     match &config.mesh {
@@ -380,8 +382,17 @@ fn mesh_source(
         }
         MeshSource::Xds(cp) => {
             let node = source::xds::NodeInfo::from_env(&config.node_name, &cp.cluster_id);
-            source::xds::XdsClient::new(cp.clone(), node, &config.trust_domain, store, xds_metrics)
-                .spawn(shutdown)
+            source::xds::XdsClient::new(
+                cp.clone(),
+                node,
+                &config.trust_domain,
+                store,
+                metrics.xds.clone(),
+            )
+            .spawn(shutdown)
+        }
+        MeshSource::Kubernetes(k) => {
+            source::kube::spawn(k.clone(), store, metrics.kube.clone(), shutdown)
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod inpod;
 pub mod istiod;
+pub mod kubeapi;
 pub mod logging;
 pub mod metrics;
 pub mod model;

@@ -147,6 +147,42 @@ pub struct Metrics {
     pub limits: LimitMetrics,
     /// The xDS client's connection and message counters (ztunnel's families).
     pub xds: XdsMetrics,
+    /// The Kubernetes source's skipped objects and watch errors.
+    pub kube: KubeMetrics,
+}
+
+/// Labels of the Kubernetes source's families.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KubeKindLabels {
+    /// The object kind (`Pod`, `AuthorizationPolicy`, ...).
+    pub kind: &'static str,
+}
+
+/// The Kubernetes source (`mesh.kubernetes`): `weft_kubernetes_invalid_objects{kind}`, objects
+/// skipped for a bad field now, and `weft_kubernetes_watch_errors_total{kind}`, failed lists,
+/// watches and discoveries (each retried).
+#[derive(Clone, Debug, Default)]
+pub struct KubeMetrics {
+    /// Skipped objects, by kind.
+    pub invalid: Family<KubeKindLabels, prometheus_client::metrics::gauge::Gauge>,
+    /// Watch errors, by kind.
+    pub watch_errors: Family<KubeKindLabels, Counter>,
+}
+
+impl KubeMetrics {
+    /// Sets the number of skipped objects of `kind`.
+    pub fn set_invalid(&self, kind: &'static str, n: usize) {
+        self.invalid
+            .get_or_create(&KubeKindLabels { kind })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one failed list, watch or discovery of `kind`.
+    pub fn watch_error(&self, kind: &'static str) {
+        self.watch_errors
+            .get_or_create(&KubeKindLabels { kind })
+            .inc();
+    }
 }
 
 label_value! {
@@ -656,6 +692,17 @@ impl Metrics {
             "Programmings of the capture rules (iptables and the routes to pods), by result",
             capture.runs.clone(),
         );
+        let kube = KubeMetrics::default();
+        registry.register(
+            "weft_kubernetes_invalid_objects",
+            "Kubernetes objects skipped for a bad field (their last good version stays in force), by kind",
+            kube.invalid.clone(),
+        );
+        registry.register(
+            "weft_kubernetes_watch_errors",
+            "Failed lists, watches and CRD discoveries of the Kubernetes source (each retried), by kind",
+            kube.watch_errors.clone(),
+        );
         let limits = LimitMetrics::default();
         registry.register(
             "weft_connections_refused",
@@ -681,6 +728,7 @@ impl Metrics {
             capture,
             limits,
             xds,
+            kube,
         }
     }
 

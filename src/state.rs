@@ -315,8 +315,11 @@ impl Snapshot {
 
     // === Edits ===
 
-    /// Applies one edit to this snapshot (mesh and indexes).
-    fn edit(&mut self, edit: Edit) {
+    /// Applies one edit to this snapshot (mesh and indexes), keeping every invariant. A
+    /// source that must read what its earlier edits did (the Kubernetes watch) edits a
+    /// snapshot of its own ([`StateStore::update`], or one it publishes whole with
+    /// [`StateStore::publish_snapshot`]); the generation is the store's to set.
+    pub fn edit(&mut self, edit: Edit) {
         match edit {
             Edit::UpsertNamespace(ns) => {
                 self.mesh.namespaces.insert(ns.name.clone(), ns);
@@ -702,6 +705,31 @@ impl StateStore {
         }
         let warnings = warnings(&next);
         self.commit(next, warnings)
+    }
+
+    /// Lets `f` edit the next snapshot ([`Snapshot::edit`]), reading it as it goes, then
+    /// publishes it with the warnings `f` returns, or nothing when `f` returns `None` (no
+    /// change); returns the generation in force. Costs time proportional to the edits, as
+    /// [`StateStore::apply`].
+    pub fn update(&self, f: impl FnOnce(&mut Snapshot) -> Option<Vec<String>>) -> u64 {
+        let _writer = self.writer();
+        let current = self.current.load_full();
+        let mut next = Snapshot::clone(&current);
+        match f(&mut next) {
+            Some(warnings) => {
+                next.generation = current.generation + 1;
+                self.commit(next, warnings)
+            }
+            None => current.generation,
+        }
+    }
+
+    /// Publishes `snap` (built by [`Snapshot::edit`]s) whole as the next generation; returns
+    /// that generation.
+    pub fn publish_snapshot(&self, mut snap: Snapshot, warnings: Vec<String>) -> u64 {
+        let _writer = self.writer();
+        snap.generation = self.current.load().generation + 1;
+        self.commit(snap, warnings)
     }
 
     fn writer(&self) -> std::sync::MutexGuard<'_, ()> {

@@ -221,18 +221,9 @@ pub async fn run(
     kubeconfig: Option<PathBuf>,
     shutdown: CancellationToken,
 ) -> Result<(), CaServerError> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(&path)
-                .map_err(|e| CaServerError::Kube(format!("{}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| CaServerError::Kube(format!("{}: {e}", path.display())))?
-        }
-        None => kube::Config::incluster()
-            .map_err(|e| CaServerError::Kube(format!("in-cluster: {e}")))?,
-    };
-    let client = kube::Client::try_from(config).map_err(|e| CaServerError::Kube(e.to_string()))?;
+    let client = crate::kubeapi::client(kubeconfig.as_deref())
+        .await
+        .map_err(|e| CaServerError::Kube(e.to_string()))?;
     let server = tokio::task::spawn_blocking(move || CaServer::new(&settings, client))
         .await
         .map_err(|e| CaServerError::Kube(format!("loading the CA: {e}")))??;

@@ -14,4 +14,6 @@
 //! and logs show.
 
 pub mod file;
+pub mod kube;
+pub(crate) mod objects;
 pub mod xds;

@@ -13,12 +13,7 @@ use serde::Deserialize;
 
 // === locating fields after parsing ===
 
-/// A step on the way to a field: a mapping key or a sequence index.
-#[derive(Clone, Copy, Debug)]
-pub(super) enum Seg<'a> {
-    Key(&'a str),
-    Index(usize),
-}
+pub(super) use crate::source::objects::Seg;
 
 /// The deserializer's mark on the node a path names.
 const LOCATED: &str = "\u{0}weft-located";

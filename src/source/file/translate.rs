@@ -10,7 +10,6 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::kinds::Object;
 use super::locate::Seg;
@@ -18,8 +17,9 @@ use super::parse::Origin;
 use super::parse::Parser;
 use crate::model::{
     AuthorizationPolicy, Enrollment, Mesh, Namespace, PeerAuthentication, Policy,
-    RequestAuthentication, Service, ServicePort, TargetPort, Workload,
+    RequestAuthentication, Service, Workload,
 };
+use crate::source::objects;
 
 impl Parser<'_> {
     /// Checks metadata.name and returns (namespace, name).
@@ -29,23 +29,9 @@ impl Parser<'_> {
         meta: &ObjectMeta,
         namespaced: bool,
     ) -> Option<(String, String)> {
-        let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
-            self.error_in(
-                origin,
-                &[Seg::Key("metadata")],
-                "metadata.name is required".into(),
-            );
-            return None;
-        };
-        let ns = if namespaced {
-            meta.namespace
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| "default".to_string())
-        } else {
-            String::new()
-        };
-        Some((ns, name))
+        objects::name_of(meta, namespaced)
+            .map_err(|e| self.error_in(origin, &e.path, e.message))
+            .ok()
     }
 
     pub(super) fn translate(&mut self, objects: Vec<(Origin, Object)>) -> Mesh {
@@ -185,212 +171,31 @@ impl Parser<'_> {
         pod: &core::Pod,
         namespaces: &imbl::OrdMap<String, Namespace>,
     ) -> Option<Workload> {
-        let (namespace, name) = self.name_of(origin, &pod.metadata, true)?;
-        let spec = pod.spec.clone().unwrap_or_default();
-        let status = pod.status.clone().unwrap_or_default();
-        if matches!(status.phase.as_deref(), Some("Succeeded") | Some("Failed")) {
-            // Terminal pods hold no address any more (and theirs may be reused).
-            return None;
-        }
-        let mut ips = Vec::new();
-        let mut bad = false;
-        match status.pod_ips.as_deref() {
-            Some(list) if !list.is_empty() => {
-                for (i, entry) in list.iter().enumerate() {
-                    match entry.ip.parse::<IpAddr>() {
-                        Ok(ip) if !ips.contains(&ip) => ips.push(ip),
-                        Ok(_) => {}
-                        Err(_) => {
-                            bad = true;
-                            self.error_in(
-                                origin,
-                                &[
-                                    Seg::Key("status"),
-                                    Seg::Key("podIPs"),
-                                    Seg::Index(i),
-                                    Seg::Key("ip"),
-                                ],
-                                format!("status.podIPs[{i}].ip: invalid IP address {:?}", entry.ip),
-                            );
-                        }
-                    }
+        let no_labels = BTreeMap::new();
+        let ns_labels = pod
+            .metadata
+            .namespace
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .or(Some("default"))
+            .and_then(|n| namespaces.get(n))
+            .map_or(&no_labels, |n| &n.labels);
+        match objects::workload(pod, ns_labels) {
+            Ok(w) => w,
+            Err(errors) => {
+                for e in errors {
+                    self.error_in(origin, &e.path, e.message);
                 }
-            }
-            _ => {
-                if let Some(ip) = status.pod_ip.as_deref().filter(|s| !s.is_empty()) {
-                    match ip.parse::<IpAddr>() {
-                        Ok(ip) => ips.push(ip),
-                        Err(_) => {
-                            bad = true;
-                            self.error_in(
-                                origin,
-                                &[Seg::Key("status"), Seg::Key("podIP")],
-                                format!("status.podIP: invalid IP address {ip:?}"),
-                            );
-                        }
-                    }
-                }
+                None
             }
         }
-        if bad {
-            return None;
-        }
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        let ns_labels = namespaces
-            .get(&namespace)
-            .map(|n| n.labels.clone())
-            .unwrap_or_default();
-        let enrollment =
-            Enrollment::decide(&ns_labels, &labels, spec.host_network.unwrap_or(false));
-        let mut named_ports = BTreeMap::new();
-        for c in &spec.containers {
-            for p in c.ports.as_deref().unwrap_or_default() {
-                if let (Some(n), Ok(port)) = (&p.name, u16::try_from(p.container_port)) {
-                    named_ports.insert(n.clone(), port);
-                }
-            }
-        }
-        let service_account = spec
-            .service_account_name
-            .clone()
-            .or(spec.service_account.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".to_string());
-        let workload_name = owner_workload(&pod.metadata).unwrap_or_else(|| name.clone());
-        let (canonical_name, canonical_revision) = Workload::canonical(&labels, &workload_name);
-        Some(Workload {
-            uid: Workload::pod_uid(&namespace, &name),
-            workload_name,
-            canonical_name,
-            canonical_revision,
-            name,
-            namespace,
-            service_account,
-            node: spec.node_name.clone().unwrap_or_default(),
-            ips,
-            labels,
-            named_ports,
-            enrollment,
-            // The mesh file has no istiod-announced waypoint; `istio.io/use-waypoint` labels
-            // select the in-binary one instead.
-            waypoint: None,
-        })
     }
 
     fn service(&mut self, origin: Origin, svc: &core::Service) -> Option<Service> {
-        let (namespace, name) = self.name_of(origin, &svc.metadata, true)?;
-        let spec = svc.spec.clone().unwrap_or_default();
-        let mut vips = Vec::new();
-        let listed: Vec<(Seg<'static>, String)> = match spec.cluster_ips.as_deref() {
-            Some(l) if !l.is_empty() => l
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (Seg::Index(i), s.clone()))
-                .collect(),
-            _ => spec
-                .cluster_ip
-                .iter()
-                .map(|s| (Seg::Key("clusterIP"), s.clone()))
-                .collect(),
-        };
-        for (seg, s) in listed {
-            if s.is_empty() || s == "None" {
-                continue;
-            }
-            match s.parse::<IpAddr>() {
-                Ok(ip) if !vips.contains(&ip) => vips.push(ip),
-                Ok(_) => {}
-                Err(_) => {
-                    let (path, field): (Vec<Seg<'_>>, String) = match seg {
-                        Seg::Index(i) => (
-                            vec![Seg::Key("spec"), Seg::Key("clusterIPs"), seg],
-                            format!("spec.clusterIPs[{i}]"),
-                        ),
-                        _ => (vec![Seg::Key("spec"), seg], "spec.clusterIP".into()),
-                    };
-                    self.error_in(origin, &path, format!("{field}: invalid IP address {s:?}"));
-                    return None;
-                }
-            }
-        }
-        let mut ports = Vec::new();
-        for (i, p) in spec.ports.as_deref().unwrap_or_default().iter().enumerate() {
-            if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
-                continue;
-            }
-            let Ok(port) = u16::try_from(p.port).map_err(|_| ()).and_then(|v| {
-                if v == 0 {
-                    Err(())
-                } else {
-                    Ok(v)
-                }
-            }) else {
-                self.error_in(
-                    origin,
-                    &[
-                        Seg::Key("spec"),
-                        Seg::Key("ports"),
-                        Seg::Index(i),
-                        Seg::Key("port"),
-                    ],
-                    format!("spec.ports[{i}].port: {} is not a port (1-65535)", p.port),
-                );
-                return None;
-            };
-            let target_port = match &p.target_port {
-                None => TargetPort::Number(port),
-                Some(IntOrString::Int(n)) => match u16::try_from(*n) {
-                    Ok(t) if t != 0 => TargetPort::Number(t),
-                    _ => {
-                        self.error_in(
-                            origin,
-                            &[
-                                Seg::Key("spec"),
-                                Seg::Key("ports"),
-                                Seg::Index(i),
-                                Seg::Key("targetPort"),
-                            ],
-                            format!("spec.ports[{i}].targetPort: {n} is not a port (1-65535)"),
-                        );
-                        return None;
-                    }
-                },
-                Some(IntOrString::String(s)) => match s.parse::<u16>() {
-                    Ok(t) if t != 0 => TargetPort::Number(t),
-                    _ => TargetPort::Named(s.clone()),
-                },
-            };
-            ports.push(ServicePort {
-                name: p.name.clone().unwrap_or_default(),
-                port,
-                target_port,
-            });
-        }
-        Some(Service {
-            name,
-            namespace,
-            vips,
-            ports,
-            selector: spec.selector.clone().unwrap_or_default(),
-            endpoints: Vec::new(),
-            labels: svc.metadata.labels.clone().unwrap_or_default(),
-            waypoint: None,
-        })
+        objects::service(svc)
+            .map_err(|e| self.error_in(origin, &e.path, e.message))
+            .ok()
     }
-}
-
-/// The workload a pod belongs to, from its controller owner: a ReplicaSet `web-7d9c6b5f4`
-/// is Deployment `web`'s (the pod-template hash is dropped), other owners name themselves.
-fn owner_workload(meta: &ObjectMeta) -> Option<String> {
-    let owners = meta.owner_references.as_deref().unwrap_or_default();
-    let owner = owners
-        .iter()
-        .find(|o| o.controller == Some(true))
-        .or(owners.first())?;
-    Some(match (owner.kind.as_str(), owner.name.rsplit_once('-')) {
-        ("ReplicaSet", Some((deployment, hash))) if !hash.is_empty() => deployment.to_string(),
-        _ => owner.name.clone(),
-    })
 }
 
 #[cfg(test)]
@@ -401,7 +206,7 @@ mod tests {
     use crate::model::policy::{
         Action, AuthorizationPolicySpec, ConditionKey, IpBlock, MtlsMode, PortNumber, StringMatch,
     };
-    use crate::model::DATAPLANE_MODE_LABEL;
+    use crate::model::{ServicePort, TargetPort, DATAPLANE_MODE_LABEL};
 
     #[test]
     fn a_kubectl_list_becomes_the_expected_model() {
