@@ -9,8 +9,8 @@ use manifests::typed;
 
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
 use serde::de::DeserializeOwned;
 
@@ -54,21 +54,30 @@ fn every_standalone_manifest_parses_and_kustomize_lists_them_all() {
                 "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(file, &v)),
                 "Service" => drop(typed::<Service>(file, &v)),
                 "Deployment" => drop(typed::<Deployment>(file, &v)),
+                "DaemonSet" => drop(typed::<DaemonSet>(file, &v)),
+                "ConfigMap" => drop(typed::<ConfigMap>(file, &v)),
                 other => panic!("{file}: unexpected kind {other}"),
             }
         }
     }
 }
 
+fn rule(group: &str, resource: &str, verbs: &[&str]) -> PolicyRule {
+    rules(group, &[resource], verbs)
+}
+
+fn rules(group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(vec![group.into()]),
+        resources: Some(resources.iter().map(|r| r.to_string()).collect()),
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        ..PolicyRule::default()
+    }
+}
+
 #[test]
 fn the_ca_may_review_tokens_and_read_pods_and_nothing_else() {
     let role: ClusterRole = one("ca.yaml", "ClusterRole");
-    let rule = |group: &str, resource: &str, verbs: &[&str]| PolicyRule {
-        api_groups: Some(vec![group.into()]),
-        resources: Some(vec![resource.into()]),
-        verbs: verbs.iter().map(|v| v.to_string()).collect(),
-        ..PolicyRule::default()
-    };
     assert_eq!(
         role.rules.unwrap(),
         vec![
@@ -145,4 +154,175 @@ fn the_deployment_serves_the_secret_in_the_cacerts_layout_behind_the_service() {
     );
     assert!(names.split(',').any(|n| n == svc_name), "{names}");
     assert_eq!(arg("trusted-node-accounts"), "istio-system/weft");
+}
+
+#[test]
+fn the_node_daemon_may_only_list_and_watch_the_kinds_it_watches() {
+    let role: ClusterRole = one("weft.yaml", "ClusterRole");
+    let lw = ["list", "watch"];
+    assert_eq!(
+        role.rules.unwrap(),
+        vec![
+            rules("", &["namespaces", "pods", "services"], &lw),
+            rules("discovery.k8s.io", &["endpointslices"], &lw),
+            rules(
+                "security.istio.io",
+                &[
+                    "authorizationpolicies",
+                    "peerauthentications",
+                    "requestauthentications"
+                ],
+                &lw
+            ),
+        ]
+    );
+    let binding: ClusterRoleBinding = one("weft.yaml", "ClusterRoleBinding");
+    assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+    let sa: ServiceAccount = one("weft.yaml", "ServiceAccount");
+    let subjects = binding.subjects.unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(Some(&subjects[0].name), sa.metadata.name.as_ref());
+    assert_eq!(subjects[0].namespace, sa.metadata.namespace);
+}
+
+#[test]
+fn the_node_daemon_watches_the_api_server_and_asks_the_ca_service() {
+    use weft::config::{CaSource, Config, MeshSource, Redirect};
+    let ds: DaemonSet = one("weft.yaml", "DaemonSet");
+    let cm: ConfigMap = one("weft.yaml", "ConfigMap");
+    let sa: ServiceAccount = one("weft.yaml", "ServiceAccount");
+    let ca_service: Service = one("ca.yaml", "Service");
+    let ca_deployment: Deployment = one("ca.yaml", "Deployment");
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name, sa.metadata.name);
+    assert_eq!(
+        pod.automount_service_account_token,
+        Some(true),
+        "in-cluster config needs the API token"
+    );
+    assert_eq!(pod.host_network, Some(true), "node-level capture");
+    let c = &pod.containers[0];
+    let caps = c
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        caps.add.clone().unwrap(),
+        ["NET_ADMIN".to_string(), "NET_RAW".to_string()]
+    );
+    let volumes = pod.volumes.clone().unwrap();
+    let mounts = c.volume_mounts.clone().unwrap();
+    for m in &mounts {
+        assert!(
+            volumes.iter().any(|v| v.name == m.name),
+            "mount {} has a volume",
+            m.name
+        );
+    }
+    let mount_of = |volume: &str| {
+        PathBuf::from(
+            &mounts
+                .iter()
+                .find(|m| m.name == volume)
+                .unwrap_or_else(|| panic!("{volume} is mounted"))
+                .mount_path,
+        )
+    };
+    let config_volume = volumes
+        .iter()
+        .find(|v| {
+            v.config_map
+                .as_ref()
+                .is_some_and(|c| Some(&c.name) == cm.metadata.name.as_ref())
+        })
+        .expect("the ConfigMap is a volume");
+    let config_path = mount_of(&config_volume.name).join("weft.yaml");
+    let args = c.args.clone().unwrap();
+    assert!(args
+        .windows(2)
+        .any(|w| w[0] == "--config" && Path::new(&w[1]) == config_path));
+    let data = cm.data.unwrap();
+    let config = Config::parse(
+        &config_path,
+        &data["weft.yaml"],
+        &weft::config::Env {
+            node_name: Some("node-1".into()),
+            ..Default::default()
+        },
+    )
+    .expect("the ConfigMap's weft.yaml is a valid config");
+    assert_eq!(
+        config.mesh,
+        MeshSource::Kubernetes(weft::config::KubeSettings { kubeconfig: None }),
+        "in-cluster Kubernetes source"
+    );
+    assert_eq!(config.redirect, Redirect::Tproxy);
+    let CaSource::Istio(ca) = &config.ca else {
+        panic!("not the CA service")
+    };
+    // The CA client asks ca.yaml's Service, on its port, with a token of audience istio-ca
+    // and the root from the root-only ConfigMap.
+    let svc_port = ca_service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port;
+    assert_eq!(
+        ca.address,
+        format!(
+            "https://{}.{}.svc:{svc_port}",
+            ca_service.metadata.name.as_ref().unwrap(),
+            ca_service.metadata.namespace.as_ref().unwrap()
+        )
+    );
+    let token_volume = volumes
+        .iter()
+        .find(|v| v.name == "istio-token")
+        .unwrap()
+        .projected
+        .as_ref()
+        .unwrap()
+        .sources
+        .as_ref()
+        .unwrap()[0]
+        .service_account_token
+        .clone()
+        .unwrap();
+    assert_eq!(token_volume.audience.as_deref(), Some("istio-ca"));
+    assert_eq!(
+        ca.token_file,
+        mount_of("istio-token").join(&token_volume.path)
+    );
+    let root_volume = volumes
+        .iter()
+        .find(|v| {
+            v.config_map
+                .as_ref()
+                .is_some_and(|c| c.name == "weft-ca-root")
+        })
+        .expect("the root-only ConfigMap, never the Secret");
+    assert!(
+        volumes.iter().all(|v| v.secret.is_none()),
+        "no Secret on a node"
+    );
+    assert_eq!(
+        ca.root_cert_file,
+        mount_of(&root_volume.name).join("root-cert.pem")
+    );
+    // The CA trusts exactly this DaemonSet's ServiceAccount as a node account.
+    let ca_args = ca_deployment
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    let trusted = format!(
+        "--trusted-node-accounts={}/{}",
+        sa.metadata.namespace.unwrap(),
+        sa.metadata.name.unwrap()
+    );
+    assert!(ca_args.contains(&trusted), "{ca_args:?}");
 }

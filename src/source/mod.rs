@@ -9,6 +9,9 @@
 //!   [`xds::translate`] turns resources into the model: `address` (workloads and services),
 //!   `authorization` (L4 policies) and `assembly` (the accepted resources joined into the
 //!   mesh).
+//! - [`kube`]: the cluster's API server, watched with kube-rs: `kube/mod.rs` runs one watcher
+//!   per kind, `kube::apply` turns their events into edits.
+//! - `objects`: one Kubernetes object → model (Pods, Services), shared by `file` and `kube`.
 //!
 //! Every error a source reports is a typed error (`thiserror`) whose text is what the status
 //! and logs show.
