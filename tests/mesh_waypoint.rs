@@ -5,15 +5,13 @@
 mod support;
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use bytes::Bytes;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use support::l7::{es256, send};
 use support::mesh::*;
 
 const ISSUER: &str = "https://issuer.test";
@@ -152,69 +150,6 @@ fn run_jwks(env: &MeshEnv, rt: &tokio::runtime::Runtime, jwks: String) -> std::p
     ca_file
 }
 
-struct SigningKey {
-    enc: EncodingKey,
-    jwk: serde_json::Value,
-}
-
-fn es256(kid: &str) -> SigningKey {
-    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let raw = kp.public_key_raw();
-    SigningKey {
-        enc: EncodingKey::from_ec_der(&kp.serialize_der()),
-        jwk: serde_json::json!({"kty": "EC", "kid": kid, "crv": "P-256", "alg": "ES256",
-            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..])}),
-    }
-}
-
-fn token(key: &SigningKey, kid: &str, exp_offset: i64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let mut h = Header::new(Algorithm::ES256);
-    h.kid = Some(kid.into());
-    jsonwebtoken::encode(
-        &h,
-        &serde_json::json!({"iss": ISSUER, "sub": "alice", "exp": now + exp_offset, "iat": now}),
-        &key.enc,
-    )
-    .unwrap()
-}
-
-/// One HTTP/1.1 request on a kept-alive connection; returns (status, body, connection kept).
-fn send(s: &mut TcpStream, raw: &str) -> (u16, String, bool) {
-    s.write_all(raw.as_bytes()).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut status_line = String::new();
-    if r.read_line(&mut status_line).unwrap_or(0) == 0 {
-        return (0, String::new(), false);
-    }
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (mut len, mut close) = (0usize, false);
-    loop {
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        let l = line.trim_end().to_ascii_lowercase();
-        if l.is_empty() {
-            break;
-        }
-        if let Some(v) = l.strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-        if l == "connection: close" {
-            close = true;
-        }
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).unwrap();
-    (status, String::from_utf8_lossy(&body).into_owned(), !close)
-}
-
 fn get(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: c.shop\r\n{extra}\r\n")
 }
@@ -308,7 +243,10 @@ spec:
     let (st, _, _) = send(&mut s, &get("/secure/1", ""));
     assert_eq!(st, 403, "requestPrincipals makes the token mandatory");
     let bearer = |t: &str| format!("Authorization: Bearer {t}\r\n");
-    let (st, body, _) = send(&mut s, &get("/secure/1", &bearer(&token(&good, "k1", 300))));
+    let (st, body, _) = send(
+        &mut s,
+        &get("/secure/1", &bearer(&good.token(ISSUER, "k1", 300))),
+    );
     assert_eq!(st, 200, "{body}\n{}", env.log(2));
     assert!(
         body.contains("auth= "),
@@ -316,12 +254,12 @@ spec:
     );
     let (st, _, _) = send(
         &mut s,
-        &get("/secure/1", &bearer(&token(&good, "k1", -600))),
+        &get("/secure/1", &bearer(&good.token(ISSUER, "k1", -600))),
     );
     assert_eq!(st, 401, "expired");
     let (st, _, _) = send(
         &mut s,
-        &get("/secure/1", &bearer(&token(&stranger, "k1", 300))),
+        &get("/secure/1", &bearer(&stranger.token(ISSUER, "k1", 300))),
     );
     assert_eq!(st, 401, "signed by an unknown key");
     let (st, _, _) = send(&mut s, &get("/public/z", &bearer("not.a.jwt")));
@@ -517,7 +455,7 @@ spec:
                 "--path",
                 "/secure/1",
                 "--token",
-                &token(&good, "k1", 300),
+                &good.token(ISSUER, "k1", 300),
             ],
         )
         .unwrap();

@@ -57,6 +57,8 @@ pub struct MeshEnv {
     pub ipv6: std::collections::BTreeMap<&'static str, std::net::Ipv6Addr>,
     /// Each node's firewall and routing rules before any weft ran ([`MeshEnv::firewall`]).
     pub pristine: Vec<String>,
+    /// The daemons' `mesh:` value instead of the mesh file (e.g. `{kubernetes: {...}}`).
+    pub mesh_config: Option<String>,
 }
 
 impl MeshEnv {
@@ -99,6 +101,7 @@ impl MeshEnv {
             node_config_extra: std::collections::BTreeMap::new(),
             ipv6: std::collections::BTreeMap::new(),
             pristine: Vec::new(),
+            mesh_config: None,
         };
         for i in 1..=nodes {
             let before = env.firewall(i);
@@ -120,12 +123,15 @@ impl MeshEnv {
     pub fn start_all(&mut self) {
         std::fs::write(self.mesh_path(), self.mesh_yaml()).unwrap();
         let nodes = self.bed.nodes().len();
+        let mesh = self
+            .mesh_config
+            .clone()
+            .unwrap_or_else(|| format!("{{file: {}}}", self.mesh_path().display()));
         for i in 1..=nodes {
             std::fs::write(
                 self.config_path(i),
                 format!(
-                    "nodeName: node-{i}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\n{}{}",
-                    self.mesh_path().display(),
+                    "nodeName: node-{i}\nmesh: {mesh}\nca: {{builtin: {{dir: {}}}}}\n{}{}",
                     self.bed.temp_dir().join("ca").display(),
                     self.config_extra,
                     self.node_config_extra

@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod grpc_keepalive;
 pub mod istiod;
+pub mod l7;
 pub mod mesh;
 pub mod process;
 pub mod zds;

@@ -167,3 +167,135 @@ fn spec_of<S: DeserializeOwned + Default>(spec: serde_json::Value) -> Result<S, 
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::policy::Action;
+    use serde_json::json;
+
+    fn dynamic(v: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_policy_is_read_from_its_spec_and_a_bad_field_is_named() {
+        let good = policy(
+            Kind::AuthorizationPolicy,
+            dynamic(
+                json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "p", "namespace": "shop", "resourceVersion": "7"},
+                "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["8080"]}}]}]},
+                "status": {"validationMessages": []}}),
+            ),
+        );
+        let Ok(Item::Policy(Policy::AuthorizationPolicy(p))) = good.item else {
+            panic!("{:?}", good.item)
+        };
+        assert_eq!((p.namespace.as_str(), p.name.as_str()), ("shop", "p"));
+        assert_eq!(p.spec.action, Action::Deny);
+
+        let bad = policy(
+            Kind::AuthorizationPolicy,
+            dynamic(
+                json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "p", "namespace": "shop"},
+                "spec": {"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}}),
+            ),
+        );
+        let err = bad.item.unwrap_err();
+        assert!(
+            err.starts_with("spec.rules[0].to[0].operation.ports[0]: "),
+            "{err}"
+        );
+        let bad = policy(
+            Kind::PeerAuthentication,
+            dynamic(
+                json!({"apiVersion": "security.istio.io/v1beta1", "kind": "PeerAuthentication",
+                "metadata": {"name": "p", "namespace": "shop"}, "spec": {"mtls": {"mode": "STRICTER"}}}),
+            ),
+        );
+        assert!(bad.item.unwrap_err().starts_with("spec.mtls.mode: "));
+        // No spec: the empty spec, as in a mesh file.
+        let empty = policy(
+            Kind::RequestAuthentication,
+            dynamic(
+                json!({"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+                "metadata": {"name": "p", "namespace": "shop"}}),
+            ),
+        );
+        assert!(empty.item.is_ok());
+    }
+
+    #[test]
+    fn a_pod_keeps_only_what_weft_uses_and_a_bad_address_is_named() {
+        let p: core::Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d8f", "uid": "u", "controller": true}]},
+            "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": "10.0.0.1"}, {"ip": "nope"}]}
+        }))
+        .unwrap();
+        let o = pod(p);
+        assert_eq!((o.namespace.as_str(), o.name.as_str()), ("shop", "web-1"));
+        assert_eq!(
+            o.item.unwrap_err(),
+            "status.podIPs[1].ip: invalid IP address \"nope\""
+        );
+        let p: core::Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "shop"},
+            "spec": {"hostNetwork": true, "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": "172.18.0.1"}
+        }))
+        .unwrap();
+        let Ok(Item::Pod(Some(w))) = pod(p).item else {
+            panic!()
+        };
+        assert_eq!(w.enrollment, crate::model::Enrollment::HostNetwork);
+        let p: core::Pod = serde_json::from_value(json!({
+            "metadata": {"name": "done", "namespace": "shop"},
+            "status": {"phase": "Succeeded", "podIP": "10.0.0.9"}
+        }))
+        .unwrap();
+        assert_eq!(
+            pod(p).item,
+            Ok(Item::Pod(None)),
+            "an ended pod is no workload"
+        );
+    }
+
+    #[test]
+    fn a_slice_gives_its_ready_endpoints_by_pod_or_address() {
+        let s: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "ext-abc", "namespace": "shop", "labels": {"kubernetes.io/service-name": "ext"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "targetRef": {"kind": "Pod", "name": "a", "namespace": "shop"}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false}},
+                {"addresses": ["10.0.0.3"], "conditions": {"ready": true}},
+            ]
+        }))
+        .unwrap();
+        let Ok(Item::Slice(slice)) = endpoint_slice(s).item else {
+            panic!()
+        };
+        assert_eq!(slice.service, "ext");
+        assert_eq!(
+            slice.endpoints,
+            [
+                SliceEndpoint::Pod(Workload::pod_uid("shop", "a")),
+                SliceEndpoint::Ip("10.0.0.3".parse().unwrap())
+            ]
+        );
+        let s: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "ext-bad", "namespace": "shop"},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.x"]}]
+        }))
+        .unwrap();
+        assert_eq!(
+            endpoint_slice(s).item.unwrap_err(),
+            "endpoints[0].addresses[0]: invalid IP address \"10.0.0.x\""
+        );
+    }
+}
