@@ -33,7 +33,7 @@
 //! | kube's watcher | `watcher(api, Config::default())`: Init, InitApply per object, InitDone, then Apply/Delete; also with `page_size` and `any_semantic` | `the_kube_watcher_lists_in_pages_then_watches` |
 //! | dropped watches | `drop_watches()`: every open watch ends abruptly; the watcher re-watches from its last version and misses nothing, without a new list | `a_watcher_survives_dropped_watches_without_relisting` |
 //! | compaction | `compact()`: the event log before now is forgotten; with `drop_watches()` the watcher's re-watch is expired and it relists | `a_watcher_relists_after_compaction` |
-//! | restart | `restart(down_for)`: every connection dropped, connections refused for `down_for`, history compacted, then served on the same address; the watcher relists | `a_watcher_relists_after_a_restart` |
+//! | restart | `restart(down_for)`: every connection dropped, connections refused for `down_for`, history compacted when it comes back (writes while down are in the state, not the history), then served on the same address; a watcher behind that state relists | `a_watcher_relists_after_a_restart` |
 //! | slow lists | `set_list_delay(d)`: every list answers after `d` | `a_list_delay_slows_lists_not_watches` |
 //! | request log | `requests()`: every request, `METHOD path?query` | all of the above |
 //!
@@ -70,7 +70,7 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 use serde_json::{json, Value};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use store::{resource_by_kind, Key, Store};
@@ -109,7 +109,8 @@ struct Shared {
 /// The stand-in; stops serving when dropped.
 pub struct FakeApiServer {
     shared: Arc<Shared>,
-    listener: Arc<tokio::net::TcpListener>,
+    /// To the accept loop: go down for this long, say when down.
+    restarts: mpsc::UnboundedSender<(Duration, oneshot::Sender<()>)>,
     ca_pem: String,
     dir: tempfile::TempDir,
     stop: CancellationToken,
@@ -142,7 +143,7 @@ impl FakeApiServer {
     /// the address, the listener must be bound to an explicit port (not 0).
     pub async fn start_on(listener: std::net::TcpListener) -> FakeApiServer {
         listener.set_nonblocking(true).unwrap();
-        let listener = Arc::new(tokio::net::TcpListener::from_std(listener).unwrap());
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let addr = listener.local_addr().unwrap();
 
         let ca_key = KeyPair::generate().unwrap();
@@ -181,15 +182,17 @@ impl FakeApiServer {
             down: AtomicBool::new(false),
         });
         let stop = CancellationToken::new();
+        let (restarts, restart_rx) = mpsc::unbounded_channel();
         tokio::spawn(accept_loop(
-            listener.clone(),
+            listener,
             acceptor,
             shared.clone(),
             stop.clone(),
+            restart_rx,
         ));
         FakeApiServer {
             shared,
-            listener,
+            restarts,
             ca_pem: ca_cert.pem(),
             dir: tempfile::tempdir().unwrap(),
             stop,
@@ -340,41 +343,21 @@ impl FakeApiServer {
 
     /// As an API server restarting: drops every connection, refuses connections for
     /// `down_for` (the listening socket stops listening and keeps its address), compacts (a
-    /// new watch cache starts from the current state), then serves again on the same
-    /// address. Returns once down; serving resumes in the background.
-    pub fn restart(&self, down_for: Duration) {
+    /// new watch cache starts from the state at its start), then serves again on the same
+    /// address. Returns once down; serving resumes in the background. A watcher that had
+    /// seen every event resumes its watch (as against a real restart); one behind the
+    /// state at the restart (writes while down, or elsewhere) relists.
+    pub async fn restart(&self, down_for: Duration) {
         self.shared.down.store(true, Ordering::SeqCst);
-        socket2::SockRef::from(&*self.listener)
-            .shutdown(std::net::Shutdown::Read)
-            .unwrap();
+        let (done, down) = oneshot::channel();
+        self.restarts.send((down_for, done)).unwrap();
+        down.await.unwrap();
         {
             let mut conns = self.shared.connections.lock().unwrap();
             conns.cancel();
             *conns = CancellationToken::new();
         }
-        {
-            let mut store = self.shared.store.lock().unwrap();
-            store.compact();
-            store.forget_watchers();
-        }
-        let (listener, shared, stop) = (
-            self.listener.clone(),
-            self.shared.clone(),
-            self.stop.clone(),
-        );
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(down_for) => {}
-            }
-            socket2::SockRef::from(&*listener).listen(1024).unwrap();
-            assert_eq!(
-                listener.local_addr().unwrap(),
-                shared.addr,
-                "restart needs a listener bound to an explicit port"
-            );
-            shared.down.store(false, Ordering::SeqCst);
-        });
+        self.shared.store.lock().unwrap().forget_watchers();
     }
 
     /// Whether it serves (false between `restart` and serving again).
@@ -512,17 +495,41 @@ fn labels_json(labels: &[(&str, &str)]) -> Value {
 // === serving ===
 
 async fn accept_loop(
-    listener: Arc<tokio::net::TcpListener>,
+    mut listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    mut restarts: mpsc::UnboundedReceiver<(Duration, oneshot::Sender<()>)>,
 ) {
     loop {
         let tcp = tokio::select! {
             _ = stop.cancelled() => return,
+            Some((down_for, done)) = restarts.recv() => {
+                // Out of the reactor first: a socket that stops listening reads as closed,
+                // which tokio keeps as ready for good, so accept would spin.
+                let std_listener = listener.into_std().unwrap();
+                let socket = socket2::SockRef::from(&std_listener);
+                socket.shutdown(std::net::Shutdown::Read).unwrap();
+                let _ = done.send(());
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(down_for) => {}
+                }
+                // The new watch cache starts from the state now: writes made while down are
+                // in it, not in its history, so a watch from before them is expired.
+                shared.store.lock().unwrap().compact();
+                socket.listen(1024).unwrap();
+                assert_eq!(
+                    std_listener.local_addr().unwrap(),
+                    shared.addr,
+                    "restart needs a listener bound to an explicit port"
+                );
+                listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                shared.down.store(false, Ordering::SeqCst);
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok((t, _)) => t,
-                // Not listening (restart): wait, without spinning, until it listens again.
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
