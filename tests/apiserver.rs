@@ -659,6 +659,13 @@ async fn the_kube_watcher_lists_in_pages_then_watches() {
         ("default", watcher::Config::default()),
         ("page_size", watcher::Config::default().page_size(2)),
         ("any_semantic", watcher::Config::default().any_semantic()),
+        (
+            "any_semantic_unpaged",
+            watcher::Config {
+                page_size: None,
+                ..watcher::Config::default().any_semantic()
+            },
+        ),
     ];
     for (what, config) in configs {
         let before = api.requests().len();
@@ -693,6 +700,13 @@ async fn the_kube_watcher_lists_in_pages_then_watches() {
         } else {
             assert_eq!(lists.len(), 1, "{requests:?}");
         }
+        if what == "any_semantic_unpaged" {
+            // kube sends "0" only without a limit.
+            assert!(
+                lists[0].contains("resourceVersion=0&resourceVersionMatch=NotOlderThan"),
+                "{requests:?}"
+            );
+        }
         let watch = requests.iter().find(|r| r.contains("watch=true")).unwrap();
         assert!(watch.contains("allowWatchBookmarks=true"), "{watch}");
     }
@@ -710,6 +724,7 @@ async fn a_streaming_list_watcher_gets_initial_events_and_their_end() {
     let requests = api.requests();
     assert!(lists_of(&api, "/api/v1/pods").is_empty(), "{requests:?}");
     let w = watches_of(&api, "/api/v1/pods");
+    eprintln!("kube watcher (streaming_lists) sent: {w:#?}");
     assert!(w[0].contains("sendInitialEvents=true"), "{w:?}");
 }
 
@@ -728,6 +743,7 @@ async fn a_watcher_survives_dropped_watches_without_relisting() {
     assert_eq!(ok_events(&got), ["Apply c", "Delete a"], "{got:?}");
     assert_eq!(lists_of(&api, "/api/v1/pods").len(), 1);
     let watches = watches_of(&api, "/api/v1/pods");
+    eprintln!("kube watcher re-watching sent: {watches:#?}");
     assert!(watches.len() >= 2, "{watches:?}");
     let rv_b = api.object("v1", "Pod", Some("shop"), "b").unwrap()["metadata"]["resourceVersion"]
         .as_str()
