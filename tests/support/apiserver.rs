@@ -1,52 +1,82 @@
-//! An in-process Kubernetes API server stand-in for loopback tests: HTTPS (rustls, a test CA
-//! of its own), HTTP/1.1, JSON, on a unique loopback address, and a kubeconfig that points
-//! kube-rs at it.
+//! An in-process Kubernetes API server stand-in for tests: HTTPS (rustls, a test CA of its
+//! own), HTTP/1.1, JSON, on a unique loopback address (`start`) or on a listener a test made,
+//! e.g. inside a network namespace (`start_on`), and a kubeconfig that points kube-rs at it.
+//! kube-rs clients, `Api::list`/`Api::watch` and `kube::runtime::watcher`, work against it as
+//! against a real API server; it was written from k8s.io/apiserver (`pkg/storage/cacher`,
+//! `pkg/storage/etcd3`, `pkg/endpoints`) and kube-runtime 5's `watcher.rs`.
 //!
-//! What it emulates, as the API server does it (k8s.io/apiserver, registry/authentication):
-//! - **Authentication of its own clients**: every request needs `Authorization: Bearer
-//!   <ADMIN_TOKEN>`; otherwise `401` with a `Status` (reason `Unauthorized`).
-//! - **TokenReview** `POST /apis/authentication.k8s.io/v1/tokenreviews`: the answer is the
-//!   request with a `status`. A token it did not issue, an expired token, a token whose bound
-//!   pod is gone (or was re-created with another uid), and a token whose audiences do not
-//!   include one of `spec.audiences` (no `spec.audiences`: the API server's own,
-//!   [`API_AUDIENCE`]) are `authenticated: false` with an `error` saying why. An authenticated
-//!   one has `user.username` `system:serviceaccount:NS:NAME`, `groups` (`system:serviceaccounts`,
-//!   `system:serviceaccounts:NS`, `system:authenticated`), `extra` with
-//!   `authentication.kubernetes.io/pod-name` and `pod-uid` for a pod-bound token, and
-//!   `audiences` (those of the request the token carries).
-//! - **Pods**: `GET /api/v1/namespaces/NS/pods/NAME` (`404` `Status` reason `NotFound` for none);
-//!   `GET /api/v1/pods` and `GET /api/v1/namespaces/NS/pods` as a `PodList`, with
-//!   `fieldSelector` terms (`,`-separated `f=v`, `f==v`, `f!=v`) over `metadata.name`,
-//!   `metadata.namespace`, `spec.nodeName`, `spec.serviceAccountName` and `status.phase`; any
-//!   other field is `400` (reason `BadRequest`, "field label not supported").
-//! - **Resource versions**: one counter for the whole store, bumped by every write; each
-//!   object carries the version of its last write and each list the current one. Pods get a
-//!   `uid` at creation.
+//! Layout: this file is the test-facing API (`FakeApiServer`, object builders), the accept
+//! loop and TokenReview; `apiserver/store.rs` the storage (objects, resource versions, event
+//! log, compaction, open watches); `apiserver/serve.rs` the HTTP side (routing, discovery,
+//! get, list, watch, `Status` errors).
 //!
-//! What it does not emulate (yet): watch, label selectors, pagination (`limit`/`continue`),
-//! writes through the API (tests write the store directly), other kinds, RBAC (every request
-//! with the admin token may do everything). The store (one versioned map per kind, a global
-//! resource version) is shaped so watch can be added by keeping an event log beside it.
-//! Tokens are opaque strings, not JWTs: only this stand-in reads them, as only the real API
-//! server reads real ones.
+//! What it emulates, each row held by a test (`tests/apiserver.rs` unless named otherwise):
+//!
+//! | behaviour | as the API server | test |
+//! |---|---|---|
+//! | authentication | every request needs `Authorization: Bearer ADMIN_TOKEN`, else `401` `Status` `Unauthorized` | `requests_without_the_admin_token_are_unauthorized` |
+//! | TokenReview | `POST /apis/authentication.k8s.io/v1/tokenreviews` (below) | `tests/ca_serve.rs` |
+//! | kinds | core v1 `namespaces` (cluster-scoped), `pods`, `services`; `discovery.k8s.io/v1` `endpointslices`; `security.istio.io` `v1` and `v1beta1` `authorizationpolicies`, `peerauthentications`, `requestauthentications`, one storage served at both versions, `apiVersion` the version asked for | `istio_policies_are_served_at_v1_and_v1beta1_from_one_storage` |
+//! | paths | `/api/v1/KIND`, `/api/v1/namespaces/NS/KIND` (list, watch), `/api/v1/namespaces/NS/KIND/NAME`, `/api/v1/namespaces/NAME` (get), the same under `/apis/GROUP/VERSION`; `404` `NotFound` `Status` for anything else, and for a missing object (`pods "x" not found`, `details`) | `get_answers_the_object_or_not_found` |
+//! | discovery | `GET /api`, `/api/v1`, `/apis`, `/apis/GROUP`, `/apis/GROUP/VERSION` (APIResourceList: name, singularName, namespaced, kind, verbs) of what is served | `discovery_lists_what_is_served` |
+//! | CRD versions | `serve_version("security.istio.io/v1", false)`: its paths `404`, discovery omits it (preferred version the next); both versions off: the group is gone (CRDs not installed) | `a_crd_version_switched_off_is_not_found_and_not_discovered` |
+//! | resource versions | one counter for all kinds, bumped by every write; every object carries its last write's, a delete's event the delete's; `metadata.uid` at creation, kept on replace; a list carries the version it was read at | `lists_carry_the_store_version_and_objects_their_own` |
+//! | pagination | `limit` + `continue`: pages of a list at one version (writes between pages not seen), `remainingItemCount`; the token is etcd3's (base64url JSON `{"v","rv","start"}`) | `list_pages_with_limit_and_continue_are_consistent` |
+//! | expired continue | a continue token of a compacted version: `410` `Expired` (etcd3's message; `metadata.continue` an inconsistent token for the rest) | `a_continue_from_a_compacted_version_is_expired` |
+//! | list `resourceVersion` | unset/`""`: most recent, paginated; `"0"`: any (the watch cache: limit ignored, no continue); `N` with `resourceVersionMatch=Exact` (or a legacy `limit`ed list): state at `N`, `410` if compacted; `N` `NotOlderThan`: most recent; `N` newer than the store: `504` "Too large resource version" | `list_resource_version_semantics` |
+//! | field selectors | `metadata.name`, `metadata.namespace` of every kind; pods also `spec.nodeName`, `spec.serviceAccountName`, `status.phase`, `status.podIP`; another field `400` "field label not supported"; in watches an object entering the selection is `ADDED`, leaving it `DELETED` | `field_selectors_filter_lists_and_watches`, `tests/ca_serve.rs` |
+//! | watch | `watch=true` (or `1`): `200`, chunked, one `{"type","object"}` JSON line per event; from `resourceVersion=N` every event after `N` then live ones; from unset/`"0"` the state as synthetic `ADDED` then live | `watch_from_a_version_gets_every_later_event` |
+//! | expired watch | from `N` older than the compacted history: `200`, one `ERROR` event (`Status` `410` `Expired` "too old resource version: N (M)"), end of stream, so the watcher relists | `a_watch_from_a_compacted_version_gets_an_expired_error_event` |
+//! | bookmarks | with `allowWatchBookmarks=true`: `BOOKMARK` (the kind, only `metadata.resourceVersion`) every `set_bookmark_interval` (60 s by default) and on `send_bookmarks()`; never ahead of an event not yet sent | `bookmarks_come_on_request_and_at_the_interval` |
+//! | streaming lists | `sendInitialEvents=true` (kube's `streaming_lists()`): the state as `ADDED`, then a `BOOKMARK` annotated `k8s.io/initial-events-end: "true"` | `a_streaming_list_watcher_gets_initial_events_and_their_end` |
+//! | watch timeout | the stream ends cleanly at `timeoutSeconds` (unset: 1800 s) | `a_watch_ends_at_its_timeout` |
+//! | kube's watcher | `watcher(api, Config::default())`: Init, InitApply per object, InitDone, then Apply/Delete; also with `page_size` and `any_semantic` | `the_kube_watcher_lists_in_pages_then_watches` |
+//! | dropped watches | `drop_watches()`: every open watch ends abruptly; the watcher re-watches from its last version and misses nothing, without a new list | `a_watcher_survives_dropped_watches_without_relisting` |
+//! | compaction | `compact()`: the event log before now is forgotten; with `drop_watches()` the watcher's re-watch is expired and it relists | `a_watcher_relists_after_compaction` |
+//! | restart | `restart(down_for)`: every connection dropped, connections refused for `down_for`, history compacted when it comes back (writes while down are in the state, not the history), then served on the same address; a watcher behind that state relists | `a_watcher_relists_after_a_restart` |
+//! | slow lists | `set_list_delay(d)`: every list answers after `d` | `a_list_delay_slows_lists_not_watches` |
+//! | request log | `requests()`: every request, `METHOD path?query` | all of the above |
+//!
+//! TokenReview: the answer is the request with a `status`. A token it did not issue, an
+//! expired token, a token whose bound pod is gone (or was re-created with another uid), and a
+//! token whose audiences do not include one of `spec.audiences` (no `spec.audiences`: the API
+//! server's own, [`API_AUDIENCE`]) are `authenticated: false` with an `error` saying why. An
+//! authenticated one has `user.username` `system:serviceaccount:NS:NAME`, `groups`
+//! (`system:serviceaccounts`, `system:serviceaccounts:NS`, `system:authenticated`), `extra`
+//! with `authentication.kubernetes.io/pod-name` and `pod-uid` for a pod-bound token, and
+//! `audiences` (those of the request the token carries). Tokens are opaque strings, not JWTs:
+//! only this stand-in reads them, as only the real API server reads real ones.
+//!
+//! What it does not emulate: label selectors (a non-empty `labelSelector` is `400`, so a
+//! client relying on one notices), writes through the API (tests write the store with
+//! `apply`/`delete`), aggregated discovery (the `Accept` of `Discovery::run_aggregated` gets
+//! the legacy shapes), protobuf, HTTP/2, RBAC (the admin token may do everything), the watch
+//! cache's wait for a future `resourceVersion` (a watch from one simply waits for events, a
+//! list answers `504` at once), validation of `sendInitialEvents` without
+//! `resourceVersionMatch=NotOlderThan`, `resourceVersion` on get, `Table`/metadata-only
+//! (`PartialObjectMetadata`) responses, and a watch cache of bounded size (history is lost
+//! only by `compact` and `restart`).
 
-use std::collections::{BTreeMap, HashMap};
+mod serve;
+mod store;
+
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, StatusCode};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
-use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
-use serde_json::json;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-/// The token the API server's clients (here: `weft ca serve`) authenticate with.
+use store::{resource_by_kind, Key, Store};
+
+/// The token the API server's clients (`weft ca serve`, weft's Kubernetes source, kube-rs in
+/// tests) authenticate with.
 pub const ADMIN_TOKEN: &str = "apiserver-admin-token";
 /// The audience of tokens issued without one (the API server's own).
 pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
@@ -62,22 +92,25 @@ struct TokenInfo {
     pod: Option<(String, String)>,
 }
 
-#[derive(Debug, Default)]
-struct Store {
-    resource_version: u64,
-    next_uid: u64,
-    /// `(namespace, name)` → pod.
-    pods: BTreeMap<(String, String), Pod>,
-    tokens: HashMap<String, TokenInfo>,
-    next_token: u64,
-    /// Every request, `METHOD path?query`.
-    requests: Vec<String>,
+/// What the serving side shares with the test-facing handle.
+struct Shared {
+    addr: SocketAddr,
+    store: Mutex<Store>,
+    /// Bumped by `send_bookmarks`; every watch with bookmarks sends one on change.
+    bookmarks: watch::Sender<u64>,
+    /// Cancelled (and replaced) by `drop_watches`.
+    watch_cut: Mutex<CancellationToken>,
+    /// Cancelled (and replaced) by `restart`: every open connection.
+    connections: Mutex<CancellationToken>,
+    /// Between `restart` and serving again.
+    down: AtomicBool,
 }
 
 /// The stand-in; stops serving when dropped.
 pub struct FakeApiServer {
-    addr: SocketAddr,
-    store: Arc<Mutex<Store>>,
+    shared: Arc<Shared>,
+    /// To the accept loop: go down for this long, say when down.
+    restarts: mpsc::UnboundedSender<(Duration, oneshot::Sender<()>)>,
     ca_pem: String,
     dir: tempfile::TempDir,
     stop: CancellationToken,
@@ -86,6 +119,7 @@ pub struct FakeApiServer {
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
         self.stop.cancel();
+        self.shared.connections.lock().unwrap().cancel();
     }
 }
 
@@ -93,7 +127,23 @@ impl FakeApiServer {
     /// Starts serving on a unique loopback address.
     pub async fn start() -> FakeApiServer {
         let ip: IpAddr = super::unique_loopback();
-        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        // An explicit port, so the socket keeps it while `restart` has it not listening
+        // (a port the kernel picked is given back when listening stops).
+        let port = std::net::TcpListener::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listener = std::net::TcpListener::bind((ip, port)).unwrap();
+        FakeApiServer::start_on(listener).await
+    }
+
+    /// Starts serving on `listener`, e.g. one a test made inside a network namespace
+    /// (`Netns::tcp_listen`); the serving certificate names its IP. For `restart` to keep
+    /// the address, the listener must be bound to an explicit port (not 0).
+    pub async fn start_on(listener: std::net::TcpListener) -> FakeApiServer {
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let addr = listener.local_addr().unwrap();
 
         let ca_key = KeyPair::generate().unwrap();
@@ -107,7 +157,7 @@ impl FakeApiServer {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![
-            SanType::IpAddress(ip),
+            SanType::IpAddress(addr.ip()),
             SanType::DnsName("kubernetes.default.svc".try_into().unwrap()),
         ];
         let cert = params.signed_by(&key, &issuer).unwrap();
@@ -123,36 +173,26 @@ impl FakeApiServer {
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
-        let store = Arc::new(Mutex::new(Store::default()));
-        let stop = CancellationToken::new();
-        let (s, st) = (store.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let tcp = tokio::select! {
-                    _ = st.cancelled() => return,
-                    r = listener.accept() => match r { Ok((t, _)) => t, Err(_) => continue },
-                };
-                let (acceptor, store, st) = (acceptor.clone(), s.clone(), st.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc = hyper::service::service_fn(move |req| {
-                        let store = store.clone();
-                        async move { Ok::<_, std::convert::Infallible>(handle(&store, req).await) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
-                    tokio::select! {
-                        _ = st.cancelled() => {}
-                        _ = conn => {}
-                    }
-                });
-            }
-        });
-        FakeApiServer {
+        let shared = Arc::new(Shared {
             addr,
-            store,
+            store: Mutex::new(Store::default()),
+            bookmarks: watch::Sender::new(0),
+            watch_cut: Mutex::new(CancellationToken::new()),
+            connections: Mutex::new(CancellationToken::new()),
+            down: AtomicBool::new(false),
+        });
+        let stop = CancellationToken::new();
+        let (restarts, restart_rx) = mpsc::unbounded_channel();
+        tokio::spawn(accept_loop(
+            listener,
+            acceptor,
+            shared.clone(),
+            stop.clone(),
+            restart_rx,
+        ));
+        FakeApiServer {
+            shared,
+            restarts,
             ca_pem: ca_cert.pem(),
             dir: tempfile::tempdir().unwrap(),
             stop,
@@ -161,10 +201,15 @@ impl FakeApiServer {
 
     /// `https://IP:PORT`.
     pub fn url(&self) -> String {
-        format!("https://{}", self.addr)
+        format!("https://{}", self.shared.addr)
     }
 
-    /// A kubeconfig file for `weft ca serve --kubeconfig`: this server, its CA, the admin token.
+    /// The address served.
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// A kubeconfig file for `--kubeconfig` and kube-rs: this server, its CA, the admin token.
     pub fn kubeconfig(&self) -> PathBuf {
         use base64::Engine as _;
         let path = self.dir.path().join("kubeconfig");
@@ -183,6 +228,57 @@ impl FakeApiServer {
         path
     }
 
+    // --- the store ---
+
+    /// Creates or replaces `obj` (by apiVersion, kind, namespace, name): sets
+    /// `metadata.resourceVersion` (and `uid` when created, kept when replaced), emits ADDED
+    /// or MODIFIED; returns the new resource version. A namespaced object without
+    /// `metadata.namespace` goes to `default`. Panics on a kind it does not serve.
+    pub fn apply(&self, obj: Value) -> u64 {
+        self.shared.store.lock().unwrap().apply(obj)
+    }
+
+    /// Deletes an object, emitting DELETED with its last state at a new resource version;
+    /// returns that version, or None if there was no such object.
+    pub fn delete(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Option<u64> {
+        let resource = resource_by_kind(api_version, kind)
+            .unwrap_or_else(|| panic!("the stand-in does not serve {api_version} {kind}"));
+        let key = Key {
+            resource,
+            namespace: namespace.unwrap_or_default().to_string(),
+            name: name.to_string(),
+        };
+        self.shared.store.lock().unwrap().delete(&key)
+    }
+
+    /// An object as stored now (at its group's first version), if any.
+    pub fn object(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Option<Value> {
+        let resource = resource_by_kind(api_version, kind)?;
+        let key = Key {
+            resource,
+            namespace: namespace.unwrap_or_default().to_string(),
+            name: name.to_string(),
+        };
+        self.shared.store.lock().unwrap().current.get(&key).cloned()
+    }
+
+    /// The resource version of the last write.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.store.lock().unwrap().rv
+    }
+
     /// Adds a running pod `namespace/name` with `service_account` on `node`; returns its uid.
     pub fn add_pod(
         &self,
@@ -191,38 +287,90 @@ impl FakeApiServer {
         service_account: &str,
         node: &str,
     ) -> String {
-        let mut store = self.store.lock().unwrap();
-        store.next_uid += 1;
-        store.resource_version += 1;
-        let uid = format!("00000000-0000-4000-8000-{:012}", store.next_uid);
-        let pod = Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some(namespace.into()),
-                uid: Some(uid.clone()),
-                resource_version: Some(store.resource_version.to_string()),
-                ..ObjectMeta::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(node.into()),
-                service_account_name: Some(service_account.into()),
-                ..PodSpec::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some("Running".into()),
-                ..PodStatus::default()
-            }),
-        };
-        store.pods.insert((namespace.into(), name.into()), pod);
-        uid
+        self.apply(pod(namespace, name, service_account, node));
+        self.object("v1", "Pod", Some(namespace), name).unwrap()["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// Deletes pod `namespace/name`.
     pub fn delete_pod(&self, namespace: &str, name: &str) {
-        let mut store = self.store.lock().unwrap();
-        store.resource_version += 1;
-        store.pods.remove(&(namespace.into(), name.into()));
+        self.delete("v1", "Pod", Some(namespace), name);
     }
+
+    // --- serving and faults ---
+
+    /// Serves `group/version` (e.g. `security.istio.io/v1`) or not: switched off, its paths
+    /// answer `404` and discovery leaves it out, as when a CRD stops serving a version.
+    /// Switching off every version of a group is the CRDs not being installed.
+    pub fn serve_version(&self, group_version: &str, serve: bool) {
+        let mut store = self.shared.store.lock().unwrap();
+        if serve {
+            store.disabled.remove(group_version);
+        } else {
+            store.disabled.insert(group_version.to_string());
+        }
+    }
+
+    /// Every list answers after `delay` (0: at once).
+    pub fn set_list_delay(&self, delay: Duration) {
+        self.shared.store.lock().unwrap().list_delay = delay;
+    }
+
+    /// How often watches that allow bookmarks get one; applies to watches opened afterwards.
+    pub fn set_bookmark_interval(&self, every: Duration) {
+        self.shared.store.lock().unwrap().bookmark_interval = every;
+    }
+
+    /// Every open watch that allows bookmarks sends one now.
+    pub fn send_bookmarks(&self) {
+        self.shared.bookmarks.send_modify(|n| *n += 1);
+    }
+
+    /// Ends every open watch stream abruptly (the connection closed mid-body).
+    pub fn drop_watches(&self) {
+        let mut cut = self.shared.watch_cut.lock().unwrap();
+        cut.cancel();
+        *cut = CancellationToken::new();
+    }
+
+    /// Forgets the event log up to now: watches and continue tokens from older versions are
+    /// `410 Expired`. Open watches go on.
+    pub fn compact(&self) {
+        self.shared.store.lock().unwrap().compact();
+    }
+
+    /// As an API server restarting: drops every connection, refuses connections for
+    /// `down_for` (the listening socket stops listening and keeps its address), compacts (a
+    /// new watch cache starts from the state at its start), then serves again on the same
+    /// address. Returns once down; serving resumes in the background. A watcher that had
+    /// seen every event resumes its watch (as against a real restart); one behind the
+    /// state at the restart (writes while down, or elsewhere) relists.
+    pub async fn restart(&self, down_for: Duration) {
+        self.shared.down.store(true, Ordering::SeqCst);
+        let (done, down) = oneshot::channel();
+        self.restarts.send((down_for, done)).unwrap();
+        down.await.unwrap();
+        {
+            let mut conns = self.shared.connections.lock().unwrap();
+            conns.cancel();
+            *conns = CancellationToken::new();
+        }
+        self.shared.store.lock().unwrap().forget_watchers();
+    }
+
+    /// Whether it serves (false between `restart` and serving again).
+    pub fn is_serving(&self) -> bool {
+        !self.shared.down.load(Ordering::SeqCst)
+    }
+
+    /// Every request served so far, `METHOD path?query`.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.store.lock().unwrap().requests.clone()
+    }
+
+    // --- tokens ---
 
     /// Issues a token of the pod `namespace/pod`'s ServiceAccount, bound to that pod, for
     /// `audiences`, valid until `expires` (a projected ServiceAccount token).
@@ -233,18 +381,19 @@ impl FakeApiServer {
         audiences: &[&str],
         expires: SystemTime,
     ) -> String {
-        let mut store = self.store.lock().unwrap();
-        let p = store
-            .pods
-            .get(&(namespace.into(), pod.into()))
-            .expect("pod exists")
-            .clone();
+        let p = self
+            .object("v1", "Pod", Some(namespace), pod)
+            .expect("pod exists");
+        let mut store = self.shared.store.lock().unwrap();
         let info = TokenInfo {
             namespace: namespace.into(),
-            service_account: p.spec.unwrap().service_account_name.unwrap(),
+            service_account: p["spec"]["serviceAccountName"]
+                .as_str()
+                .unwrap_or("default")
+                .into(),
             audiences: audiences.iter().map(|a| a.to_string()).collect(),
             expires,
-            pod: Some((pod.into(), p.metadata.uid.unwrap())),
+            pod: Some((pod.into(), p["metadata"]["uid"].as_str().unwrap().into())),
         };
         store.next_token += 1;
         let token = format!("test-sa-token-{}", store.next_token);
@@ -261,7 +410,7 @@ impl FakeApiServer {
         audiences: &[&str],
         expires: SystemTime,
     ) -> String {
-        let mut store = self.store.lock().unwrap();
+        let mut store = self.shared.store.lock().unwrap();
         store.next_token += 1;
         let token = format!("test-sa-token-{}", store.next_token);
         store.tokens.insert(
@@ -276,96 +425,138 @@ impl FakeApiServer {
         );
         token
     }
+}
 
-    /// Every request served so far, `METHOD path?query`.
-    pub fn requests(&self) -> Vec<String> {
-        self.store.lock().unwrap().requests.clone()
-    }
+// === object builders ===
+
+/// A Namespace with `labels`.
+pub fn namespace(name: &str, labels: &[(&str, &str)]) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": labels_json(labels)},
+        "status": {"phase": "Active"},
+    })
+}
+
+/// A running Pod of `service_account` on `node` (add `status.podIP`, labels as needed).
+pub fn pod(namespace: &str, name: &str, service_account: &str, node: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "nodeName": node, "serviceAccountName": service_account,
+            "containers": [{"name": "app", "image": "app"}],
+        },
+        "status": {"phase": "Running"},
+    })
+}
+
+/// A ClusterIP Service selecting `selector`, with TCP `ports`.
+pub fn service(
+    namespace: &str,
+    name: &str,
+    cluster_ip: &str,
+    selector: &[(&str, &str)],
+    ports: &[u16],
+) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|p| json!({"name": format!("tcp-{p}"), "port": p, "protocol": "TCP", "targetPort": p}))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+            "selector": labels_json(selector), "ports": ports,
+        },
+    })
+}
+
+/// An Istio security object (`kind` AuthorizationPolicy, PeerAuthentication or
+/// RequestAuthentication) at `security.istio.io/v1` with `spec`.
+pub fn istio(kind: &str, namespace: &str, name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "security.istio.io/v1", "kind": kind,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    })
+}
+
+fn labels_json(labels: &[(&str, &str)]) -> Value {
+    Value::Object(
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect(),
+    )
 }
 
 // === serving ===
 
-fn json_response(code: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap()
-}
-
-/// A `Status` object, as the API server answers errors.
-fn status(code: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {
-    json_response(
-        code,
-        json!({
-            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code.as_u16(),
-        }),
-    )
-}
-
-async fn handle(
-    store: &Mutex<Store>,
-    req: Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().unwrap_or("").to_string();
-    store
-        .lock()
-        .unwrap()
-        .requests
-        .push(format!("{method} {path}?{query}"));
-    let authorized = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        == Some(&format!("Bearer {ADMIN_TOKEN}"));
-    if !authorized {
-        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
-    }
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
-    };
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (method.as_str(), segments.as_slice()) {
-        ("POST", ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
-            let review: TokenReview = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
-            };
-            let review = review_token(&store.lock().unwrap(), review);
-            json_response(StatusCode::CREATED, serde_json::to_value(review).unwrap())
-        }
-        ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => {
-            let store = store.lock().unwrap();
-            match store.pods.get(&(ns.to_string(), name.to_string())) {
-                Some(pod) => json_response(StatusCode::OK, pod_json(pod)),
-                None => status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("pods \"{name}\" not found"),
-                ),
+async fn accept_loop(
+    mut listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    mut restarts: mpsc::UnboundedReceiver<(Duration, oneshot::Sender<()>)>,
+) {
+    loop {
+        let tcp = tokio::select! {
+            _ = stop.cancelled() => return,
+            Some((down_for, done)) = restarts.recv() => {
+                // Out of the reactor first: a socket that stops listening reads as closed,
+                // which tokio keeps as ready for good, so accept would spin.
+                let std_listener = listener.into_std().unwrap();
+                let socket = socket2::SockRef::from(&std_listener);
+                socket.shutdown(std::net::Shutdown::Read).unwrap();
+                let _ = done.send(());
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(down_for) => {}
+                }
+                // The new watch cache starts from the state now: writes made while down are
+                // in it, not in its history, so a watch from before them is expired.
+                shared.store.lock().unwrap().compact();
+                socket.listen(1024).unwrap();
+                assert_eq!(
+                    std_listener.local_addr().unwrap(),
+                    shared.addr,
+                    "restart needs a listener bound to an explicit port"
+                );
+                listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                shared.down.store(false, Ordering::SeqCst);
+                continue;
             }
+            r = listener.accept() => match r {
+                Ok((t, _)) => t,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        if shared.down.load(Ordering::SeqCst) {
+            continue;
         }
-        ("GET", ["api", "v1", "pods"]) => list_pods(&store.lock().unwrap(), None, &query),
-        ("GET", ["api", "v1", "namespaces", ns, "pods"]) => {
-            list_pods(&store.lock().unwrap(), Some(ns), &query)
-        }
-        _ => status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            &format!("the server could not find the requested resource ({method} {path})"),
-        ),
+        let (acceptor, shared) = (acceptor.clone(), shared.clone());
+        let closed = shared.connections.lock().unwrap().clone();
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(serve::handle(shared, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+            tokio::select! {
+                _ = closed.cancelled() => {}
+                _ = conn => {}
+            }
+        });
     }
-}
-
-fn pod_json(pod: &Pod) -> serde_json::Value {
-    let mut v = serde_json::to_value(pod).unwrap();
-    v["kind"] = json!("Pod");
-    v["apiVersion"] = json!("v1");
-    v
 }
 
 /// The API server's TokenReview (module doc).
@@ -397,9 +588,14 @@ fn review_token(store: &Store, mut review: TokenReview) -> TokenReview {
             let bound_pod_alive = match &info.pod {
                 None => Ok(()),
                 Some((name, uid)) => {
-                    match store.pods.get(&(info.namespace.clone(), name.clone())) {
+                    let key = Key {
+                        resource: store::resource_by_kind("v1", "Pod").unwrap(),
+                        namespace: info.namespace.clone(),
+                        name: name.clone(),
+                    };
+                    match store.current.get(&key) {
                         None => Err(format!("[invalid bearer token, pods \"{name}\" not found]")),
-                        Some(p) if p.metadata.uid.as_deref() != Some(uid) => Err(format!(
+                        Some(p) if p["metadata"]["uid"].as_str() != Some(uid) => Err(format!(
                         "[invalid bearer token, pod \"{name}\" (uid {uid}) does not exist any more]"
                     )),
                         Some(_) => Ok(()),
@@ -453,85 +649,4 @@ fn review_token(store: &Store, mut review: TokenReview) -> TokenReview {
     };
     review.status = Some(status);
     review
-}
-
-/// One term of a field selector.
-enum Term {
-    Eq(String, String),
-    Ne(String, String),
-}
-
-fn parse_field_selector(selector: &str) -> Result<Vec<Term>, String> {
-    selector
-        .split(',')
-        .filter(|t| !t.is_empty())
-        .map(|t| {
-            if let Some((f, v)) = t.split_once("!=") {
-                Ok(Term::Ne(f.into(), v.into()))
-            } else if let Some((f, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
-                Ok(Term::Eq(f.into(), v.into()))
-            } else {
-                Err(format!(
-                    "invalid selector: '{selector}'; can't understand '{t}'"
-                ))
-            }
-        })
-        .collect()
-}
-
-fn pod_field(pod: &Pod, field: &str) -> Result<String, String> {
-    let spec = pod.spec.as_ref();
-    Ok(match field {
-        "metadata.name" => pod.metadata.name.clone().unwrap_or_default(),
-        "metadata.namespace" => pod.metadata.namespace.clone().unwrap_or_default(),
-        "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        "spec.serviceAccountName" => spec
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_default(),
-        "status.phase" => pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.clone())
-            .unwrap_or_default(),
-        other => return Err(format!("field label not supported: {other}")),
-    })
-}
-
-fn list_pods(store: &Store, namespace: Option<&str>, query: &str) -> Response<Full<Bytes>> {
-    let selector = form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "fieldSelector")
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default();
-    let terms = match parse_field_selector(&selector) {
-        Ok(t) => t,
-        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e),
-    };
-    let mut items = Vec::new();
-    for pod in store.pods.values() {
-        if namespace.is_some_and(|ns| pod.metadata.namespace.as_deref() != Some(ns)) {
-            continue;
-        }
-        let mut keep = true;
-        for term in &terms {
-            let (field, value, equal) = match term {
-                Term::Eq(f, v) => (f, v, true),
-                Term::Ne(f, v) => (f, v, false),
-            };
-            match pod_field(pod, field) {
-                Ok(actual) => keep &= (actual == *value) == equal,
-                Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e),
-            }
-        }
-        if keep {
-            items.push(pod_json(pod));
-        }
-    }
-    json_response(
-        StatusCode::OK,
-        json!({
-            "kind": "PodList", "apiVersion": "v1",
-            "metadata": {"resourceVersion": store.resource_version.to_string()},
-            "items": items,
-        }),
-    )
 }
