@@ -807,3 +807,34 @@ async fn a_watcher_relists_after_a_restart() {
     api.apply(apiserver::pod("shop", "c", "default", "node-1"));
     assert_eq!(events_until(&mut events, "Apply c").await, ["Apply c"]);
 }
+
+// === networking ===
+
+#[tokio::test]
+async fn start_on_serves_a_listener_the_test_made_and_restarts_on_it() {
+    // As a test does inside a network namespace (`Netns::tcp_listen(ip:6443)`).
+    let ip = support::unique_loopback();
+    let listener = std::net::TcpListener::bind((ip, 6443)).unwrap();
+    let api = FakeApiServer::start_on(listener).await;
+    assert_eq!(api.url(), format!("https://{ip}:6443"));
+    api.apply(apiserver::pod("shop", "a", "default", "node-1"));
+    // The kubeconfig's CA and the certificate's IP SAN: TLS verifies.
+    let pods: Api<Pod> = Api::all(client(&api).await);
+    assert_eq!(
+        pods.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+    api.restart(Duration::from_millis(200)).await;
+    let refused = tokio::net::TcpStream::connect(api.addr()).await;
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    let back = support::eventually(LIMIT, || api.is_serving().then_some(())).await;
+    assert!(back.is_some());
+    let pods: Api<Pod> = Api::all(client(&api).await);
+    assert_eq!(
+        pods.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+}

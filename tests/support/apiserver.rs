@@ -33,7 +33,8 @@
 //! | kube's watcher | `watcher(api, Config::default())`: Init, InitApply per object, InitDone, then Apply/Delete; also with `page_size` and `any_semantic` | `the_kube_watcher_lists_in_pages_then_watches` |
 //! | dropped watches | `drop_watches()`: every open watch ends abruptly; the watcher re-watches from its last version and misses nothing, without a new list | `a_watcher_survives_dropped_watches_without_relisting` |
 //! | compaction | `compact()`: the event log before now is forgotten; with `drop_watches()` the watcher's re-watch is expired and it relists | `a_watcher_relists_after_compaction` |
-//! | restart | `restart(down_for)`: every connection dropped, connections refused for `down_for`, history compacted when it comes back (writes while down are in the state, not the history), then served on the same address; a watcher behind that state relists | `a_watcher_relists_after_a_restart` |
+//! | restart | `restart(down_for).await`: every connection dropped, connections refused for `down_for`, history compacted when it comes back (writes while down are in the state, not the history), then served on the same address; a watcher behind that state relists | `a_watcher_relists_after_a_restart` |
+//! | networking | `start()` on a unique loopback address; `start_on(listener)` on one a test made (e.g. in a network namespace), the serving certificate naming its IP; `restart` keeps the listening socket (it stops listening, refusing connections, and listens again), so a namespace's listener needs no re-binding | `start_on_serves_a_listener_the_test_made_and_restarts_on_it` |
 //! | slow lists | `set_list_delay(d)`: every list answers after `d` | `a_list_delay_slows_lists_not_watches` |
 //! | request log | `requests()`: every request, `METHOD path?query` | all of the above |
 //!
