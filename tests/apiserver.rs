@@ -273,6 +273,31 @@ async fn discovery_lists_what_is_served() {
 }
 
 #[tokio::test]
+async fn aggregated_discovery_lists_what_is_served() {
+    let api = FakeApiServer::start().await;
+    let c = client(&api).await;
+    let discovery = kube::Discovery::new(c.clone())
+        .run_aggregated()
+        .await
+        .unwrap();
+    let gvk = GroupVersionKind::gvk("security.istio.io", "v1beta1", "RequestAuthentication");
+    let (ar, caps) = discovery.resolve_gvk(&gvk).unwrap();
+    assert_eq!(ar.plural, "requestauthentications");
+    assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+    let ns = GroupVersionKind::gvk("", "v1", "Namespace");
+    let (_, caps) = discovery.resolve_gvk(&ns).unwrap();
+    assert_eq!(caps.scope, kube::discovery::Scope::Cluster);
+    assert!(discovery.has_group("discovery.k8s.io"));
+    assert!(api.requests().iter().any(|r| r.starts_with("GET /apis?")));
+
+    api.serve_version("security.istio.io/v1", false);
+    api.serve_version("security.istio.io/v1beta1", false);
+    let discovery = kube::Discovery::new(c).run_aggregated().await.unwrap();
+    assert!(!discovery.has_group("security.istio.io"));
+    assert!(discovery.has_group("discovery.k8s.io"));
+}
+
+#[tokio::test]
 async fn a_crd_version_switched_off_is_not_found_and_not_discovered() {
     let api = FakeApiServer::start().await;
     api.apply(apiserver::istio(

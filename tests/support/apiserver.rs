@@ -19,6 +19,7 @@
 //! | kinds | core v1 `namespaces` (cluster-scoped), `pods`, `services`; `discovery.k8s.io/v1` `endpointslices`; `security.istio.io` `v1` and `v1beta1` `authorizationpolicies`, `peerauthentications`, `requestauthentications`, one storage served at both versions, `apiVersion` the version asked for | `istio_policies_are_served_at_v1_and_v1beta1_from_one_storage` |
 //! | paths | `/api/v1/KIND`, `/api/v1/namespaces/NS/KIND` (list, watch), `/api/v1/namespaces/NS/KIND/NAME`, `/api/v1/namespaces/NAME` (get), the same under `/apis/GROUP/VERSION`; `404` `NotFound` `Status` for anything else, and for a missing object (`pods "x" not found`, `details`) | `get_answers_the_object_or_not_found` |
 //! | discovery | `GET /api`, `/api/v1`, `/apis`, `/apis/GROUP`, `/apis/GROUP/VERSION` (APIResourceList: name, singularName, namespaced, kind, verbs) of what is served | `discovery_lists_what_is_served` |
+//! | aggregated discovery | `GET /api`, `/apis` with an `Accept` asking `apidiscovery.k8s.io/v2` first (kube's `Discovery::run_aggregated`): an `APIGroupDiscoveryList` of what is served | `aggregated_discovery_lists_what_is_served` |
 //! | CRD versions | `serve_version("security.istio.io/v1", false)`: its paths `404`, discovery omits it (preferred version the next); both versions off: the group is gone (CRDs not installed) | `a_crd_version_switched_off_is_not_found_and_not_discovered` |
 //! | resource versions | one counter for all kinds, bumped by every write; every object carries its last write's, a delete's event the delete's; `metadata.uid` at creation, kept on replace; a list carries the version it was read at | `lists_carry_the_store_version_and_objects_their_own` |
 //! | pagination | `limit` + `continue`: pages of a list at one version (writes between pages not seen), `remainingItemCount`; the token is etcd3's (base64url JSON `{"v","rv","start"}`) | `list_pages_with_limit_and_continue_are_consistent` |
@@ -50,8 +51,8 @@
 //!
 //! What it does not emulate: label selectors (a non-empty `labelSelector` is `400`, so a
 //! client relying on one notices), writes through the API (tests write the store with
-//! `apply`/`delete`), aggregated discovery (the `Accept` of `Discovery::run_aggregated` gets
-//! the legacy shapes), protobuf, HTTP/2, RBAC (the admin token may do everything), the watch
+//! `apply`/`delete`; no namespace deletion cascade, no garbage collection), `v2beta1`
+//! aggregated discovery (an `Accept` asking for it first gets the legacy shapes), protobuf, HTTP/2, RBAC (the admin token may do everything), the watch
 //! cache's wait for a future `resourceVersion` (a watch from one simply waits for events, a
 //! list answers `504` at once), validation of `sendInitialEvents` without
 //! `resourceVersionMatch=NotOlderThan`, `resourceVersion` on get, `Table`/metadata-only
