@@ -31,13 +31,23 @@
 //! | bookmarks | with `allowWatchBookmarks=true`: `BOOKMARK` (the kind, only `metadata.resourceVersion`) every `set_bookmark_interval` (60 s by default) and on `send_bookmarks()`; never ahead of an event not yet sent | `bookmarks_come_on_request_and_at_the_interval` |
 //! | streaming lists | `sendInitialEvents=true` (kube's `streaming_lists()`): the state as `ADDED`, then a `BOOKMARK` annotated `k8s.io/initial-events-end: "true"` | `a_streaming_list_watcher_gets_initial_events_and_their_end` |
 //! | watch timeout | the stream ends cleanly at `timeoutSeconds` (unset: 1800 s) | `a_watch_ends_at_its_timeout` |
-//! | kube's watcher | `watcher(api, Config::default())`: Init, InitApply per object, InitDone, then Apply/Delete; also with `page_size` and `any_semantic` | `the_kube_watcher_lists_in_pages_then_watches` |
+//! | kube's watcher | `watcher(api, Config::default())`: Init, InitApply per object, InitDone, then Apply/Delete; also with `page_size` and `any_semantic` (paged and not) | `the_kube_watcher_lists_in_pages_then_watches` |
 //! | dropped watches | `drop_watches()`: every open watch ends abruptly; the watcher re-watches from its last version and misses nothing, without a new list | `a_watcher_survives_dropped_watches_without_relisting` |
 //! | compaction | `compact()`: the event log before now is forgotten; with `drop_watches()` the watcher's re-watch is expired and it relists | `a_watcher_relists_after_compaction` |
 //! | restart | `restart(down_for).await`: every connection dropped, connections refused for `down_for`, history compacted when it comes back (writes while down are in the state, not the history), then served on the same address; a watcher behind that state relists | `a_watcher_relists_after_a_restart` |
 //! | networking | `start()` on a unique loopback address; `start_on(listener)` on one a test made (e.g. in a network namespace), the serving certificate naming its IP; `restart` keeps the listening socket (it stops listening, refusing connections, and listens again), so a namespace's listener needs no re-binding | `start_on_serves_a_listener_the_test_made_and_restarts_on_it` |
 //! | slow lists | `set_list_delay(d)`: every list answers after `d` | `a_list_delay_slows_lists_not_watches` |
 //! | request log | `requests()`: every request, `METHOD path?query` | all of the above |
+//!
+//! What kube 5's watcher sends (kube-runtime `watcher.rs`, kube-core `params.rs`; seen in the
+//! request log): by default a list `?&limit=500` (more pages `&limit=500&continue=T`), then
+//! `?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion=N` with the
+//! list's version, and after a stream ends or fails the same watch from the last version it
+//! saw (event or bookmark); a list again only after a `410` (an ERROR event in the stream;
+//! an HTTP `410` to the watch request itself would make it retry the watch for ever).
+//! `any_semantic()` adds `resourceVersion=0&resourceVersionMatch=NotOlderThan` only with no
+//! page size (kube drops "0" when a `limit` is set); `streaming_lists()` lists nothing and
+//! watches with `sendInitialEvents=true&resourceVersionMatch=NotOlderThan&resourceVersion=0`.
 //!
 //! TokenReview: the answer is the request with a `status`. A token it did not issue, an
 //! expired token, a token whose bound pod is gone (or was re-created with another uid), and a
@@ -52,7 +62,8 @@
 //! What it does not emulate: label selectors (a non-empty `labelSelector` is `400`, so a
 //! client relying on one notices), writes through the API (tests write the store with
 //! `apply`/`delete`; no namespace deletion cascade, no garbage collection), `v2beta1`
-//! aggregated discovery (an `Accept` asking for it first gets the legacy shapes), protobuf, HTTP/2, RBAC (the admin token may do everything), the watch
+//! aggregated discovery (an `Accept` asking for it first gets the legacy shapes), protobuf,
+//! HTTP/2, RBAC (the admin token may do everything), the watch
 //! cache's wait for a future `resourceVersion` (a watch from one simply waits for events, a
 //! list answers `504` at once), validation of `sendInitialEvents` without
 //! `resourceVersionMatch=NotOlderThan`, `resourceVersion` on get, `Table`/metadata-only
