@@ -791,8 +791,8 @@ async fn a_watcher_relists_after_compaction() {
     // Writes elsewhere move the version past the watcher's, which compaction then forgets.
     api.apply(apiserver::pod("other", "x", "default", "node-1"));
     api.compact();
-    api.apply(apiserver::pod("shop", "b", "default", "node-1"));
     api.drop_watches();
+    api.apply(apiserver::pod("shop", "b", "default", "node-1"));
     let got = events_until(&mut events, "InitDone").await;
     assert!(
         got.iter().any(|e| e.contains("too old resource version")),

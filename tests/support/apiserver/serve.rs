@@ -711,7 +711,10 @@ fn watch(shared: Arc<Shared>, t: Target, q: &Query) -> Response<Body> {
             tokio::time::interval_at(tokio::time::Instant::now() + bookmark_every, bookmark_every);
         loop {
             let mut out: Vec<Bytes> = Vec::new();
+            // Biased: a cut or an end wins over events already queued, so a watch dropped
+            // before a write never carries it.
             tokio::select! {
+                biased;
                 _ = cut.cancelled() => {
                     // Abruptly: an error in the body makes hyper close the connection
                     // without the last chunk.
