@@ -273,6 +273,31 @@ async fn discovery_lists_what_is_served() {
 }
 
 #[tokio::test]
+async fn aggregated_discovery_lists_what_is_served() {
+    let api = FakeApiServer::start().await;
+    let c = client(&api).await;
+    let discovery = kube::Discovery::new(c.clone())
+        .run_aggregated()
+        .await
+        .unwrap();
+    let gvk = GroupVersionKind::gvk("security.istio.io", "v1beta1", "RequestAuthentication");
+    let (ar, caps) = discovery.resolve_gvk(&gvk).unwrap();
+    assert_eq!(ar.plural, "requestauthentications");
+    assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+    let ns = GroupVersionKind::gvk("", "v1", "Namespace");
+    let (_, caps) = discovery.resolve_gvk(&ns).unwrap();
+    assert_eq!(caps.scope, kube::discovery::Scope::Cluster);
+    assert!(discovery.has_group("discovery.k8s.io"));
+    assert!(api.requests().iter().any(|r| r.starts_with("GET /apis?")));
+
+    api.serve_version("security.istio.io/v1", false);
+    api.serve_version("security.istio.io/v1beta1", false);
+    let discovery = kube::Discovery::new(c).run_aggregated().await.unwrap();
+    assert!(!discovery.has_group("security.istio.io"));
+    assert!(discovery.has_group("discovery.k8s.io"));
+}
+
+#[tokio::test]
 async fn a_crd_version_switched_off_is_not_found_and_not_discovered() {
     let api = FakeApiServer::start().await;
     api.apply(apiserver::istio(
@@ -766,8 +791,8 @@ async fn a_watcher_relists_after_compaction() {
     // Writes elsewhere move the version past the watcher's, which compaction then forgets.
     api.apply(apiserver::pod("other", "x", "default", "node-1"));
     api.compact();
-    api.apply(apiserver::pod("shop", "b", "default", "node-1"));
     api.drop_watches();
+    api.apply(apiserver::pod("shop", "b", "default", "node-1"));
     let got = events_until(&mut events, "InitDone").await;
     assert!(
         got.iter().any(|e| e.contains("too old resource version")),
@@ -806,4 +831,35 @@ async fn a_watcher_relists_after_a_restart() {
     assert_eq!(lists_of(&api, "/api/v1/pods").len(), 2);
     api.apply(apiserver::pod("shop", "c", "default", "node-1"));
     assert_eq!(events_until(&mut events, "Apply c").await, ["Apply c"]);
+}
+
+// === networking ===
+
+#[tokio::test]
+async fn start_on_serves_a_listener_the_test_made_and_restarts_on_it() {
+    // As a test does inside a network namespace (`Netns::tcp_listen(ip:6443)`).
+    let ip = support::unique_loopback();
+    let listener = std::net::TcpListener::bind((ip, 6443)).unwrap();
+    let api = FakeApiServer::start_on(listener).await;
+    assert_eq!(api.url(), format!("https://{ip}:6443"));
+    api.apply(apiserver::pod("shop", "a", "default", "node-1"));
+    // The kubeconfig's CA and the certificate's IP SAN: TLS verifies.
+    let pods: Api<Pod> = Api::all(client(&api).await);
+    assert_eq!(
+        pods.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+    api.restart(Duration::from_millis(200)).await;
+    let refused = tokio::net::TcpStream::connect(api.addr()).await;
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    let back = support::eventually(LIMIT, || api.is_serving().then_some(())).await;
+    assert!(back.is_some());
+    let pods: Api<Pod> = Api::all(client(&api).await);
+    assert_eq!(
+        pods.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
 }

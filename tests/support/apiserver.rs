@@ -19,6 +19,7 @@
 //! | kinds | core v1 `namespaces` (cluster-scoped), `pods`, `services`; `discovery.k8s.io/v1` `endpointslices`; `security.istio.io` `v1` and `v1beta1` `authorizationpolicies`, `peerauthentications`, `requestauthentications`, one storage served at both versions, `apiVersion` the version asked for | `istio_policies_are_served_at_v1_and_v1beta1_from_one_storage` |
 //! | paths | `/api/v1/KIND`, `/api/v1/namespaces/NS/KIND` (list, watch), `/api/v1/namespaces/NS/KIND/NAME`, `/api/v1/namespaces/NAME` (get), the same under `/apis/GROUP/VERSION`; `404` `NotFound` `Status` for anything else, and for a missing object (`pods "x" not found`, `details`) | `get_answers_the_object_or_not_found` |
 //! | discovery | `GET /api`, `/api/v1`, `/apis`, `/apis/GROUP`, `/apis/GROUP/VERSION` (APIResourceList: name, singularName, namespaced, kind, verbs) of what is served | `discovery_lists_what_is_served` |
+//! | aggregated discovery | `GET /api`, `/apis` with an `Accept` asking `apidiscovery.k8s.io/v2` first (kube's `Discovery::run_aggregated`): an `APIGroupDiscoveryList` of what is served | `aggregated_discovery_lists_what_is_served` |
 //! | CRD versions | `serve_version("security.istio.io/v1", false)`: its paths `404`, discovery omits it (preferred version the next); both versions off: the group is gone (CRDs not installed) | `a_crd_version_switched_off_is_not_found_and_not_discovered` |
 //! | resource versions | one counter for all kinds, bumped by every write; every object carries its last write's, a delete's event the delete's; `metadata.uid` at creation, kept on replace; a list carries the version it was read at | `lists_carry_the_store_version_and_objects_their_own` |
 //! | pagination | `limit` + `continue`: pages of a list at one version (writes between pages not seen), `remainingItemCount`; the token is etcd3's (base64url JSON `{"v","rv","start"}`) | `list_pages_with_limit_and_continue_are_consistent` |
@@ -30,12 +31,23 @@
 //! | bookmarks | with `allowWatchBookmarks=true`: `BOOKMARK` (the kind, only `metadata.resourceVersion`) every `set_bookmark_interval` (60 s by default) and on `send_bookmarks()`; never ahead of an event not yet sent | `bookmarks_come_on_request_and_at_the_interval` |
 //! | streaming lists | `sendInitialEvents=true` (kube's `streaming_lists()`): the state as `ADDED`, then a `BOOKMARK` annotated `k8s.io/initial-events-end: "true"` | `a_streaming_list_watcher_gets_initial_events_and_their_end` |
 //! | watch timeout | the stream ends cleanly at `timeoutSeconds` (unset: 1800 s) | `a_watch_ends_at_its_timeout` |
-//! | kube's watcher | `watcher(api, Config::default())`: Init, InitApply per object, InitDone, then Apply/Delete; also with `page_size` and `any_semantic` | `the_kube_watcher_lists_in_pages_then_watches` |
+//! | kube's watcher | `watcher(api, Config::default())`: Init, InitApply per object, InitDone, then Apply/Delete; also with `page_size` and `any_semantic` (paged and not) | `the_kube_watcher_lists_in_pages_then_watches` |
 //! | dropped watches | `drop_watches()`: every open watch ends abruptly; the watcher re-watches from its last version and misses nothing, without a new list | `a_watcher_survives_dropped_watches_without_relisting` |
 //! | compaction | `compact()`: the event log before now is forgotten; with `drop_watches()` the watcher's re-watch is expired and it relists | `a_watcher_relists_after_compaction` |
-//! | restart | `restart(down_for)`: every connection dropped, connections refused for `down_for`, history compacted when it comes back (writes while down are in the state, not the history), then served on the same address; a watcher behind that state relists | `a_watcher_relists_after_a_restart` |
+//! | restart | `restart(down_for).await`: every connection dropped, connections refused for `down_for`, history compacted when it comes back (writes while down are in the state, not the history), then served on the same address; a watcher behind that state relists | `a_watcher_relists_after_a_restart` |
+//! | networking | `start()` on a unique loopback address; `start_on(listener)` on one a test made (e.g. in a network namespace), the serving certificate naming its IP; `restart` keeps the listening socket (it stops listening, refusing connections, and listens again), so a namespace's listener needs no re-binding | `start_on_serves_a_listener_the_test_made_and_restarts_on_it` |
 //! | slow lists | `set_list_delay(d)`: every list answers after `d` | `a_list_delay_slows_lists_not_watches` |
 //! | request log | `requests()`: every request, `METHOD path?query` | all of the above |
+//!
+//! What kube 5's watcher sends (kube-runtime `watcher.rs`, kube-core `params.rs`; seen in the
+//! request log): by default a list `?&limit=500` (more pages `&limit=500&continue=T`), then
+//! `?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion=N` with the
+//! list's version, and after a stream ends or fails the same watch from the last version it
+//! saw (event or bookmark); a list again only after a `410` (an ERROR event in the stream;
+//! an HTTP `410` to the watch request itself would make it retry the watch for ever).
+//! `any_semantic()` adds `resourceVersion=0&resourceVersionMatch=NotOlderThan` only with no
+//! page size (kube drops "0" when a `limit` is set); `streaming_lists()` lists nothing and
+//! watches with `sendInitialEvents=true&resourceVersionMatch=NotOlderThan&resourceVersion=0`.
 //!
 //! TokenReview: the answer is the request with a `status`. A token it did not issue, an
 //! expired token, a token whose bound pod is gone (or was re-created with another uid), and a
@@ -49,8 +61,9 @@
 //!
 //! What it does not emulate: label selectors (a non-empty `labelSelector` is `400`, so a
 //! client relying on one notices), writes through the API (tests write the store with
-//! `apply`/`delete`), aggregated discovery (the `Accept` of `Discovery::run_aggregated` gets
-//! the legacy shapes), protobuf, HTTP/2, RBAC (the admin token may do everything), the watch
+//! `apply`/`delete`; no namespace deletion cascade, no garbage collection), `v2beta1`
+//! aggregated discovery (an `Accept` asking for it first gets the legacy shapes), protobuf,
+//! HTTP/2, RBAC (the admin token may do everything), the watch
 //! cache's wait for a future `resourceVersion` (a watch from one simply waits for events, a
 //! list answers `504` at once), validation of `sendInitialEvents` without
 //! `resourceVersionMatch=NotOlderThan`, `resourceVersion` on get, `Table`/metadata-only

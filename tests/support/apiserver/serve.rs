@@ -75,6 +75,12 @@ pub async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) ->
     if !authorized {
         return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
     }
+    // Aggregated discovery (apidiscovery.k8s.io/v2) when the client accepts it first.
+    let aggregated = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.starts_with("application/json;g=apidiscovery.k8s.io;v=v2;"));
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
@@ -91,6 +97,13 @@ pub async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) ->
             };
             let review = review_token(&shared.store.lock().unwrap(), review);
             json_response(StatusCode::CREATED, serde_json::to_value(review).unwrap())
+        }
+        ("GET", ["api"]) if aggregated => {
+            aggregated_discovery(&shared.store.lock().unwrap(), &[""])
+        }
+        ("GET", ["apis"]) if aggregated => {
+            let groups = group_names();
+            aggregated_discovery(&shared.store.lock().unwrap(), &groups[1..])
         }
         ("GET", ["api"]) => json_response(
             StatusCode::OK,
@@ -186,13 +199,67 @@ fn api_group(store: &Store, group: &str) -> Option<Value> {
     }))
 }
 
-fn group_list(store: &Store) -> Value {
-    let mut names: Vec<&str> = vec!["authentication.k8s.io"];
-    for r in RESOURCES.iter().filter(|r| !r.group.is_empty()) {
+/// Every group, the core one (`""`) first.
+fn group_names() -> Vec<&'static str> {
+    let mut names: Vec<&str> = vec![""];
+    for r in RESOURCES {
         if !names.contains(&r.group) {
             names.push(r.group);
         }
     }
+    names
+}
+
+/// An `APIGroupDiscoveryList` (apidiscovery.k8s.io/v2) of `groups`' served versions, as
+/// `/api` (the core group) and `/apis` answer it; `authentication.k8s.io` is left out.
+fn aggregated_discovery(store: &Store, groups: &[&str]) -> Response<Body> {
+    let items: Vec<Value> = groups
+        .iter()
+        .filter_map(|&group| {
+            let versions: Vec<Value> = served_versions(store, group)
+                .into_iter()
+                .map(|version| {
+                    let resources: Vec<Value> = RESOURCES
+                        .iter()
+                        .filter(|r| r.group == group && r.versions.contains(&version))
+                        .map(|r| {
+                            json!({
+                                "resource": r.plural,
+                                "responseKind": {"group": group, "version": version, "kind": r.kind},
+                                "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
+                                "singularResource": r.kind.to_lowercase(),
+                                "verbs": ["get", "list", "watch"],
+                            })
+                        })
+                        .collect();
+                    json!({"version": version, "resources": resources, "freshness": "Current"})
+                })
+                .collect();
+            (!versions.is_empty())
+                .then(|| json!({"metadata": {"name": group}, "versions": versions}))
+        })
+        .collect();
+    let body = json!({
+        "kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2",
+        "metadata": {}, "items": items,
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(
+            "content-type",
+            "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList",
+        )
+        .body(
+            Full::new(Bytes::from(body.to_string()))
+                .map_err(|never: Infallible| match never {})
+                .boxed(),
+        )
+        .unwrap()
+}
+
+fn group_list(store: &Store) -> Value {
+    let mut names = group_names();
+    names[0] = "authentication.k8s.io";
     let groups: Vec<Value> = names
         .into_iter()
         .filter_map(|g| api_group(store, g))
@@ -644,7 +711,10 @@ fn watch(shared: Arc<Shared>, t: Target, q: &Query) -> Response<Body> {
             tokio::time::interval_at(tokio::time::Instant::now() + bookmark_every, bookmark_every);
         loop {
             let mut out: Vec<Bytes> = Vec::new();
+            // Biased: a cut or an end wins over events already queued, so a watch dropped
+            // before a write never carries it.
             tokio::select! {
+                biased;
                 _ = cut.cancelled() => {
                     // Abruptly: an error in the body makes hyper close the connection
                     // without the last chunk.
