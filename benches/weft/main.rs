@@ -3,7 +3,7 @@
 //! network-namespace mesh (two weft processes with real TPROXY capture; needs root).
 //!
 //! `cargo bench --bench weft` runs everything (`-- --json FILE` also writes JSON; `-- --only
-//! loopback|mesh|micro` narrows it; `-- --loop CASE` repeats one loopback case for profiling,
+//! loopback|mesh|micro|kube` narrows it; `-- --loop CASE` repeats one loopback case for profiling,
 //! see [`run_loop`]; `-- --peer PATH` measures the ztunnel binary at PATH beside weft on the
 //! mesh, see [`peer`]). Run any other way (as `cargo test --all-targets` does)
 //! it does one tiny iteration of every case, so CI proves the harness works without timing
@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod accounting;
 mod client;
+mod kube_sync;
 mod loopback;
 mod measure;
 mod mesh;
@@ -30,6 +31,7 @@ mod report;
 
 use accounting::*;
 use client::*;
+use kube_sync::*;
 use loopback::*;
 use measure::*;
 use mesh::*;
@@ -181,6 +183,9 @@ fn main() {
         run_policy(sz, &mut report);
         run_crypto(sz, &mut report);
         run_jwt(sz, &mut report);
+    }
+    if want("kube") {
+        run_kube(sz, &weft_bin, &mut report);
     }
     if let Some(path) = json {
         let mut doc = BTreeMap::new();
