@@ -513,14 +513,23 @@ fn list(store: &Store, t: &Target, q: &Query) -> Response<Body> {
         }
     };
     let state = store.state_at(list_rv);
-    let mut matching = state.iter().filter(|(k, obj)| {
-        k.resource == t.resource
-            && t.namespace.as_ref().is_none_or(|ns| *ns == k.namespace)
-            && after
-                .as_ref()
-                .is_none_or(|(ns, name)| (&k.namespace, &k.name) > (ns, name))
-            && selector.matches(obj, t.resource)
-    });
+    // Keys are ordered by resource, namespace, name: start at the page's first candidate.
+    let from = Key {
+        resource: t.resource,
+        namespace: after.as_ref().map(|a| a.0.clone()).unwrap_or_default(),
+        name: after.as_ref().map(|a| a.1.clone()).unwrap_or_default(),
+    };
+    let mut matching = state
+        .range(from..)
+        .take_while(|(k, _)| k.resource == t.resource)
+        .filter(|(k, obj)| {
+            k.resource == t.resource
+                && t.namespace.as_ref().is_none_or(|ns| *ns == k.namespace)
+                && after
+                    .as_ref()
+                    .is_none_or(|(ns, name)| (&k.namespace, &k.name) > (ns, name))
+                && selector.matches(obj, t.resource)
+        });
     let mut items = Vec::new();
     let mut last_key = None;
     for (k, obj) in matching.by_ref() {

@@ -302,9 +302,10 @@ impl Store {
     }
 
     /// The state at `rv` (`compacted <= rv <= self.rv`).
-    pub fn state_at(&self, rv: u64) -> BTreeMap<Key, Value> {
+    pub fn state_at(&self, rv: u64) -> std::borrow::Cow<'_, BTreeMap<Key, Value>> {
         if rv >= self.rv {
-            return self.current.clone();
+            // Borrowed: a page of a large list must not copy the whole store.
+            return std::borrow::Cow::Borrowed(&self.current);
         }
         let mut state = self.base.clone();
         for e in self.log.iter().take_while(|e| e.rv <= rv) {
@@ -313,7 +314,7 @@ impl Store {
                 _ => state.insert(e.key.clone(), e.object.clone()),
             };
         }
-        state
+        std::borrow::Cow::Owned(state)
     }
 
     /// Registers a watch: returns the events after `rv` and the channel every later write
