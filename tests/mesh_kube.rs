@@ -123,7 +123,13 @@ fn connect(env: &MeshEnv, from: &str, to: &str) -> std::io::Result<TcpStream> {
 /// How a connection from `from` reaches `to`, as `to`'s node sees it while it is open:
 /// `Some("hbone")`, `Some("plain")` (captured, plaintext), or `None` (not captured there).
 fn path(env: &MeshEnv, from: &str, to: &str, to_node: usize) -> Option<String> {
-    try_path(env, from, to, to_node).unwrap_or_else(|e| panic!("{from} -> {to}: {e}"))
+    try_path(env, from, to, to_node).unwrap_or_else(|e| {
+        panic!(
+            "{from} -> {to}: {e}\nnode-1:\n{}\nnode-2:\n{}",
+            env.log(1),
+            env.log(2)
+        )
+    })
 }
 
 /// [`path`], or the connection's error (while capture changes, a connection may be reset).
@@ -143,6 +149,21 @@ fn try_path(
         .iter()
         .find(|c| c["direction"] == "inbound" && c["src"] == src.to_string())
         .map(|c| c["protocol"].as_str().unwrap_or_default().to_string()))
+}
+
+/// A DENY AuthorizationPolicy `name` on pod `c` for connections from `a`'s identity (to
+/// `port` only, if given).
+fn deny_a_to_c(name: &str, port: Option<u16>) -> Value {
+    let mut rule = json!({"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/a"]}}]});
+    if let Some(port) = port {
+        rule["to"] = json!([{"operation": {"ports": [port.to_string()]}}]);
+    }
+    apiserver::istio(
+        "AuthorizationPolicy",
+        "shop",
+        name,
+        json!({"selector": {"matchLabels": {"app": "c"}}, "action": "DENY", "rules": [rule]}),
+    )
 }
 
 fn shop(ambient: bool) -> Value {
@@ -181,13 +202,7 @@ fn enrollment_and_policies_follow_the_api_server() {
     // inbound side) and never as HBONE.
     assert_eq!(path(env, "x", "c", 2).as_deref(), Some("plain"));
     // An AuthorizationPolicy created through the API server is enforced; deleting it lifts it.
-    k.api.apply(apiserver::istio(
-        "AuthorizationPolicy",
-        "shop",
-        "deny-a",
-        json!({"selector": {"matchLabels": {"app": "c"}}, "action": "DENY",
-               "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/a"]}}]}]}),
-    ));
+    k.api.apply(deny_a_to_c("deny-a", None));
     k.wait_until("the DENY policy enforced", Duration::from_secs(5), |env| {
         connect(env, "a", "c").is_err()
     });
@@ -208,13 +223,7 @@ fn enrollment_and_policies_follow_the_api_server() {
         "bad",
         json!({"action": "ALOW"}),
     ));
-    k.api.apply(apiserver::istio(
-        "AuthorizationPolicy",
-        "shop",
-        "deny-x",
-        json!({"selector": {"matchLabels": {"app": "c"}}, "action": "DENY",
-               "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/a"]}}]}]}),
-    ));
+    k.api.apply(deny_a_to_c("deny-x", None));
     k.wait_until(
         "deny-x enforced beside the bad one",
         Duration::from_secs(5),
@@ -376,14 +385,7 @@ fn the_api_server_restarting_while_traffic_flows_refuses_nothing_and_the_state_c
         std::thread::sleep(Duration::from_millis(500));
         // Written while down: in the state it comes back with, not in its history, so every
         // watch must relist to see them.
-        k.api.apply(apiserver::istio(
-            "AuthorizationPolicy",
-            "shop",
-            "deny-a",
-            json!({"selector": {"matchLabels": {"app": "c"}}, "action": "DENY",
-                   "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/a"]}}],
-                              "to": [{"operation": {"ports": ["9999"]}}]}]}),
-        ));
+        k.api.apply(deny_a_to_c("deny-a", Some(9999)));
         let mut d = apiserver::pod("shop", "d", "d", "node-2");
         d["status"]["podIP"] = json!("10.244.2.200");
         k.api.apply(d);
