@@ -25,7 +25,8 @@
 //! identity.
 //!
 //! Owns: ztunnel's local config and environment, its processes (started through the testbed,
-//! so they are stopped on drop, on panic and on Ctrl-C), and the proof that the bench's
+//! so they are stopped on drop, on panic and on Ctrl-C; for the state row, short-lived ones on
+//! the mesh's spare node with extra workloads, [`state_rss`]), and the proof that the bench's
 //! traffic to the peer went through ztunnel as HBONE: before measuring, a capture of the
 //! underlay and ztunnel's metrics ([`Running::prove`]); while measuring, ztunnel's metrics
 //! must count every connection the bench made over the peer's routes, or the bench stops
