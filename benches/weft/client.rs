@@ -380,3 +380,131 @@ pub(crate) fn wake_up_us(n: usize) -> f64 {
     let _ = echo.join();
     median(&mut v)
 }
+
+// === paced HTTP load ===
+
+/// The body the mesh's HTTP app answers every request with (Istio's published workload: 1 KiB).
+pub(crate) const HTTP_BODY: usize = 1024;
+
+/// What the node proxies on a paced run's path use, read at its start and its end:
+/// CPU seconds and RSS bytes of the source node's proxy and of the destination node's.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Meters {
+    pub(crate) cpu: [f64; 2],
+    pub(crate) rss: [u64; 2],
+}
+
+/// One paced HTTP run: the requests answered, over how many seconds, and what the proxies
+/// used meanwhile (CPU from the first paced request to the last answer; RSS at the end, with
+/// the load's connections still open).
+pub(crate) struct Paced {
+    pub(crate) requests: u64,
+    pub(crate) secs: f64,
+    pub(crate) cpu: [f64; 2],
+    pub(crate) rss: [u64; 2],
+}
+
+impl Paced {
+    pub(crate) fn rate(&self) -> f64 {
+        self.requests as f64 / self.secs
+    }
+    /// vCPU of the source (0) or destination (1) node's proxy: CPU seconds ÷ wall seconds.
+    pub(crate) fn vcpu(&self, node: usize) -> f64 {
+        self.cpu[node] / self.secs
+    }
+}
+
+/// `GET /` at `rate` requests per second in total for `secs`, over `conns` keep-alive
+/// connections (each paced at `rate / conns`, staggered, one request in flight: an open-loop
+/// schedule, not as fast as answers come back; a late request is sent at once, so the rate is
+/// kept unless answers take longer than the period). Each answer is read whole (Content-Length).
+pub(crate) async fn paced_http(
+    route: Arc<dyn Route>,
+    conns: usize,
+    rate: f64,
+    secs: f64,
+    meters: Arc<dyn Fn() -> Meters + Send + Sync>,
+) -> Paced {
+    on_client(paced_http_here(route, conns, rate, secs, meters)).await
+}
+
+async fn paced_http_here(
+    route: Arc<dyn Route>,
+    conns: usize,
+    rate: f64,
+    secs: f64,
+    meters: Arc<dyn Fn() -> Meters + Send + Sync>,
+) -> Paced {
+    let mut streams = Vec::with_capacity(conns);
+    for s in sockets(&route, conns).await {
+        let mut s = connect_with(&route, s).await.expect("connect");
+        // Connected and answered once before the clock starts: the run measures the load,
+        // not the connections' set-up.
+        http_get(&mut s).await;
+        streams.push(s);
+    }
+    let period = Duration::from_secs_f64(conns as f64 / rate);
+    let at0 = meters();
+    let start = tokio::time::Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            let first = start + period.mul_f64(i as f64 / conns as f64);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(first, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut n = 0u64;
+                while tick.tick().await < end {
+                    http_get(&mut s).await;
+                    n += 1;
+                }
+                (n, s)
+            })
+        })
+        .collect();
+    let mut requests = 0;
+    let mut open = Vec::with_capacity(conns);
+    for t in tasks {
+        let (n, s) = t.await.expect("load task");
+        requests += n;
+        open.push(s);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let at1 = meters();
+    drop(open);
+    Paced {
+        requests,
+        secs,
+        cpu: [at1.cpu[0] - at0.cpu[0], at1.cpu[1] - at0.cpu[1]],
+        rss: at1.rss,
+    }
+}
+
+/// One `GET /` on a keep-alive connection, its answer read whole; panics unless it is a 200.
+async fn http_get(s: &mut TcpStream) {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .await
+        .expect("HTTP request");
+    let mut got = Vec::with_capacity(HTTP_BODY + 256);
+    let mut buf = [0u8; 4096];
+    loop {
+        let k = s.read(&mut buf).await.expect("HTTP response");
+        assert!(k > 0, "connection closed in an HTTP response");
+        got.extend_from_slice(&buf[..k]);
+        let Some(head) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let headers = String::from_utf8_lossy(&got[..head]).to_ascii_lowercase();
+        assert!(headers.starts_with("http/1.1 200"), "{headers}");
+        let len: usize = headers
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Content-Length");
+        if got.len() >= head + 4 + len {
+            return;
+        }
+    }
+}

@@ -111,7 +111,10 @@ pub(crate) async fn loopback() -> Loop {
     capture_to(&a, capture, server).await;
     // An HTTP app on the same pod, and its own capture stand-in, for the waypoint case.
     let http_app = SocketAddr::new(server_ip, 18081);
-    tokio::spawn(serve_http(TcpListener::bind(http_app).await.unwrap()));
+    tokio::spawn(serve_http(
+        TcpListener::bind(http_app).await.unwrap(),
+        bytes::Bytes::from_static(b"ok"),
+    ));
     let http_capture = SocketAddr::new(client_ip, 16002);
     capture_to(&a, http_capture, http_app).await;
     // Wait for the cold-client certificates too.
@@ -153,19 +156,24 @@ pub(crate) async fn capture_to(daemon: &weft::daemon::Daemon, at: SocketAddr, ds
     });
 }
 
-/// A minimal HTTP/1.1 app (keep-alive, fixed body) for the waypoint case.
-pub(crate) async fn serve_http(listener: TcpListener) {
+/// A minimal HTTP/1.1 app (keep-alive, the same `body` to every request, with its
+/// Content-Length): the waypoint case here (`ok`) and the mesh's app ([`HTTP_BODY`] bytes).
+pub(crate) async fn serve_http(listener: TcpListener, body: bytes::Bytes) {
     loop {
         let Ok((s, _)) = listener.accept().await else {
             return;
         };
         let _ = s.set_nodelay(true);
+        let body = body.clone();
         tokio::spawn(async move {
             let svc =
-                hyper::service::service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
-                    ))
+                hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                    let body = body.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(body),
+                        ))
+                    }
                 });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(s), svc)

@@ -51,6 +51,12 @@ struct Sizes {
     decisions: usize,
     crypto_bytes: u64,
     tokens: usize,
+    /// Seconds of each paced HTTP run on the mesh (1,000 req/s of 1 KiB).
+    http_secs: f64,
+    /// Extra workloads given to each node proxy for the state-per-workload row on the mesh.
+    extra_workloads: usize,
+    /// Rounds of that measurement (each round starts every proxy twice).
+    state_rounds: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -63,6 +69,9 @@ const FULL: Sizes = Sizes {
     decisions: 1_000_000,
     crypto_bytes: 2 << 30,
     tokens: 2_000,
+    http_secs: 10.0,
+    extra_workloads: 10_000,
+    state_rounds: 3,
 };
 
 const SMOKE: Sizes = Sizes {
@@ -75,6 +84,9 @@ const SMOKE: Sizes = Sizes {
     decisions: 100,
     crypto_bytes: 1 << 20,
     tokens: 2,
+    http_secs: 0.2,
+    extra_workloads: 100,
+    state_rounds: 1,
 };
 
 fn main() {
@@ -84,8 +96,10 @@ fn main() {
         .position(|a| a == "--app")
         .and_then(|i| args.get(i + 1))
     {
-        // The app server of the mesh cases, run inside a pod namespace.
+        // The app server of the mesh cases, run inside a pod namespace: the bench's own
+        // protocol on ADDR, HTTP/1.1 answering 1 KiB bodies on the next port.
         let addr: SocketAddr = addr.parse().expect("--app ADDR");
+        let http = SocketAddr::new(addr.ip(), addr.port() + 1);
         let _ = rlimit::increase_nofile_limit(u64::MAX);
         // One thread that drives its own sockets, as the loopback app (a multi-thread runtime's
         // `block_on` accepted on the main thread, woken by a worker: one more hop per accept).
@@ -93,9 +107,12 @@ fn main() {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(
-            async move { serve_app(TcpListener::bind(addr).await.expect("app bind")).await },
-        );
+        rt.block_on(async move {
+            let body = bytes::Bytes::from(vec![b'x'; HTTP_BODY]);
+            let http = TcpListener::bind(http).await.expect("app bind (HTTP)");
+            tokio::spawn(serve_http(http, body));
+            serve_app(TcpListener::bind(addr).await.expect("app bind")).await
+        });
         return;
     }
     if let Some(case) = args

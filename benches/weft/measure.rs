@@ -27,6 +27,10 @@ pub(crate) struct Place {
 /// [`Place`], and the check that its figures are its own.
 pub(crate) struct PeerSide {
     pub(crate) route: Arc<dyn Route>,
+    /// To the server's HTTP app (the paced HTTP rows, [`mesh`]).
+    pub(crate) http: Arc<dyn Route>,
+    /// The node proxies' processes: the client's node, the server's node.
+    pub(crate) pids: [u32; 2],
     /// CPU seconds used so far by both of the peer's node proxies.
     pub(crate) cpu: Box<dyn Fn() -> f64 + Send + Sync>,
     /// RSS of both of the peer's node proxies.

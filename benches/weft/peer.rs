@@ -25,7 +25,8 @@
 //! identity.
 //!
 //! Owns: ztunnel's local config and environment, its processes (started through the testbed,
-//! so they are stopped on drop, on panic and on Ctrl-C), and the proof that the bench's
+//! so they are stopped on drop, on panic and on Ctrl-C; for the state row, short-lived ones on
+//! the mesh's spare node with extra workloads, [`state_rss`]), and the proof that the bench's
 //! traffic to the peer went through ztunnel as HBONE: before measuring, a capture of the
 //! underlay and ztunnel's metrics ([`Running::prove`]); while measuring, ztunnel's metrics
 //! must count every connection the bench made over the peer's routes, or the bench stops
@@ -99,17 +100,59 @@ pub(crate) fn pods() -> Vec<(String, usize)> {
 }
 
 /// ztunnel's local config (`LOCAL_XDS_PATH`): the peer's pods as HBONE workloads, no
-/// services, no policies (weft's bench mesh has none either).
-fn local_config(bed: &Testbed) -> String {
+/// services, no policies (weft's bench mesh has none either), and `extra` more workloads
+/// ([`extra_workloads`], the same weft's mesh file gets for the state row).
+fn local_config(bed: &Testbed, extra: usize) -> String {
     let mut out = String::from("workloads:\n");
-    for (name, node) in pods() {
+    let pods = pods()
+        .into_iter()
+        .map(|(name, node)| (bed.pod(&name).ip, bed.node(node).name.clone(), name));
+    let extras = extra_workloads(extra).map(|(name, ip)| (ip, EXTRA_NODE.to_string(), name));
+    for (ip, node, name) in pods.chain(extras) {
         out.push_str(&format!(
-            "- uid: {CLUSTER}//v1/Pod/{NAMESPACE}/{name}\n  name: {name}\n  namespace: {NAMESPACE}\n  serviceAccount: {name}\n  trustDomain: cluster.local\n  clusterId: {CLUSTER}\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  node: {}\n  services: {{}}\n",
-            bed.pod(&name).ip,
-            bed.node(node).name
+            "- uid: {CLUSTER}//v1/Pod/{NAMESPACE}/{name}\n  name: {name}\n  namespace: {NAMESPACE}\n  serviceAccount: {name}\n  trustDomain: cluster.local\n  clusterId: {CLUSTER}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: {node}\n  services: {{}}\n",
         ));
     }
     out
+}
+
+/// Starts ztunnel in node `n`'s namespace as the dedicated proxy of `pod`, its workloads from
+/// `config`. Not waited for: [`wait_ready`].
+fn spawn(bed: &Testbed, zt: &Ztunnel, n: usize, pod: &str, config: &Path) -> ChildGuard {
+    let node = bed.node(n);
+    let mut cmd = node.ns.command(&zt.bin, ["proxy"]);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        // As weft's daemons in the bench: warnings only, no access log.
+        .env("RUST_LOG", "warn")
+        .env("FAKE_CA", "true")
+        .env("LOCAL_XDS_PATH", config)
+        // No istiod: an empty address turns the xDS client off.
+        .env("XDS_ADDRESS", "")
+        .env("PROXY_MODE", "dedicated")
+        .env("PROXY_WORKLOAD_INFO", format!("{NAMESPACE}/{pod}/{pod}"))
+        .env("NODE_NAME", &node.name)
+        .env("CLUSTER_ID", CLUSTER)
+        .env("POD_NAME", format!("ztunnel-{}", node.name))
+        .env("POD_NAMESPACE", "istio-system")
+        .env("INSTANCE_IP", node.underlay_ip.to_string())
+        // Its drain on SIGTERM, so that the bench ends within the testbed's grace.
+        .env("CONNECTION_TERMINATION_DEADLINE", "1s");
+    bed.spawn(&format!("ztunnel-{n}"), cmd)
+        .expect("spawn ztunnel")
+}
+
+/// The RSS of a ztunnel started on the spare node `n` (no pods, no capture, no traffic) with
+/// its local config plus `extra` workloads, once ready and settled ([`settled_rss`]); the
+/// process is stopped before this returns. The same procedure as weft's in [`mesh`].
+pub(crate) fn state_rss(bed: &Testbed, zt: &Ztunnel, n: usize, extra: usize) -> u64 {
+    let config = bed.temp_dir().join(format!("ztunnel-state-{extra}.yaml"));
+    std::fs::write(&config, local_config(bed, extra)).expect("write ztunnel's local config");
+    let mut proc = spawn(bed, zt, n, CLIENT, &config);
+    wait_ready(&bed.node(n).ns, proc.name(), || proc.log());
+    let rss = settled_rss(proc.pid());
+    let _ = proc.stop(Duration::from_secs(5));
+    rss
 }
 
 /// The peer's ztunnels, running on [`NODES`] behind weft's capture rules.
@@ -159,33 +202,12 @@ pub(crate) fn start(bed: &Testbed, zt: &Ztunnel, programmers: Vec<ChildGuard>) -
         );
     }
     let config = bed.temp_dir().join("ztunnel-local.yaml");
-    std::fs::write(&config, local_config(bed)).expect("write ztunnel's local config");
-    let mut procs = Vec::new();
-    for (n, pod) in NODES.into_iter().zip([CLIENT, SERVER]) {
-        let node = bed.node(n);
-        let mut cmd = node.ns.command(&zt.bin, ["proxy"]);
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            // As weft's daemons in the bench: warnings only, no access log.
-            .env("RUST_LOG", "warn")
-            .env("FAKE_CA", "true")
-            .env("LOCAL_XDS_PATH", &config)
-            // No istiod: an empty address turns the xDS client off.
-            .env("XDS_ADDRESS", "")
-            .env("PROXY_MODE", "dedicated")
-            .env("PROXY_WORKLOAD_INFO", format!("{NAMESPACE}/{pod}/{pod}"))
-            .env("NODE_NAME", &node.name)
-            .env("CLUSTER_ID", CLUSTER)
-            .env("POD_NAME", format!("ztunnel-{}", node.name))
-            .env("POD_NAMESPACE", "istio-system")
-            .env("INSTANCE_IP", node.underlay_ip.to_string())
-            // Its drain on SIGTERM, so that the bench ends within the testbed's grace.
-            .env("CONNECTION_TERMINATION_DEADLINE", "1s");
-        procs.push(
-            bed.spawn(&format!("ztunnel-{n}"), cmd)
-                .expect("spawn ztunnel"),
-        );
-    }
+    std::fs::write(&config, local_config(bed, 0)).expect("write ztunnel's local config");
+    let procs: Vec<ChildGuard> = NODES
+        .into_iter()
+        .zip([CLIENT, SERVER])
+        .map(|(n, pod)| spawn(bed, zt, n, pod, &config))
+        .collect();
     for (i, n) in NODES.into_iter().enumerate() {
         wait_ready(&bed.node(n).ns, &format!("ztunnel-{n}"), || procs[i].log());
     }
@@ -199,6 +221,11 @@ pub(crate) fn start(bed: &Testbed, zt: &Ztunnel, programmers: Vec<ChildGuard>) -
 }
 
 impl Running {
+    /// The node proxies' processes: the client's node, the server's node.
+    pub(crate) fn pids(&self) -> [u32; 2] {
+        [self.procs[0].pid(), self.procs[1].pid()]
+    }
+
     /// Proves, before anything is measured, that a connection from the peer's client to its
     /// server goes through ztunnel as HBONE: on the underlay, the message is nowhere in clear
     /// text and the only connection is to the server's port 15008 (none to the app's port);
@@ -273,19 +300,20 @@ impl Running {
         );
     }
 
-    /// The peer's side of the measurement: its routes (counted), its processes' meters, and
-    /// the check of its counters.
-    pub(crate) fn side(&self, bed: &Testbed, app_port: u16) -> PeerSide {
-        let dst = SocketAddr::new(IpAddr::V4(bed.pod(SERVER).ip), app_port);
-        let route = |from: &str| -> Arc<dyn Route> {
+    /// The peer's side of the measurement: its routes (counted; to the server's app on
+    /// `app_port`, and to its HTTP app on `http_port`), its processes' meters, and the check
+    /// of its counters.
+    pub(crate) fn side(&self, bed: &Testbed, app_port: u16, http_port: u16) -> PeerSide {
+        let to = |from: &str, port: u16| -> Arc<dyn Route> {
             Arc::new(Counted {
                 inner: PodRoute {
                     ns: bed.pod(from).ns.clone(),
-                    dst,
+                    dst: SocketAddr::new(IpAddr::V4(bed.pod(SERVER).ip), port),
                 },
                 made: self.made.clone(),
             })
         };
+        let route = |from: &str| to(from, app_port);
         let pids: Vec<u32> = self.procs.iter().map(|p| p.pid()).collect();
         let (p3, p4) = (pids[0], pids[1]);
         let colds: Vec<Arc<dyn Route>> = pods()
@@ -297,6 +325,8 @@ impl Running {
         let (nodes, made, at_start) = (self.nodes.clone(), self.made.clone(), self.at_start);
         PeerSide {
             route: route(CLIENT),
+            http: to(CLIENT, http_port),
+            pids: [p3, p4],
             cpu: Box::new(move || process_cpu(p3) + process_cpu(p4)),
             rss: Box::new(move || process_rss(p3) + process_rss(p4)),
             cold: Box::new(move || {
