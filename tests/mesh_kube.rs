@@ -59,6 +59,14 @@ impl KubeMesh {
         Some(KubeMesh { env, api, rt })
     }
 
+    /// Namespace `shop` enrolled, pod `a` on node-1 and `c` on node-2.
+    fn enrolled_pair() -> Option<KubeMesh> {
+        KubeMesh::start(
+            &[("shop", true)],
+            &[pod("a", 1, "shop"), pod("c", 2, "shop")],
+        )
+    }
+
     /// Waits until `done` holds, polling.
     fn wait_until(&self, what: &str, limit: Duration, mut done: impl FnMut(&MeshEnv) -> bool) {
         let start = Instant::now();
@@ -273,10 +281,7 @@ fn enrollment_and_policies_follow_the_api_server() {
 
 #[test]
 fn request_authentication_and_l7_policy_from_the_api_server_reach_the_waypoint() {
-    let Some(k) = KubeMesh::start(
-        &[("shop", true)],
-        &[pod("a", 1, "shop"), pod("c", 2, "shop")],
-    ) else {
+    let Some(k) = KubeMesh::enrolled_pair() else {
         return;
     };
     let env = &k.env;
@@ -334,10 +339,7 @@ fn request_authentication_and_l7_policy_from_the_api_server_reach_the_waypoint()
 
 #[test]
 fn the_api_server_restarting_while_traffic_flows_refuses_nothing_and_the_state_converges() {
-    let Some(k) = KubeMesh::start(
-        &[("shop", true)],
-        &[pod("a", 1, "shop"), pod("c", 2, "shop")],
-    ) else {
+    let Some(k) = KubeMesh::enrolled_pair() else {
         return;
     };
     let env = &k.env;
