@@ -677,9 +677,8 @@ impl StateStore {
 
     /// Publishes a new mesh as the next generation; returns that generation.
     pub fn publish(&self, mesh: Mesh, warnings: Vec<String>) -> u64 {
-        let _writer = self.writer();
-        let generation = self.current.load().generation + 1;
-        self.commit(Snapshot::new(generation, mesh), warnings)
+        // Indexing the whole mesh happens before the writer's lock is taken.
+        self.publish_snapshot(Snapshot::new(0, mesh), warnings)
     }
 
     /// Applies `edits`, in order, to the snapshot in force and publishes the result as the
@@ -697,14 +696,12 @@ impl StateStore {
         edits: impl IntoIterator<Item = Edit>,
         warnings: impl FnOnce(&Snapshot) -> Vec<String>,
     ) -> u64 {
-        let _writer = self.writer();
-        let mut next = Snapshot::clone(&self.current.load());
-        next.generation += 1;
-        for edit in edits {
-            next.edit(edit);
-        }
-        let warnings = warnings(&next);
-        self.commit(next, warnings)
+        self.update(|next| {
+            for edit in edits {
+                next.edit(edit);
+            }
+            Some(warnings(next))
+        })
     }
 
     /// Lets `f` edit the next snapshot ([`Snapshot::edit`]), reading it as it goes, then
