@@ -240,6 +240,8 @@ pub(crate) async fn run_loopback(sz: Sizes, report: &mut Report) {
         cpu: Box::new(|| thread_cpu("weft-worker")),
         app_cpu: Some(Box::new(|| thread_cpu("bench-app"))),
         rss: None,
+        // The daemons share this process with the apps: not profiled apart.
+        pids: Vec::new(),
         peer: None,
         cold: Box::new(move || {
             // A client with an identity that has no pooled connection yet.

@@ -27,6 +27,7 @@ mod measure;
 mod mesh;
 mod micro;
 mod peer;
+mod profile;
 mod report;
 
 use accounting::*;

@@ -17,6 +17,8 @@ pub(crate) struct Place {
     pub(crate) app_cpu: Option<Box<dyn Fn() -> f64 + Send + Sync>>,
     /// RSS of both daemons, when they are separate processes.
     pub(crate) rss: Option<Box<dyn Fn() -> u64 + Send + Sync>>,
+    /// The daemons' processes, where they are separate processes (profiles, [`profile`]).
+    pub(crate) pids: Vec<u32>,
     /// Makes the next weft connection pay the TLS handshake.
     pub(crate) cold: Box<dyn Fn() -> Arc<dyn Route> + Send + Sync>,
     /// Another tunnel measured in the same rounds as weft (`--peer`), where there is one.
@@ -85,20 +87,28 @@ pub(crate) async fn measure(
     let mut secs = 0.0;
     let app_cpu = || place.app_cpu.as_ref().map_or(0.0, |f| f());
     let (mut app_base, mut app_weft) = (0.0, 0.0);
-    for _ in 0..ROUNDS {
+    // With `WEFT_BENCH_PROFILE`, each tunnel's first round is recorded (`profile`).
+    let profiled = |round: usize, tunnel: &str, pids: &[u32]| {
+        (round == 0 && !pids.is_empty()).then(|| profile::record("stream", tunnel, pids))
+    };
+    for round in 0..ROUNDS {
         let a0 = app_cpu();
         base.push(throughput(b.clone(), sz.stream_bytes, 1).await);
         app_base += app_cpu() - a0;
         let cpu0 = (place.cpu)();
         let a0 = app_cpu();
         let t0 = Instant::now();
+        let rec = profiled(round, "weft", &place.pids);
         wt.push(throughput(w.clone(), sz.stream_bytes, 1).await);
+        drop(rec);
         cpu += (place.cpu)() - cpu0;
         app_weft += app_cpu() - a0;
         secs += t0.elapsed().as_secs_f64();
         if let Some(z) = peer {
             let cpu0 = (z.cpu)();
+            let rec = profiled(round, peer::NAME, &z.pids);
             zt.push(throughput(z.route.clone(), sz.stream_bytes, 1).await);
+            drop(rec);
             zcpu += (z.cpu)() - cpu0;
         }
     }
@@ -144,6 +154,16 @@ pub(crate) async fn measure(
             (app_weft + cpu) / gib,
             plain_gbps,
         );
+    }
+    if profile::dir().is_some() {
+        // Profiles were asked for: the profiled rows only (the caller reports no costs).
+        let costs = Costs {
+            per_round_trip: f64::NAN,
+            per_conn: f64::NAN,
+            apps_per_gib: None,
+            plain_gbps,
+        };
+        return (costs, None);
     }
     let mut sides = vec![
         Side {

@@ -68,10 +68,13 @@ fn spawn_weft(
 ) -> weft_testbed::ChildGuard {
     let dir = bed.temp_dir();
     let cfg = dir.join(format!("w{n}{tag}.yaml"));
+    // `WEFT_BENCH_CONFIG`: more lines of the daemons' config (`workerThreads: 1`, say), for
+    // trying a setting on the mesh without editing the bench.
+    let extra = std::env::var("WEFT_BENCH_CONFIG").unwrap_or_default();
     std::fs::write(
         &cfg,
         format!(
-            "nodeName: {}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\nlimits: {{connectionsPerSource: 16384}}\n",
+            "nodeName: {}\nmesh: {{file: {}}}\nca: {{builtin: {{dir: {}}}}}\nlimits: {{connectionsPerSource: 16384}}\n{extra}\n",
             bed.node(n).name,
             mesh.display(),
             dir.join("ca").display()
@@ -219,6 +222,7 @@ pub(crate) async fn run_mesh(
         cpu: Box::new(move || process_cpu(p1) + process_cpu(p2)),
         app_cpu: None,
         rss: Some(Box::new(move || process_rss(p1) + process_rss(p2))),
+        pids: vec![p1, p2],
         cold: Box::new(move || {
             cold_routes[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5].clone()
         }),
@@ -244,8 +248,10 @@ pub(crate) async fn run_mesh(
     };
     http_load(&sides, sz, report).await;
     let (costs, peer_costs) = measure(&place, sz, report).await;
-    report_costs(report, "netns", &costs, None, peer_costs.as_ref());
-    state_per_workload(&bed, weft_bin, peer, &mesh, spare, sz, report);
+    if profile::dir().is_none() {
+        report_costs(report, "netns", &costs, None, peer_costs.as_ref());
+        state_per_workload(&bed, weft_bin, peer, &mesh, spare, sz, report);
+    }
     drop(place);
     drop(apps);
     drop(ztunnels);
@@ -306,8 +312,13 @@ async fn http_load(sides: &HttpSides<'_>, sz: Sizes, report: &mut Report) {
     }
     let served0 = waypoint_requests(&sides.server_node);
     let mut runs: Vec<Vec<Paced>> = routes.iter().map(|_| Vec::new()).collect();
-    for _ in 0..ROUNDS {
+    let tunnels = ["l4-weft", "waypoint-weft", "l4-ztunnel"];
+    for round in 0..ROUNDS {
         for (i, (route, pids)) in routes.iter().enumerate() {
+            let rec = (round == 0).then(|| {
+                let (case, tunnel) = tunnels[i].split_once('-').unwrap_or(("", "weft"));
+                profile::record(&format!("http-{case}"), tunnel, pids)
+            });
             let run = paced_http(
                 route.clone(),
                 HTTP_CONNS,
@@ -316,6 +327,7 @@ async fn http_load(sides: &HttpSides<'_>, sz: Sizes, report: &mut Report) {
                 meters(*pids),
             )
             .await;
+            drop(rec);
             runs[i].push(run);
         }
     }
