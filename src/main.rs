@@ -10,6 +10,12 @@ use clap::{Parser, Subcommand};
 
 use weft::logging::{self, LogFormat};
 
+/// jemalloc rather than glibc's malloc (Cargo.toml, feature `jemalloc`: page faults on the
+/// relay path).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "weft",

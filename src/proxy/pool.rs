@@ -46,6 +46,11 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// HTTP/2 flow-control window per connection.
 pub const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+/// h2's send buffer per stream on the pooled (client) side: how much a stream's writer may
+/// hand h2 before it waits for the connection task to write it out. The stream window's size
+/// (as ztunnel sets it), so a bulk writer waits on the peer's window rather than on each
+/// hand-off to the connection task (h2's default is 400 KiB).
+pub const SEND_BUFFER: usize = STREAM_WINDOW as usize;
 /// Largest HTTP/2 frame we accept (and so send, as the peer does the same).
 pub const MAX_FRAME: u32 = 256 * 1024;
 /// h2's budget for small DATA frames held in its buffers, per connection. A frame under 256
@@ -453,6 +458,7 @@ impl Pool {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .max_send_buffer_size(SEND_BUFFER)
             .data_frame_budget(DATA_FRAME_BUDGET)
             .max_header_list_size(MAX_HEADER_LIST)
             .enable_push(false)

@@ -27,8 +27,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::conntrack::{Conn, Outcome};
 use super::h2io::H2Io;
 
-/// Scratch buffer size: several TLS records' worth.
-const SCRATCH: usize = 64 * 1024;
+/// Scratch buffer size: one read takes what a fast sender has queued, and is handed on as one
+/// HTTP/2 DATA frame of up to the peer's largest (256 KiB, `pool::MAX_FRAME`) and one write of
+/// its TLS records, where 64 KiB took four of each (ztunnel grows its per-connection buffers to
+/// the same size on bulk transfers). One per worker thread, so idle connections pay nothing.
+const SCRATCH: usize = 256 * 1024;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
