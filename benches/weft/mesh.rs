@@ -312,13 +312,15 @@ async fn http_load(sides: &HttpSides<'_>, sz: Sizes, report: &mut Report) {
     }
     let served0 = waypoint_requests(&sides.server_node);
     let mut runs: Vec<Vec<Paced>> = routes.iter().map(|_| Vec::new()).collect();
-    let tunnels = ["l4-weft", "waypoint-weft", "l4-ztunnel"];
+    // Each route's profile (`profile`): its case and its tunnel.
+    let tunnels = [
+        ("http-l4", "weft"),
+        ("http-waypoint", "weft"),
+        ("http-l4", peer::NAME),
+    ];
     for round in 0..ROUNDS {
         for (i, (route, pids)) in routes.iter().enumerate() {
-            let rec = (round == 0).then(|| {
-                let (case, tunnel) = tunnels[i].split_once('-').unwrap_or(("", "weft"));
-                profile::record(&format!("http-{case}"), tunnel, pids)
-            });
+            let rec = (round == 0).then(|| profile::record(tunnels[i].0, tunnels[i].1, pids));
             let run = paced_http(
                 route.clone(),
                 HTTP_CONNS,
