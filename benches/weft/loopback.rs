@@ -257,7 +257,9 @@ pub(crate) async fn run_loopback(sz: Sizes, report: &mut Report) {
             })
         }),
     };
-    let (costs, _) = measure(&place, sz, report).await;
+    let Some((costs, _)) = measure(&place, sz, report).await else {
+        unreachable!("loopback's daemons are never profiled apart (no pids)");
+    };
 
     // The floor of any design with a proxy on each side, on this machine: two plain TCP
     // forwarders in series (no TLS, no HTTP/2, no policy), on the daemons' runtime. What weft

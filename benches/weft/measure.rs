@@ -55,12 +55,13 @@ pub(crate) struct Costs {
 }
 
 /// Measures `place`: every row of the table for it, weft against plain TCP (and against the
-/// peer, where there is one). Returns what weft's daemons spent, and what the peer's did.
+/// peer, where there is one). Returns what weft's daemons spent, and what the peer's did; or
+/// nothing when its daemons were profiled (`profile`), which stops after the one-stream rows.
 pub(crate) async fn measure(
     place: &Place,
     sz: Sizes,
     report: &mut Report,
-) -> (Costs, Option<Costs>) {
+) -> Option<(Costs, Option<Costs>)> {
     let p = place.name;
     let (w, b) = (place.weft.clone(), place.plain.clone());
     let peer = place.peer.as_ref();
@@ -87,10 +88,6 @@ pub(crate) async fn measure(
     let mut secs = 0.0;
     let app_cpu = || place.app_cpu.as_ref().map_or(0.0, |f| f());
     let (mut app_base, mut app_weft) = (0.0, 0.0);
-    // With `WEFT_BENCH_PROFILE`, each tunnel's first round is recorded (`profile`).
-    let profiled = |round: usize, tunnel: &str, pids: &[u32]| {
-        (round == 0 && !pids.is_empty()).then(|| profile::record("stream", tunnel, pids))
-    };
     for round in 0..ROUNDS {
         let a0 = app_cpu();
         base.push(throughput(b.clone(), sz.stream_bytes, 1).await);
@@ -98,7 +95,7 @@ pub(crate) async fn measure(
         let cpu0 = (place.cpu)();
         let a0 = app_cpu();
         let t0 = Instant::now();
-        let rec = profiled(round, "weft", &place.pids);
+        let rec = profile::record(round, "stream", "weft", &place.pids);
         wt.push(throughput(w.clone(), sz.stream_bytes, 1).await);
         drop(rec);
         cpu += (place.cpu)() - cpu0;
@@ -106,7 +103,7 @@ pub(crate) async fn measure(
         secs += t0.elapsed().as_secs_f64();
         if let Some(z) = peer {
             let cpu0 = (z.cpu)();
-            let rec = profiled(round, peer::NAME, &z.pids);
+            let rec = profile::record(round, "stream", peer::NAME, &z.pids);
             zt.push(throughput(z.route.clone(), sz.stream_bytes, 1).await);
             drop(rec);
             zcpu += (z.cpu)() - cpu0;
@@ -155,15 +152,9 @@ pub(crate) async fn measure(
             plain_gbps,
         );
     }
-    if profile::dir().is_some() {
-        // Profiles were asked for: the profiled rows only (the caller reports no costs).
-        let costs = Costs {
-            per_round_trip: f64::NAN,
-            per_conn: f64::NAN,
-            apps_per_gib: None,
-            plain_gbps,
-        };
-        return (costs, None);
+    if profile::wanted(&place.pids) {
+        // Profiled: the profiled rows only.
+        return None;
     }
     let mut sides = vec![
         Side {
@@ -288,7 +279,7 @@ pub(crate) async fn measure(
         }),
         _ => None,
     };
-    (costs, peer_costs)
+    Some((costs, peer_costs))
 }
 
 /// Time to the first byte over 5 connections that each pay the TLS handshake, median, in ms.

@@ -247,8 +247,8 @@ pub(crate) async fn run_mesh(
         peer: place.peer.as_ref(),
     };
     http_load(&sides, sz, report).await;
-    let (costs, peer_costs) = measure(&place, sz, report).await;
-    if profile::dir().is_none() {
+    // Nothing more when the daemons were profiled (`profile`).
+    if let Some((costs, peer_costs)) = measure(&place, sz, report).await {
         report_costs(report, "netns", &costs, None, peer_costs.as_ref());
         state_per_workload(&bed, weft_bin, peer, &mesh, spare, sz, report);
     }
@@ -320,7 +320,7 @@ async fn http_load(sides: &HttpSides<'_>, sz: Sizes, report: &mut Report) {
     ];
     for round in 0..ROUNDS {
         for (i, (route, pids)) in routes.iter().enumerate() {
-            let rec = (round == 0).then(|| profile::record(tunnels[i].0, tunnels[i].1, pids));
+            let rec = profile::record(round, tunnels[i].0, tunnels[i].1, pids);
             let run = paced_http(
                 route.clone(),
                 HTTP_CONNS,

@@ -13,8 +13,14 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 /// Where profiles go, when asked for.
-pub(crate) fn dir() -> Option<PathBuf> {
+fn dir() -> Option<PathBuf> {
     std::env::var_os("WEFT_BENCH_PROFILE").map(PathBuf::from)
+}
+
+/// Whether the processes `pids` are profiled in this run (profiles asked for, and separate
+/// processes to record: loopback's daemons share the bench's process and never are).
+pub(crate) fn wanted(pids: &[u32]) -> bool {
+    dir().is_some() && !pids.is_empty()
 }
 
 /// What `perf stat` counts: scheduling, faults, and the system calls a relay makes.
@@ -29,11 +35,13 @@ sched:sched_wakeup";
 /// A running `perf record` and `perf stat`; dropping it stops both and waits for their files.
 pub(crate) struct Recording(Vec<Child>);
 
-/// Starts recording `pids` into `DIR/<case>-<tunnel>.data`, when profiles are asked for.
-pub(crate) fn record(case: &str, tunnel: &str, pids: &[u32]) -> Recording {
-    let Some(dir) = dir() else {
-        return Recording(Vec::new());
-    };
+/// Starts recording `pids` into `DIR/<case>-<tunnel>.data` during `round` of a case, when it
+/// is the first round and they are [`wanted`]; dropping the recording ends it.
+pub(crate) fn record(round: usize, case: &str, tunnel: &str, pids: &[u32]) -> Option<Recording> {
+    if round != 0 || !wanted(pids) {
+        return None;
+    }
+    let dir = dir()?;
     std::fs::create_dir_all(&dir).expect("profile directory");
     let out = dir.join(format!("{case}-{tunnel}.data"));
     let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
@@ -65,7 +73,7 @@ pub(crate) fn record(case: &str, tunnel: &str, pids: &[u32]) -> Recording {
         "profile: recording {case} of {tunnel} into {}",
         out.display()
     );
-    Recording(children)
+    Some(Recording(children))
 }
 
 impl Drop for Recording {
