@@ -50,10 +50,19 @@ fn pod_yaml(name: &str, ns: &str, labels: &str, node: &str, ip: Ipv4Addr) -> Str
     )
 }
 
-/// The RSS of process `pid` once it has settled (half a second after it was ready).
-pub(crate) fn settled_rss(pid: u32) -> u64 {
-    std::thread::sleep(Duration::from_millis(500));
-    process_rss(pid)
+/// How long after ready the state row's first reading is taken.
+const STATE_EARLY: Duration = Duration::from_millis(500);
+/// How long after ready its second one is: longer than either allocator's decay (jemalloc's
+/// `dirty_decay_ms`: weft's 10 s, ztunnel's 5 s), so that memory freed after loading the
+/// workloads has been given back by the allocator's background threads.
+const STATE_SETTLED: Duration = Duration::from_secs(12);
+
+/// The RSS of process `pid` at [`STATE_EARLY`] and at [`STATE_SETTLED`] after it was ready.
+pub(crate) fn state_rss_readings(pid: u32) -> [u64; 2] {
+    std::thread::sleep(STATE_EARLY);
+    let early = process_rss(pid);
+    std::thread::sleep(STATE_SETTLED - STATE_EARLY);
+    [early, process_rss(pid)]
 }
 
 /// Starts weft in node `n`'s namespace with the mesh file `mesh`. Not waited for:
@@ -427,8 +436,9 @@ fn waypoint_requests(node: &weft_testbed::Netns) -> f64 {
 /// State bytes per workload of each node proxy, the same way for both: a fresh proxy on the
 /// spare node (no pods, no traffic) started with the bench's own workloads, then with
 /// `sz.extra_workloads` more ([`extra_workloads`]: weft's through its mesh file, the peer's
-/// through its local config), each ready and settled: (RSS with N − RSS without) / N, the
-/// median of `sz.state_rounds` rounds alternating weft and the peer.
+/// through its local config): (RSS with N − RSS without) / N, read twice in each process
+/// ([`state_rss_readings`]: soon after ready, and settled once the allocator has given back
+/// what loading freed), the medians of `sz.state_rounds` rounds alternating weft and the peer.
 fn state_per_workload(
     bed: &weft_testbed::Testbed,
     weft_bin: &Path,
@@ -453,31 +463,52 @@ fn state_per_workload(
     let weft_rss = |i: usize| {
         let mut d = spawn_weft(bed, weft_bin, spare, &files[i], &format!("-state-{i}"));
         wait_ready(&node.ns, d.name(), || d.log());
-        let rss = settled_rss(d.pid());
+        let rss = state_rss_readings(d.pid());
         let _ = d.stop(Duration::from_secs(5));
         rss
     };
-    let per = |without: u64, with: u64| with.saturating_sub(without) as f64 / n as f64;
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    // Per reading (early, settled): that round's bytes per workload.
+    let per = |without: [u64; 2], with: [u64; 2]| {
+        [0, 1].map(|r| with[r].saturating_sub(without[r]) as f64 / n as f64)
+    };
+    let (mut ours, mut theirs) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     for _ in 0..sz.state_rounds {
-        ours.push(per(weft_rss(0), weft_rss(1)));
+        for (r, v) in per(weft_rss(0), weft_rss(1)).into_iter().enumerate() {
+            ours[r].push(v);
+        }
         if let Some(zt) = peer {
-            theirs.push(per(
+            let round = per(
                 peer::state_rss(bed, zt, spare, 0),
                 peer::state_rss(bed, zt, spare, n),
-            ));
+            );
+            for (r, v) in round.into_iter().enumerate() {
+                theirs[r].push(v);
+            }
         }
     }
-    report.add_vs(
+    let when = [
+        format!("ready + {:.1} s", STATE_EARLY.as_secs_f64()),
+        format!("settled, ready + {} s", STATE_SETTLED.as_secs()),
+    ];
+    for (r, case) in [
         format!("node proxy state per workload, {n}"),
-        "netns",
-        median(&mut ours),
-        None,
-        (!theirs.is_empty()).then(|| median(&mut theirs)),
-        "bytes",
-        format!(
-            "(RSS with {n} more workloads - without) / {n}, fresh proxy on a node without pods, ready + 0.5 s; median of {}",
-            sz.state_rounds
-        ),
-    );
+        format!("node proxy state per workload settled, {n}"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        report.add_vs(
+            case,
+            "netns",
+            median(&mut ours[r]),
+            None,
+            (!theirs[r].is_empty()).then(|| median(&mut theirs[r])),
+            "bytes",
+            format!(
+                "(RSS with {n} more workloads - without) / {n}, fresh proxy on a node without pods, {}; median of {}",
+                when[r], sz.state_rounds
+            ),
+        );
+    }
 }
+

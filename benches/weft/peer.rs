@@ -143,14 +143,15 @@ fn spawn(bed: &Testbed, zt: &Ztunnel, n: usize, pod: &str, config: &Path) -> Chi
 }
 
 /// The RSS of a ztunnel started on the spare node `n` (no pods, no capture, no traffic) with
-/// its local config plus `extra` workloads, once ready and settled ([`settled_rss`]); the
-/// process is stopped before this returns. The same procedure as weft's in [`mesh`].
-pub(crate) fn state_rss(bed: &Testbed, zt: &Ztunnel, n: usize, extra: usize) -> u64 {
+/// its local config plus `extra` workloads, early and settled after ready
+/// ([`state_rss_readings`]); the process is stopped before this returns. The same procedure
+/// as weft's in [`mesh`].
+pub(crate) fn state_rss(bed: &Testbed, zt: &Ztunnel, n: usize, extra: usize) -> [u64; 2] {
     let config = bed.temp_dir().join(format!("ztunnel-state-{extra}.yaml"));
     std::fs::write(&config, local_config(bed, extra)).expect("write ztunnel's local config");
     let mut proc = spawn(bed, zt, n, CLIENT, &config);
     wait_ready(&bed.node(n).ns, proc.name(), || proc.log());
-    let rss = settled_rss(proc.pid());
+    let rss = state_rss_readings(proc.pid());
     let _ = proc.stop(Duration::from_secs(5));
     rss
 }

@@ -167,32 +167,49 @@ pub enum Loaded {
     Rejected,
 }
 
+/// What [`load_once`] remembers of a file's content to tell an unchanged file: its SHA-256
+/// digest, not its bytes (a mesh file of 100,000 pods is 16 MB; the digest is 32 bytes).
+pub type Seen = Option<[u8; 32]>;
+
+/// The SHA-256 digest of a file's content.
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
+
 /// Loads the file once into `store`, skipping content identical to `last`, reviewing its
 /// policies with `lint` (the mesh's root namespace and trust domain).
-/// `last` remembers the bytes of the previous attempt (`None`: no attempt yet; `Some(None)`:
-/// the file could not be read).
+/// `last` remembers the digest of the previous attempt's content (`None`: no attempt yet;
+/// `Some(None)`: the file could not be read).
 pub async fn load_once(
     path: &Path,
     store: &StateStore,
     lint: &LintContext,
-    last: &mut Option<Option<Vec<u8>>>,
+    last: &mut Option<Seen>,
 ) -> Loaded {
     // Read, and compare before parsing: the poll comes back every few seconds, and a large
     // mesh takes seconds of CPU to parse.
     let p = path.to_path_buf();
-    let bytes = blocking(path, move || read_bytes(&p)).await;
-    let seen = bytes.as_ref().ok();
-    if last.as_ref().is_some_and(|l| l.as_ref() == seen) {
+    let read = blocking(path, move || {
+        read_bytes(&p).map(|b| {
+            let d = digest(&b);
+            (b, d)
+        })
+    })
+    .await;
+    let seen = read.as_ref().ok().map(|(_, d)| *d);
+    if *last == Some(seen) {
         return Loaded::Unchanged;
     }
-    let (bytes, parsed) = match bytes {
-        Err(e) => (None, Err(e)),
-        Ok(b) => {
+    // The bytes are dropped once parsed (on the blocking thread): only the mesh is kept.
+    let parsed = match read {
+        Err(e) => Err(e),
+        Ok((b, _)) => {
             let (p, lint) = (path.to_path_buf(), lint.clone());
-            match blocking(path, move || Ok((parse_and_review(&p, &b, &lint), b))).await {
-                Ok((parsed, b)) => (Some(b), parsed),
-                Err(e) => (None, Err(e)),
-            }
+            blocking(path, move || Ok(parse_and_review(&p, &b, &lint)))
+                .await
+                .and_then(|parsed| parsed)
         }
     };
     match parsed {
@@ -202,14 +219,14 @@ pub async fn load_once(
             }
             let generation = store.publish(mesh, warnings);
             tracing::info!(target: "weft::config", file = %path.display(), generation, "mesh loaded");
-            *last = Some(bytes);
+            *last = Some(seen);
             Loaded::Published(generation)
         }
         Err(e) => {
             tracing::error!(target: "weft::config", file = %path.display(), "mesh rejected, previous state stays in force:\n{e}");
             store.reject(e.to_string());
             // Remember the bad content too, so the poll does not report the same error again.
-            *last = Some(bytes);
+            *last = Some(seen);
             Loaded::Rejected
         }
     }
