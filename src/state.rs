@@ -793,8 +793,10 @@ mod tests {
             service_account: sa.into(),
             node: node.into(),
             ips: vec![ip.parse().unwrap()],
-            labels: BTreeMap::from([("app".to_string(), name.to_string())]),
-            named_ports: BTreeMap::new(),
+            labels: [("app".to_string(), name.to_string())]
+                .into_iter()
+                .collect(),
+            named_ports: Default::default(),
             enrollment,
             workload_name: name.into(),
             canonical_name: name.into(),
@@ -939,8 +941,8 @@ mod tests {
                     service_account: "sa".into(),
                     node: format!("n{node}"),
                     ips,
-                    labels,
-                    named_ports: BTreeMap::new(),
+                    labels: labels.into_iter().collect(),
+                    named_ports: Default::default(),
                     enrollment,
                     workload_name: name.clone(),
                     canonical_name: name,

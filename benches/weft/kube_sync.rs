@@ -286,11 +286,12 @@ fn run_apply(n: usize, report: &mut Report) {
     use weft::source::kube::apply::{Applier, Change, Item, Kind, Object};
     let pod = |i: usize, version: &str| {
         let ip = Ipv4Addr::from(0x0a00_0000u32 + i as u32 + 1);
-        let labels: std::collections::BTreeMap<String, String> = [
+        let labels: weft::model::Labels = [
             ("app".to_string(), format!("a{}", i % 100)),
             ("version".to_string(), version.to_string()),
         ]
-        .into();
+        .into_iter()
+        .collect();
         Object {
             kind: Kind::Pod,
             namespace: "big".into(),
@@ -303,7 +304,7 @@ fn run_apply(n: usize, report: &mut Report) {
                 node: format!("node-{}", i % 50),
                 ips: vec![IpAddr::V4(ip)],
                 labels,
-                named_ports: [("http".to_string(), 8080)].into(),
+                named_ports: [("http".to_string(), 8080)].into_iter().collect(),
                 enrollment: weft::model::Enrollment::NotEnrolled,
                 workload_name: format!("a{}", i % 100),
                 canonical_name: format!("a{}", i % 100),

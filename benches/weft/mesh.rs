@@ -511,4 +511,3 @@ fn state_per_workload(
         );
     }
 }
-

@@ -67,7 +67,7 @@ pub(super) fn workload(w: &Workload, snap: &Snapshot, cfg: &Config) -> Value {
         "labels": w.labels,
         "enrollment": w.enrollment,
     });
-    with_waypoint(&mut out, w.waypoint.as_ref());
+    with_waypoint(&mut out, w.waypoint.as_deref());
     out
 }
 

@@ -23,7 +23,6 @@
 //! short-circuits) and `explain` (which records every test) run the very same code.
 
 use std::cell::OnceCell;
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -34,7 +33,7 @@ use crate::model::policy::{
     Action, AuthorizationPolicy, Condition, ConditionKey, Operation, Rule, Source, StringMatch,
 };
 
-use crate::model::PolicyKind;
+use crate::model::{Labels, PolicyKind};
 
 use super::http::{HttpAttributes, HttpCheck, HttpTest};
 use super::scope::Scope;
@@ -130,12 +129,7 @@ impl CompiledPolicy {
     }
 
     /// True when this policy applies to a workload with this uid, namespace and labels.
-    pub fn applies_to(
-        &self,
-        uid: &str,
-        namespace: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> bool {
+    pub fn applies_to(&self, uid: &str, namespace: &str, labels: &Labels) -> bool {
         self.scope
             .applies_to(&self.reference.namespace, uid, namespace, labels)
     }

@@ -42,14 +42,14 @@ mod scope;
 mod tests;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
 use serde::Serialize;
 
 use crate::identity::Identity;
-use crate::model::{Mesh, Policy, PolicyKind, Workload};
+use crate::model::{Labels, Mesh, Policy, PolicyKind, Workload};
 
 use compile::{eval_policy, CompiledPolicy, Peer};
 use peer::{PeerAuthChoice, PeerAuths};
@@ -327,7 +327,7 @@ const EAGER_INDEX_LIMIT: usize = 10_000;
 #[derive(Debug)]
 struct Entry {
     namespace: String,
-    labels: BTreeMap<String, String>,
+    labels: Labels,
     applicable: Applicable,
 }
 
@@ -463,7 +463,7 @@ impl Authz {
         &self,
         uid: &str,
         namespace: &str,
-        labels: &BTreeMap<String, String>,
+        labels: &Labels,
         conflict: &mut dyn FnMut(&PeerAuthRef, &PeerAuthRef),
     ) -> Applicable {
         let mut out = Applicable {

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 
 use crate::model::policy::{MtlsMode as SpecMode, PeerAuthentication};
-use crate::model::PolicyKind;
+use crate::model::{Labels, PolicyKind};
 
 use super::scope::Scope;
 use super::Finding;
@@ -211,7 +211,7 @@ impl PeerAuths {
     pub fn choose(
         &self,
         namespace: &str,
-        labels: &BTreeMap<String, String>,
+        labels: &Labels,
         conflict: &mut dyn FnMut(&PeerAuthRef, &PeerAuthRef),
     ) -> PeerAuthChoice {
         let mut matching = self

@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::policy::WorkloadSelector;
-use crate::model::PolicyKind;
+use crate::model::{Labels, PolicyKind};
 
 /// The workloads a policy applies to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,7 +106,7 @@ impl Scope {
         policy_namespace: &str,
         uid: &str,
         namespace: &str,
-        labels: &BTreeMap<String, String>,
+        labels: &Labels,
     ) -> bool {
         match self {
             Scope::Uids(uids) => uids.contains(uid),
@@ -207,10 +207,10 @@ mod tests {
         Ok(ALL
             .into_iter()
             .filter(|(wns, x)| {
-                let labels = if *x {
-                    [("app".to_string(), "x".to_string())].into()
+                let labels: Labels = if *x {
+                    [("app".to_string(), "x".to_string())].into_iter().collect()
                 } else {
-                    BTreeMap::new()
+                    Labels::new()
                 };
                 scope.applies_to(ns, "uid", wns, &labels)
             })
@@ -261,7 +261,7 @@ mod tests {
     #[test]
     fn uids_chosen_by_the_control_plane_apply_to_those_workloads_only() {
         let scope = Scope::Uids(["a".to_string()].into());
-        assert!(scope.applies_to("shop", "a", "other", &BTreeMap::new()));
-        assert!(!scope.applies_to("shop", "b", "shop", &BTreeMap::new()));
+        assert!(scope.applies_to("shop", "a", "other", &Labels::new()));
+        assert!(!scope.applies_to("shop", "b", "shop", &Labels::new()));
     }
 }

@@ -25,6 +25,14 @@ pub use policy::{
 /// The label that enrolls a namespace (value `ambient`) or opts a pod out (value `none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 
+/// A pod's labels: a sorted vector, sized to what it holds. Every workload has one, so its
+/// size counts per workload: a `BTreeMap`'s first node holds room for 11 entries (about
+/// 540 bytes) even for one label.
+pub type Labels = litemap::LiteMap<String, String>;
+
+/// A pod's named container ports, sorted by name, sized like [`Labels`].
+pub type NamedPorts = litemap::LiteMap<String, u16>;
+
 /// Whether weft captures a workload's traffic, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -43,7 +51,7 @@ impl Enrollment {
     /// Decides enrollment from the namespace's and the pod's labels, as Istio ambient does.
     pub fn decide(
         namespace_labels: &BTreeMap<String, String>,
-        pod_labels: &BTreeMap<String, String>,
+        pod_labels: &Labels,
         host_network: bool,
     ) -> Enrollment {
         if host_network {
@@ -95,9 +103,9 @@ pub struct Workload {
     /// All pod addresses (`status.podIPs`, dual-stack aware), primary first.
     pub ips: Vec<IpAddr>,
     /// Pod labels (policy selectors match these).
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// Named container ports, for Services whose `targetPort` is a name.
-    pub named_ports: BTreeMap<String, u16>,
+    pub named_ports: NamedPorts,
     /// Whether weft captures this pod.
     pub enrollment: Enrollment,
     /// The workload the pod belongs to (its Deployment, StatefulSet, ...; else the pod).
@@ -111,14 +119,14 @@ pub struct Workload {
     /// The Envoy waypoint istiod announced for the workload (`Workload.waypoint`): every
     /// connection addressed to the workload's own IP goes through it. Not the in-binary
     /// waypoint of `istio.io/use-waypoint` (`crate::waypoint`), which the mesh file selects
-    /// with labels.
+    /// with labels. Boxed: few workloads have one, and every workload would carry its 64 bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub waypoint: Option<GatewayAddress>,
+    pub waypoint: Option<Box<GatewayAddress>>,
 }
 
 impl Workload {
     /// Istio's canonical service and revision from pod labels.
-    pub fn canonical(labels: &BTreeMap<String, String>, workload_name: &str) -> (String, String) {
+    pub fn canonical(labels: &Labels, workload_name: &str) -> (String, String) {
         let pick = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());
         (
             pick(&[
@@ -255,10 +263,7 @@ impl Service {
 
 /// True when every `selector` label is present in `labels` with the same value. An empty
 /// selector matches everything (Kubernetes' `matchLabels` semantics).
-pub fn selector_matches(
-    selector: &BTreeMap<String, String>,
-    labels: &BTreeMap<String, String>,
-) -> bool {
+pub fn selector_matches(selector: &BTreeMap<String, String>, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -298,7 +303,7 @@ impl Mesh {
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn labels<T: FromIterator<(String, String)>>(pairs: &[(&str, &str)]) -> T {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -307,11 +312,13 @@ mod tests {
 
     #[test]
     fn enrollment_follows_namespace_and_pod_labels() {
-        let ambient = labels(&[(DATAPLANE_MODE_LABEL, "ambient")]);
-        let plain = labels(&[]);
-        let none = labels(&[(DATAPLANE_MODE_LABEL, "none")]);
+        let ambient: BTreeMap<String, String> = labels(&[(DATAPLANE_MODE_LABEL, "ambient")]);
+        let plain: BTreeMap<String, String> = labels(&[]);
+        let pod = |m: &BTreeMap<String, String>| -> Labels { m.clone().into_iter().collect() };
+        let (pod_ambient, pod_plain) = (pod(&ambient), pod(&plain));
+        let none: Labels = labels(&[(DATAPLANE_MODE_LABEL, "none")]);
         assert_eq!(
-            Enrollment::decide(&ambient, &plain, false),
+            Enrollment::decide(&ambient, &pod_plain, false),
             Enrollment::Enrolled
         );
         assert_eq!(
@@ -319,22 +326,22 @@ mod tests {
             Enrollment::OptedOut
         );
         assert_eq!(
-            Enrollment::decide(&plain, &plain, false),
+            Enrollment::decide(&plain, &pod_plain, false),
             Enrollment::NotEnrolled
         );
         assert_eq!(
-            Enrollment::decide(&plain, &ambient, false),
+            Enrollment::decide(&plain, &pod_ambient, false),
             Enrollment::Enrolled
         );
         assert_eq!(
-            Enrollment::decide(&ambient, &plain, true),
+            Enrollment::decide(&ambient, &pod_plain, true),
             Enrollment::HostNetwork
         );
     }
 
     #[test]
     fn empty_selector_matches_everything_and_others_need_every_label() {
-        let pod = labels(&[("app", "web"), ("tier", "front")]);
+        let pod: Labels = labels(&[("app", "web"), ("tier", "front")]);
         assert!(selector_matches(&labels(&[]), &pod));
         assert!(selector_matches(&labels(&[("app", "web")]), &pod));
         assert!(!selector_matches(

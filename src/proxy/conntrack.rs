@@ -632,8 +632,10 @@ mod tests {
             service_account: name.into(),
             node: "n".into(),
             ips: vec![],
-            labels: BTreeMap::from([("app".to_string(), name.to_string())]),
-            named_ports: BTreeMap::new(),
+            labels: [("app".to_string(), name.to_string())]
+                .into_iter()
+                .collect(),
+            named_ports: Default::default(),
             enrollment: crate::model::Enrollment::Enrolled,
             workload_name: name.into(),
             canonical_name: name.into(),

@@ -80,7 +80,7 @@ pub fn required<'a>(
             workload: None,
         },
         Address::Workload(w) => Via {
-            waypoint: w.waypoint.as_ref()?,
+            waypoint: w.waypoint.as_deref()?,
             service: None,
             workload: Some(w),
         },
@@ -180,13 +180,13 @@ mod tests {
             service_account: sa.into(),
             node: "n1".into(),
             ips: vec![ip.parse().unwrap()],
-            labels: BTreeMap::new(),
-            named_ports: BTreeMap::new(),
+            labels: Default::default(),
+            named_ports: Default::default(),
             enrollment: Enrollment::Enrolled,
             workload_name: name.into(),
             canonical_name: name.into(),
             canonical_revision: "latest".into(),
-            waypoint,
+            waypoint: waypoint.map(Box::new),
         }
     }
 

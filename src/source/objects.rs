@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::model::{Enrollment, Service, ServicePort, TargetPort, Workload};
+use crate::model::{Enrollment, Labels, Service, ServicePort, TargetPort, Workload};
 
 /// A step on the way to a field: a mapping key or a sequence index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,7 +112,13 @@ pub(crate) fn workload(
     if !errors.is_empty() {
         return Err(errors);
     }
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let labels: Labels = pod
+        .metadata
+        .labels
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
     let enrollment = Enrollment::decide(namespace_labels, &labels, host_network);
     let mut named_ports = BTreeMap::new();
@@ -140,7 +146,7 @@ pub(crate) fn workload(
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         ips,
         labels,
-        named_ports,
+        named_ports: named_ports.into_iter().collect(),
         enrollment,
         // Kubernetes objects carry no istiod-announced waypoint; `istio.io/use-waypoint`
         // labels select the in-binary one instead.

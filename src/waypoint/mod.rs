@@ -43,19 +43,17 @@ pub const BUILTIN_WAYPOINT: &str = "weft";
 /// Whether inbound traffic to `w` goes through the waypoint: its policies need L7, or the
 /// pod, its namespace, or a Service it backs names the built-in waypoint.
 pub fn applies(snap: &Snapshot, authz: &Authz, w: &Workload) -> bool {
-    let named = |labels: &std::collections::BTreeMap<String, String>| {
-        labels
-            .get(USE_WAYPOINT_LABEL)
-            .is_some_and(|v| v == BUILTIN_WAYPOINT)
-    };
+    let named = |value: Option<&String>| value.is_some_and(|v| v == BUILTIN_WAYPOINT);
     authz.needs_l7(w)
-        || named(&w.labels)
+        || named(w.labels.get(USE_WAYPOINT_LABEL))
         || snap
             .mesh
             .namespaces
             .get(&w.namespace)
-            .is_some_and(|ns| named(&ns.labels))
-        || snap.services_of(&w.uid).any(|s| named(&s.labels))
+            .is_some_and(|ns| named(ns.labels.get(USE_WAYPOINT_LABEL)))
+        || snap
+            .services_of(&w.uid)
+            .any(|s| named(s.labels.get(USE_WAYPOINT_LABEL)))
 }
 
 /// The RequestAuthentications that apply to `w`, by Istio's scope rules (`authz::scope`: the

@@ -8,6 +8,7 @@
 //! (`parse::Origin`, recorded by the parser), does not turn objects into the model
 //! (`translate`) and never touches files, state or sockets.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::api::core::v1 as core;
@@ -19,6 +20,8 @@ use super::parse::{Origin, Parser};
 use crate::model::policy::{
     AuthorizationPolicySpec, PeerAuthenticationSpec, RequestAuthenticationSpec,
 };
+use crate::model::Workload;
+use crate::source::objects::{self, FieldError};
 
 const ISTIO_SECURITY_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
@@ -92,7 +95,12 @@ pub(super) struct Crd<S> {
 
 pub(super) enum Object {
     Namespace(core::Namespace),
-    Pod(Box<core::Pod>),
+    /// A Pod, already translated ([`objects::workload`]) as it is read: holding every Pod
+    /// object (about 2 KB each) until the end of the file would scatter the workloads built
+    /// from them among the memory those objects leave free, and keep it resident. Its
+    /// enrollment is decided again with its namespace's labels, which may come later in the
+    /// file (`translate`).
+    Pod(Result<Option<Workload>, Vec<FieldError>>),
     Service(Box<core::Service>),
     AuthorizationPolicy(Crd<AuthorizationPolicySpec>),
     PeerAuthentication(Crd<PeerAuthenticationSpec>),
@@ -107,7 +115,10 @@ impl<'de> DeserializeSeed<'de> for ObjectSeed<'_> {
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         Ok(Some(match self.0 {
             Kind::Namespace => Object::Namespace(core::Namespace::deserialize(d)?),
-            Kind::Pod => Object::Pod(Box::new(core::Pod::deserialize(d)?)),
+            Kind::Pod => Object::Pod(objects::workload(
+                &core::Pod::deserialize(d)?,
+                &BTreeMap::new(),
+            )),
             Kind::Service => Object::Service(Box::new(core::Service::deserialize(d)?)),
             Kind::AuthorizationPolicy => Object::AuthorizationPolicy(Crd::deserialize(d)?),
             Kind::PeerAuthentication => Object::PeerAuthentication(Crd::deserialize(d)?),

@@ -62,8 +62,8 @@ impl Parser<'_> {
         for (origin, obj) in objects {
             match obj {
                 Object::Namespace(_) => {}
-                Object::Pod(pod) => {
-                    if let Some(w) = self.workload(origin, &pod, &mesh.namespaces) {
+                Object::Pod(read) => {
+                    if let Some(w) = self.workload(origin, read, &mesh.namespaces) {
                         let key = format!("{}/{}", w.namespace, w.name);
                         if !pod_keys.insert(key.clone()) {
                             self.error_in(
@@ -165,30 +165,32 @@ impl Parser<'_> {
         mesh.policies.push_back(p);
     }
 
+    /// The workload a Pod was read as ([`Object::Pod`]), its bad fields reported, enrolled as
+    /// its namespace's labels and its own decide.
     fn workload(
         &mut self,
         origin: Origin,
-        pod: &core::Pod,
+        read: Result<Option<Workload>, Vec<objects::FieldError>>,
         namespaces: &imbl::OrdMap<String, Namespace>,
     ) -> Option<Workload> {
-        let no_labels = BTreeMap::new();
-        let ns_labels = pod
-            .metadata
-            .namespace
-            .as_deref()
-            .filter(|n| !n.is_empty())
-            .or(Some("default"))
-            .and_then(|n| namespaces.get(n))
-            .map_or(&no_labels, |n| &n.labels);
-        match objects::workload(pod, ns_labels) {
-            Ok(w) => w,
+        let mut w = match read {
+            Ok(w) => w?,
             Err(errors) => {
                 for e in errors {
                     self.error_in(origin, &e.path, e.message);
                 }
-                None
+                return None;
             }
+        };
+        // Read without its namespace's labels: only a host-network pod's enrollment stands.
+        if w.enrollment != Enrollment::HostNetwork {
+            let no_labels = BTreeMap::new();
+            let ns_labels = namespaces
+                .get(&w.namespace)
+                .map_or(&no_labels, |n| &n.labels);
+            w.enrollment = Enrollment::decide(ns_labels, &w.labels, false);
         }
+        Some(w)
     }
 
     fn service(&mut self, origin: Origin, svc: &core::Service) -> Option<Service> {
@@ -245,8 +247,8 @@ mod tests {
                 "fd00:10:244:1::a".parse().unwrap()
             ]
         );
-        assert_eq!(web.named_ports["http"], 8080);
-        assert_eq!(web.labels["app"], "web");
+        assert_eq!(web.named_ports.get("http"), Some(&8080));
+        assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
         assert_eq!(web.enrollment, Enrollment::Enrolled);
         assert_eq!(
             web.workload_name, "web",

@@ -611,8 +611,10 @@ mod tests {
                 service_account: "sa".into(),
                 node: "n1".into(),
                 ips: vec![ip.parse().unwrap()],
-                labels: BTreeMap::from([("app".to_string(), name.to_string())]),
-                named_ports: BTreeMap::new(),
+                labels: [("app".to_string(), name.to_string())]
+                    .into_iter()
+                    .collect(),
+                named_ports: Default::default(),
                 enrollment: Enrollment::NotEnrolled,
                 workload_name: name.into(),
                 canonical_name: name.into(),

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use super::{ip_from_bytes, port, FieldError};
-use crate::model::{Enrollment, GatewayAddress, GatewayDestination, Service, Workload};
+use crate::model::{Enrollment, GatewayAddress, GatewayDestination, Labels, Service, Workload};
 use crate::proto::istio::workload as xw;
 
 /// A workload as accepted, with what [`assemble`] needs besides the model.
@@ -194,7 +194,7 @@ fn workload(w: xw::Workload) -> Result<WorkloadEntry, AddressError> {
     } else {
         w.workload_name.clone()
     };
-    let (default_name, default_revision) = Workload::canonical(&BTreeMap::new(), &workload_name);
+    let (default_name, default_revision) = Workload::canonical(&Labels::new(), &workload_name);
     let or = |v: &str, d: String| if v.is_empty() { d } else { v.to_string() };
     Ok(WorkloadEntry {
         workload: Workload {
@@ -204,13 +204,13 @@ fn workload(w: xw::Workload) -> Result<WorkloadEntry, AddressError> {
             service_account: or(&w.service_account, "default".into()),
             node: w.node.clone(),
             ips,
-            labels: BTreeMap::new(),
-            named_ports: BTreeMap::new(),
+            labels: Labels::new(),
+            named_ports: Default::default(),
             enrollment,
             canonical_name: or(&w.canonical_name, default_name),
             canonical_revision: or(&w.canonical_revision, default_revision),
             workload_name,
-            waypoint,
+            waypoint: waypoint.map(Box::new),
         },
         trust_domain: w.trust_domain,
         healthy: w.status != xw::WorkloadStatus::Unhealthy as i32,
@@ -339,13 +339,13 @@ mod tests {
         };
         assert_eq!(
             w.workload.waypoint,
-            Some(GatewayAddress {
+            Some(Box::new(GatewayAddress {
                 destination: GatewayDestination::Address {
                     network: "net1".into(),
                     ip: "10.0.0.9".parse().unwrap(),
                 },
                 hbone_mtls_port: 15008,
-            })
+            }))
         );
         let Ok(AddressEntry::Service(s)) = address(with_service_waypoint(gateway(
             by_hostname("ns1", "waypoint.ns1.svc.cluster.local"),

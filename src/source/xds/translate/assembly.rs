@@ -504,7 +504,13 @@ mod tests {
             TargetPort::Named("ns1/web.ns1.svc:80".into())
         );
         assert_eq!(s.ports[1].target_port, TargetPort::Number(8443));
-        let port_of = |uid: &str| mesh.workloads[uid].named_ports["ns1/web.ns1.svc:80"];
+        let port_of = |uid: &str| {
+            mesh.workloads[uid]
+                .named_ports
+                .get("ns1/web.ns1.svc:80")
+                .copied()
+                .unwrap_or(0)
+        };
         assert_eq!((port_of("a"), port_of("b")), (8080, 9090));
         let Policy::AuthorizationPolicy(p) = &mesh.policies[0] else {
             panic!()
