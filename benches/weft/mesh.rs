@@ -53,7 +53,7 @@ fn pod_yaml(name: &str, ns: &str, labels: &str, node: &str, ip: Ipv4Addr) -> Str
 /// How long after ready the state row's first reading is taken.
 const STATE_EARLY: Duration = Duration::from_millis(500);
 /// How long after ready its second one is: longer than either allocator's decay (jemalloc's
-/// `dirty_decay_ms`: weft's 10 s, ztunnel's 5 s), so that memory freed after loading the
+/// `dirty_decay_ms`: 5 s for both), so that memory freed after loading the
 /// workloads has been given back by the allocator's background threads.
 const STATE_SETTLED: Duration = Duration::from_secs(12);
 
