@@ -468,6 +468,57 @@ status:
     }
 
     #[test]
+    fn pods_are_enrolled_by_their_namespace_wherever_it_stands_in_the_file() {
+        // Pods are translated as they are read (`kinds::Object::Pod`), before a Namespace
+        // further down is: their enrollment must still follow it.
+        let pod = |name: &str, ns: &str, extra: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}{extra}}}\nspec: {{nodeName: n1}}\nstatus: {{podIP: 10.0.0.{}}}\n", name.len())
+        };
+        let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n";
+        let docs = [
+            pod("a", "shop", ""),
+            pod("bb", "shop", ", labels: {istio.io/dataplane-mode: none}"),
+            pod("ccc", "other", ""),
+            ns.to_string(),
+        ]
+        .join("---\n");
+        let host = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: dddd, namespace: shop}\nspec: {nodeName: n1, hostNetwork: true}\nstatus: {podIP: 10.0.0.4}\n";
+        let list = {
+            let item = |doc: &str| {
+                doc.lines()
+                    .enumerate()
+                    .map(|(i, l)| format!("{}{l}\n", if i == 0 { "- " } else { "  " }))
+                    .collect::<String>()
+            };
+            format!(
+                "apiVersion: v1\nkind: List\nitems:\n{}{}{}",
+                item(&pod("a", "shop", "")),
+                item(&pod(
+                    "bb",
+                    "shop",
+                    ", labels: {istio.io/dataplane-mode: none}"
+                )),
+                item(ns)
+            )
+        };
+        let enrollment = |text: &str, name: &str| {
+            let mesh = parse_mesh("mesh.yaml", text).unwrap().mesh;
+            mesh.workloads
+                .values()
+                .find(|w| w.name == name)
+                .map(|w| w.enrollment)
+                .unwrap()
+        };
+        let text = format!("{docs}{host}");
+        assert_eq!(enrollment(&text, "a"), Enrollment::Enrolled);
+        assert_eq!(enrollment(&text, "bb"), Enrollment::OptedOut);
+        assert_eq!(enrollment(&text, "ccc"), Enrollment::NotEnrolled);
+        assert_eq!(enrollment(&text, "dddd"), Enrollment::HostNetwork);
+        assert_eq!(enrollment(&list, "a"), Enrollment::Enrolled);
+        assert_eq!(enrollment(&list, "bb"), Enrollment::OptedOut);
+    }
+
+    #[test]
     fn duplicate_objects_are_refused() {
         let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n";
         assert_eq!(errors(text), ["mesh.yaml:8: duplicate Pod default/a"]);
