@@ -125,6 +125,18 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// Decides the workload's enrollment again against its namespace as it is in
+    /// `namespaces` (a missing namespace has no labels); a host-network pod stays one. For
+    /// sources that build a workload before its namespace is known, or keep it while the
+    /// namespace changes.
+    pub fn enroll_in(&mut self, namespaces: &imbl::OrdMap<String, Namespace>) {
+        if self.enrollment != Enrollment::HostNetwork {
+            let none = BTreeMap::new();
+            let ns_labels = namespaces.get(&self.namespace).map_or(&none, |n| &n.labels);
+            self.enrollment = Enrollment::decide(ns_labels, &self.labels, false);
+        }
+    }
+
     /// Istio's canonical service and revision from pod labels.
     pub fn canonical(labels: &Labels, workload_name: &str) -> (String, String) {
         let pick = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());

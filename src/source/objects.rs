@@ -115,9 +115,9 @@ pub(crate) fn workload(
     let labels: Labels = pod
         .metadata
         .labels
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
     let enrollment = Enrollment::decide(namespace_labels, &labels, host_network);

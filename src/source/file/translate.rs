@@ -5,7 +5,7 @@
 //! Owns the translation rules. Does not read YAML (`kinds` does) and never touches files,
 //! state or sockets; errors and warnings go to the [`Parser`], located at their field.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1 as core;
@@ -182,14 +182,8 @@ impl Parser<'_> {
                 return None;
             }
         };
-        // Read without its namespace's labels: only a host-network pod's enrollment stands.
-        if w.enrollment != Enrollment::HostNetwork {
-            let no_labels = BTreeMap::new();
-            let ns_labels = namespaces
-                .get(&w.namespace)
-                .map_or(&no_labels, |n| &n.labels);
-            w.enrollment = Enrollment::decide(ns_labels, &w.labels, false);
-        }
+        // Read without its namespace's labels: decided here, once every namespace is known.
+        w.enroll_in(namespaces);
         Some(w)
     }
 

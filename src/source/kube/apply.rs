@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use crate::model::{Enrollment, Namespace, Policy, PolicyKind, Service, Workload};
+use crate::model::{Namespace, Policy, PolicyKind, Service, Workload};
 use crate::state::{Edit, Snapshot, StateStore};
 
 /// The kinds the source watches.
@@ -527,15 +527,7 @@ impl Applier {
 
 /// The workload with its enrollment decided against its namespace as it is in `snap`.
 fn enrolled(snap: &Snapshot, mut w: Workload) -> Workload {
-    if w.enrollment != Enrollment::HostNetwork {
-        let none = BTreeMap::new();
-        let ns_labels = snap
-            .mesh
-            .namespaces
-            .get(&w.namespace)
-            .map_or(&none, |n| &n.labels);
-        w.enrollment = Enrollment::decide(ns_labels, &w.labels, false);
-    }
+    w.enroll_in(&snap.mesh.namespaces);
     w
 }
 
@@ -579,6 +571,7 @@ fn reenroll(snap: &mut Snapshot, ns: &str) {
 mod tests {
     use super::*;
     use crate::model::policy::AuthorizationPolicySpec;
+    use crate::model::Enrollment;
     use crate::model::{AuthorizationPolicy, ServicePort, TargetPort};
 
     fn ns(name: &str, ambient: bool) -> Object {
