@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 
 use crate::identity::manager::CertManager;
 use crate::identity::Identity;
-use crate::model::Workload;
+use crate::model::{ArcStr, Workload};
 use crate::state::StateStore;
 
 // === label values ===
@@ -501,8 +501,8 @@ impl HttpMetrics {
     /// Counts one request the waypoint answered with `status` after `ms` milliseconds.
     pub fn record(&self, req: &RequestSides<'_>, status: u16, ms: f64) {
         let (src, dst) = (req.src_workload, req.dst_workload);
-        let field = |w: Option<&Workload>, f: fn(&Workload) -> &String| {
-            w.map(|w| f(w).clone())
+        let field = |w: Option<&Workload>, f: fn(&Workload) -> &ArcStr| {
+            w.map(|w| f(w).to_string())
                 .unwrap_or_else(|| UNKNOWN.to_string())
         };
         let cluster = |w: Option<&Workload>| {

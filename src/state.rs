@@ -34,7 +34,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::identity::Identity;
-use crate::model::{Enrollment, Mesh, Namespace, Policy, PolicyKind, Service, Workload};
+use crate::model::{ArcStr, Enrollment, Mesh, Namespace, Policy, PolicyKind, Service, Workload};
 
 /// What an IP address belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,7 +86,7 @@ pub enum Edit {
 /// Who claims an IP, in precedence order (the derived `Ord`: workloads first).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Owner {
-    Workload(String),
+    Workload(ArcStr),
     Service(String),
 }
 
@@ -168,7 +168,7 @@ struct Index {
     services_of: imbl::HashMap<String, Vec<String>>,
     /// Namespace → its workloads, by uid (selector services resolve within one namespace).
     /// The entries share the mesh's workloads rather than copying their uids.
-    ns_workloads: imbl::HashMap<String, imbl::OrdSet<ByUid>>,
+    ns_workloads: imbl::HashMap<ArcStr, imbl::OrdSet<ByUid>>,
     /// Namespace → its services' keys.
     ns_services: imbl::HashMap<String, imbl::OrdSet<String>>,
 }
@@ -289,7 +289,7 @@ impl Snapshot {
     pub fn local_identities(&self, node: &str, trust_domain: &str) -> BTreeSet<Identity> {
         self.local_enrolled(node)
             .filter_map(|w| {
-                match Identity::new(trust_domain, &w.namespace, &w.service_account) {
+                match Identity::new(trust_domain, w.namespace.as_str(), w.service_account.as_str()) {
                     Ok(id) => Some(id),
                     Err(e) => {
                         tracing::warn!(workload = %w.uid, error = %e, "workload has no valid identity");
@@ -329,7 +329,7 @@ impl Snapshot {
             }
             Edit::UpsertWorkload(w) => self.upsert_workload(Arc::new(w)),
             Edit::RemoveWorkload(uid) => {
-                if let Some(old) = self.mesh.workloads.remove(&uid) {
+                if let Some(old) = self.mesh.workloads.remove(uid.as_str()) {
                     self.workload_changed(&uid, Some(&old), None);
                 }
             }
@@ -391,7 +391,7 @@ impl Snapshot {
         }
         let old_ips = claimed_ips(old);
         let new_ips = claimed_ips(new);
-        let owner = Owner::Workload(uid.to_string());
+        let owner = Owner::Workload(ArcStr::from(uid));
         for ip in old_ips.iter().filter(|ip| !new_ips.contains(ip)) {
             self.release(*ip, &owner);
         }
@@ -402,7 +402,7 @@ impl Snapshot {
         // or the new workload: only their endpoints can change.
         let mut keys: Vec<String> = Vec::new();
         for ns in [&old_ns, &new_ns].into_iter().flatten() {
-            if let Some(set) = self.index.ns_services.get(ns) {
+            if let Some(set) = self.index.ns_services.get(ns.as_str()) {
                 keys.extend(set.iter().cloned());
             }
         }
@@ -446,11 +446,11 @@ impl Snapshot {
             let endpoints = kept.unwrap_or_else(|| {
                 self.index
                     .ns_workloads
-                    .get(&s.namespace)
+                    .get(s.namespace.as_str())
                     .into_iter()
                     .flatten()
                     .filter(|w| is_endpoint(&s, &w.0))
-                    .map(|w| w.0.uid.clone())
+                    .map(|w| w.0.uid.to_string())
                     .collect()
             });
             if endpoints != s.endpoints {
@@ -526,7 +526,12 @@ impl Snapshot {
     /// The owner as it is in the mesh now.
     fn resolve(&self, owner: &Owner) -> Option<Slot> {
         match owner {
-            Owner::Workload(uid) => self.mesh.workloads.get(uid).cloned().map(Slot::Workload),
+            Owner::Workload(uid) => self
+                .mesh
+                .workloads
+                .get(uid.as_str())
+                .cloned()
+                .map(Slot::Workload),
             Owner::Service(key) => self
                 .mesh
                 .services
@@ -589,7 +594,7 @@ impl Snapshot {
 /// The IPs a workload claims in the index: host-network pods share the node's.
 fn claimed_ips(w: Option<&Arc<Workload>>) -> Vec<IpAddr> {
     match w {
-        Some(w) if w.enrollment != Enrollment::HostNetwork => w.ips.clone(),
+        Some(w) if w.enrollment != Enrollment::HostNetwork => w.ips.to_vec(),
         _ => Vec::new(),
     }
 }
@@ -602,8 +607,9 @@ fn is_endpoint(svc: &Service, w: &Workload) -> bool {
 }
 
 /// Removes `item` from the set under `ns`, and the set when it empties.
-fn remove_from<T>(map: &mut imbl::HashMap<String, imbl::OrdSet<T>>, ns: &str, item: &str)
+fn remove_from<K, T>(map: &mut imbl::HashMap<K, imbl::OrdSet<T>>, ns: &str, item: &str)
 where
+    K: std::hash::Hash + Eq + Clone + std::borrow::Borrow<str>,
     T: Ord + Clone + std::borrow::Borrow<str>,
 {
     if let Some(set) = map.get_mut(ns) {
@@ -792,10 +798,8 @@ mod tests {
             namespace: "ns1".into(),
             service_account: sa.into(),
             node: node.into(),
-            ips: vec![ip.parse().unwrap()],
-            labels: [("app".to_string(), name.to_string())]
-                .into_iter()
-                .collect(),
+            ips: [ip.parse().unwrap()].into(),
+            labels: [("app".into(), name.into())].into_iter().collect(),
             named_ports: Default::default(),
             enrollment,
             workload_name: name.into(),
@@ -935,17 +939,20 @@ mod tests {
                 Workload {
                     // The namespace is not part of the uid here, so a workload can move
                     // between them.
-                    uid: format!("uid/{name}"),
-                    name: name.clone(),
+                    uid: arcstr::format!("uid/{name}"),
+                    name: name.as_str().into(),
                     namespace: namespace.into(),
                     service_account: "sa".into(),
-                    node: format!("n{node}"),
-                    ips,
-                    labels: labels.into_iter().collect(),
+                    node: arcstr::format!("n{node}"),
+                    ips: ips.into(),
+                    labels: labels
+                        .into_iter()
+                        .map(|(k, v)| (k.into(), v.into()))
+                        .collect(),
                     named_ports: Default::default(),
                     enrollment,
-                    workload_name: name.clone(),
-                    canonical_name: name,
+                    workload_name: name.as_str().into(),
+                    canonical_name: name.into(),
                     canonical_revision: "latest".into(),
                     waypoint: None,
                 }
@@ -1040,7 +1047,7 @@ mod tests {
                     self.namespaces.remove(&name);
                 }
                 Edit::UpsertWorkload(w) => {
-                    self.workloads.insert(w.uid.clone(), w);
+                    self.workloads.insert(w.uid.to_string(), w);
                 }
                 Edit::RemoveWorkload(uid) => {
                     self.workloads.remove(&uid);
@@ -1104,7 +1111,7 @@ mod tests {
                                 && !w.ips.is_empty()
                                 && selector_matches(&svc.selector, &w.labels)
                         })
-                        .map(|w| w.uid.clone())
+                        .map(|w| w.uid.to_string())
                         .collect();
                     assert_eq!(*got, want, "{key}: endpoints from the selector");
                 }

@@ -155,7 +155,7 @@ impl Client {
             .mesh
             .workloads
             .values()
-            .map(|w| w.uid.clone())
+            .map(|w| w.uid.to_string())
             .collect()
     }
 
@@ -204,7 +204,7 @@ async fn the_first_sync_publishes_workloads_services_and_policies_once_both_type
     let cart0 = snap.workload(CART_0).unwrap();
     assert_eq!(cart0.enrollment, Enrollment::Enrolled);
     assert_eq!(
-        cart0.ips,
+        cart0.ips.to_vec(),
         vec!["10.1.0.5".parse::<std::net::IpAddr>().unwrap()]
     );
     assert_eq!(
@@ -491,7 +491,7 @@ async fn a_response_applies_its_good_resources_and_the_nack_names_only_the_bad()
         .until("good push applied", |s| {
             s.snapshot()
                 .workload(CART_1)
-                .is_some_and(|w| w.ips == ["10.1.0.16".parse::<std::net::IpAddr>().unwrap()])
+                .is_some_and(|w| *w.ips == ["10.1.0.16".parse::<std::net::IpAddr>().unwrap()])
         })
         .await;
     assert!(client.store.status().last_attempt_ok);

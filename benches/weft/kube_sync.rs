@@ -287,10 +287,11 @@ fn run_apply(n: usize, report: &mut Report) {
     let pod = |i: usize, version: &str| {
         let ip = Ipv4Addr::from(0x0a00_0000u32 + i as u32 + 1);
         let labels: weft::model::Labels = [
-            ("app".to_string(), format!("a{}", i % 100)),
-            ("version".to_string(), version.to_string()),
+            ("app", format!("a{}", i % 100)),
+            ("version", version.to_string()),
         ]
         .into_iter()
+        .map(|(k, v)| (weft::model::intern(k), weft::model::intern(&v)))
         .collect();
         Object {
             kind: Kind::Pod,
@@ -298,16 +299,17 @@ fn run_apply(n: usize, report: &mut Report) {
             name: format!("p{i}"),
             item: Ok(Item::Pod(Some(weft::model::Workload {
                 uid: weft::model::Workload::pod_uid("big", &format!("p{i}")),
-                name: format!("p{i}"),
-                namespace: "big".into(),
-                service_account: format!("sa{}", i % 100),
-                node: format!("node-{}", i % 50),
-                ips: vec![IpAddr::V4(ip)],
+                name: format!("p{i}").into(),
+                // As the sources build them: the repeated strings held once.
+                namespace: weft::model::intern("big"),
+                service_account: weft::model::intern(&format!("sa{}", i % 100)),
+                node: weft::model::intern(&format!("node-{}", i % 50)),
+                ips: [IpAddr::V4(ip)].into(),
                 labels,
                 named_ports: [("http".to_string(), 8080)].into_iter().collect(),
                 enrollment: weft::model::Enrollment::NotEnrolled,
-                workload_name: format!("a{}", i % 100),
-                canonical_name: format!("a{}", i % 100),
+                workload_name: weft::model::intern(&format!("a{}", i % 100)),
+                canonical_name: weft::model::intern(&format!("a{}", i % 100)),
                 canonical_revision: "v1".into(),
                 waypoint: None,
             }))),

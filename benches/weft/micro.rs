@@ -20,6 +20,23 @@ pub(crate) fn mesh_text(workloads: usize) -> String {
     y
 }
 
+/// A copy of `w` whose uid and name (its own, not interned) are new allocations.
+fn own_strings(w: &weft::model::Workload) -> weft::model::Workload {
+    use weft::model::ArcStr;
+    let name = ArcStr::from(w.name.as_str());
+    let workload_name = if ArcStr::ptr_eq(&w.workload_name, &w.name) {
+        name.clone()
+    } else {
+        w.workload_name.clone()
+    };
+    weft::model::Workload {
+        uid: ArcStr::from(w.uid.as_str()),
+        name,
+        workload_name,
+        ..w.clone()
+    }
+}
+
 pub(crate) fn run_state(sz: Sizes, report: &mut Report) {
     for n in sz.workloads {
         // Text and parse on another thread: glibc gives it its own arena, so the memory they
@@ -34,12 +51,17 @@ pub(crate) fn run_state(sz: Sizes, report: &mut Report) {
         .unwrap();
         let before = self_rss();
         // The snapshot gets its own copy of every workload (the parsed mesh shares them
-        // otherwise).
+        // otherwise), with its own copy of each workload's own strings (a clone would share
+        // them, and they were allocated before the reading above); the strings workloads
+        // share through `model::intern` stay shared, as in the daemon.
         let mut mesh = parsed.mesh.clone();
         mesh.workloads = mesh
             .workloads
-            .iter()
-            .map(|(uid, w)| (uid.clone(), Arc::new(weft::model::Workload::clone(w))))
+            .values()
+            .map(|w| {
+                let w = own_strings(w);
+                (w.uid.clone(), Arc::new(w))
+            })
             .collect();
         let data = self_rss();
         let store = weft::state::StateStore::new("bench");
@@ -69,7 +91,8 @@ pub(crate) fn run_state(sz: Sizes, report: &mut Report) {
             .map(|i| {
                 let uid = format!("Kubernetes//Pod/big/p{}", n / 2 + i);
                 let t = Instant::now();
-                let mut w = weft::model::Workload::clone(&store.snapshot().mesh.workloads[&uid]);
+                let mut w =
+                    weft::model::Workload::clone(&store.snapshot().mesh.workloads[uid.as_str()]);
                 w.labels.insert("version".into(), "v2".into());
                 store.apply([weft::state::Edit::UpsertWorkload(w)]);
                 t.elapsed().as_secs_f64() * 1e3

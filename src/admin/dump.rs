@@ -34,9 +34,13 @@ fn network_address(ip: IpAddr) -> String {
 
 /// One workload as ztunnel dumps it, plus weft's facts about it.
 pub(super) fn workload(w: &Workload, snap: &Snapshot, cfg: &Config) -> Value {
-    let identity = Identity::new(&cfg.trust_domain, &w.namespace, &w.service_account)
-        .map(|i| i.to_string())
-        .ok();
+    let identity = Identity::new(
+        &cfg.trust_domain,
+        w.namespace.as_str(),
+        w.service_account.as_str(),
+    )
+    .map(|i| i.to_string())
+    .ok();
     let services: Vec<String> = snap
         .services_of(&w.uid)
         .map(|s| format!("{}/{}", s.namespace, s.hostname()))
@@ -90,7 +94,7 @@ fn with_waypoint(out: &mut Value, waypoint: Option<&GatewayAddress>) {
 fn workload_type(w: &Workload) -> &'static str {
     let replica_set_pod = w
         .name
-        .strip_prefix(&w.workload_name)
+        .strip_prefix(w.workload_name.as_str())
         .and_then(|rest| rest.strip_prefix('-'))
         .is_some_and(|rest| rest.split('-').count() == 2);
     if w.workload_name != w.name && replica_set_pod {
@@ -116,7 +120,7 @@ pub(super) fn service(s: &Service, snap: &Snapshot) -> Value {
         .collect();
     let mut endpoints = Map::new();
     for uid in &s.endpoints {
-        let Some(w) = snap.mesh.workloads.get(uid) else {
+        let Some(w) = snap.mesh.workloads.get(uid.as_str()) else {
             continue;
         };
         let ports: BTreeMap<String, u16> = s
@@ -383,7 +387,7 @@ pub(super) fn workload_state(
             continue;
         }
         out.insert(
-            w.uid.clone(),
+            w.uid.to_string(),
             json!({
                 "state": "Up",
                 "connections": {

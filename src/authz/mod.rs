@@ -49,7 +49,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::identity::Identity;
-use crate::model::{Labels, Mesh, Policy, PolicyKind, Workload};
+use crate::model::{ArcStr, Labels, Mesh, Policy, PolicyKind, Workload};
 
 use compile::{eval_policy, CompiledPolicy, Peer};
 use peer::{PeerAuthChoice, PeerAuths};
@@ -326,7 +326,7 @@ const EAGER_INDEX_LIMIT: usize = 10_000;
 
 #[derive(Debug)]
 struct Entry {
-    namespace: String,
+    namespace: ArcStr,
     labels: Labels,
     applicable: Applicable,
 }
@@ -345,7 +345,7 @@ pub struct Authz {
     by_namespace: HashMap<String, Vec<u32>>,
     peer_auths: PeerAuths,
     /// Every workload of the mesh, by uid.
-    by_uid: HashMap<String, Entry>,
+    by_uid: HashMap<ArcStr, Entry>,
     findings: Vec<Finding>,
     /// `findings` as text.
     warnings: Vec<String>,
@@ -493,7 +493,7 @@ impl Authz {
     /// The applicable policies for a workload: from the index when it is the workload the
     /// index was built with, computed otherwise (a workload from another snapshot).
     fn lookup(&self, w: &Workload) -> Cow<'_, Applicable> {
-        match self.by_uid.get(&w.uid) {
+        match self.by_uid.get(w.uid.as_str()) {
             Some(e) if e.namespace == w.namespace && e.labels == w.labels => {
                 Cow::Borrowed(&e.applicable)
             }

@@ -208,7 +208,7 @@ mod tests {
             .into_iter()
             .filter(|(wns, x)| {
                 let labels: Labels = if *x {
-                    [("app".to_string(), "x".to_string())].into_iter().collect()
+                    [("app".into(), "x".into())].into_iter().collect()
                 } else {
                     Labels::new()
                 };

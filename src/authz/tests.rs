@@ -665,7 +665,7 @@ fn control_plane_scopes_and_dry_run_are_honoured() {
     // Selected by uid: applies to exactly that workload, whatever its labels.
     set(
         &mut mesh,
-        PolicyScope::Workloads([dst.uid.clone()].into()),
+        PolicyScope::Workloads([dst.uid.to_string()].into()),
         false,
     );
     assert!(!Authz::new(&mesh, ROOT)

@@ -334,7 +334,7 @@ impl Pods {
                 uid.clone(),
                 PodView {
                     pod: label.clone(),
-                    workload: workload.as_ref().map(|w| w.uid.clone()),
+                    workload: workload.as_ref().map(|w| w.uid.to_string()),
                 },
             );
         });
@@ -342,11 +342,11 @@ impl Pods {
             uid,
             Pod {
                 label,
-                mesh_uid: workload.as_ref().map(|w| w.uid.clone()).or_else(|| {
+                mesh_uid: workload.as_ref().map(|w| w.uid.to_string()).or_else(|| {
                     info.as_ref()
-                        .map(|i| Workload::pod_uid(&i.namespace, &i.name))
+                        .map(|i| Workload::pod_uid(&i.namespace, &i.name).to_string())
                 }),
-                ips: workload.map(|w| w.ips.clone()).unwrap_or_default(),
+                ips: workload.map(|w| w.ips.to_vec()).unwrap_or_default(),
                 netns_id,
                 shutdown,
                 proxy,
@@ -372,7 +372,7 @@ impl Pods {
                 return Err(Refusal::ServiceAccount {
                     uid: uid.to_string(),
                     sent: i.service_account.clone(),
-                    mesh: w.service_account.clone(),
+                    mesh: w.service_account.to_string(),
                 });
             }
         }
@@ -409,7 +409,7 @@ impl Pods {
                     .store
                     .snapshot()
                     .workload(uid)
-                    .map(|w| w.ips.clone())
+                    .map(|w| w.ips.to_vec())
             })
             .unwrap_or(pod.ips);
         let grace = self.settings.drain_grace;

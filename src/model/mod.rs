@@ -12,9 +12,11 @@
 
 pub mod policy;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+
+pub use arcstr::ArcStr;
 
 use serde::Serialize;
 
@@ -27,11 +29,51 @@ pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 
 /// A pod's labels: a sorted vector, sized to what it holds. Every workload has one, so its
 /// size counts per workload: a `BTreeMap`'s first node holds room for 11 entries (about
-/// 540 bytes) even for one label.
-pub type Labels = litemap::LiteMap<String, String>;
+/// 540 bytes) even for one label. Keys and values are [`intern`]ed by the sources: pods of
+/// one workload carry the same labels.
+pub type Labels = litemap::LiteMap<ArcStr, ArcStr>;
 
 /// A pod's named container ports, sorted by name, sized like [`Labels`].
 pub type NamedPorts = litemap::LiteMap<String, u16>;
+
+/// The one copy of `s` that workloads share: their namespace, node, service account,
+/// workload and canonical names and revision repeat across many workloads, and each was a
+/// string of its own in every one. An [`ArcStr`] is one pointer; interned, the text is held
+/// once while any workload refers to it.
+///
+/// The set is the process's. It drops the strings no one else holds whenever it has doubled
+/// since the last such sweep, so it never holds more than twice what is in use (and at least
+/// [`INTERN_SWEEP_MIN`] entries between sweeps).
+pub fn intern(s: &str) -> ArcStr {
+    // A panic while holding the lock leaves the set as it was (insert and retain only).
+    let mut interned = INTERNED.lock().unwrap_or_else(PoisonError::into_inner);
+    let Interned { set, sweep_at } = &mut *interned;
+    let set = set.get_or_insert_with(HashSet::new);
+    if let Some(found) = set.get(s) {
+        return found.clone();
+    }
+    let new = ArcStr::from(s);
+    set.insert(new.clone());
+    if set.len() >= *sweep_at {
+        set.retain(|s| ArcStr::strong_count(s) != Some(1));
+        *sweep_at = (set.len() * 2).max(INTERN_SWEEP_MIN);
+    }
+    new
+}
+
+/// The fewest entries [`intern`]'s set holds before it sweeps.
+pub const INTERN_SWEEP_MIN: usize = 1024;
+
+/// [`intern`]'s set (created on first use: a `HashSet` cannot be built in a `static`).
+static INTERNED: Mutex<Interned> = Mutex::new(Interned {
+    set: None,
+    sweep_at: INTERN_SWEEP_MIN,
+});
+
+struct Interned {
+    set: Option<HashSet<ArcStr>>,
+    sweep_at: usize,
+}
 
 /// Whether weft captures a workload's traffic, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -60,7 +102,7 @@ impl Enrollment {
         let ns_ambient = namespace_labels
             .get(DATAPLANE_MODE_LABEL)
             .is_some_and(|v| v == "ambient");
-        let pod_mode = pod_labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
+        let pod_mode = pod_labels.get(DATAPLANE_MODE_LABEL).map(ArcStr::as_str);
         match (ns_ambient, pod_mode) {
             (_, Some("none")) if ns_ambient => Enrollment::OptedOut,
             (true, _) => Enrollment::Enrolled,
@@ -91,17 +133,19 @@ pub struct Namespace {
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
     /// Stable key: `Kubernetes//Pod/<namespace>/<name>` (the shape Istio uses).
-    pub uid: String,
+    pub uid: ArcStr,
     /// Pod name.
-    pub name: String,
+    pub name: ArcStr,
     /// Pod namespace.
-    pub namespace: String,
+    pub namespace: ArcStr,
     /// ServiceAccount the pod runs as (`default` when unset).
-    pub service_account: String,
+    pub service_account: ArcStr,
     /// Node the pod is scheduled on (empty when not yet scheduled).
-    pub node: String,
-    /// All pod addresses (`status.podIPs`, dual-stack aware), primary first.
-    pub ips: Vec<IpAddr>,
+    pub node: ArcStr,
+    /// All pod addresses (`status.podIPs`, dual-stack aware), primary first. A boxed slice:
+    /// 8 bytes less than a vector in every workload, which keeps `Arc<Workload>` in the
+    /// allocator's 160-byte class.
+    pub ips: Box<[IpAddr]>,
     /// Pod labels (policy selectors match these).
     pub labels: Labels,
     /// Named container ports, for Services whose `targetPort` is a name.
@@ -109,13 +153,13 @@ pub struct Workload {
     /// Whether weft captures this pod.
     pub enrollment: Enrollment,
     /// The workload the pod belongs to (its Deployment, StatefulSet, ...; else the pod).
-    pub workload_name: String,
+    pub workload_name: ArcStr,
     /// Istio's canonical service (`service.istio.io/canonical-name`, `app.kubernetes.io/name`,
     /// `app`, else the workload name).
-    pub canonical_name: String,
+    pub canonical_name: ArcStr,
     /// Istio's canonical revision (`service.istio.io/canonical-revision`,
     /// `app.kubernetes.io/version`, `version`, else `latest`).
-    pub canonical_revision: String,
+    pub canonical_revision: ArcStr,
     /// The Envoy waypoint istiod announced for the workload (`Workload.waypoint`): every
     /// connection addressed to the workload's own IP goes through it. Not the in-binary
     /// waypoint of `istio.io/use-waypoint` (`crate::waypoint`), which the mesh file selects
@@ -132,33 +176,35 @@ impl Workload {
     pub fn enroll_in(&mut self, namespaces: &imbl::OrdMap<String, Namespace>) {
         if self.enrollment != Enrollment::HostNetwork {
             let none = BTreeMap::new();
-            let ns_labels = namespaces.get(&self.namespace).map_or(&none, |n| &n.labels);
+            let ns_labels = namespaces
+                .get(self.namespace.as_str())
+                .map_or(&none, |n| &n.labels);
             self.enrollment = Enrollment::decide(ns_labels, &self.labels, false);
         }
     }
 
     /// Istio's canonical service and revision from pod labels.
-    pub fn canonical(labels: &Labels, workload_name: &str) -> (String, String) {
-        let pick = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());
+    pub fn canonical(labels: &Labels, workload_name: &ArcStr) -> (ArcStr, ArcStr) {
+        let pick = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).map(|v| intern(v));
         (
             pick(&[
                 "service.istio.io/canonical-name",
                 "app.kubernetes.io/name",
                 "app",
             ])
-            .unwrap_or_else(|| workload_name.to_string()),
+            .unwrap_or_else(|| workload_name.clone()),
             pick(&[
                 "service.istio.io/canonical-revision",
                 "app.kubernetes.io/version",
                 "version",
             ])
-            .unwrap_or_else(|| "latest".to_string()),
+            .unwrap_or_else(|| arcstr::literal!("latest")),
         )
     }
 
     /// The uid Istio gives a Kubernetes pod.
-    pub fn pod_uid(namespace: &str, name: &str) -> String {
-        format!("Kubernetes//Pod/{namespace}/{name}")
+    pub fn pod_uid(namespace: &str, name: &str) -> ArcStr {
+        arcstr::format!("Kubernetes//Pod/{namespace}/{name}")
     }
 }
 
@@ -276,7 +322,9 @@ impl Service {
 /// True when every `selector` label is present in `labels` with the same value. An empty
 /// selector matches everything (Kubernetes' `matchLabels` semantics).
 pub fn selector_matches(selector: &BTreeMap<String, String>, labels: &Labels) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    selector
+        .iter()
+        .all(|(k, v)| labels.get(k.as_str()).is_some_and(|l| l == v))
 }
 
 /// Everything one source knows about the mesh, before indexing.
@@ -290,7 +338,7 @@ pub struct Mesh {
     /// Namespaces by name.
     pub namespaces: imbl::OrdMap<String, Namespace>,
     /// Workloads (pods) by uid.
-    pub workloads: imbl::OrdMap<String, Arc<Workload>>,
+    pub workloads: imbl::OrdMap<ArcStr, Arc<Workload>>,
     /// Services by a key their source chooses, unique per service: `<namespace>/<name>` for
     /// Kubernetes ([`Service::key`]), `<namespace>/<hostname>` for xDS (one ServiceEntry may
     /// give several services of one name).
@@ -315,10 +363,14 @@ impl Mesh {
 mod tests {
     use super::*;
 
-    fn labels<T: FromIterator<(String, String)>>(pairs: &[(&str, &str)]) -> T {
+    fn labels<S, T>(pairs: &[(&str, &str)]) -> T
+    where
+        S: for<'a> From<&'a str>,
+        T: FromIterator<(S, S)>,
+    {
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect()
     }
 
@@ -326,7 +378,11 @@ mod tests {
     fn enrollment_follows_namespace_and_pod_labels() {
         let ambient: BTreeMap<String, String> = labels(&[(DATAPLANE_MODE_LABEL, "ambient")]);
         let plain: BTreeMap<String, String> = labels(&[]);
-        let pod = |m: &BTreeMap<String, String>| -> Labels { m.clone().into_iter().collect() };
+        let pod = |m: &BTreeMap<String, String>| -> Labels {
+            m.iter()
+                .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                .collect()
+        };
         let (pod_ambient, pod_plain) = (pod(&ambient), pod(&plain));
         let none: Labels = labels(&[(DATAPLANE_MODE_LABEL, "none")]);
         assert_eq!(
@@ -349,6 +405,26 @@ mod tests {
             Enrollment::decide(&ambient, &pod_plain, true),
             Enrollment::HostNetwork
         );
+    }
+
+    #[test]
+    fn interned_strings_are_shared_and_unused_ones_are_dropped() {
+        let held = intern("interned-test-held");
+        assert!(ArcStr::ptr_eq(&held, &intern("interned-test-held")));
+        assert_eq!(held, "interned-test-held");
+        // Many strings no one keeps: the sweeps drop them (other tests may intern a few of
+        // their own meanwhile), and keep the one still held.
+        for i in 0..10 * INTERN_SWEEP_MIN {
+            drop(intern(&format!("interned-test-{i}")));
+        }
+        let len = INTERNED
+            .lock()
+            .unwrap()
+            .set
+            .as_ref()
+            .map_or(0, HashSet::len);
+        assert!(len <= 2 * INTERN_SWEEP_MIN, "{len} strings interned");
+        assert!(ArcStr::ptr_eq(&held, &intern("interned-test-held")));
     }
 
     #[test]

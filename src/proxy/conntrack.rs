@@ -97,7 +97,11 @@ impl Peer {
 
     /// `app` label (empty when unset).
     pub fn app(&self) -> &str {
-        self.0.labels.get("app").map(String::as_str).unwrap_or("")
+        self.0
+            .labels
+            .get("app")
+            .map(crate::model::ArcStr::as_str)
+            .unwrap_or("")
     }
 
     /// Canonical service.
@@ -626,15 +630,13 @@ mod tests {
 
     fn workload(name: &str, revision: &str) -> Arc<Workload> {
         Arc::new(Workload {
-            uid: format!("Kubernetes//Pod/ns/{name}"),
+            uid: arcstr::format!("Kubernetes//Pod/ns/{name}"),
             name: name.into(),
             namespace: "ns".into(),
             service_account: name.into(),
             node: "n".into(),
-            ips: vec![],
-            labels: [("app".to_string(), name.to_string())]
-                .into_iter()
-                .collect(),
+            ips: Box::default(),
+            labels: [("app".into(), name.into())].into_iter().collect(),
             named_ports: Default::default(),
             enrollment: crate::model::Enrollment::Enrolled,
             workload_name: name.into(),

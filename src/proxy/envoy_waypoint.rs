@@ -179,7 +179,7 @@ mod tests {
             namespace: "shop".into(),
             service_account: sa.into(),
             node: "n1".into(),
-            ips: vec![ip.parse().unwrap()],
+            ips: [ip.parse().unwrap()].into(),
             labels: Default::default(),
             named_ports: Default::default(),
             enrollment: Enrollment::Enrolled,
@@ -208,7 +208,7 @@ mod tests {
             selector: BTreeMap::new(),
             endpoints: endpoints
                 .iter()
-                .map(|n| Workload::pod_uid("shop", n))
+                .map(|n| Workload::pod_uid("shop", n).to_string())
                 .collect(),
             labels: BTreeMap::new(),
             waypoint,

@@ -193,8 +193,8 @@ fn log_refusal(
     ctx.denials
         .denied
         .get_or_create(&crate::metrics::DenialLabels {
-            destination_workload: dst_w.workload_name.clone(),
-            destination_workload_namespace: dst_w.namespace.clone(),
+            destination_workload: dst_w.workload_name.to_string(),
+            destination_workload_namespace: dst_w.namespace.to_string(),
             transport: protocol.transport(),
             reason: *reason,
             policy: policy.clone(),

@@ -336,7 +336,7 @@ fn waypoint_tunnel(
         .get(&src_id)
         .ok_or_else(|| WaypointUnusable::NoCertificate(src_id.clone()))?;
     let dst_id = waypoint_id
-        .ok_or_else(|| WaypointUnusable::NoWaypointIdentity(hop.workload.uid.clone()))?;
+        .ok_or_else(|| WaypointUnusable::NoWaypointIdentity(hop.workload.uid.to_string()))?;
     let key = PoolKey {
         src: src_id,
         dst: dst_id,

@@ -15,7 +15,9 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::model::{Enrollment, Labels, Service, ServicePort, TargetPort, Workload};
+use crate::model::{
+    intern, ArcStr, Enrollment, Labels, Service, ServicePort, TargetPort, Workload,
+};
 
 /// A step on the way to a field: a mapping key or a sequence index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,7 +119,7 @@ pub(crate) fn workload(
         .labels
         .iter()
         .flatten()
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .map(|(k, v)| (intern(k), intern(v)))
         .collect();
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
     let enrollment = Enrollment::decide(namespace_labels, &labels, host_network);
@@ -129,11 +131,18 @@ pub(crate) fn workload(
             }
         }
     }
+    // Namespace, service account, node and the workload's names repeat across pods: held once
+    // (`model::intern`). A pod that is its own workload shares its name.
     let service_account = spec
-        .and_then(|s| s.service_account_name.clone().or(s.service_account.clone()))
+        .and_then(|s| {
+            s.service_account_name
+                .as_deref()
+                .or(s.service_account.as_deref())
+        })
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_string());
-    let workload_name = owner_workload(&pod.metadata).unwrap_or_else(|| name.clone());
+        .map_or(arcstr::literal!("default"), intern);
+    let name = ArcStr::from(name);
+    let workload_name = owner_workload(&pod.metadata).map_or_else(|| name.clone(), |w| intern(&w));
     let (canonical_name, canonical_revision) = Workload::canonical(&labels, &workload_name);
     Ok(Some(Workload {
         uid: Workload::pod_uid(&namespace, &name),
@@ -141,10 +150,12 @@ pub(crate) fn workload(
         canonical_name,
         canonical_revision,
         name,
-        namespace,
+        namespace: intern(&namespace),
         service_account,
-        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        ips,
+        node: spec
+            .and_then(|s| s.node_name.as_deref())
+            .map_or_else(ArcStr::new, intern),
+        ips: ips.into(),
         labels,
         named_ports: named_ports.into_iter().collect(),
         enrollment,

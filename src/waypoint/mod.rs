@@ -43,17 +43,21 @@ pub const BUILTIN_WAYPOINT: &str = "weft";
 /// Whether inbound traffic to `w` goes through the waypoint: its policies need L7, or the
 /// pod, its namespace, or a Service it backs names the built-in waypoint.
 pub fn applies(snap: &Snapshot, authz: &Authz, w: &Workload) -> bool {
-    let named = |value: Option<&String>| value.is_some_and(|v| v == BUILTIN_WAYPOINT);
+    let named = |value: Option<&str>| value == Some(BUILTIN_WAYPOINT);
     authz.needs_l7(w)
-        || named(w.labels.get(USE_WAYPOINT_LABEL))
+        || named(
+            w.labels
+                .get(USE_WAYPOINT_LABEL)
+                .map(crate::model::ArcStr::as_str),
+        )
         || snap
             .mesh
             .namespaces
-            .get(&w.namespace)
-            .is_some_and(|ns| named(ns.labels.get(USE_WAYPOINT_LABEL)))
+            .get(w.namespace.as_str())
+            .is_some_and(|ns| named(ns.labels.get(USE_WAYPOINT_LABEL).map(String::as_str)))
         || snap
             .services_of(&w.uid)
-            .any(|s| named(s.labels.get(USE_WAYPOINT_LABEL)))
+            .any(|s| named(s.labels.get(USE_WAYPOINT_LABEL).map(String::as_str)))
 }
 
 /// The RequestAuthentications that apply to `w`, by Istio's scope rules (`authz::scope`: the
@@ -132,7 +136,7 @@ impl Waypoint {
         w: &Workload,
     ) -> Arc<Result<JwtAuthenticator, JwtError>> {
         let mut cache = crate::sync::lock(&self.authenticators);
-        if let Some((generation, a)) = cache.get(&w.uid) {
+        if let Some((generation, a)) = cache.get(w.uid.as_str()) {
             if *generation == snap.generation {
                 return a.clone();
             }
@@ -140,7 +144,7 @@ impl Waypoint {
         let policies = request_authentications(snap, self.ctx.policies.root_namespace(), w);
         let built = Arc::new(JwtAuthenticator::for_policies(&policies, self.jwks.clone()));
         cache.retain(|_, (g, _)| *g == snap.generation);
-        cache.insert(w.uid.clone(), (snap.generation, built.clone()));
+        cache.insert(w.uid.to_string(), (snap.generation, built.clone()));
         built
     }
 

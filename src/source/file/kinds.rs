@@ -299,7 +299,7 @@ mod tests {
         let text = "metadata: {name: p, namespace: x}\nspec: {nodeName: n}\nstatus: {podIP: 10.0.0.1}\nkind: Pod\napiVersion: v1\n";
         let m = parse_mesh("c.yaml", text).unwrap().mesh;
         assert_eq!(
-            m.workloads["Kubernetes//Pod/x/p"].ips,
+            m.workloads["Kubernetes//Pod/x/p"].ips.to_vec(),
             vec!["10.0.0.1".parse::<IpAddr>().unwrap()]
         );
     }

@@ -235,14 +235,17 @@ mod tests {
         assert_eq!(web.service_account, "web");
         assert_eq!(web.node, "node-1");
         assert_eq!(
-            web.ips,
+            web.ips.to_vec(),
             vec![
                 "10.244.1.10".parse::<IpAddr>().unwrap(),
                 "fd00:10:244:1::a".parse().unwrap()
             ]
         );
         assert_eq!(web.named_ports.get("http"), Some(&8080));
-        assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(
+            web.labels.get("app").map(crate::model::ArcStr::as_str),
+            Some("web")
+        );
         assert_eq!(web.enrollment, Enrollment::Enrolled);
         assert_eq!(
             web.workload_name, "web",

@@ -320,7 +320,7 @@ impl Applier {
             Kind::Pod => mesh
                 .workloads
                 .values()
-                .map(|w| (w.namespace.clone(), w.name.clone()))
+                .map(|w| (w.namespace.to_string(), w.name.to_string()))
                 .collect(),
             Kind::Service => mesh
                 .services
@@ -488,7 +488,7 @@ impl Applier {
                     }
                     SliceEndpoint::Ip(ip) => {
                         if let Some(w) = snap.workload_by_ip(*ip) {
-                            uids.insert(w.uid.clone());
+                            uids.insert(w.uid.to_string());
                         }
                     }
                 }
@@ -555,7 +555,7 @@ fn reenroll(snap: &mut Snapshot, ns: &str) {
         .mesh
         .workloads
         .range(prefix.clone()..)
-        .take_while(|(uid, _)| uid.starts_with(&prefix))
+        .take_while(|(uid, _)| uid.starts_with(prefix.as_str()))
         .filter(|(_, w)| w.namespace == ns)
         .filter_map(|(_, w)| {
             let again = enrolled(snap, Workload::clone(w));
@@ -603,10 +603,8 @@ mod tests {
                 namespace: ns.into(),
                 service_account: "sa".into(),
                 node: "n1".into(),
-                ips: vec![ip.parse().unwrap()],
-                labels: [("app".to_string(), name.to_string())]
-                    .into_iter()
-                    .collect(),
+                ips: [ip.parse().unwrap()].into(),
+                labels: [("app".into(), name.into())].into_iter().collect(),
                 named_ports: Default::default(),
                 enrollment: Enrollment::NotEnrolled,
                 workload_name: name.into(),
@@ -849,7 +847,7 @@ mod tests {
         a.apply(vec![Change::Applied(bad("shop", "a"))], &store);
         let snap = store.snapshot();
         let w = snap.workload(&Workload::pod_uid("shop", "a")).unwrap();
-        assert_eq!(w.ips, ["10.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(*w.ips, ["10.0.0.1".parse::<IpAddr>().unwrap()]);
         assert_eq!(store.status().warnings.len(), 2);
         // Fixed or deleted: the warning goes.
         a.apply(vec![Change::Applied(pod("shop", "a", "10.0.0.3"))], &store);
@@ -892,7 +890,9 @@ mod tests {
                 slice(
                     "manual-1",
                     "manual",
-                    vec![SliceEndpoint::Pod(Workload::pod_uid("shop", "a"))],
+                    vec![SliceEndpoint::Pod(
+                        Workload::pod_uid("shop", "a").to_string(),
+                    )],
                 ),
                 slice(
                     "auto-1",

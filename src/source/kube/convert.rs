@@ -101,7 +101,7 @@ fn slice_item(slice: &EndpointSlice, ns: &str) -> Result<Slice, String> {
                     .as_deref()
                     .filter(|n| !n.is_empty())
                     .unwrap_or(ns);
-                endpoints.push(SliceEndpoint::Pod(Workload::pod_uid(pns, pod)));
+                endpoints.push(SliceEndpoint::Pod(Workload::pod_uid(pns, pod).to_string()));
                 continue;
             }
         }
@@ -283,7 +283,7 @@ mod tests {
         assert_eq!(
             slice.endpoints,
             [
-                SliceEndpoint::Pod(Workload::pod_uid("shop", "a")),
+                SliceEndpoint::Pod(Workload::pod_uid("shop", "a").to_string()),
                 SliceEndpoint::Ip("10.0.0.3".parse().unwrap())
             ]
         );

@@ -490,7 +490,7 @@ impl XdsClient {
 /// The item an edit is about, for those the xDS source makes.
 fn item(edit: &Edit) -> Option<(u8, String)> {
     match edit {
-        Edit::UpsertWorkload(w) => Some((0, w.uid.clone())),
+        Edit::UpsertWorkload(w) => Some((0, w.uid.to_string())),
         Edit::RemoveWorkload(uid) => Some((0, uid.clone())),
         Edit::UpsertService { key, .. } | Edit::RemoveService(key) => Some((1, key.clone())),
         Edit::UpsertPolicy(p) => {
@@ -509,8 +509,12 @@ fn item(edit: &Edit) -> Option<(u8, String)> {
 /// Whether `edit` changes `snap` (istiod resends unchanged resources on a reconnect).
 fn changes(snap: &Snapshot, edit: &Edit) -> bool {
     match edit {
-        Edit::UpsertWorkload(w) => snap.mesh.workloads.get(&w.uid).is_none_or(|o| **o != *w),
-        Edit::RemoveWorkload(uid) => snap.mesh.workloads.contains_key(uid),
+        Edit::UpsertWorkload(w) => snap
+            .mesh
+            .workloads
+            .get(w.uid.as_str())
+            .is_none_or(|o| **o != *w),
+        Edit::RemoveWorkload(uid) => snap.mesh.workloads.contains_key(uid.as_str()),
         Edit::UpsertService { key, service } => {
             snap.mesh.services.get(key).is_none_or(|o| **o != *service)
         }

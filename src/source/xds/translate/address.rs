@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 
 use super::{ip_from_bytes, port, FieldError};
-use crate::model::{Enrollment, GatewayAddress, GatewayDestination, Labels, Service, Workload};
+use crate::model::{
+    intern, ArcStr, Enrollment, GatewayAddress, GatewayDestination, Labels, Service, Workload,
+};
 use crate::proto::istio::workload as xw;
 
 /// A workload as accepted, with what [`assemble`] needs besides the model.
@@ -184,26 +186,29 @@ fn workload(w: xw::Workload) -> Result<WorkloadEntry, AddressError> {
         (false, true) => Enrollment::Enrolled,
         (false, false) => Enrollment::NotEnrolled,
     };
+    // Namespace, service account, node and the workload's names repeat across workloads: held
+    // once (`model::intern`). A workload that is its own workload shares its name.
+    let uid = ArcStr::from(&w.uid);
     let name = if w.name.is_empty() {
-        w.uid.clone()
+        uid.clone()
     } else {
-        w.name.clone()
+        ArcStr::from(&w.name)
     };
-    let workload_name = if w.workload_name.is_empty() {
+    let workload_name = if w.workload_name.is_empty() || w.workload_name == *name {
         name.clone()
     } else {
-        w.workload_name.clone()
+        intern(&w.workload_name)
     };
     let (default_name, default_revision) = Workload::canonical(&Labels::new(), &workload_name);
-    let or = |v: &str, d: String| if v.is_empty() { d } else { v.to_string() };
+    let or = |v: &str, d: ArcStr| if v.is_empty() { d } else { intern(v) };
     Ok(WorkloadEntry {
         workload: Workload {
-            uid: w.uid.clone(),
+            uid,
             name,
-            namespace: w.namespace.clone(),
-            service_account: or(&w.service_account, "default".into()),
-            node: w.node.clone(),
-            ips,
+            namespace: intern(&w.namespace),
+            service_account: or(&w.service_account, arcstr::literal!("default")),
+            node: intern(&w.node),
+            ips: ips.into(),
             labels: Labels::new(),
             named_ports: Default::default(),
             enrollment,

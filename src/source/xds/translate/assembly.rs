@@ -80,7 +80,7 @@ impl Assembly {
             if let Some(old) = self.addresses.remove(name) {
                 self.unlink(name, &old, &mut dirty);
                 if let AddressEntry::Workload(w) = &old {
-                    edits.push(Edit::RemoveWorkload(w.workload.uid.clone()));
+                    edits.push(Edit::RemoveWorkload(w.workload.uid.to_string()));
                 }
             }
         }
@@ -89,10 +89,10 @@ impl Assembly {
                 self.unlink(&name, &old, &mut dirty);
                 if let (AddressEntry::Workload(o), AddressEntry::Workload(n)) = (&old, &entry) {
                     if o.workload.uid != n.workload.uid {
-                        edits.push(Edit::RemoveWorkload(o.workload.uid.clone()));
+                        edits.push(Edit::RemoveWorkload(o.workload.uid.to_string()));
                     }
                 } else if let AddressEntry::Workload(o) = &old {
-                    edits.push(Edit::RemoveWorkload(o.workload.uid.clone()));
+                    edits.push(Edit::RemoveWorkload(o.workload.uid.to_string()));
                 }
             }
             self.link(&name, &entry, &mut dirty);
@@ -211,7 +211,7 @@ impl Assembly {
                 }
                 for p in &w.policies {
                     if let Some(set) = self.selecting.get_mut(p) {
-                        set.remove(&w.workload.uid);
+                        set.remove(w.workload.uid.as_str());
                         if set.is_empty() {
                             self.selecting.remove(p);
                         }
@@ -254,7 +254,7 @@ impl Assembly {
                     self.selecting
                         .entry(p.clone())
                         .or_default()
-                        .insert(w.workload.uid.clone());
+                        .insert(w.workload.uid.to_string());
                     dirty.policies.insert(p.clone());
                 }
                 dirty.workloads.insert(name.to_string());
@@ -351,7 +351,10 @@ impl Assembly {
             })
             .collect();
         let mut svc = s.service.clone();
-        svc.endpoints = endpoints.iter().map(|w| w.workload.uid.clone()).collect();
+        svc.endpoints = endpoints
+            .iter()
+            .map(|w| w.workload.uid.to_string())
+            .collect();
         for &(port, default_target) in &s.ports {
             let uniform = default_target != 0
                 && endpoints
