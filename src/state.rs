@@ -103,15 +103,16 @@ impl std::fmt::Display for Owner {
 #[derive(Clone, Debug, PartialEq)]
 enum Slot {
     Workload(Arc<Workload>),
-    /// The service's key and the service.
-    Service(String, Arc<Service>),
+    /// The service's key and the service, boxed: every pod address holds a slot, and few
+    /// addresses are VIPs (an entry of the IP index is 40 bytes instead of 56).
+    Service(Box<(String, Arc<Service>)>),
 }
 
 impl Slot {
     fn is(&self, owner: &Owner) -> bool {
         match (self, owner) {
             (Slot::Workload(w), Owner::Workload(uid)) => w.uid == *uid,
-            (Slot::Service(key, _), Owner::Service(k)) => key == k,
+            (Slot::Service(s), Owner::Service(k)) => s.0 == *k,
             _ => false,
         }
     }
@@ -119,7 +120,7 @@ impl Slot {
     fn owner(&self) -> Owner {
         match self {
             Slot::Workload(w) => Owner::Workload(w.uid.clone()),
-            Slot::Service(key, _) => Owner::Service(key.clone()),
+            Slot::Service(s) => Owner::Service(s.0.clone()),
         }
     }
 }
@@ -196,9 +197,12 @@ impl Snapshot {
             },
             index: Index::default(),
         };
-        // Workloads first: services resolve their endpoints against them.
-        for (_, w) in mesh.workloads {
-            snap.upsert_workload(w);
+        // Workloads first: services resolve their endpoints against them. The mesh's map is
+        // taken as it is (shared, not rebuilt: a second map of every workload, freed at the
+        // end, was as large as the indexes) and each workload indexed as newly added.
+        snap.mesh.workloads = mesh.workloads;
+        for w in snap.mesh.workloads.clone().values() {
+            snap.workload_changed(&w.uid, None, Some(w));
         }
         for (key, s) in mesh.services {
             snap.upsert_service(key, s);
@@ -210,7 +214,7 @@ impl Snapshot {
     pub fn address(&self, ip: IpAddr) -> Option<Address<'_>> {
         Some(match self.index.by_ip.get(&ip)? {
             Slot::Workload(w) => Address::Workload(w),
-            Slot::Service(_, s) => Address::Service(s),
+            Slot::Service(s) => Address::Service(&s.1),
         })
     }
 
@@ -537,7 +541,7 @@ impl Snapshot {
                 .services
                 .get(key)
                 .cloned()
-                .map(|s| Slot::Service(key.clone(), s)),
+                .map(|s| Slot::Service(Box::new((key.clone(), s)))),
         }
     }
 
@@ -788,6 +792,12 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_in_the_ip_index_takes_40_bytes() {
+        // One per pod address: a service's slot is boxed to keep it so.
+        assert_eq!(std::mem::size_of::<(IpAddr, Slot)>(), 40);
+    }
     use crate::model::{Enrollment, TargetPort};
     use std::collections::BTreeMap;
 

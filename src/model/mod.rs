@@ -408,6 +408,14 @@ mod tests {
     }
 
     #[test]
+    fn a_workload_fits_the_allocators_160_byte_class() {
+        // `Arc<Workload>` is the workload plus two counters: at most 160 bytes, one of
+        // jemalloc's size classes (the next is 192). One per workload; a new field that
+        // crosses it costs 32 bytes in every workload, so it should be boxed or shared.
+        assert!(std::mem::size_of::<Workload>() + 16 <= 160);
+    }
+
+    #[test]
     fn interned_strings_are_shared_and_unused_ones_are_dropped() {
         let held = intern("interned-test-held");
         assert!(ArcStr::ptr_eq(&held, &intern("interned-test-held")));
