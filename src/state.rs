@@ -201,8 +201,9 @@ impl Snapshot {
         // taken as it is (shared, not rebuilt: a second map of every workload, freed at the
         // end, was as large as the indexes) and each workload indexed as newly added.
         snap.mesh.workloads = mesh.workloads;
-        for w in snap.mesh.workloads.clone().values() {
-            snap.workload_changed(&w.uid, None, Some(w));
+        for (uid, w) in snap.mesh.workloads.clone().iter() {
+            debug_assert_eq!(*uid, w.uid, "the mesh's workloads are keyed by uid");
+            snap.workload_changed(uid, None, Some(w));
         }
         for (key, s) in mesh.services {
             snap.upsert_service(key, s);
@@ -395,7 +396,11 @@ impl Snapshot {
         }
         let old_ips = claimed_ips(old);
         let new_ips = claimed_ips(new);
-        let owner = Owner::Workload(ArcStr::from(uid));
+        // The workload's own uid, shared rather than copied (`old` or `new` is always there).
+        let owner = Owner::Workload(
+            new.or(old)
+                .map_or_else(|| ArcStr::from(uid), |w| w.uid.clone()),
+        );
         for ip in old_ips.iter().filter(|ip| !new_ips.contains(ip)) {
             self.release(*ip, &owner);
         }
