@@ -605,25 +605,11 @@ impl AsyncRead for H2Io {
     }
 }
 
-impl H2Io {
-    /// Like `poll_write`, for bytes already in a [`Bytes`]: what h2 takes of `buf` (the count
-    /// returned, from its start) is handed over as a slice of it, without a copy. The caller
-    /// advances `buf` by that count.
-    pub fn poll_write_bytes(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &Bytes,
-    ) -> Poll<io::Result<usize>> {
-        self.poll_send(cx, buf, |n| buf.slice(..n))
-    }
-
-    /// Sends what h2 has credit for of `buf` (at most [`MAX_CHUNK`]), made into [`Bytes`] by
-    /// `chunk` (its first `n` bytes), once the stream may be written.
-    fn poll_send(
-        &mut self,
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
-        chunk: impl Fn(usize) -> Bytes,
     ) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
@@ -635,7 +621,10 @@ impl H2Io {
             let cap = self.send.capacity();
             let failure = if cap > 0 {
                 let n = cap.min(want);
-                match self.send.send_data(chunk(n), false) {
+                match self
+                    .send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                {
                     Ok(()) => {
                         self.keep_early(&buf[..n]);
                         return Poll::Ready(Ok(n));
@@ -651,16 +640,6 @@ impl H2Io {
             };
             ready!(self.poll_write_failed(cx, failure))?;
         }
-    }
-}
-
-impl AsyncWrite for H2Io {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_send(cx, buf, |n| Bytes::copy_from_slice(&buf[..n]))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

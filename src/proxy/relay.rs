@@ -7,13 +7,6 @@
 //! holds no copy buffer at all (a fixed 64 KiB pair per connection and side would cost more
 //! than everything else an idle tunnel needs).
 //!
-//! Into an HBONE stream, a direction that fills half the scratch buffer in one read is in bulk:
-//! it then reads into buffers of its own (`BytesMut`, up to the scratch size) and hands what it
-//! read to h2 as it is, without the copy out of the scratch buffer that small reads make (one
-//! copy of every byte fewer on a bulk transfer: ztunnel makes none there either). It goes back
-//! to the scratch buffer, and frees its own, as soon as a read takes less than a quarter or
-//! finds nothing to read.
-//!
 //! Out of an HBONE stream, each chunk h2 received is written on as it is, and its flow-control
 //! credit is given back only once written. While the writer is full, chunks are still taken
 //! off h2 into the per-connection buffer (their credit stays owed, so the peer cannot send more
@@ -29,7 +22,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::conntrack::{Conn, Outcome};
@@ -40,11 +32,6 @@ use super::h2io::H2Io;
 /// its TLS records, where 64 KiB took four of each (ztunnel grows its per-connection buffers to
 /// the same size on bulk transfers). One per worker thread, so idle connections pay nothing.
 const SCRATCH: usize = 256 * 1024;
-
-/// A read of at least this much into an HBONE stream puts its direction in bulk.
-const BULK_ENTER: usize = SCRATCH / 2;
-/// A read of less than this takes it out of bulk.
-const BULK_LEAVE: usize = SCRATCH / 4;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
@@ -104,8 +91,6 @@ struct Dir {
     read_eof: bool,
     done: bool,
     need_flush: bool,
-    /// In bulk into an HBONE stream: the buffer reads go into (module doc).
-    bulk: Option<BytesMut>,
 }
 
 impl Dir {
@@ -117,7 +102,6 @@ impl Dir {
             read_eof: false,
             done: false,
             need_flush: false,
-            bulk: None,
         }
     }
 
@@ -256,11 +240,6 @@ impl Dir {
                         Poll::Ready(self.write_chunk(cx, Some(h), w, &chunk))
                     }
                 }
-            } else if self.bulk.is_some() {
-                match w.hbone() {
-                    Some(h) => self.read_in_bulk(cx, r, h, conns),
-                    None => self.read_through_scratch(cx, r, w, conns),
-                }
             } else {
                 self.read_through_scratch(cx, r, w, conns)
             };
@@ -279,8 +258,7 @@ impl Dir {
         }
     }
 
-    /// Reads into the per-thread scratch buffer and writes straight out of it; a read that
-    /// fills half of it puts a direction into an HBONE stream in bulk (module doc).
+    /// Reads into the per-thread scratch buffer and writes straight out of it.
     fn read_through_scratch<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -290,7 +268,7 @@ impl Dir {
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin + ?Sized,
-        W: Endpoint + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
     {
         SCRATCH_BUF.with(|cell| -> Poll<io::Result<()>> {
             let mut scratch = cell.borrow_mut();
@@ -302,70 +280,8 @@ impl Dir {
                 return Poll::Ready(Ok(()));
             }
             self.count(conns, n);
-            if n >= BULK_ENTER && w.hbone().is_some() {
-                self.bulk = Some(BytesMut::new());
-            }
             Poll::Ready(self.write_chunk(cx, None, w, &scratch[..n]))
         })
-    }
-
-    /// In bulk into HBONE stream `h`: reads into this direction's own buffer and hands what
-    /// was read to h2 without a copy (module doc).
-    fn read_in_bulk<R>(
-        &mut self,
-        cx: &mut Context<'_>,
-        r: &mut R,
-        h: &mut H2Io,
-        conns: &[Arc<Conn>],
-    ) -> Poll<io::Result<()>>
-    where
-        R: AsyncRead + Unpin + ?Sized,
-    {
-        let Some(buf) = self.bulk.as_mut() else {
-            return Poll::Ready(Ok(()));
-        };
-        // Room for a whole scratch-sized read; the part of the last buffer h2 still holds is
-        // not reused (a new one is allocated).
-        if buf.capacity() - buf.len() < SCRATCH {
-            buf.reserve(SCRATCH);
-        }
-        let n = match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, buf) {
-            Poll::Ready(read) => read?,
-            Poll::Pending => {
-                // Nothing more for now: out of bulk, the buffer freed, so that a connection
-                // waiting for its next bytes holds none.
-                self.bulk = None;
-                return Poll::Pending;
-            }
-        };
-        let mut chunk = buf.split_to(n).freeze();
-        if n < BULK_LEAVE {
-            self.bulk = None;
-        }
-        if n == 0 {
-            self.read_eof = true;
-            return Poll::Ready(Ok(()));
-        }
-        self.count(conns, n);
-        #[cfg(test)]
-        tests::BULK_READS.fetch_add(1, Ordering::Relaxed);
-        while !chunk.is_empty() {
-            match h.poll_write_bytes(cx, &chunk) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(k)) => {
-                    chunk.advance(k);
-                    self.need_flush = true;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    // The stream has no credit now: keep the rest, as `write_chunk` does.
-                    self.pending.extend_from_slice(&chunk);
-                    self.off = 0;
-                    break;
-                }
-            }
-        }
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -468,78 +384,6 @@ mod tests {
         assert!(r.is_ok());
         assert_eq!(g.conn().received.load(Ordering::Relaxed), 300_000);
         assert_eq!(g.conn().sent.load(Ordering::Relaxed), 15);
-    }
-
-    /// Reads that went into a buffer of their own (bulk into an HBONE stream).
-    pub(super) static BULK_READS: std::sync::atomic::AtomicUsize =
-        std::sync::atomic::AtomicUsize::new(0);
-
-    /// The two ends of one HBONE stream over an in-memory HTTP/2 connection: the client's
-    /// (as the outbound side opens it, awaiting its answer) and the server's.
-    async fn hbone_stream() -> (H2Io, H2Io) {
-        let (c, s) = tokio::io::duplex(1 << 20);
-        let server = async {
-            let mut conn = h2::server::handshake(s).await.unwrap();
-            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
-            let send = respond
-                .send_response(http::Response::new(()), false)
-                .unwrap();
-            tokio::spawn(async move { while conn.accept().await.is_some() {} });
-            H2Io::new(send, req.into_body())
-        };
-        let client = async {
-            let (mut requests, conn) = h2::client::handshake(c).await.unwrap();
-            tokio::spawn(conn);
-            let req = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri("10.0.0.2:80")
-                .body(())
-                .unwrap();
-            let (response, send) = requests.send_request(req, false).unwrap();
-            H2Io::awaiting(send, response)
-        };
-        tokio::join!(client, server)
-    }
-
-    #[tokio::test]
-    async fn a_bulk_transfer_into_an_hbone_stream_arrives_whole_and_in_order() {
-        let (_t, g) = table();
-        let (mut client, mut client_far) = tokio::io::duplex(1 << 20);
-        let (mut tunnel, mut tunnel_far) = hbone_stream().await;
-        let conns = [g.conn().clone()];
-        let before = BULK_READS.load(Ordering::Relaxed);
-        let relay_task = async { relay(&mut client_far, &mut tunnel, &conns).await };
-        // 4 MiB in writes of 1 MiB: the relay's reads fill its scratch buffer and go to bulk.
-        let up: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
-        let peers = async {
-            let w = async {
-                for part in up.chunks(1 << 20) {
-                    client.write_all(part).await.unwrap();
-                }
-                client.shutdown().await.unwrap();
-                let mut back = Vec::new();
-                client.read_to_end(&mut back).await.unwrap();
-                back
-            };
-            let s = async {
-                let mut got = Vec::new();
-                tunnel_far.read_to_end(&mut got).await.unwrap();
-                tunnel_far.write_all(b"reply after EOF").await.unwrap();
-                tunnel_far.shutdown().await.unwrap();
-                got
-            };
-            let (back, got) = tokio::join!(w, s);
-            assert!(got == up, "{} bytes arrived of {}", got.len(), up.len());
-            assert_eq!(back, b"reply after EOF");
-        };
-        let (r, ()) = tokio::join!(relay_task, peers);
-        assert!(r.is_ok(), "{r:?}");
-        assert_eq!(g.conn().received.load(Ordering::Relaxed), 4 << 20);
-        assert_eq!(g.conn().sent.load(Ordering::Relaxed), 15);
-        assert!(
-            BULK_READS.load(Ordering::Relaxed) > before,
-            "no read went into a buffer of its own"
-        );
     }
 
     #[tokio::test]
