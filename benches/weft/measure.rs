@@ -153,7 +153,18 @@ pub(crate) async fn measure(
         );
     }
     if profile::wanted(&place.pids) {
-        // Profiled: the profiled rows only.
+        // Profiled: the connection rate's first round too (both proxies), then no more rows.
+        let rec = profile::record(0, "connrate", "weft", &place.pids);
+        let rate = conn_rate(w.clone(), sz.conns).await;
+        drop(rec);
+        let mut note = format!("weft {rate:.0} conn/s");
+        if let Some(z) = peer {
+            let rec = profile::record(0, "connrate", peer::NAME, &z.pids);
+            let zrate = conn_rate(z.route.clone(), sz.conns).await;
+            drop(rec);
+            note.push_str(&format!(", {} {zrate:.0} conn/s", peer::NAME));
+        }
+        eprintln!("profiled connection rate (under the profiler): {note}");
         return None;
     }
     let mut sides = vec![

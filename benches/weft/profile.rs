@@ -5,8 +5,9 @@
 //! `perf stat`'s counts of the same run in `DIR/<case>-<tunnel>.stat`: context switches, page
 //! faults, and system calls by kind.
 //!
-//! In this mode the mesh stops after the profiled rows (one stream, the paced HTTP load):
-//! the figures are taken under the profiler, so they are printed for orientation only.
+//! In this mode the mesh stops after the profiled rows (one stream, a connection-rate run, the
+//! paced HTTP load): the figures are taken under the profiler, so they are printed for
+//! orientation only.
 //! Owns nothing else; `measure` and `mesh` call [`record`] around their first round.
 
 use std::path::PathBuf;
