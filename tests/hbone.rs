@@ -173,6 +173,38 @@ async fn a_tunnel_carries_bytes_both_ways_and_honours_half_close() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_of_every_size_arrive_whole_and_in_order() {
+    // One DATA frame per write, of sizes that mix the ones the receiving relay gathers into one
+    // write (under 32 KiB) with the ones it writes as they are, and enough of them queued at
+    // once that the gathering fills its buffer and has to leave a chunk for after.
+    let s = setup().await;
+    let app = TcpListener::bind(s.app_addr(8091)).await.unwrap();
+    let server = tokio::spawn(sink_then_reply(app, 0));
+    let mut t = s.open(8091).await.unwrap();
+    let sizes = [
+        1usize, 31_000, 3, 30_000, 17, 29_000, 250, 28_000, 1000, 4096, 20_000, 33_000, 5, 2,
+        31_000, 70_000, 30_500, 27_000,
+    ];
+    let mut data = Vec::new();
+    let mut i = 0usize;
+    while data.len() < 6 * 1024 * 1024 {
+        let k = sizes[i % sizes.len()];
+        let start = data.len();
+        data.extend((start..start + k).map(|j| (j * 13 % 241) as u8));
+        t.io.write_all(&data[start..]).await.unwrap();
+        i += 1;
+    }
+    let expect = data
+        .iter()
+        .fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64));
+    t.io.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    t.io.read_to_end(&mut back).await.unwrap();
+    assert_eq!(server.await.unwrap(), (data.len(), expect));
+    s.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_streams_share_a_handful_of_connections() {
     let s = setup().await;
     let app = TcpListener::bind(s.app_addr(8081)).await.unwrap();

@@ -7,8 +7,9 @@
 //! holds no copy buffer at all (a fixed 64 KiB pair per connection and side would cost more
 //! than everything else an idle tunnel needs).
 //!
-//! Out of an HBONE stream, each chunk h2 received is written on as it is, and its flow-control
-//! credit is given back only once written. While the writer is full, chunks are still taken
+//! Out of an HBONE stream, each large chunk h2 received is written on as it is; small ones are
+//! gathered with those already received behind them into one write. Flow-control credit is
+//! given back only once the bytes are written. While the writer is full, chunks are still taken
 //! off h2 into the per-connection buffer (their credit stays owed, so the peer cannot send more
 //! than the stream's window): h2 would otherwise hold them frame by frame, and a client sending
 //! many tiny writes to a stalled app exhausts h2's per-connection budget for small frames and
@@ -32,6 +33,11 @@ use super::h2io::H2Io;
 /// its TLS records, where 64 KiB took four of each (ztunnel grows its per-connection buffers to
 /// the same size on bulk transfers). One per worker thread, so idle connections pay nothing.
 const SCRATCH: usize = 256 * 1024;
+
+/// Chunks out of an HBONE stream smaller than this are gathered with those received behind
+/// them into one write (`Dir::write_gathered`); larger ones are written as they are, since
+/// copying them would cost about what a write does.
+const GATHER_BELOW: usize = 32 * 1024;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
@@ -237,7 +243,11 @@ impl Dir {
                     }
                     Poll::Ready(Ok(Some(chunk))) => {
                         self.count(conns, chunk.len());
-                        Poll::Ready(self.write_chunk(cx, Some(h), w, &chunk))
+                        if chunk.len() >= GATHER_BELOW {
+                            Poll::Ready(self.write_chunk(cx, Some(h), w, &chunk))
+                        } else {
+                            Poll::Ready(self.write_gathered(cx, h, w, conns, &chunk))
+                        }
                     }
                 }
             } else {
@@ -256,6 +266,68 @@ impl Dir {
                 }
             }
         }
+    }
+
+    /// Writes `first` (a small chunk just taken off h2) together with the chunks already
+    /// received behind it, gathered in the per-thread scratch buffer: one write (one syscall,
+    /// one credit release) where each would otherwise take its own. A sender of many small
+    /// writes would else be served one syscall per frame, and the frames waiting their turn
+    /// pile up in h2 against its small-frame budget (`pool::DATA_FRAME_BUDGET`).
+    fn write_gathered<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        h: &mut H2Io,
+        w: &mut W,
+        conns: &[Arc<Conn>],
+        first: &[u8],
+    ) -> io::Result<()>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        SCRATCH_BUF.with(|cell| -> io::Result<()> {
+            let mut scratch = cell.borrow_mut();
+            let mut n = first.len();
+            scratch[..n].copy_from_slice(first);
+            // A chunk that did not fit, written after the gathered ones; an error or the end
+            // of the stream, acted on once the gathered bytes are on their way.
+            let mut after = None;
+            let mut failed = None;
+            loop {
+                match h.poll_recv_unreleased(cx) {
+                    Poll::Ready(Ok(Some(c))) => {
+                        self.count(conns, c.len());
+                        if c.len() <= SCRATCH - n {
+                            scratch[n..n + c.len()].copy_from_slice(&c);
+                            n += c.len();
+                        } else {
+                            after = Some(c);
+                            break;
+                        }
+                    }
+                    Poll::Ready(Ok(None)) => {
+                        self.read_eof = true;
+                        break;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            self.write_chunk(cx, Some(&mut *h), w, &scratch[..n])?;
+            if let Some(c) = after {
+                if self.pending.is_empty() {
+                    self.write_chunk(cx, Some(h), w, &c)?;
+                } else {
+                    self.pending.extend_from_slice(&c);
+                }
+            }
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        })
     }
 
     /// Reads into the per-thread scratch buffer and writes straight out of it.
@@ -384,6 +456,100 @@ mod tests {
         assert!(r.is_ok());
         assert_eq!(g.conn().received.load(Ordering::Relaxed), 300_000);
         assert_eq!(g.conn().sent.load(Ordering::Relaxed), 15);
+    }
+
+    /// A server's end of a byte stream that records the size of every write it takes and
+    /// reads as an immediate EOF.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<usize>,
+        bytes: Vec<u8>,
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.writes.push(buf.len());
+            self.bytes.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Endpoint for Recorder {}
+
+    #[tokio::test]
+    async fn small_chunks_already_received_go_out_in_one_write_and_in_order() {
+        use bytes::Bytes;
+        // An h2 connection over an in-memory pipe; the server's stream is the relay's client.
+        let (a, b) = tokio::io::duplex(4 << 20);
+        let (mut sender, conn) = h2::client::handshake(a).await.unwrap();
+        tokio::spawn(conn);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new()
+                .initial_window_size(4 << 20)
+                .initial_connection_window_size(8 << 20)
+                .max_frame_size(1 << 16)
+                .handshake::<_, Bytes>(b)
+                .await
+                .unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            H2Io::new(send, req.into_body())
+        });
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri("10.0.0.2:2")
+            .body(())
+            .unwrap();
+        let (_answer, mut up) = sender.send_request(req, false).unwrap();
+        let mut h = server.await.unwrap();
+        // Frames, all received before the relay first looks: 1, ten of 30,000 bytes, one of
+        // 40,000, one of 2, and the end of the stream.
+        let mut frames: Vec<Vec<u8>> = vec![vec![1]];
+        for k in 0..10u8 {
+            frames.push(vec![k + 10; 30_000]);
+        }
+        frames.push(vec![99; 40_000]);
+        frames.push(vec![5, 6]);
+        up.reserve_capacity(1 << 20);
+        for f in &frames {
+            up.send_data(Bytes::from(f.clone()), false).unwrap();
+        }
+        up.send_data(Bytes::new(), true).unwrap();
+        // Let both connection tasks run until they are idle: on this single-threaded runtime,
+        // with nothing but an in-memory pipe between them, the server's h2 has every frame
+        // queued on the stream by then.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (_t, g) = table();
+        let conns = [g.conn().clone()];
+        let mut rec = Recorder::default();
+        relay(&mut h, &mut rec, &conns).await.unwrap();
+        assert_eq!(rec.bytes, frames.concat());
+        // 1 + 8 × 30,000 gathered; the 9th, which no longer fits, alone; the 10th starts the
+        // next gathering, which takes the 40,000 and the 2 behind it.
+        assert_eq!(rec.writes, vec![240_001, 30_000, 70_002]);
     }
 
     #[tokio::test]
