@@ -382,6 +382,24 @@ async fn a_refused_early_tunnel_names_the_status_even_when_a_write_fails_first()
     );
 }
 
+/// The bytes the daemon has taken from clients on its connections to `port` (`/connections`).
+fn received_at(s: &Setup, port: u16) -> u64 {
+    let dst = s.app_addr(port).to_string();
+    let admin = s._node.admin();
+    // A blocking GET, off the runtime's workers.
+    std::thread::spawn(move || {
+        get_json(admin, "/connections")["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["dst"] == dst.as_str())
+            .map(|c| c["bytesReceived"].as_u64().unwrap())
+            .sum()
+    })
+    .join()
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_writes_to_a_stalled_app_do_not_take_down_the_other_streams() {
     // An app that stops reading while its client keeps sending small messages: the frames pile
@@ -398,9 +416,29 @@ async fn tiny_writes_to_a_stalled_app_do_not_take_down_the_other_streams() {
     let mut other = s.open(8088).await.unwrap();
     let mut t = s.open(8087).await.unwrap();
     assert_eq!(s.pool.view().len(), 1, "both streams share one connection");
-    // 200,000 one-byte writes: one DATA frame each, 200 KB in all (well within the window).
+    // 200,000 one-byte writes: one DATA frame each, 200 KB in all (well within the window),
+    // three times h2's budget for small frames held at once. After each 10,000 the server
+    // must have taken them all off h2 (its connection record counts bytes as they are): a
+    // server that stops taking them while the app is stalled fails here, and a sender never
+    // gets further ahead of the server's scheduling than 10,000 frames (unsynchronised, CI's
+    // loaded runners saw the loop outrun it by h2's budget now and then).
     for i in 0..200_000u32 {
-        t.io.write_all(&[i as u8]).await.unwrap();
+        t.io.write_all(&[i as u8])
+            .await
+            .unwrap_or_else(|e| panic!("one-byte write {i}: {e}"));
+        if i % 10_000 == 9_999 {
+            let sent = u64::from(i) + 1;
+            let taken = eventually(Duration::from_secs(10), || {
+                let n = received_at(&s, 8087);
+                (n >= sent).then_some(n)
+            })
+            .await;
+            assert!(
+                taken.is_some(),
+                "the server stopped taking the stalled stream's frames off h2: {} of {sent} bytes",
+                received_at(&s, 8087)
+            );
+        }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     other.io.write_all(b"still").await.unwrap();
@@ -457,10 +495,18 @@ async fn a_slow_request_body_through_the_waypoint_does_not_take_down_the_other_s
     t.io.write_all(b"POST /upload HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n")
         .await
         .unwrap();
-    // 300,000 one-byte chunks, one DATA frame each (1.8 MB in all, within the window).
+    // 300,000 one-byte chunks, one DATA frame each (1.8 MB in all, within the window), paced
+    // at 1,000 per 3 ms: what the waypoint takes off h2 is not counted until its HTTP server
+    // reads it, so unlike above the test cannot wait for the server; the pace stays below what
+    // a loaded CI runner's debug build takes off (unpaced, the loop outran it now and then).
     for i in 0..300_000u32 {
         let c = [b'1', b'\r', b'\n', b'a' + (i % 26) as u8, b'\r', b'\n'];
-        t.io.write_all(&c).await.unwrap();
+        t.io.write_all(&c)
+            .await
+            .unwrap_or_else(|e| panic!("chunk {i}: {e}"));
+        if i % 1000 == 999 {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     other
@@ -1351,11 +1397,20 @@ async fn the_app_sees_the_client_cert_header_of_the_verified_peer_never_the_clie
     assert_eq!(status, 200, "the DENY matched the forged header");
 }
 
+/// Debug logs of the process (but h2's and rustls's), for a failure's story.
+fn debug_logs() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter: tracing_subscriber::filter::Targets = "debug,h2=info,rustls=info".parse().unwrap();
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer())
+        .with(filter)
+        .try_init();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_to_anything_but_websocket_is_refused() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("debug,h2=info,rustls=info")
-        .try_init();
+    debug_logs();
     let s = setup_behind_waypoint().await;
     let mut heads = recording_app(TcpListener::bind(s.app_addr(8104)).await.unwrap());
     for upgrade in ["h2c", "websocket, h2c", "TLS/1.2"] {
@@ -1381,9 +1436,7 @@ async fn an_upgrade_to_anything_but_websocket_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_is_a_tracked_connection_closed_when_policy_denies_it() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("debug,h2=info,rustls=info")
-        .try_init();
+    debug_logs();
     let s = setup_behind_waypoint().await;
     let mut heads = recording_app(TcpListener::bind(s.app_addr(8103)).await.unwrap());
     let mut t = s.open(8103).await.unwrap();
