@@ -305,11 +305,7 @@ pub fn admin_query(bytes: &[u8]) {
     let query = String::from_utf8_lossy(bytes);
     let log = crate::logging::LogControl::new(
         "info",
-        Box::new(|filter| {
-            tracing_subscriber::EnvFilter::try_new(filter)
-                .map(drop)
-                .map_err(|e| crate::logging::LogError::Apply(e.into()))
-        }),
+        Box::new(|filter| crate::logging::targets(filter).map(drop)),
     );
     let _ = crate::admin::read_queries(&query, &log);
 }

@@ -16,9 +16,10 @@ pub mod otlp;
 
 use std::sync::{Arc, Mutex};
 
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{reload, EnvFilter, Registry};
+use tracing_subscriber::{reload, Registry};
 
 /// Output format of the logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -79,6 +80,19 @@ pub fn validate_filter(filter: &str) -> Result<(), LogError> {
         }
     }
     Ok(())
+}
+
+/// The filter that a [`validate_filter`]-checked `filter` describes. A `Targets` filter (target
+/// prefixes and levels) rather than `EnvFilter`, whose span and field matching weft does not
+/// offer and whose directive parsing compiles regular expressions: code and heap the daemon
+/// would carry resident for nothing.
+pub fn targets(filter: &str) -> Result<Targets, LogError> {
+    validate_filter(filter)?;
+    let items: Vec<&str> = filter.split(',').map(str::trim).collect();
+    items
+        .join(",")
+        .parse::<Targets>()
+        .map_err(|e| LogError::Apply(e.into()))
 }
 
 type Setter = Box<dyn Fn(&str) -> Result<(), LogError> + Send + Sync>;
@@ -146,7 +160,8 @@ impl LogControl {
     }
 }
 
-/// Installs the global subscriber. The initial filter is `RUST_LOG` if set, else `info`.
+/// Installs the global subscriber. The initial filter is `RUST_LOG` if set (in
+/// [`validate_filter`]'s form), else `info`.
 /// With `otlp` (its settings and this node's name), access-log events are also exported to
 /// an OpenTelemetry collector. Keep the [`LogFlush`] until the process ends.
 pub fn init(
@@ -157,8 +172,16 @@ pub fn init(
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "info".to_string());
-    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
-    let (filter, handle) = reload::Layer::<EnvFilter, Registry>::new(filter);
+    // A `RUST_LOG` weft cannot apply leaves `info` in force, said once logging is up.
+    let (initial, filter, refused) = match targets(&initial) {
+        Ok(t) => (initial, t, None),
+        Err(e) => (
+            "info".to_string(),
+            Targets::new().with_default(tracing::Level::INFO),
+            Some(e),
+        ),
+    };
+    let (filter, handle) = reload::Layer::<Targets, Registry>::new(filter);
     let counters = Arc::new(otlp::ExportCounters::default());
     let mut export = match otlp {
         Some((settings, node)) => Some(otlp::Export::start(settings, node, counters.clone())?),
@@ -186,10 +209,13 @@ pub fn init(
     let mut control = LogControl::new(
         &initial,
         Box::new(move |f| {
-            let filter = EnvFilter::try_new(f).map_err(|e| LogError::Apply(e.into()))?;
+            let filter = targets(f)?;
             handle.reload(filter).map_err(|e| LogError::Apply(e.into()))
         }),
     );
+    if let Some(e) = refused {
+        tracing::warn!(error = %e, "RUST_LOG not applied; logging at info");
+    }
     control.dropped = Some(dropped);
     control.access_export = counters;
     Ok((
@@ -204,6 +230,22 @@ pub fn init(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filter_routes_by_target_prefix_and_level() {
+        use tracing::Level;
+        let t = targets(" INFO , access=off,weft::proxy=debug").unwrap();
+        assert!(t.would_enable("weft::state", &Level::INFO));
+        assert!(!t.would_enable("weft::state", &Level::DEBUG));
+        assert!(t.would_enable("weft::proxy::relay", &Level::DEBUG));
+        assert!(!t.would_enable("access", &Level::INFO));
+        assert!(!t.would_enable("access", &Level::ERROR));
+        // Without a bare level, only the named targets log.
+        let t = targets("weft=warn").unwrap();
+        assert!(t.would_enable("weft::admin", &Level::WARN));
+        assert!(!t.would_enable("h2", &Level::ERROR));
+        assert!(matches!(targets("weft"), Err(LogError::Invalid { .. })));
+    }
 
     #[test]
     fn filters_accept_levels_and_targets_only() {
