@@ -84,8 +84,8 @@ pub fn validate_filter(filter: &str) -> Result<(), LogError> {
 
 /// The filter that a [`validate_filter`]-checked `filter` describes. A `Targets` filter (target
 /// prefixes and levels) rather than `EnvFilter`, whose span and field matching weft does not
-/// offer and whose directive parsing compiles regular expressions: code and heap the daemon
-/// would carry resident for nothing.
+/// offer and whose regular-expression machinery made the binary 0.26 MB larger (idle RSS was
+/// the same either way: README's history table).
 pub fn targets(filter: &str) -> Result<Targets, LogError> {
     validate_filter(filter)?;
     let items: Vec<&str> = filter.split(',').map(str::trim).collect();
