@@ -464,6 +464,64 @@ fn ca_init_then_run_turns_ready_and_sigterm_exits_cleanly() {
     assert!(stderr.contains("SIGTERM"), "{stderr}");
 }
 
+#[test]
+fn a_rust_log_weft_cannot_apply_is_reported_and_info_is_in_force() {
+    // A span directive, which weft's target-and-level filters do not take.
+    let dir = tempfile::tempdir().unwrap();
+    assert!(weft()
+        .args(["ca", "init", "--dir"])
+        .arg(dir.path().join("ca"))
+        .status()
+        .unwrap()
+        .success());
+    std::fs::write(dir.path().join("mesh.yaml"), example_mesh()).unwrap();
+    let ip = unique_loopback();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        format!(
+            "nodeName: node-1\nmesh: {{file: mesh.yaml}}\nca: {{builtin: {{dir: ca}}}}\nlisten:\n  outbound: {ip}:15001\n  inboundPlaintext: {ip}:15006\n  hbone: {ip}:15008\n  admin: {ip}:15000\n  metrics: {ip}:15020\n  readiness: {ip}:15021\nredirect: none\n"
+        ),
+    )
+    .unwrap();
+    let mut child = weft()
+        .args(["run", "--config"])
+        .arg(dir.path().join("weft.yaml"))
+        .env("RUST_LOG", "weft[conn]=debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let admin = std::net::SocketAddr::new(ip, 15000);
+    let start = Instant::now();
+    let mut logging = None;
+    while start.elapsed() < Duration::from_secs(20) && logging.is_none() {
+        if std::net::TcpStream::connect_timeout(&admin, Duration::from_millis(200)).is_ok() {
+            logging = Some(http(admin, "GET", "/logging"));
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    kill_term(nix_pid(child.id()));
+    wait_timeout(&mut child, Duration::from_secs(10)).expect("did not exit on SIGTERM");
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let (status, body) = logging.expect("the admin port never opened");
+    assert_eq!(status, 200, "{body}");
+    // The filter in force is what /logging reports, not the refused text.
+    assert!(body.contains("info") && !body.contains("conn"), "{body}");
+    assert!(
+        stderr.contains("RUST_LOG not applied") && stderr.contains("weft[conn]=debug"),
+        "{stderr}"
+    );
+    // And info is in force: the start-up lines are there.
+    assert!(stderr.contains("INFO"), "{stderr}");
+}
+
 fn nix_pid(id: u32) -> i32 {
     i32::try_from(id).unwrap()
 }

@@ -152,7 +152,8 @@ impl Dir {
     }
 
     /// Writes `chunk` (just read) on, giving an HBONE reader `h` its credit back as it goes;
-    /// what the writer does not take now is kept in `pending`.
+    /// what the writer does not take now is kept in `pending`, and so is all of `chunk` while
+    /// earlier bytes wait there (order first).
     fn write_chunk<W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -163,6 +164,10 @@ impl Dir {
     where
         W: AsyncWrite + Unpin + ?Sized,
     {
+        if self.off < self.pending.len() {
+            self.pending.extend_from_slice(chunk);
+            return Ok(());
+        }
         let mut written = 0;
         while written < chunk.len() {
             match Pin::new(&mut *w).poll_write(cx, &chunk[written..]) {
@@ -286,8 +291,10 @@ impl Dir {
     {
         SCRATCH_BUF.with(|cell| -> io::Result<()> {
             let mut scratch = cell.borrow_mut();
-            let mut n = first.len();
-            scratch[..n].copy_from_slice(first);
+            // Bytes gathered in `scratch`; `first` is copied there only once a second chunk
+            // is there to join it (a lone small chunk, a request or an answer, is written as
+            // it is).
+            let mut n = 0;
             // A chunk that did not fit, written after the gathered ones; an error or the end
             // of the stream, acted on once the gathered bytes are on their way.
             let mut after = None;
@@ -296,7 +303,11 @@ impl Dir {
                 match h.poll_recv_unreleased(cx) {
                     Poll::Ready(Ok(Some(c))) => {
                         self.count(conns, c.len());
-                        if c.len() <= SCRATCH - n {
+                        if n == 0 && first.len() + c.len() <= SCRATCH {
+                            scratch[..first.len()].copy_from_slice(first);
+                            n = first.len();
+                        }
+                        if n > 0 && c.len() <= SCRATCH - n {
                             scratch[n..n + c.len()].copy_from_slice(&c);
                             n += c.len();
                         } else {
@@ -315,13 +326,10 @@ impl Dir {
                     Poll::Pending => break,
                 }
             }
-            self.write_chunk(cx, Some(&mut *h), w, &scratch[..n])?;
+            let gathered = if n == 0 { first } else { &scratch[..n] };
+            self.write_chunk(cx, Some(&mut *h), w, gathered)?;
             if let Some(c) = after {
-                if self.pending.is_empty() {
-                    self.write_chunk(cx, Some(h), w, &c)?;
-                } else {
-                    self.pending.extend_from_slice(&c);
-                }
+                self.write_chunk(cx, Some(h), w, &c)?;
             }
             match failed {
                 Some(e) => Err(e),
