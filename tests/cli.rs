@@ -441,18 +441,7 @@ fn ca_init_then_run_turns_ready_and_sigterm_exits_cleanly() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let pid = nix_pid(child.id());
-    kill_term(pid);
-    let status =
-        wait_timeout(&mut child, Duration::from_secs(10)).expect("did not exit on SIGTERM");
-    let mut stderr = String::new();
-    use std::io::Read;
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (status, stderr) = stop_with_sigterm(&mut child);
     assert!(ok, "not ready; stderr:\n{stderr}");
     assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
     // JSON logs, one object per line.
@@ -500,16 +489,7 @@ fn a_rust_log_weft_cannot_apply_is_reported_and_info_is_in_force() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    kill_term(nix_pid(child.id()));
-    wait_timeout(&mut child, Duration::from_secs(10)).expect("did not exit on SIGTERM");
-    let mut stderr = String::new();
-    use std::io::Read;
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (_, stderr) = stop_with_sigterm(&mut child);
     let (status, body) = logging.expect("the admin port never opened");
     assert_eq!(status, 200, "{body}");
     // The filter in force is what /logging reports, not the refused text.
@@ -520,6 +500,22 @@ fn a_rust_log_weft_cannot_apply_is_reported_and_info_is_in_force() {
     );
     // And info is in force: the start-up lines are there.
     assert!(stderr.contains("INFO"), "{stderr}");
+}
+
+/// Stops a `weft run` child started with a piped stderr: SIGTERM, waits for it (10 s at most),
+/// and returns its exit status and everything it wrote on stderr.
+fn stop_with_sigterm(child: &mut std::process::Child) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    kill_term(nix_pid(child.id()));
+    let status = wait_timeout(child, Duration::from_secs(10)).expect("did not exit on SIGTERM");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status, stderr)
 }
 
 fn nix_pid(id: u32) -> i32 {

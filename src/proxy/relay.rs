@@ -153,7 +153,7 @@ impl Dir {
 
     /// Writes `chunk` (just read) on, giving an HBONE reader `h` its credit back as it goes;
     /// what the writer does not take now is kept in `pending`, and so is all of `chunk` while
-    /// earlier bytes wait there (order first).
+    /// `pending` holds anything (order first; so `pending` is empty when a write stops short).
     fn write_chunk<W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -164,7 +164,7 @@ impl Dir {
     where
         W: AsyncWrite + Unpin + ?Sized,
     {
-        if self.off < self.pending.len() {
+        if !self.pending.is_empty() {
             self.pending.extend_from_slice(chunk);
             return Ok(());
         }
