@@ -5,7 +5,8 @@
 //! `cargo bench --bench weft` runs everything (`-- --json FILE` also writes JSON; `-- --only
 //! loopback|mesh|micro|kube` narrows it; `-- --loop CASE` repeats one loopback case for profiling,
 //! see [`run_loop`]; `-- --peer PATH` measures the ztunnel binary at PATH beside weft on the
-//! mesh, see [`peer`]). Run any other way (as `cargo test --all-targets` does)
+//! mesh, see [`peer`]; `-- --weft PATH` runs the weft binary at PATH in the process cases). Run
+//! any other way (as `cargo test --all-targets` does)
 //! it does one tiny iteration of every case, so CI proves the harness works without timing
 //! anything. Numbers are never asserted: the machines are shared and noisy.
 
@@ -159,7 +160,20 @@ fn main() {
             }
         }
     };
-    let weft_bin = PathBuf::from(env!("CARGO_BIN_EXE_weft"));
+    // `--weft PATH`: the weft binary the daemons of the process cases run. `scripts/bench` passes
+    // the release build (`cargo build --release`), the binary users run: its code layout
+    // (`link/weft.order`, build.rs) names symbols as a release build names them, and the copy
+    // cargo builds beside this bench is built under the bench profile, whose symbol names differ.
+    let weft_bin = match args.iter().position(|a| a == "--weft") {
+        None => PathBuf::from(env!("CARGO_BIN_EXE_weft")),
+        Some(i) => match args.get(i + 1).map(PathBuf::from) {
+            Some(path) if path.is_file() => path,
+            _ => {
+                eprintln!("--weft PATH: the path of a weft binary (a file)");
+                std::process::exit(2);
+            }
+        },
+    };
     // 10,000 tunnelled connections are 20,000 sockets in this process alone; as root, lift
     // the hard limit too (the daemons inherit it).
     if let Err(e) = rlimit::setrlimit(rlimit::Resource::NOFILE, 200_000, 200_000) {
