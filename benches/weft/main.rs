@@ -91,6 +91,25 @@ const SMOKE: Sizes = Sizes {
     state_rounds: 1,
 };
 
+/// `--weft PATH`: the weft binary the daemons of the process cases run (`None`: the copy cargo
+/// built beside this bench). `scripts/bench` passes the release build (`cargo build --release`),
+/// the binary users run: its code layout (`link/weft.order`, build.rs) names symbols as a
+/// release build names them, and the copy beside this bench is built under the bench profile,
+/// whose symbol names differ.
+fn weft_arg(args: &[String]) -> Result<Option<PathBuf>, String> {
+    let Some(i) = args.iter().position(|a| a == "--weft") else {
+        return Ok(None);
+    };
+    match args.get(i + 1).map(PathBuf::from) {
+        Some(path) if path.is_file() => Ok(Some(path)),
+        Some(path) => Err(format!(
+            "--weft {}: not a file (the path of a weft binary)",
+            path.display()
+        )),
+        None => Err("--weft PATH: the path of a weft binary".to_string()),
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(addr) = args
@@ -160,20 +179,28 @@ fn main() {
             }
         }
     };
-    // `--weft PATH`: the weft binary the daemons of the process cases run. `scripts/bench` passes
-    // the release build (`cargo build --release`), the binary users run: its code layout
-    // (`link/weft.order`, build.rs) names symbols as a release build names them, and the copy
-    // cargo builds beside this bench is built under the bench profile, whose symbol names differ.
-    let weft_bin = match args.iter().position(|a| a == "--weft") {
-        None => PathBuf::from(env!("CARGO_BIN_EXE_weft")),
-        Some(i) => match args.get(i + 1).map(PathBuf::from) {
-            Some(path) if path.is_file() => path,
-            _ => {
-                eprintln!("--weft PATH: the path of a weft binary (a file)");
-                std::process::exit(2);
-            }
-        },
+    let weft_bin = match weft_arg(&args) {
+        Ok(path) => path.unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_weft"))),
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
     };
+    if !full {
+        // The smoke run (`cargo test`) checks the `--weft` boundary: what is not a file is
+        // refused, a file is taken as it is.
+        let exe = std::env::current_exe().unwrap().display().to_string();
+        for bad in [
+            &["--weft"][..],
+            &["--weft", "/nonexistent/weft"],
+            &["--weft", "/"],
+        ] {
+            let bad: Vec<String> = bad.iter().map(|a| a.to_string()).collect();
+            assert!(weft_arg(&bad).is_err(), "--weft accepted {bad:?}");
+        }
+        let good = vec!["--weft".to_string(), exe.clone()];
+        assert_eq!(weft_arg(&good).unwrap(), Some(PathBuf::from(exe)));
+    }
     // 10,000 tunnelled connections are 20,000 sockets in this process alone; as root, lift
     // the hard limit too (the daemons inherit it).
     if let Err(e) = rlimit::setrlimit(rlimit::Resource::NOFILE, 200_000, 200_000) {
