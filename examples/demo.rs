@@ -68,7 +68,7 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
-    // Before any thread: Ctrl-C must tear the namespaces down.
+    // First: Ctrl-C must tear the namespaces down.
     weft_testbed::install_signal_cleanup()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let keep = args.iter().any(|a| a == "--keep");

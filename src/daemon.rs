@@ -426,6 +426,19 @@ fn follow_identities(
     })
 }
 
+/// Unblocks SIGINT and SIGTERM in the calling thread, and so in every thread it starts
+/// afterwards: call it first, before any thread is started. The signal mask is inherited across exec,
+/// and a parent that blocks these signals (a supervisor, a test harness) would otherwise
+/// start a weft that never sees SIGTERM, never drains, and is killed at the end of the
+/// grace period with its connections cut.
+pub fn unblock_stop_signals() -> std::io::Result<()> {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGINT);
+    set.add(nix::sys::signal::Signal::SIGTERM);
+    set.thread_unblock()
+        .map_err(|e| std::io::Error::other(format!("unblock SIGINT and SIGTERM: {e}")))
+}
+
 /// Runs the daemon until SIGTERM, SIGINT or `/quitquitquit`.
 pub async fn run(config: Config, log: Arc<LogControl>) -> Result<(), DaemonError> {
     let daemon = Daemon::start(config, log).await?;

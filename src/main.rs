@@ -154,6 +154,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     log_format,
                 },
         } => {
+            // First, before any thread: threads inherit the mask of the thread starting them.
+            weft::daemon::unblock_stop_signals()?;
             let (_log, _flush) = logging::init(log_format, None)?;
             weft::identity::validate_trust_domain(&trust_domain)?;
             let settings = weft::ca_server::Settings {
@@ -179,6 +181,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config, log_format } => {
+            // First, before any thread: threads inherit the mask of the thread starting them.
+            weft::daemon::unblock_stop_signals()?;
             // The config first: it says whether the access log is exported too.
             let cfg = weft::config::Config::load(&config, &weft::config::Env::from_process())?;
             let otlp = cfg

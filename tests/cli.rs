@@ -454,6 +454,87 @@ fn ca_init_then_run_turns_ready_and_sigterm_exits_cleanly() {
 }
 
 #[test]
+fn run_started_with_sigint_and_sigterm_blocked_unblocks_them_and_drains_on_sigterm() {
+    use nix::sys::signal::{SigSet, Signal};
+    let dir = tempfile::tempdir().unwrap();
+    assert!(weft()
+        .args(["ca", "init", "--dir"])
+        .arg(dir.path().join("ca"))
+        .status()
+        .unwrap()
+        .success());
+    std::fs::write(dir.path().join("mesh.yaml"), example_mesh()).unwrap();
+    let ip = unique_loopback();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        format!(
+            "nodeName: node-1\nmesh: {{file: mesh.yaml}}\nca: {{builtin: {{dir: ca}}}}\nlisten:\n  outbound: {ip}:15001\n  inboundPlaintext: {ip}:15006\n  hbone: {ip}:15008\n  admin: {ip}:15000\n  metrics: {ip}:15020\n  readiness: {ip}:15021\nredirect: none\n"
+        ),
+    )
+    .unwrap();
+    // As a parent that blocks them would (the mask is inherited across fork and exec): only
+    // this test's thread, and only while it spawns.
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGINT);
+    stop.add(Signal::SIGTERM);
+    stop.thread_block().unwrap();
+    let spawned = weft()
+        .args(["run", "--config"])
+        .arg(dir.path().join("weft.yaml"))
+        .stderr(Stdio::piped())
+        .spawn();
+    stop.thread_unblock().unwrap();
+    let mut child = spawned.unwrap();
+    let ready = std::net::SocketAddr::new(ip, 15021);
+    let start = Instant::now();
+    let mut ok = false;
+    while start.elapsed() < Duration::from_secs(20) {
+        if std::net::TcpStream::connect_timeout(&ready, Duration::from_millis(200)).is_ok()
+            && http(ready, "GET", "/healthz/ready").0 == 200
+        {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The main thread and the runtime's workers take the stop signals. (Helper threads that
+    // some libraries start with every signal blocked are theirs to block.)
+    let mut masks = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap() {
+        let task = task.unwrap().path();
+        let tid: u32 = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap();
+        if tid != child.id() && !name.starts_with("weft-worker") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let mask = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigBlk:"))
+            .map(str::trim)
+            .unwrap()
+            .to_owned();
+        masks.push((
+            name.trim().to_owned(),
+            u64::from_str_radix(&mask, 16).unwrap(),
+        ));
+    }
+    let stop_bits = (1u64 << (Signal::SIGINT as u32 - 1)) | (1u64 << (Signal::SIGTERM as u32 - 1));
+    let (status, stderr) = stop_with_sigterm(&mut child);
+    assert!(ok, "not ready; stderr:\n{stderr}");
+    assert!(
+        masks.len() > 1,
+        "the main thread and the workers: {masks:x?}"
+    );
+    assert!(
+        masks.iter().all(|(_, mask)| mask & stop_bits == 0),
+        "{masks:x?}"
+    );
+    assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
+    assert!(stderr.contains("SIGTERM: shutting down"), "{stderr}");
+}
+
+#[test]
 fn a_rust_log_weft_cannot_apply_is_reported_and_info_is_in_force() {
     // A span directive, which weft's target-and-level filters do not take.
     let dir = tempfile::tempdir().unwrap();

@@ -21,8 +21,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use crate::netns::{self, Netns};
 
@@ -182,32 +184,28 @@ fn is_running(pid: u32) -> bool {
 /// (stops its processes, deletes its namespaces and temporary directory) and then exits
 /// with status 128 + signal number. Meant for binaries such as the demo; tests rely on drop.
 ///
-/// Call it first thing in `main`, before any other thread is started: it blocks these
-/// signals in the calling thread (threads started later inherit the mask) and waits for them
-/// on a dedicated thread. Child processes still start with an empty signal mask (std's
-/// `Command` resets it). Calling it again is a no-op.
+/// The handler only wakes a dedicated thread (signal-hook's self-pipe), which does the
+/// cleanup. No signal is blocked: processes started later, in testbeds or not, begin with
+/// an empty signal mask and default dispositions (exec resets caught signals), so a daemon
+/// started by the demo sees the SIGTERM this cleanup sends it. Calling it again is a no-op.
 pub fn install_signal_cleanup() -> io::Result<()> {
     static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
     INSTALLED
         .get_or_init(|| {
-            let mut set = SigSet::empty();
-            set.add(Signal::SIGINT);
-            set.add(Signal::SIGTERM);
-            set.add(Signal::SIGHUP);
-            set.thread_block()
-                .map_err(|e| format!("block SIGINT/SIGTERM/SIGHUP: {e}"))?;
+            let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+                .map_err(|e| format!("handle SIGINT/SIGTERM/SIGHUP: {e}"))?;
             thread::Builder::new()
                 .name("testbed-signals".into())
                 .spawn(move || {
-                    // Only this thread waits; the signals are blocked everywhere else.
-                    let signal = loop {
-                        if let Ok(signal) = set.wait() {
-                            break signal;
-                        }
+                    let Some(number) = signals.forever().next() else {
+                        return;
                     };
-                    eprintln!("weft-testbed: {signal}, removing testbeds");
+                    let name = Signal::try_from(number)
+                        .map(|signal| signal.as_str())
+                        .unwrap_or("signal");
+                    eprintln!("weft-testbed: {name}, removing testbeds");
                     cleanup_all();
-                    std::process::exit(128 + signal as i32);
+                    std::process::exit(128 + number);
                 })
                 .map(drop)
                 .map_err(|e| format!("spawn the signal thread: {e}"))

@@ -402,10 +402,13 @@ fn sigint_to_a_binary_with_the_signal_handler_removes_its_testbed() {
     let stdout = child.stdout.take().unwrap();
     let mut child = KillOnDrop(child);
     let (tx, rx) = std::sync::mpsc::channel();
+    let (sleeper_tx, sleeper_rx) = std::sync::mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(prefix) = line.strip_prefix("ready ") {
                 let _ = tx.send(prefix.to_owned());
+            } else if let Some(pid) = line.strip_prefix("sleeper ") {
+                let _ = sleeper_tx.send(pid.to_owned());
             }
         }
     });
@@ -414,6 +417,20 @@ fn sigint_to_a_binary_with_the_signal_handler_removes_its_testbed() {
         .expect("mesh ready");
     assert!(prefix.starts_with(&format!("wt{pid}")));
     assert_eq!(names_with_prefix(&prefix).len(), 1 + 2 + 2);
+    // A process started in the testbed after the handler was installed blocks no signal
+    // and catches none: the SIGTERM of the cleanup (or of anyone) reaches it.
+    let sleeper = sleeper_rx.recv().expect("sleeper pid");
+    let status = std::fs::read_to_string(format!("/proc/{sleeper}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .to_owned()
+    };
+    assert_eq!(field("SigBlk:"), "0000000000000000", "{status}");
+    assert_eq!(field("SigCgt:"), "0000000000000000", "{status}");
 
     let kill = Command::new("kill")
         .args(["-INT", &pid.to_string()])

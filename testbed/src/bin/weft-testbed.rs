@@ -2,7 +2,8 @@
 //! Ctrl-C cleanup:
 //!
 //! - `weft-testbed hold [NODES] [PODS_PER_NODE] [SECONDS]`: builds a mesh, prints its
-//!   namespaces, a line `ready <prefix>`, and holds it for SECONDS (default 600) or until
+//!   namespaces, the pid of a process it runs in node 1 (`sleeper <pid>`), a line
+//!   `ready <prefix>`, and holds it for SECONDS (default 600) or until
 //!   SIGINT/SIGTERM/SIGHUP, then removes it.
 //! - `weft-testbed cleanup-stale`: deletes namespaces left by killed runs.
 
@@ -16,7 +17,7 @@ use std::time::Duration;
 use weft_testbed::{cleanup_stale, install_signal_cleanup, Testbed};
 
 fn main() -> ExitCode {
-    // First, before any thread exists: the handler relies on the signal mask being inherited.
+    // First: a signal that comes while the mesh is built must already tear it down.
     if let Err(e) = install_signal_cleanup() {
         eprintln!("weft-testbed: {e}");
         return ExitCode::FAILURE;
@@ -68,8 +69,9 @@ fn hold(args: &[String]) -> io::Result<()> {
         }
     }
     // Something long-running in a node, to show that processes are stopped too.
-    let _sleeper = bed.spawn("sleeper", bed.node(1).ns.command("sleep", ["3600"]))?;
+    let sleeper = bed.spawn("sleeper", bed.node(1).ns.command("sleep", ["3600"]))?;
     let mut out = io::stdout().lock();
+    writeln!(out, "sleeper {}", sleeper.pid())?;
     for node in bed.nodes() {
         writeln!(
             out,
