@@ -54,9 +54,11 @@ const PODS: &[PodDef] = &[
 ];
 const VIP: &str = "10.96.0.20";
 
+/// Dropped in field order: the daemons first, each stopped with SIGTERM (it drains and exits,
+/// as on a node), then the testbed, which would SIGKILL any process still running in it.
 struct Demo {
-    bed: Testbed,
     daemons: Vec<ChildGuard>,
+    bed: Testbed,
     dir: PathBuf,
 }
 
@@ -169,7 +171,7 @@ fn build(weft: &std::path::Path) -> anyhow::Result<Demo> {
         cmd.arg(&cfg);
         daemons.push(bed.spawn(&format!("weft-{n}"), cmd)?);
     }
-    let demo = Demo { bed, daemons, dir };
+    let demo = Demo { daemons, bed, dir };
     for n in 1..=2 {
         let start = Instant::now();
         loop {
