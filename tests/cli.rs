@@ -327,21 +327,8 @@ fn ca_init_refuses_to_overwrite_an_existing_ca() {
 
 #[test]
 fn ca_init_then_run_turns_ready_and_sigterm_exits_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    assert!(weft()
-        .args(["ca", "init", "--dir"])
-        .arg(&ca)
-        .args(["--trust-domain", "cluster.local"])
-        .status()
-        .unwrap()
-        .success());
-    std::fs::write(dir.path().join("mesh.yaml"), example_mesh()).unwrap();
     let ip = unique_loopback();
-    let config = format!(
-        "nodeName: node-1\nmesh: {{file: mesh.yaml}}\nca: {{builtin: {{dir: ca}}}}\nlisten:\n  outbound: {ip}:15001\n  inboundPlaintext: {ip}:15006\n  hbone: {ip}:15008\n  admin: {ip}:15000\n  metrics: {ip}:15020\n  readiness: {ip}:15021\nredirect: none\n"
-    );
-    std::fs::write(dir.path().join("weft.yaml"), config).unwrap();
+    let dir = node_dir(ip);
     let mut child = weft()
         .args(["run", "--config"])
         .arg(dir.path().join("weft.yaml"))
@@ -350,19 +337,7 @@ fn ca_init_then_run_turns_ready_and_sigterm_exits_cleanly() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let ready = std::net::SocketAddr::new(ip, 15021);
-    let start = Instant::now();
-    let mut ok = false;
-    while start.elapsed() < Duration::from_secs(20) {
-        if std::net::TcpStream::connect_timeout(&ready, Duration::from_millis(200)).is_ok()
-            && http(ready, "GET", "/healthz/ready").0 == 200
-        {
-            ok = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!("ready after {:?}", start.elapsed());
+    let ok = wait_ready(ip);
     let dump = get_json(std::net::SocketAddr::new(ip, 15000), "/config_dump");
     assert_eq!(dump["certificates"].as_array().unwrap().len(), 2);
     // `weft ctl` reads the same endpoint and prints tables.
@@ -456,22 +431,8 @@ fn ca_init_then_run_turns_ready_and_sigterm_exits_cleanly() {
 #[test]
 fn run_started_with_sigint_and_sigterm_blocked_unblocks_them_and_drains_on_sigterm() {
     use nix::sys::signal::{SigSet, Signal};
-    let dir = tempfile::tempdir().unwrap();
-    assert!(weft()
-        .args(["ca", "init", "--dir"])
-        .arg(dir.path().join("ca"))
-        .status()
-        .unwrap()
-        .success());
-    std::fs::write(dir.path().join("mesh.yaml"), example_mesh()).unwrap();
     let ip = unique_loopback();
-    std::fs::write(
-        dir.path().join("weft.yaml"),
-        format!(
-            "nodeName: node-1\nmesh: {{file: mesh.yaml}}\nca: {{builtin: {{dir: ca}}}}\nlisten:\n  outbound: {ip}:15001\n  inboundPlaintext: {ip}:15006\n  hbone: {ip}:15008\n  admin: {ip}:15000\n  metrics: {ip}:15020\n  readiness: {ip}:15021\nredirect: none\n"
-        ),
-    )
-    .unwrap();
+    let dir = node_dir(ip);
     // As a parent that blocks them would (the mask is inherited across fork and exec): only
     // this test's thread, and only while it spawns.
     let mut stop = SigSet::empty();
@@ -485,18 +446,7 @@ fn run_started_with_sigint_and_sigterm_blocked_unblocks_them_and_drains_on_sigte
         .spawn();
     stop.thread_unblock().unwrap();
     let mut child = spawned.unwrap();
-    let ready = std::net::SocketAddr::new(ip, 15021);
-    let start = Instant::now();
-    let mut ok = false;
-    while start.elapsed() < Duration::from_secs(20) {
-        if std::net::TcpStream::connect_timeout(&ready, Duration::from_millis(200)).is_ok()
-            && http(ready, "GET", "/healthz/ready").0 == 200
-        {
-            ok = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let ok = wait_ready(ip);
     // The main thread and the runtime's workers take the stop signals. (Helper threads that
     // some libraries start with every signal blocked are theirs to block.)
     let mut masks = Vec::new();
@@ -537,22 +487,8 @@ fn run_started_with_sigint_and_sigterm_blocked_unblocks_them_and_drains_on_sigte
 #[test]
 fn a_rust_log_weft_cannot_apply_is_reported_and_info_is_in_force() {
     // A span directive, which weft's target-and-level filters do not take.
-    let dir = tempfile::tempdir().unwrap();
-    assert!(weft()
-        .args(["ca", "init", "--dir"])
-        .arg(dir.path().join("ca"))
-        .status()
-        .unwrap()
-        .success());
-    std::fs::write(dir.path().join("mesh.yaml"), example_mesh()).unwrap();
     let ip = unique_loopback();
-    std::fs::write(
-        dir.path().join("weft.yaml"),
-        format!(
-            "nodeName: node-1\nmesh: {{file: mesh.yaml}}\nca: {{builtin: {{dir: ca}}}}\nlisten:\n  outbound: {ip}:15001\n  inboundPlaintext: {ip}:15006\n  hbone: {ip}:15008\n  admin: {ip}:15000\n  metrics: {ip}:15020\n  readiness: {ip}:15021\nredirect: none\n"
-        ),
-    )
-    .unwrap();
+    let dir = node_dir(ip);
     let mut child = weft()
         .args(["run", "--config"])
         .arg(dir.path().join("weft.yaml"))
@@ -581,6 +517,44 @@ fn a_rust_log_weft_cannot_apply_is_reported_and_info_is_in_force() {
     );
     // And info is in force: the start-up lines are there.
     assert!(stderr.contains("INFO"), "{stderr}");
+}
+
+/// A directory for one `weft run --config DIR/weft.yaml`: a CA made by `weft ca init`, the
+/// example mesh, and a daemon config listening on `ip` with no capture.
+fn node_dir(ip: std::net::IpAddr) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(weft()
+        .args(["ca", "init", "--dir"])
+        .arg(dir.path().join("ca"))
+        .args(["--trust-domain", "cluster.local"])
+        .status()
+        .unwrap()
+        .success());
+    std::fs::write(dir.path().join("mesh.yaml"), example_mesh()).unwrap();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        format!(
+            "nodeName: node-1\nmesh: {{file: mesh.yaml}}\nca: {{builtin: {{dir: ca}}}}\nlisten:\n  outbound: {ip}:15001\n  inboundPlaintext: {ip}:15006\n  hbone: {ip}:15008\n  admin: {ip}:15000\n  metrics: {ip}:15020\n  readiness: {ip}:15021\nredirect: none\n"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// Whether the daemon listening on `ip` answers 200 on its readiness port within 20 s.
+fn wait_ready(ip: std::net::IpAddr) -> bool {
+    let ready = std::net::SocketAddr::new(ip, 15021);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if std::net::TcpStream::connect_timeout(&ready, Duration::from_millis(200)).is_ok()
+            && http(ready, "GET", "/healthz/ready").0 == 200
+        {
+            eprintln!("ready after {:?}", start.elapsed());
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }
 
 /// Stops a `weft run` child started with a piped stderr: SIGTERM, waits for it (10 s at most),
