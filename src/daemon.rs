@@ -427,10 +427,10 @@ fn follow_identities(
 }
 
 /// Unblocks SIGINT and SIGTERM in the calling thread, and so in every thread it starts
-/// afterwards: call it first, before any thread is started. The signal mask is inherited across exec,
-/// and a parent that blocks these signals (a supervisor, a test harness) would otherwise
-/// start a weft that never sees SIGTERM, never drains, and is killed at the end of the
-/// grace period with its connections cut.
+/// afterwards: call it first, before any thread is started. The signal mask is inherited
+/// across exec, and a parent that blocks these signals (a supervisor, a test harness) would
+/// otherwise start a weft that never sees SIGTERM, never drains, and is killed at the end of
+/// the grace period with its connections cut.
 pub fn unblock_stop_signals() -> std::io::Result<()> {
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(nix::sys::signal::Signal::SIGINT);
