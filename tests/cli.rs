@@ -449,25 +449,13 @@ fn run_started_with_sigint_and_sigterm_blocked_unblocks_them_and_drains_on_sigte
     let ok = wait_ready(ip);
     // The main thread and the runtime's workers take the stop signals. (Helper threads that
     // some libraries start with every signal blocked are theirs to block.)
+    let pid = nix_pid(child.id());
     let mut masks = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap() {
-        let task = task.unwrap().path();
-        let tid: u32 = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        let name = std::fs::read_to_string(task.join("comm")).unwrap();
-        if tid != child.id() && !name.starts_with("weft-worker") {
-            continue;
+    for task in procfs::process::Process::new(pid).unwrap().tasks().unwrap() {
+        let status = task.unwrap().status().unwrap();
+        if status.pid == pid || status.name.starts_with("weft-worker") {
+            masks.push((status.name, status.sigblk));
         }
-        let status = std::fs::read_to_string(task.join("status")).unwrap();
-        let mask = status
-            .lines()
-            .find_map(|line| line.strip_prefix("SigBlk:"))
-            .map(str::trim)
-            .unwrap()
-            .to_owned();
-        masks.push((
-            name.trim().to_owned(),
-            u64::from_str_radix(&mask, 16).unwrap(),
-        ));
     }
     let stop_bits = (1u64 << (Signal::SIGINT as u32 - 1)) | (1u64 << (Signal::SIGTERM as u32 - 1));
     let (status, stderr) = stop_with_sigterm(&mut child);
