@@ -17,7 +17,9 @@ use regex::Regex;
 /// - v0 Rust names (`_R`; `.cargo/config.toml` asks for them) spell out a generic function's
 ///   type arguments and carry a crate's disambiguator as `Cs<base 62>_`, and back-references as
 ///   `B<base 62>_` (byte offsets, which move when a disambiguator's length does): `Cs*_`,
-///   `B*_`;
+///   `B*_`; and a generic function's copy ends in the crate it was instantiated in
+///   (`Cs*_<length><crate>` or a back-reference), which another build may choose differently
+///   (in a bench-profile build 64 of 2,902 listed functions had moved): `*`;
 /// - legacy Rust names end in `17h<16 hex digits>E`: `17h*E`;
 /// - and LTO may append `.<n>` to a duplicate's name: `.*`.
 ///
@@ -27,20 +29,33 @@ use regex::Regex;
 /// is gone) costs nothing. `INSERT BEFORE .text` keeps the linker's default layout for all
 /// else.
 pub fn script(order: &str) -> Result<String, regex::Error> {
-    let v0 = Regex::new(r"(Cs|B)[0-9A-Za-z]*_")?;
+    // A disambiguator is a 64-bit hash (at most 11 digits of base 62), a back-reference an offset
+    // in the name (3 digits reach 238,327 bytes); the bounds keep `B` and `_` inside an
+    // identifier (`8LogBatchE9drop_slow`) from being taken for one.
+    let v0 = Regex::new(r"(Cs)[0-9A-Za-z]{0,11}_|(B)[0-9A-Za-z]{0,3}_")?;
     let legacy = Regex::new(r"17h[0-9a-f]{16}E")?;
     let suffix = Regex::new(r"\.[0-9]+$")?;
     let mut seen = std::collections::HashSet::new();
     let mut script = String::from("SECTIONS\n{\n  .text.hot : {\n");
     for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let pattern = if name.starts_with("_R") {
-            v0.replace_all(name, "${1}*_")
+            let (name, lto) = match suffix.find(name) {
+                Some(m) => (&name[..m.start()], true),
+                None => (name, false),
+            };
+            let pattern = v0.replace_all(name, "${1}${2}*_");
+            match without_instantiating_crate(&pattern) {
+                Some(path) => format!("{path}*"),
+                None if lto => format!("{pattern}.*"),
+                None => pattern.into_owned(),
+            }
         } else if name.starts_with("_ZN") {
-            legacy.replace(name, "17h*E")
+            suffix
+                .replace(&legacy.replace(name, "17h*E"), ".*")
+                .into_owned()
         } else {
-            name.into()
+            suffix.replace(name, ".*").into_owned()
         };
-        let pattern = suffix.replace(&pattern, ".*");
         if seen.insert(pattern.to_string()) {
             script.push_str(&format!(
                 "    *(.text.{pattern} .text.unlikely.{pattern} .text.startup.{pattern})\n"
@@ -49,4 +64,18 @@ pub fn script(order: &str) -> Result<String, regex::Error> {
     }
     script.push_str("  }\n}\nINSERT BEFORE .text;\n");
     Ok(script)
+}
+
+/// A v0 pattern without the instantiating crate that ends it, if it has one: a crate root
+/// `Cs*_<length><name>` whose name runs to the end, or a back-reference `B*_` (a path ends in
+/// an identifier and generic arguments in `E`, so a final back-reference is that crate).
+fn without_instantiating_crate(pattern: &str) -> Option<&str> {
+    if let Some(path) = pattern.strip_suffix("B*_") {
+        return Some(path);
+    }
+    let at = pattern.rfind("Cs*_")?;
+    let crate_name = &pattern[at + "Cs*_".len()..];
+    let digits = crate_name.bytes().take_while(u8::is_ascii_digit).count();
+    let length: usize = crate_name[..digits].parse().ok()?;
+    (crate_name.len() - digits == length).then_some(&pattern[..at])
 }
