@@ -92,10 +92,8 @@ const SMOKE: Sizes = Sizes {
 };
 
 /// `--weft PATH`: the weft binary the daemons of the process cases run (`None`: the copy cargo
-/// built beside this bench). `scripts/bench` passes the release build (`cargo build --release`),
-/// the binary users run: its code layout (`link/weft.order`, build.rs) names symbols as a
-/// release build names them, and the copy beside this bench is built under the bench profile,
-/// whose symbol names differ.
+/// built beside this bench, under the bench profile, which inherits the release profile and
+/// gets the same code layout from build.rs). For comparing two builds of weft by hand.
 fn weft_arg(args: &[String]) -> Result<Option<PathBuf>, String> {
     let Some(i) = args.iter().position(|a| a == "--weft") else {
         return Ok(None);
