@@ -28,7 +28,11 @@ use regex::Regex;
 /// RSS from 11 to 15–17 MB): hence the v0 names. A pattern that matches nothing (the function
 /// is gone) costs nothing. `INSERT BEFORE .text` keeps the linker's default layout for all
 /// else.
-pub fn script(order: &str) -> Result<String, regex::Error> {
+///
+/// A line that is not a symbol name (a symbol's characters: letters, digits, `_`, `.`, `$`)
+/// is an error naming it: in the script it would be a glob or end the pattern list, and the
+/// link would fail far from the cause or place the wrong functions.
+pub fn script(order: &str) -> Result<String, Box<dyn std::error::Error>> {
     // A disambiguator is a 64-bit hash (at most 11 digits of base 62), a back-reference an offset
     // in the name (3 digits reach 238,327 bytes); the bounds keep `B` and `_` inside an
     // identifier (`8LogBatchE9drop_slow`) from being taken for one.
@@ -37,7 +41,22 @@ pub fn script(order: &str) -> Result<String, regex::Error> {
     let suffix = Regex::new(r"\.[0-9]+$")?;
     let mut seen = std::collections::HashSet::new();
     let mut script = String::from("SECTIONS\n{\n  .text.hot : {\n");
-    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+    for (number, name) in order.lines().enumerate() {
+        let name = name.trim();
+        if name.is_empty() {
+            continue;
+        }
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '$'))
+        {
+            return Err(format!(
+                "link/weft.order line {}: {name:?} is not a symbol name (letters, digits, `_`, \
+                 `.`, `$`); scripts/text-order writes the file",
+                number + 1
+            )
+            .into());
+        }
         let pattern = if name.starts_with("_R") {
             let (name, lto) = match suffix.find(name) {
                 Some(m) => (&name[..m.start()], true),

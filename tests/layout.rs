@@ -58,6 +58,20 @@ fn patterns_leave_out_hashes_and_keep_the_order() {
     );
 }
 
+#[test]
+fn a_line_that_is_not_a_symbol_name_is_an_error_naming_it() {
+    let good = "_RNvCsfaPb1dIVt1V_4weft4main";
+    for bad in ["*", "foo)", "a b", "x[1]", "n?", "_ZN3foo{bar}"] {
+        let err = order::script(&format!("{good}\n\n{bad}\n"))
+            .expect_err(bad)
+            .to_string();
+        assert!(
+            err.contains("line 3") && err.contains(&format!("{bad:?}")),
+            "{bad}: {err}"
+        );
+    }
+}
+
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod link {
     use super::order;
