@@ -57,24 +57,25 @@ pub fn script(order: &str) -> Result<String, Box<dyn std::error::Error>> {
             )
             .into());
         }
-        let pattern = if name.starts_with("_R") {
-            let (name, lto) = match suffix.find(name) {
-                Some(m) => (&name[..m.start()], true),
-                None => (name, false),
-            };
+        // LTO's `.<n>` comes off first and back as `.*`, unless the pattern ends in `*` anyway.
+        let (name, lto) = match suffix.find(name) {
+            Some(m) => (&name[..m.start()], true),
+            None => (name, false),
+        };
+        let mut pattern = if name.starts_with("_R") {
             let pattern = v0.replace_all(name, "${1}${2}*_");
             match without_instantiating_crate(&pattern) {
                 Some(path) => format!("{path}*"),
-                None if lto => format!("{pattern}.*"),
                 None => pattern.into_owned(),
             }
         } else if name.starts_with("_ZN") {
-            suffix
-                .replace(&legacy.replace(name, "17h*E"), ".*")
-                .into_owned()
+            legacy.replace(name, "17h*E").into_owned()
         } else {
-            suffix.replace(name, ".*").into_owned()
+            name.to_string()
         };
+        if lto && !pattern.ends_with('*') {
+            pattern.push_str(".*");
+        }
         if seen.insert(pattern.to_string()) {
             script.push_str(&format!(
                 "    *(.text.{pattern} .text.unlikely.{pattern} .text.startup.{pattern})\n"
