@@ -397,6 +397,15 @@ pub(crate) async fn run_loop(case: &str) {
                 let v = latencies(route.clone(), 20_000).await;
                 println!("p50 {:.1} µs, p99 {:.1} µs", pct(&v, 0.5), pct(&v, 0.99));
             }
+            "idle" => {
+                // Holds 4,000 idle connections until killed, for a heap profile of what an
+                // idle connection keeps (`heaptrack`). Each takes four descriptors in this
+                // process (client, capture, weft's app connection, the app's), and a
+                // container's hard limit may be 20,000.
+                let held = hold(route.clone(), 4_000).await;
+                println!("holding {} idle connections", held.len());
+                std::future::pending::<()>().await;
+            }
             _ => println!("{:.2} Gbit/s", throughput(route.clone(), 1 << 30, 1).await),
         }
     }

@@ -21,6 +21,7 @@ use tracing::Instrument;
 use super::conntrack::{ConnGuard, ConnMeta, Outcome, Peer, Protocol, DENIED, FAILED_TO_CONNECT};
 use super::h2io::H2Io;
 use super::hbone::{Connect, ConnectError};
+use super::limit::Permit;
 use super::relay::relay;
 use super::socket;
 use super::ProxyCtx;
@@ -336,8 +337,8 @@ fn downstream(client: &Client, mode: &socket::SocketMode) -> crate::waypoint::ht
 /// stream resets itself when dropped unfinished).
 pub(super) async fn pump<C>(
     client: &mut C,
-    mut app: TcpStream,
-    mut guard: ConnGuard,
+    app: &mut TcpStream,
+    guard: &mut ConnGuard,
     extra: Option<&ConnGuard>,
 ) -> bool
 where
@@ -345,13 +346,13 @@ where
 {
     let ours = guard.conn().clone();
     let result = match extra {
-        Some(g) => relay(client, &mut app, &[ours, g.conn().clone()]).await,
-        None => relay(client, &mut app, &[ours]).await,
+        Some(g) => relay(client, app, &[ours, g.conn().clone()]).await,
+        None => relay(client, app, &[ours]).await,
     };
     let outcome = result.map_or_else(Outcome::from, |()| Outcome::Closed);
     let failed = !matches!(outcome, Outcome::Closed);
     if failed {
-        socket::reset_on_close(&app);
+        socket::reset_on_close(app);
     }
     guard.set_outcome(outcome);
     failed
@@ -381,18 +382,24 @@ where
 
 // === plaintext :15006 ===
 
-/// Handles one connection accepted on the plaintext inbound listener.
-pub async fn serve_plaintext(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
+/// Handles one connection accepted on the plaintext inbound listener, holding its place
+/// (`_permit`) until it ends.
+pub async fn serve_plaintext(
+    ctx: Arc<ProxyCtx>,
+    client: TcpStream,
+    peer: SocketAddr,
+    _permit: Permit,
+) {
     let Ok(dst) = socket::original_dst(&client, &ctx.mode) else {
         return;
     };
     let snap = ctx.store.snapshot();
     let who = Client::Plaintext { addr: peer };
     match Box::pin(route(&ctx, &snap, &who, dst, Protocol::Plain)).await {
-        Ok(Route::App(app, guard)) => {
+        Ok(Route::App(mut app, mut guard)) => {
             drop(snap);
             let mut client = client;
-            if pump(&mut client, app, guard, None).await {
+            if pump(&mut client, &mut app, &mut guard, None).await {
                 socket::reset_on_close(&client);
             }
         }
@@ -422,7 +429,7 @@ pub async fn serve_local(
         Client::Mesh { .. } => Protocol::Local,
         Client::Plaintext { .. } => Protocol::Plain,
     };
-    let (app, guard) = match Box::pin(route(&ctx, &snap, &who, dst, protocol)).await {
+    let (mut app, mut guard) = match Box::pin(route(&ctx, &snap, &who, dst, protocol)).await {
         Ok(Route::App(app, guard)) => (app, guard),
         Ok(Route::Waypoint(guard)) => {
             drop(snap);
@@ -444,7 +451,7 @@ pub async fn serve_local(
     };
     drop(snap);
     let mut outbound = outbound;
-    if pump(&mut client, app, guard, Some(&outbound)).await {
+    if pump(&mut client, &mut app, &mut guard, Some(&outbound)).await {
         socket::reset_on_close(&client);
         outbound.set_outcome(Outcome::Failed("inbound side failed".into()));
     } else {
@@ -455,9 +462,9 @@ pub async fn serve_local(
 
 // === HBONE :15008 ===
 
-/// Handles one TCP connection accepted on the HBONE listener: TLS as the destination
-/// workload, then HTTP/2 CONNECT streams.
-pub async fn serve_hbone(ctx: Arc<ProxyCtx>, tcp: TcpStream, peer: SocketAddr) {
+/// Handles one TCP connection accepted on the HBONE listener, holding its place (`_permit`)
+/// until it ends: TLS as the destination workload, then HTTP/2 CONNECT streams.
+pub async fn serve_hbone(ctx: Arc<ProxyCtx>, tcp: TcpStream, peer: SocketAddr, _permit: Permit) {
     let Ok(local) = tcp.local_addr() else { return };
     let snap = ctx.store.snapshot();
     let server_cert = match local_destination(&ctx, &snap, local.ip())
@@ -590,32 +597,88 @@ fn reply(
     respond.send_response(r, end).ok()
 }
 
-async fn handle_connect(
+/// Serves one CONNECT stream. Opening it (parsing, policy, the app connect) is boxed and over
+/// once the stream is open: only what relaying needs stays in the stream's task for as long
+/// as it lives (ARCHITECTURE.md, "A connection's task").
+pub(super) fn handle_connect(
+    ctx: Arc<ProxyCtx>,
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    peer_id: Identity,
+    peer: SocketAddr,
+    tunnel_ip: IpAddr,
+) -> impl std::future::Future<Output = ()> + Send {
+    let opening = Box::pin(open_connect(
+        ctx.clone(),
+        req,
+        respond,
+        peer_id,
+        peer,
+        tunnel_ip,
+    ));
+    // A block, not an `async fn`: an `async fn` copies its arguments into the body's own
+    // variables and keeps both.
+    async move {
+        let Some(Opened {
+            mut io,
+            routed,
+            who,
+            dst,
+        }) = opening.await
+        else {
+            return;
+        };
+        match routed {
+            Route::App(mut app, mut guard) => {
+                if pump(&mut io, &mut app, &mut guard, None).await {
+                    io.reset();
+                }
+            }
+            Route::Waypoint(guard) => {
+                // An unfinished stream resets itself when dropped. The HTTP server stops reading
+                // while the app is slow to take a body: the stream's bytes must not pile up in h2.
+                to_waypoint(&ctx, io.absorbing(), &who, dst, guard).await;
+            }
+        }
+    }
+}
+
+/// A CONNECT stream answered 200, and where it goes.
+struct Opened {
+    io: H2Io,
+    routed: Route,
+    who: Client,
+    dst: SocketAddr,
+}
+
+/// Checks a CONNECT, applies policy and reaches its destination; answers it (200, or the
+/// refusal) and returns the open stream, or `None` when it was refused or failed.
+async fn open_connect(
     ctx: Arc<ProxyCtx>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer_id: Identity,
     peer: SocketAddr,
     tunnel_ip: IpAddr,
-) {
+) -> Option<Opened> {
     let connect = match Connect::parse(&req) {
         Ok(c) => c,
         Err(e @ ConnectError::Method(_)) => {
             tracing::info!(peer = %peer, error = %e, "HBONE request refused");
             reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED, true);
-            return;
+            return None;
         }
         Err(e @ ConnectError::Authority(_)) => {
             tracing::info!(peer = %peer, error = %e, "HBONE CONNECT without an IP:port authority (port 1-65535)");
             reply(&mut respond, StatusCode::BAD_REQUEST, true);
-            return;
+            return None;
         }
     };
     let dst = connect.authority;
     if dst.ip() != tunnel_ip {
         tracing::info!(peer = %peer, authority = %dst, tunnel = %tunnel_ip, "HBONE authority does not match the tunnel's destination");
         reply(&mut respond, StatusCode::BAD_REQUEST, true);
-        return;
+        return None;
     }
     let snap = ctx.store.snapshot();
     // Believe the claimed client address only if it belongs to the authenticated identity.
@@ -658,7 +721,7 @@ async fn handle_connect(
         Err(r) => {
             tracing::info!(src = %src, dst = %dst, reason = %r.reason, "HBONE CONNECT refused");
             reply(&mut respond, r.status, true);
-            return;
+            return None;
         }
     };
     drop(snap);
@@ -666,19 +729,13 @@ async fn handle_connect(
         if let Route::App(app, _) = &routed {
             socket::reset_on_close(app);
         }
-        return;
+        return None;
     };
-    let mut io = H2Io::with_received(send, body, received.freeze(), ended);
-    match routed {
-        Route::App(app, guard) => {
-            if pump(&mut io, app, guard, None).await {
-                io.reset();
-            }
-        }
-        Route::Waypoint(guard) => {
-            // An unfinished stream resets itself when dropped. The HTTP server stops reading
-            // while the app is slow to take a body: the stream's bytes must not pile up in h2.
-            to_waypoint(&ctx, io.absorbing(), &who, dst, guard).await;
-        }
-    }
+    let io = H2Io::with_received(send, body, received.freeze(), ended);
+    Some(Opened {
+        io,
+        routed,
+        who,
+        dst,
+    })
 }

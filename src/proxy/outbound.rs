@@ -11,6 +11,7 @@
 //! destination (the VIP or the pod address, unresolved); a waypoint that cannot be found or
 //! reached fails the connection, which never goes direct.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use tokio::net::TcpStream;
 use super::conntrack::{ConnGuard, ConnMeta, Outcome, Peer, Protocol, ServiceRef};
 use super::envoy_waypoint::{self, Via};
 use super::inbound::{self, Client};
+use super::limit::Permit;
 use super::pool::PoolKey;
 use super::relay::relay;
 use super::socket;
@@ -99,23 +101,121 @@ pub fn resolve(snap: &Snapshot, dst: SocketAddr) -> Result<Target<'_>, NoRoute> 
     }
 }
 
-/// Handles one connection accepted on the outbound listener; the original destination is
-/// the accepted socket's local address (TPROXY), or in a pod `SO_ORIGINAL_DST` (REDIRECT).
-pub async fn serve_outbound(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
-    let Ok(dst) = socket::original_dst(&client, &ctx.mode) else {
-        return;
-    };
-    serve_outbound_to(ctx, client, peer, dst).await
+/// Handles one connection accepted on the outbound listener, holding its place (`permit`)
+/// until it ends; the original destination is the accepted socket's local address (TPROXY),
+/// or in a pod `SO_ORIGINAL_DST` (REDIRECT).
+pub fn serve_outbound(
+    ctx: Arc<ProxyCtx>,
+    client: TcpStream,
+    peer: SocketAddr,
+    permit: Permit,
+) -> impl Future<Output = ()> + Send {
+    // Not an `async fn` awaiting another one: each level of `async fn` keeps its own copy of
+    // its arguments for as long as the connection lives (ARCHITECTURE.md, "A connection's
+    // task").
+    let dst = socket::original_dst(&client, &ctx.mode).ok();
+    serve(ctx, client, peer, dst, Some(permit))
 }
 
 /// Handles one outbound connection from `peer` whose original destination is `dst` (for
 /// callers that learned the destination another way than TPROXY, e.g. benches on loopback).
-pub async fn serve_outbound_to(
+pub fn serve_outbound_to(
     ctx: Arc<ProxyCtx>,
     client: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
-) {
+) -> impl Future<Output = ()> + Send {
+    serve(ctx, client, peer, Some(dst), None)
+}
+
+/// What an outbound connection becomes, decided on one snapshot before anything is awaited
+/// (so nothing of the decision stays in the connection's task).
+enum Plan {
+    /// Refused (logged); the client is reset.
+    Refused,
+    /// Through the Envoy waypoint istiod announced for the destination.
+    Waypoint(ConnGuard, WaypointTunnel),
+    /// Same node, destination in the mesh: the inbound side takes it.
+    Local {
+        who: Client,
+        addr: SocketAddr,
+        guard: ConnGuard,
+    },
+    /// Another node, both ends in the mesh: HBONE.
+    Hbone {
+        key: PoolKey,
+        cert: Arc<IssuedCert>,
+        addr: SocketAddr,
+        guard: ConnGuard,
+    },
+    /// Anything else: plain TCP from the client's own address.
+    Plain { addr: SocketAddr, guard: ConnGuard },
+}
+
+/// An `async` block, not an `async fn`: an `async fn` copies its arguments into the body's
+/// own variables and keeps both for as long as the connection lives, where a block uses what
+/// it captured.
+#[allow(clippy::manual_async_fn)] // the point: the `async fn` form holds its arguments twice
+fn serve(
+    ctx: Arc<ProxyCtx>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    dst: Option<SocketAddr>,
+    permit: Option<Permit>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        // Held until the connection ends (captured, dropped with the task).
+        let _permit = &permit;
+        let Some(dst) = dst else { return };
+        match plan(&ctx, peer, dst) {
+            Plan::Refused => socket::reset_on_close(&client),
+            Plan::Waypoint(mut guard, tunnel) => {
+                // Boxed, as the other rare paths: a connection's task is as large as its
+                // largest path, for as long as it lives.
+                Box::pin(serve_through_waypoint(
+                    &ctx,
+                    &mut client,
+                    peer,
+                    dst,
+                    &mut guard,
+                    tunnel,
+                ))
+                .await
+            }
+            Plan::Local { who, addr, guard } => {
+                if let Err(r) =
+                    Box::pin(inbound::serve_local(ctx.clone(), client, who, addr, guard)).await
+                {
+                    tracing::info!(src = %peer, dst = %addr, reason = %r.reason, "same-node connection refused");
+                }
+            }
+            Plan::Hbone {
+                key,
+                cert,
+                addr,
+                mut guard,
+            } => tunnel_and_relay(&ctx, &mut client, peer, addr, &mut guard, &key, &cert).await,
+            Plan::Plain { addr, mut guard } => {
+                match socket::connect(addr, Some(peer.ip()), &ctx.mode, CONNECT_TIMEOUT).await {
+                    Ok(mut upstream) => {
+                        socket::keepalive(&upstream, &ctx.keepalive);
+                        if inbound::pump(&mut client, &mut upstream, &mut guard, None).await {
+                            socket::reset_on_close(&client);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::info!(src = %peer, dst = %addr, error = %e, "passthrough connect failed");
+                        socket::reset_on_close(&client);
+                        guard.set_outcome(Outcome::ConnectFailed(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Decides what the connection from `peer` to `dst` becomes, and opens its record.
+fn plan(ctx: &ProxyCtx, peer: SocketAddr, dst: SocketAddr) -> Plan {
     let snap = ctx.store.snapshot();
     let src_w = snap
         .workload_by_ip(peer.ip())
@@ -124,25 +224,21 @@ pub async fn serve_outbound_to(
     // know as a local enrolled workload is refused, never passed through in plaintext.
     if src_w.is_none() && ctx.mode.is_in_pod() {
         tracing::info!(src = %peer, dst = %dst, "outbound from a pod the mesh state does not know as local and enrolled; refused");
-        socket::reset_on_close(&client);
-        return;
+        return Plan::Refused;
     }
     let src_id = src_w.and_then(|w| ctx.identity_of(w));
 
     // Behind an Envoy waypoint istiod announced: only through it, never direct.
     if let Some(via) = envoy_waypoint::required(&snap, dst, peer.ip(), src_w.map(|w| &**w)) {
-        let (guard, tunnel) = to_waypoint(&ctx, &snap, via, peer, dst, src_w, src_id);
-        drop(snap);
-        serve_through_waypoint(ctx, client, peer, dst, guard, tunnel).await;
-        return;
+        let (guard, tunnel) = to_waypoint(ctx, &snap, via, peer, dst, src_w, src_id);
+        return Plan::Waypoint(guard, tunnel);
     }
 
     let target = match resolve(&snap, dst) {
         Ok(t) => t,
         Err(NoRoute(why)) => {
             tracing::info!(src = %peer, dst = %dst, reason = %why, "outbound refused");
-            socket::reset_on_close(&client);
-            return;
+            return Plan::Refused;
         }
     };
     let dst_mesh = target.workload.filter(|w| w.enrollment.is_enrolled());
@@ -175,26 +271,21 @@ pub async fn serve_outbound_to(
             },
             None => Client::Plaintext { addr: peer },
         };
-        let guard = ctx.conns.open(meta(Protocol::Local, ctx.identity_of(w)));
-        let addr = target.addr;
-        drop(snap);
-        if let Err(r) = Box::pin(inbound::serve_local(ctx.clone(), client, who, addr, guard)).await
-        {
-            tracing::info!(src = %peer, dst = %addr, reason = %r.reason, "same-node connection refused");
-        }
-        return;
+        return Plan::Local {
+            who,
+            addr: target.addr,
+            guard: ctx.conns.open(meta(Protocol::Local, ctx.identity_of(w))),
+        };
     }
 
     // Another node, both ends in the mesh: HBONE.
     if let (Some(src_id), Some(w)) = (&src_id, dst_mesh) {
         let Some(dst_id) = ctx.identity_of(w) else {
-            socket::reset_on_close(&client);
-            return;
+            return Plan::Refused;
         };
         let Some(cert) = ctx.certs.get(src_id) else {
             tracing::warn!(src = %peer, identity = %src_id, "no certificate yet for the source; refusing");
-            socket::reset_on_close(&client);
-            return;
+            return Plan::Refused;
         };
         let key = PoolKey {
             src: src_id.clone(),
@@ -202,62 +293,57 @@ pub async fn serve_outbound_to(
             dst_ip: target.addr.ip(),
             dst_port: ctx.pool.hbone_port(),
         };
-        let guard = ctx.conns.open(meta(Protocol::Hbone, Some(dst_id)));
-        let addr = target.addr;
-        drop(snap);
-        tunnel_and_relay(&ctx, client, peer, addr, guard, &key, &cert).await;
-        return;
+        return Plan::Hbone {
+            key,
+            cert,
+            addr: target.addr,
+            guard: ctx.conns.open(meta(Protocol::Hbone, Some(dst_id))),
+        };
     }
 
     // Anything else: plain TCP, from the client's own address.
-    let mut guard = ctx.conns.open(meta(Protocol::Plain, None));
-    let addr = target.addr;
-    drop(snap);
-    let mut client = client;
-    match socket::connect(addr, Some(peer.ip()), &ctx.mode, CONNECT_TIMEOUT).await {
-        Ok(upstream) => {
-            socket::keepalive(&upstream, &ctx.keepalive);
-            if inbound::pump(&mut client, upstream, guard, None).await {
-                socket::reset_on_close(&client);
-            }
-        }
-        Err(e) => {
-            tracing::info!(src = %peer, dst = %addr, error = %e, "passthrough connect failed");
-            socket::reset_on_close(&client);
-            guard.set_outcome(Outcome::ConnectFailed(e.to_string()));
-        }
+    Plan::Plain {
+        addr: target.addr,
+        guard: ctx.conns.open(meta(Protocol::Plain, None)),
     }
 }
 
 /// Opens an HBONE stream for `key` with `:authority` `authority` (the original destination,
 /// or the endpoint a VIP resolved to) and relays `client` over it; a failure resets the
 /// client and is recorded on `guard` (`ConnectFailed` when the tunnel could not be opened).
-async fn tunnel_and_relay(
-    ctx: &ProxyCtx,
-    mut client: TcpStream,
+#[allow(clippy::manual_async_fn)] // as `serve`
+fn tunnel_and_relay<'a>(
+    ctx: &'a ProxyCtx,
+    client: &'a mut TcpStream,
     peer: SocketAddr,
     authority: SocketAddr,
-    mut guard: ConnGuard,
-    key: &PoolKey,
-    cert: &Arc<IssuedCert>,
-) {
-    match ctx.pool.tunnel_early(key, cert, authority, peer).await {
-        Ok(mut tunnel) => {
-            let conns = [guard.conn().clone()];
-            match relay(&mut client, &mut tunnel.io, &conns).await {
-                Ok(()) => guard.set_outcome(Outcome::Closed),
-                Err(e) => {
-                    // A refusal reads, and fails a write, naming the peer's answer.
-                    socket::reset_on_close(&client);
-                    tunnel.io.reset();
-                    guard.set_outcome(e.into());
-                }
+    guard: &'a mut ConnGuard,
+    key: &'a PoolKey,
+    cert: &'a Arc<IssuedCert>,
+) -> impl Future<Output = ()> + Send + 'a {
+    // A block, not an `async fn` (see `serve`).
+    async move {
+        // Boxed: opening a stream (and, the first time, its pooled connection's handshakes) is
+        // over once the stream is open, and the connection's task would otherwise keep room for
+        // it for as long as the connection lives.
+        let mut tunnel = match Box::pin(ctx.pool.tunnel_early(key, cert, authority, peer)).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::info!(src = %peer, dst = %authority, via = %key.peer(), error = %e, "HBONE tunnel failed");
+                socket::reset_on_close(client);
+                guard.set_outcome(Outcome::ConnectFailed(e.to_string()));
+                return;
             }
-        }
-        Err(e) => {
-            tracing::info!(src = %peer, dst = %authority, via = %key.peer(), error = %e, "HBONE tunnel failed");
-            socket::reset_on_close(&client);
-            guard.set_outcome(Outcome::ConnectFailed(e.to_string()));
+        };
+        let conns = [guard.conn().clone()];
+        match relay(client, &mut tunnel.io, &conns).await {
+            Ok(()) => guard.set_outcome(Outcome::Closed),
+            Err(e) => {
+                // A refusal reads, and fails a write, naming the peer's answer.
+                socket::reset_on_close(client);
+                tunnel.io.reset();
+                guard.set_outcome(e.into());
+            }
         }
     }
 }
@@ -350,18 +436,18 @@ fn waypoint_tunnel(
 /// waypoint that could not be found or reached fails the connection (reset, logged,
 /// `istio_tcp_connections_failed_total`).
 async fn serve_through_waypoint(
-    ctx: Arc<ProxyCtx>,
-    client: TcpStream,
+    ctx: &ProxyCtx,
+    client: &mut TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
-    mut guard: ConnGuard,
+    guard: &mut ConnGuard,
     tunnel: WaypointTunnel,
 ) {
     match tunnel {
-        Ok((key, cert)) => tunnel_and_relay(&ctx, client, peer, dst, guard, &key, &cert).await,
+        Ok((key, cert)) => tunnel_and_relay(ctx, client, peer, dst, guard, &key, &cert).await,
         Err(why) => {
             tracing::info!(src = %peer, dst = %dst, reason = %why, "waypoint unreachable; connection refused");
-            socket::reset_on_close(&client);
+            socket::reset_on_close(client);
             guard.set_outcome(Outcome::ConnectFailed(why.to_string()));
         }
     }

@@ -391,11 +391,16 @@ where
     let killed = async {
         match conns {
             [a] => a.close.cancelled().await,
+            // Boxed: only the same-node path has two records, and two waits inline would
+            // double what every relay holds while it lives.
             [a, b, ..] => {
-                tokio::select! {
-                    _ = a.close.cancelled() => {}
-                    _ = b.close.cancelled() => {}
-                }
+                Box::pin(async {
+                    tokio::select! {
+                        _ = a.close.cancelled() => {}
+                        _ = b.close.cancelled() => {}
+                    }
+                })
+                .await
             }
             [] => std::future::pending().await,
         }
