@@ -508,5 +508,9 @@ mod tests {
             plaintext <= 1_000,
             "plaintext inbound task: {plaintext} bytes"
         );
+        // Each connection's record, in an `Arc` (two counts before it): in jemalloc's 320-byte
+        // class, not the 384 one (it was 328 with the service's strings inline).
+        let record = std::mem::size_of::<conntrack::Conn>() + 16;
+        assert!(record <= 320, "connection record: {record} bytes");
     }
 }

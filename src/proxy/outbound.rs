@@ -252,9 +252,11 @@ fn plan(ctx: &ProxyCtx, peer: SocketAddr, dst: SocketAddr) -> Plan {
         dst_identity,
         src_workload: src_w.map(Peer::of),
         dst_workload: target.workload.map(Peer::of),
-        service: target.service.map(|s| ServiceRef {
-            name: s.name.clone(),
-            namespace: s.namespace.clone(),
+        service: target.service.map(|s| {
+            Box::new(ServiceRef {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+            })
         }),
         decision: None,
         audits: Vec::new(),
@@ -397,9 +399,11 @@ fn to_waypoint(
             Ok(h) => Some(Peer::of(h.workload)),
             Err(_) => via.workload.map(Peer::of),
         },
-        service: via.service.map(|s| ServiceRef {
-            name: s.name.clone(),
-            namespace: s.namespace.clone(),
+        service: via.service.map(|s| {
+            Box::new(ServiceRef {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+            })
         }),
         decision: None,
         audits: Vec::new(),
