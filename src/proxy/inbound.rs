@@ -616,8 +616,7 @@ pub(super) fn handle_connect(
         peer,
         tunnel_ip,
     ));
-    // A block, not an `async fn`: an `async fn` copies its arguments into the body's own
-    // variables and keeps both.
+    // A block, not an `async fn` (as `outbound::serve`).
     async move {
         let Some(Opened {
             mut io,

@@ -110,9 +110,7 @@ pub fn serve_outbound(
     peer: SocketAddr,
     permit: Permit,
 ) -> impl Future<Output = ()> + Send {
-    // Not an `async fn` awaiting another one: each level of `async fn` keeps its own copy of
-    // its arguments for as long as the connection lives (ARCHITECTURE.md, "A connection's
-    // task").
+    // Not an `async fn` awaiting `serve` (see `serve`).
     let dst = socket::original_dst(&client, &ctx.mode).ok();
     serve(ctx, client, peer, dst, Some(permit))
 }
@@ -154,7 +152,7 @@ enum Plan {
 
 /// An `async` block, not an `async fn`: an `async fn` copies its arguments into the body's
 /// own variables and keeps both for as long as the connection lives, where a block uses what
-/// it captured.
+/// it captured (ARCHITECTURE.md, "A connection's task").
 #[allow(clippy::manual_async_fn)] // the point: the `async fn` form holds its arguments twice
 fn serve(
     ctx: Arc<ProxyCtx>,
