@@ -41,9 +41,9 @@ pub enum TlsError {
     PeerIdentity(String),
 }
 
-/// The crypto provider: ring, with the TLS 1.3 suites ztunnel offers and X25519 / P-256.
+/// The crypto provider: aws-lc-rs, with the TLS 1.3 suites ztunnel offers and X25519 / P-256.
 pub fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::ring as r;
+    use rustls::crypto::aws_lc_rs as r;
     Arc::new(CryptoProvider {
         cipher_suites: vec![
             r::cipher_suite::TLS13_AES_256_GCM_SHA384,

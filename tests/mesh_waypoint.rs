@@ -109,7 +109,7 @@ fn run_jwks(env: &MeshEnv, rt: &tokio::runtime::Runtime, jwks: String) -> std::p
     let ca_file = env.bed.temp_dir().join("jwks-ca.pem");
     std::fs::write(&ca_file, ca_cert.pem()).unwrap();
     let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()

@@ -246,7 +246,7 @@ impl JwksServer {
         let mut ca = tempfile::NamedTempFile::new().unwrap();
         ca.write_all(ck.cert.pem().as_bytes()).unwrap();
         let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
