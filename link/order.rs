@@ -21,7 +21,9 @@ use regex::Regex;
 ///   (`Cs*_<length><crate>` or a back-reference), which another build may choose differently
 ///   (in a bench-profile build 64 of 2,902 listed functions had moved): `*`;
 /// - legacy Rust names end in `17h<16 hex digits>E`: `17h*E`;
-/// - and LTO may append `.<n>` to a duplicate's name: `.*`.
+/// - and LTO may append `.<n>` to a duplicate's name: `.*`;
+/// - the crypto libraries' C and assembly names begin with their version (`ring_core_0_17_14__`,
+///   `aws_lc_0_47_0_`), which any release of them changes: `ring_core_*_`, `aws_lc_*_`.
 ///
 /// With legacy names a pattern matches every instantiation of a generic function, thousands of
 /// functions that never ran among those that did (the hot text grew from 3.7 to 6.8 MB and idle
@@ -39,6 +41,7 @@ pub fn script(order: &str) -> Result<String, Box<dyn std::error::Error>> {
     let v0 = Regex::new(r"(Cs)[0-9A-Za-z]{0,11}_|(B)[0-9A-Za-z]{0,3}_")?;
     let legacy = Regex::new(r"17h[0-9a-f]{16}E")?;
     let suffix = Regex::new(r"\.[0-9]+$")?;
+    let versioned = Regex::new(r"^(ring_core|aws_lc)_[0-9]+_[0-9]+_[0-9]+_")?;
     let mut seen = std::collections::HashSet::new();
     let mut script = String::from("SECTIONS\n{\n  .text.hot : {\n");
     for (number, name) in order.lines().enumerate() {
@@ -70,6 +73,8 @@ pub fn script(order: &str) -> Result<String, Box<dyn std::error::Error>> {
             }
         } else if name.starts_with("_ZN") {
             legacy.replace(name, "17h*E").into_owned()
+        } else if versioned.is_match(name) {
+            versioned.replace(name, "${1}_*_").into_owned()
         } else {
             name.to_string()
         };
