@@ -490,8 +490,9 @@ mod tests {
 
     /// An idle connection costs mostly its tasks, whose size is their future's largest state
     /// (ARCHITECTURE.md, "A connection's task"). This pins the handlers' futures; that
-    /// `accept_loop` spawns them unwrapped is not tested (its comment says why). Pinned here in the test build (debug: 1,064, 760 and 880 bytes when written; a
-    /// release build's are 1,048, 744 and 840). Before: 2,624, 1,888 and 920 in release, the
+    /// `accept_loop` spawns them unwrapped is not tested (its comment says why). Pinned here
+    /// in the test build (debug: 1,064, 760 and 880 bytes when written; a release build's are
+    /// 1,048, 744 and 840). Before: 2,624, 1,888 and 920 in release, the
     /// transient paths (the pool's handshakes, the waypoint) inline, and an `async` wrapper
     /// around the handler held it twice (the outbound task 5,320 bytes).
     #[test]
