@@ -137,7 +137,14 @@ pub(crate) async fn run_mesh(
         bed.add_pod(*node, name).unwrap();
     }
     let dir = bed.temp_dir().to_path_buf();
-    weft::identity::ca::init_dir(&dir.join("ca"), "cluster.local").unwrap();
+    // With the peer, weft's CA is ztunnel's test CA (its `FAKE_CA`): both tunnels trust each
+    // other, and [`peer::Running::interop`] proves they carry each other's connections.
+    match peer {
+        Some(zt) => zt
+            .write_ca_dir(&dir.join("ca"))
+            .expect("weft's CA folder from ztunnel's test CA"),
+        None => weft::identity::ca::init_dir(&dir.join("ca"), "cluster.local").unwrap(),
+    }
     let mut mesh = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: bench, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n");
     let mut all: Vec<(String, usize, &str)> = pods
         .iter()
@@ -237,6 +244,7 @@ pub(crate) async fn run_mesh(
         }),
         peer: ztunnels.as_mut().map(|z| {
             z.prove(&bed, APP_PORT, ("pclient", "pserver"));
+            z.interop(&bed, APP_PORT);
             z.side(&bed, APP_PORT, HTTP_PORT)
         }),
     };

@@ -10,7 +10,11 @@
 //! (15001/15006/15008; its listeners are transparent when it may make them so, as root here).
 //! ztunnel runs as the issue ran it: `PROXY_MODE=dedicated` in the node's namespace, its
 //! workloads from a local file (`LOCAL_XDS_PATH`), certificates from its built-in test CA
-//! (`FAKE_CA=true`, the same CA on both nodes, so they trust each other).
+//! (`FAKE_CA=true`, the same CA on both nodes, so they trust each other). weft's nodes get
+//! their CA from the same test root ([`Ztunnel::write_ca_dir`]), so the two tunnels also
+//! trust each other, and [`Running::interop`] proves, before anything is measured, that each
+//! carries the other's connections (weft's client to ztunnel's server, ztunnel's client to
+//! weft's server): the wire compatibility README.md claims, checked against a real ztunnel.
 //!
 //! Dedicated mode proxies for one workload (`PROXY_WORKLOAD_INFO`), whatever the pods on the
 //! node: outbound, every captured connection leaves with that workload's identity, whatever
@@ -63,6 +67,43 @@ pub(crate) struct Ztunnel {
     pub(crate) bin: PathBuf,
     /// The first line `ztunnel version` prints.
     pub(crate) version: String,
+    /// The folder of ztunnel's test CA (its `src/tls/`): `root-cert.pem`, the self-signed root
+    /// its `FAKE_CA` issues from, and `ca-key.pem`, that root's key ([`Ztunnel::write_ca_dir`]).
+    pub(crate) ca: PathBuf,
+}
+
+/// ztunnel's test CA files (in its checkout's `src/tls/`) that weft's CA is made of.
+const TEST_ROOT: &str = "root-cert.pem";
+const TEST_ROOT_KEY: &str = "ca-key.pem";
+
+/// Where ztunnel's test CA is: `WEFT_BENCH_PEER_CA` if set, else the `src/tls/` of the
+/// checkout the binary was built in (its `out/rust/release/ztunnel`, or any folder above it
+/// that holds `src/tls/root-cert.pem`).
+fn find_test_ca(bin: &Path) -> Result<PathBuf, String> {
+    let has_ca = |d: &Path| d.join(TEST_ROOT).is_file() && d.join(TEST_ROOT_KEY).is_file();
+    if let Some(dir) = std::env::var_os("WEFT_BENCH_PEER_CA") {
+        let dir = PathBuf::from(dir);
+        return if has_ca(&dir) {
+            Ok(dir)
+        } else {
+            Err(format!(
+                "WEFT_BENCH_PEER_CA={}: no {TEST_ROOT} and {TEST_ROOT_KEY} there (ztunnel's src/tls/)",
+                dir.display()
+            ))
+        };
+    }
+    let bin = bin
+        .canonicalize()
+        .map_err(|e| format!("--peer {}: {e}", bin.display()))?;
+    bin.ancestors()
+        .map(|a| a.join("src").join("tls"))
+        .find(|d| has_ca(d))
+        .ok_or_else(|| {
+            format!(
+                "--peer {}: ztunnel's test CA ({TEST_ROOT} and {TEST_ROOT_KEY} in src/tls/ of its checkout) is not in any folder above the binary; set WEFT_BENCH_PEER_CA to that src/tls/",
+                bin.display()
+            )
+        })
 }
 
 impl Ztunnel {
@@ -85,7 +126,24 @@ impl Ztunnel {
             .find(|l| !l.is_empty())
             .unwrap_or_default()
             .to_string();
-        Ok(Ztunnel { bin, version })
+        let ca = find_test_ca(&bin)?;
+        Ok(Ztunnel { bin, version, ca })
+    }
+
+    /// Writes weft's plugin-CA folder `dir` from ztunnel's test CA, so that weft's nodes and
+    /// ztunnel's (`FAKE_CA`, which signs with that root's key) trust each other: the root is
+    /// `root-cert.pem` and also `ca-cert.pem` (weft's built-in CA signs with it directly, as
+    /// ztunnel's does) and `cert-chain.pem`; its key is `ca-key.pem`. With the same root on
+    /// every node, the two tunnels' chains are the same shape (leaf, then the root), so their
+    /// handshakes cost the same checks.
+    pub(crate) fn write_ca_dir(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let root = std::fs::read(self.ca.join(TEST_ROOT))?;
+        for name in ["root-cert.pem", "ca-cert.pem", "cert-chain.pem"] {
+            std::fs::write(dir.join(name), &root)?;
+        }
+        std::fs::copy(self.ca.join(TEST_ROOT_KEY), dir.join("ca-key.pem"))?;
+        Ok(())
     }
 }
 
@@ -99,13 +157,22 @@ pub(crate) fn pods() -> Vec<(String, usize)> {
     pods
 }
 
-/// ztunnel's local config (`LOCAL_XDS_PATH`): the peer's pods as HBONE workloads, no
-/// services, no policies (weft's bench mesh has none either), and `extra` more workloads
-/// ([`extra_workloads`], the same weft's mesh file gets for the state row).
+/// weft's pods that ztunnel's nodes reach and are reached from ([`Running::interop`]): weft's
+/// client (node 1) and server (node 2), with the same identities as in weft's mesh file
+/// (namespace `bench`, service account = pod name).
+const WEFT_PODS: [(&str, usize); 2] = [("client", 1), ("server", 2)];
+
+/// ztunnel's local config (`LOCAL_XDS_PATH`): the peer's pods and weft's [`WEFT_PODS`] as
+/// HBONE workloads, no services, no policies (weft's bench mesh has none either), and `extra`
+/// more workloads ([`extra_workloads`], the same weft's mesh file gets for the state row).
 fn local_config(bed: &Testbed, extra: usize) -> String {
     let mut out = String::from("workloads:\n");
+    let weft_pods = WEFT_PODS
+        .iter()
+        .map(|(name, node)| (name.to_string(), *node));
     let pods = pods()
         .into_iter()
+        .chain(weft_pods)
         .map(|(name, node)| (bed.pod(&name).ip, bed.node(node).name.clone(), name));
     let extras = extra_workloads(extra).map(|(name, ip)| (ip, EXTRA_NODE.to_string(), name));
     for (ip, node, name) in pods.chain(extras) {
@@ -301,6 +368,96 @@ impl Running {
         );
     }
 
+    /// Proves that weft and ztunnel carry each other's connections, both ways, before anything
+    /// is measured: weft's client (node 1) to ztunnel's server (node 4), then ztunnel's client
+    /// (node 3) to weft's server (node 2). Each is a 1 KiB echo that must come back whole; on
+    /// the sender's underlay its bytes are nowhere in clear text and its only connection is to
+    /// the server's port 15008 (HBONE), none to the app's port; the sending node proxy counts
+    /// one more mTLS connection to the server's identity (`destination_principal`) and the
+    /// receiving one one more from the client's (`source_principal`): each side authenticated
+    /// the other with the other's certificate. Both kinds of node proxy are scraped on the
+    /// same port with the same metric (`istio_tcp_connections_opened_total`, Istio's labels).
+    /// Panics, naming the direction and the failed check, otherwise.
+    pub(crate) fn interop(&self, bed: &Testbed, app_port: u16) {
+        let cases = [
+            ("weft", WEFT_PODS[0].0, NAME, SERVER),
+            (NAME, CLIENT, "weft", WEFT_PODS[1].0),
+        ];
+        for (sender, from, receiver, to) in cases {
+            let (from, to) = (bed.pod(from), bed.pod(to));
+            let what = format!(
+                "{sender} -> {receiver} ({} on {} to {} on {})",
+                from.name,
+                bed.node(from.node).name,
+                to.name,
+                bed.node(to.node).name
+            );
+            let mark = format!("WEFT-BENCH-INTEROP-{sender}-to-{receiver}-must-not-be-seen-");
+            let (src_id, dst_id) = (spiffe(&from.name), spiffe(&to.name));
+            let (out_ns, in_ns) = (&bed.node(from.node).ns, &bed.node(to.node).ns);
+            let counts = || -> [f64; 2] {
+                let out = opened(out_ns, "source", Some(("destination_principal", &dst_id)));
+                let inb = opened(in_ns, "destination", Some(("source_principal", &src_id)));
+                match (out, inb) {
+                    (Ok(o), Ok(i)) => [o, i],
+                    (Err(e), _) | (_, Err(e)) => panic!("interop {what}: {e}"),
+                }
+            };
+            let before = counts();
+            let cap = bed
+                .capture_underlay(from.node, &format!("interop-{sender}.pcap"))
+                .expect("capture the sender's underlay");
+            let sent = echo(
+                &from.ns,
+                SocketAddr::new(IpAddr::V4(to.ip), app_port),
+                mark.as_bytes(),
+            );
+            let pcap = cap.stop().expect("capture");
+            if let Err(e) = sent {
+                panic!("interop {what}: the echo failed: {e}");
+            }
+            assert!(
+                !weft_testbed::contains(&pcap, mark.as_bytes()),
+                "interop {what}: the echo crossed the underlay in clear text"
+            );
+            let segments = tcp_segments(&pcap);
+            let to_server = |port: u16| {
+                segments
+                    .iter()
+                    .filter(|(s, d)| {
+                        (*d.ip() == to.ip && d.port() == port)
+                            || (*s.ip() == to.ip && s.port() == port)
+                    })
+                    .count()
+            };
+            assert!(
+                to_server(15008) > 0 && to_server(app_port) == 0,
+                "interop {what}: on the underlay, {} segments to port 15008 (HBONE) and {} to the app's port {app_port}",
+                to_server(15008),
+                to_server(app_port)
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let now = counts();
+                if now[0] >= before[0] + 1.0 && now[1] >= before[1] + 1.0 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "interop {what}: {sender} counted {} mTLS connections to {dst_id} (was {}), {receiver} {} from {src_id} (was {})",
+                    now[0],
+                    before[0],
+                    now[1],
+                    before[1]
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            println!(
+                "(interop: {what}: echoed over HBONE; {sender} counted an mTLS connection to {dst_id}, {receiver} one from {src_id})"
+            );
+        }
+    }
+
     /// The peer's side of the measurement: its routes (counted; to the server's app on
     /// `app_port`, and to its HTTP app on `http_port`), its processes' meters, and the check
     /// of its counters.
@@ -386,21 +543,38 @@ fn mtls_counters(nodes: &[Netns; 2]) -> Result<[f64; 2], String> {
 }
 
 fn mtls_opened(ns: &Netns, reporter: &str) -> Result<f64, String> {
+    opened(ns, reporter, None)
+}
+
+/// The mTLS connections the node proxy in `ns` (ztunnel, or weft on the same port) counts as
+/// opened with `reporter`, only those whose label `label` (name, value) matches if given.
+fn opened(ns: &Netns, reporter: &str, label: Option<(&str, &str)>) -> Result<f64, String> {
     let addr: SocketAddr = METRICS.parse().expect("metrics address");
     let (status, body) = ns
         .http_get(addr, "/metrics")
-        .map_err(|e| format!("ztunnel's metrics in {}: {e}", ns.name()))?;
+        .map_err(|e| format!("the node proxy's metrics in {}: {e}", ns.name()))?;
     if status != 200 {
-        return Err(format!("ztunnel's metrics in {}: HTTP {status}", ns.name()));
+        return Err(format!(
+            "the node proxy's metrics in {}: HTTP {status}",
+            ns.name()
+        ));
     }
     let reporter = format!("reporter=\"{reporter}\"");
+    let label = label.map(|(k, v)| format!("{k}=\"{v}\""));
     Ok(body
         .lines()
         .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
         .filter(|l| l.contains(&reporter))
         .filter(|l| l.contains("connection_security_policy=\"mutual_tls\""))
+        .filter(|l| label.as_ref().is_none_or(|x| l.contains(x.as_str())))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
+}
+
+/// The SPIFFE identity of bench pod `pod` (namespace `bench`, service account = pod name) in
+/// both tunnels' trust domain.
+fn spiffe(pod: &str) -> String {
+    format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{pod}")
 }
 
 /// One 1 KiB echo (the app's `E` mode) of `mark` repeated, from inside `from` to `to`.
