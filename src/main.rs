@@ -130,6 +130,7 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<ExitCode> {
+    weft::tls::install_process_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Ca {
@@ -249,5 +250,33 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use rustls::crypto::CryptoProvider;
+
+    /// In its own test binary: no test here touches TLS before, so the default is unset until
+    /// `install_process_default` (which `real_main` calls first) sets it.
+    #[test]
+    fn the_process_default_provider_is_aws_lc_and_builders_use_it() {
+        assert!(CryptoProvider::get_default().is_none());
+        weft::tls::install_process_default();
+        weft::tls::install_process_default(); // a second call keeps the first
+        let installed = CryptoProvider::get_default().expect("a default");
+        let aws_lc = rustls::crypto::aws_lc_rs::default_provider();
+        let suites =
+            |p: &CryptoProvider| -> Vec<_> { p.cipher_suites.iter().map(|s| s.suite()).collect() };
+        let groups =
+            |p: &CryptoProvider| -> Vec<_> { p.kx_groups.iter().map(|g| g.name()).collect() };
+        assert_eq!(suites(installed), suites(&aws_lc));
+        assert_eq!(groups(installed), groups(&aws_lc));
+        // What kube-rs does: a builder that names no provider, which now takes the default.
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        assert_eq!(suites(config.crypto_provider()), suites(&aws_lc));
     }
 }

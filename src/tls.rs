@@ -55,6 +55,16 @@ pub fn provider() -> Arc<CryptoProvider> {
     })
 }
 
+/// Makes aws-lc-rs rustls's process-wide default provider, for the TLS clients that weft's
+/// dependencies build without naming a provider (kube-rs's API-server client calls
+/// `ClientConfig::builder()`). Without a default, rustls picks one from its crate features
+/// and panics if a dependency ever turns on a second one (ring). aws-lc-rs's own defaults,
+/// not [`provider`]'s narrower set: those clients reach servers outside the mesh. Call first
+/// thing in `main`; a later call keeps the first default.
+pub fn install_process_default() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 /// The identity in a certificate: its single `spiffe://` URI SAN.
 pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, TlsError> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
