@@ -370,14 +370,18 @@ impl Running {
 
     /// Proves that weft and ztunnel carry each other's connections, both ways, before anything
     /// is measured: weft's client (node 1) to ztunnel's server (node 4), then ztunnel's client
-    /// (node 3) to weft's server (node 2). Each is a 1 KiB echo that must come back whole; on
-    /// the sender's underlay its bytes are nowhere in clear text and its only connection is to
-    /// the server's port 15008 (HBONE), none to the app's port; the sending node proxy counts
-    /// one more mTLS connection to the server's identity (`destination_principal`) and the
-    /// receiving one one more from the client's (`source_principal`): each side authenticated
-    /// the other with the other's certificate. Both kinds of node proxy are scraped on the
-    /// same port with the same metric (`istio_tcp_connections_opened_total`, Istio's labels).
-    /// Panics, naming the direction and the failed check, otherwise.
+    /// (node 3) to weft's server (node 2). In each direction: a 1 KiB echo that must come back
+    /// whole, whose bytes are nowhere in clear text on the sender's underlay and whose only
+    /// connection there is to the server's port 15008 (HBONE), none to the app's port; then
+    /// [`INTEROP_STREAMS`] connections open at once, echoing in turn (several CONNECT streams
+    /// on the pooled connection); then [`INTEROP_BULK`] bytes and a half-close, answered with
+    /// the server app's count of what it received (flow control far past the windows, and
+    /// END_STREAM each way). The sending node proxy must count each of those connections as
+    /// mTLS to the server's identity (`destination_principal`) and the receiving one as mTLS
+    /// from the client's (`source_principal`): each side authenticated the other with the
+    /// other's certificate. Both kinds of node proxy are scraped on the same port with the
+    /// same metric (`istio_tcp_connections_opened_total`, Istio's labels). Panics, naming the
+    /// direction and the failed check, otherwise.
     pub(crate) fn interop(&self, bed: &Testbed, app_port: u16) {
         let cases = [
             ("weft", WEFT_PODS[0].0, NAME, SERVER),
@@ -416,6 +420,18 @@ impl Running {
             if let Err(e) = sent {
                 panic!("interop {what}: the echo failed: {e}");
             }
+            let dst = SocketAddr::new(IpAddr::V4(to.ip), app_port);
+            if let Err(e) = echo_at_once(&from.ns, dst, INTEROP_STREAMS, mark.as_bytes()) {
+                panic!("interop {what}: {INTEROP_STREAMS} echo connections at once: {e}");
+            }
+            match sink(&from.ns, dst, INTEROP_BULK) {
+                Ok(n) if n == INTEROP_BULK => {}
+                Ok(n) => panic!(
+                    "interop {what}: the server counted {n} bytes of the {INTEROP_BULK} sent"
+                ),
+                Err(e) => panic!("interop {what}: {INTEROP_BULK} bytes and a half-close: {e}"),
+            }
+            let made = (2 + INTEROP_STREAMS) as f64;
             assert!(
                 !weft_testbed::contains(&pcap, mark.as_bytes()),
                 "interop {what}: the echo crossed the underlay in clear text"
@@ -439,12 +455,12 @@ impl Running {
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
                 let now = counts();
-                if now[0] >= before[0] + 1.0 && now[1] >= before[1] + 1.0 {
+                if now[0] >= before[0] + made && now[1] >= before[1] + made {
                     break;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "interop {what}: {sender} counted {} mTLS connections to {dst_id} (was {}), {receiver} {} from {src_id} (was {})",
+                    "interop {what}: of {made} connections, {sender} counted {} mTLS connections to {dst_id} (was {}), {receiver} {} from {src_id} (was {})",
                     now[0],
                     before[0],
                     now[1],
@@ -453,7 +469,8 @@ impl Running {
                 std::thread::sleep(Duration::from_millis(50));
             }
             println!(
-                "(interop: {what}: echoed over HBONE; {sender} counted an mTLS connection to {dst_id}, {receiver} one from {src_id})"
+                "(interop: {what}: a 1 KiB echo, {INTEROP_STREAMS} echo connections at once and {} MiB with a half-close carried over HBONE; {sender} counted {made} mTLS connections to {dst_id}, {receiver} {made} from {src_id})",
+                INTEROP_BULK >> 20
             );
         }
     }
@@ -575,6 +592,56 @@ fn opened(ns: &Netns, reporter: &str, label: Option<(&str, &str)>) -> Result<f64
 /// both tunnels' trust domain.
 fn spiffe(pod: &str) -> String {
     format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{pod}")
+}
+
+/// Connections at once in each direction of [`Running::interop`].
+const INTEROP_STREAMS: usize = 8;
+
+/// Bytes sent before the half-close in each direction of [`Running::interop`]: 16 times the
+/// 4 MiB stream window of both tunnels.
+const INTEROP_BULK: u64 = 64 << 20;
+
+/// `n` connections from inside `from` to `to`, all open before any is used, each then echoing
+/// 1 KiB of `mark` (the app's `E` mode) in turn, four rounds.
+fn echo_at_once(from: &Netns, to: SocketAddr, n: usize, mark: &[u8]) -> std::io::Result<()> {
+    let msg: Vec<u8> = mark.iter().copied().cycle().take(1024).collect();
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = from.tcp_connect(to, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"E")?;
+        conns.push(s);
+    }
+    let mut back = vec![0u8; msg.len()];
+    for _ in 0..4 {
+        for s in &mut conns {
+            s.write_all(&msg)?;
+            s.read_exact(&mut back)?;
+            if back != msg {
+                return Err(std::io::Error::other("an echo differs from its message"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends `n` bytes from inside `from` to the app at `to` (its `S` mode), half-closes, and
+/// returns the count the app answers once it read to the end.
+fn sink(from: &Netns, to: SocketAddr, n: u64) -> std::io::Result<u64> {
+    let mut s = from.tcp_connect(to, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(b"S")?;
+    let chunk: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len() as u64) as usize;
+        s.write_all(&chunk[..k])?;
+        left -= k as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count)?;
+    Ok(u64::from_be_bytes(count))
 }
 
 /// One 1 KiB echo (the app's `E` mode) of `mark` repeated, from inside `from` to `to`.
