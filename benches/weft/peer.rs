@@ -376,10 +376,12 @@ impl Running {
     /// [`INTEROP_STREAMS`] connections open at once, echoing in turn (several CONNECT streams
     /// on the pooled connection); then [`INTEROP_BULK`] bytes and a half-close, answered with
     /// the server app's count of what it received (flow control far past the windows, and
-    /// END_STREAM each way). The sending node proxy must count each of those connections as
-    /// mTLS to the server's identity (`destination_principal`) and the receiving one as mTLS
-    /// from the client's (`source_principal`): each side authenticated the other with the
-    /// other's certificate. Both kinds of node proxy are scraped on the same port with the
+    /// END_STREAM each way); then a connection to a port where no app listens, which the
+    /// receiving side refuses and the client must see reset, with no bytes ([`refused`]). The
+    /// sending node proxy must count each connection that reached the app as mTLS to the
+    /// server's identity (`destination_principal`) and the receiving one as mTLS from the
+    /// client's (`source_principal`): each side authenticated the other with the other's
+    /// certificate. Both kinds of node proxy are scraped on the same port with the
     /// same metric (`istio_tcp_connections_opened_total`, Istio's labels). Panics, naming the
     /// direction and the failed check, otherwise.
     pub(crate) fn interop(&self, bed: &Testbed, app_port: u16) {
@@ -431,6 +433,14 @@ impl Running {
                 ),
                 Err(e) => panic!("interop {what}: {INTEROP_BULK} bytes and a half-close: {e}"),
             }
+            // A CONNECT the receiving side cannot serve (no app listens on the port): its
+            // refusal must cross back as a reset of the client's connection, with no bytes.
+            let closed = match refused(&from.ns, SocketAddr::new(IpAddr::V4(to.ip), NO_APP_PORT)) {
+                Ok(how) => how,
+                Err(e) => {
+                    panic!("interop {what}: to port {NO_APP_PORT}, where no app listens: {e}")
+                }
+            };
             let made = (2 + INTEROP_STREAMS) as f64;
             assert!(
                 !weft_testbed::contains(&pcap, mark.as_bytes()),
@@ -469,7 +479,7 @@ impl Running {
                 std::thread::sleep(Duration::from_millis(50));
             }
             println!(
-                "(interop: {what}: a 1 KiB echo, {INTEROP_STREAMS} echo connections at once and {} MiB with a half-close carried over HBONE; {sender} counted {made} mTLS connections to {dst_id}, {receiver} {made} from {src_id})",
+                "(interop: {what}: a 1 KiB echo, {INTEROP_STREAMS} echo connections at once and {} MiB with a half-close carried over HBONE; {sender} counted {made} mTLS connections to {dst_id}, {receiver} {made} from {src_id}; to a port with no app the client's connection was {closed})",
                 INTEROP_BULK >> 20
             );
         }
@@ -600,6 +610,31 @@ const INTEROP_STREAMS: usize = 8;
 /// Bytes sent before the half-close in each direction of [`Running::interop`]: 16 times the
 /// 4 MiB stream window of both tunnels.
 const INTEROP_BULK: u64 = 64 << 20;
+
+/// A port of the server pod where no app listens ([`refused`]).
+const NO_APP_PORT: u16 = 9;
+
+/// Connects from inside `from` to `to`, where no app listens, and sends 1 KiB: the tunnel
+/// accepts the connection locally (capture), so the far side's refusal can only show as the
+/// connection's end, and both tunnels end it with a reset (README "How traffic flows": never
+/// a clean close, which would look like a normal end). Returns `reset`, or what happened
+/// instead (a clean close, bytes, or nothing within 10 s).
+fn refused(from: &Netns, to: SocketAddr) -> Result<&'static str, String> {
+    let mut s = from
+        .tcp_connect(to, Duration::from_secs(5))
+        .map_err(|e| format!("the local connect failed ({e}): it should be captured"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    // The write may already meet the reset.
+    let _ = s.write_all(&[b'E'; 1025]);
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => Err("closed cleanly, not reset: the refusal looks like a normal end".into()),
+        Ok(n) => Err(format!("{n} bytes came back")),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok("reset"),
+        Err(e) => Err(format!("no end within 10 s: {e}")),
+    }
+}
 
 /// `n` connections from inside `from` to `to`, all open before any is used, each then echoing
 /// 1 KiB of `mark` (the app's `E` mode) in turn, four rounds.
