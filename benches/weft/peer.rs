@@ -331,15 +331,7 @@ impl Running {
             "a connection to {SERVER} crossed the underlay in clear text: it went around ztunnel"
         );
         let segments = tcp_segments(&peer_pcap);
-        let to_server = |port: u16| {
-            segments
-                .iter()
-                .filter(|(src, dst)| {
-                    (*dst.ip() == server.ip && dst.port() == port)
-                        || (*src.ip() == server.ip && src.port() == port)
-                })
-                .count()
-        };
+        let to_server = |port: u16| segments_at(&segments, server.ip, port);
         assert!(
             to_server(15008) > 0 && to_server(app_port) == 0,
             "on the underlay, {} segments to {SERVER}:15008 (HBONE) and {} to its app port {app_port}: not through ztunnel's tunnel",
@@ -409,20 +401,28 @@ impl Running {
                     (Err(e), _) | (_, Err(e)) => panic!("interop {what}: {e}"),
                 }
             };
+            let dst = SocketAddr::new(IpAddr::V4(to.ip), app_port);
             let before = counts();
             let cap = bed
                 .capture_underlay(from.node, &format!("interop-{sender}.pcap"))
                 .expect("capture the sender's underlay");
-            let sent = echo(
-                &from.ns,
-                SocketAddr::new(IpAddr::V4(to.ip), app_port),
-                mark.as_bytes(),
-            );
+            let sent = echo(&from.ns, dst, mark.as_bytes());
             let pcap = cap.stop().expect("capture");
             if let Err(e) = sent {
                 panic!("interop {what}: the echo failed: {e}");
             }
-            let dst = SocketAddr::new(IpAddr::V4(to.ip), app_port);
+            assert!(
+                !weft_testbed::contains(&pcap, mark.as_bytes()),
+                "interop {what}: the echo crossed the underlay in clear text"
+            );
+            let segments = tcp_segments(&pcap);
+            let to_server = |port: u16| segments_at(&segments, to.ip, port);
+            assert!(
+                to_server(15008) > 0 && to_server(app_port) == 0,
+                "interop {what}: on the underlay, {} segments to port 15008 (HBONE) and {} to the app's port {app_port}",
+                to_server(15008),
+                to_server(app_port)
+            );
             if let Err(e) = echo_at_once(&from.ns, dst, INTEROP_STREAMS, mark.as_bytes()) {
                 panic!("interop {what}: {INTEROP_STREAMS} echo connections at once: {e}");
             }
@@ -435,33 +435,11 @@ impl Running {
             }
             // A CONNECT the receiving side cannot serve (no app listens on the port): its
             // refusal must cross back as a reset of the client's connection, with no bytes.
-            let closed = match refused(&from.ns, SocketAddr::new(IpAddr::V4(to.ip), NO_APP_PORT)) {
-                Ok(how) => how,
-                Err(e) => {
-                    panic!("interop {what}: to port {NO_APP_PORT}, where no app listens: {e}")
-                }
-            };
+            let no_app = SocketAddr::new(IpAddr::V4(to.ip), NO_APP_PORT);
+            if let Err(e) = refused(&from.ns, no_app) {
+                panic!("interop {what}: to port {NO_APP_PORT}, where no app listens: {e}");
+            }
             let made = (2 + INTEROP_STREAMS) as f64;
-            assert!(
-                !weft_testbed::contains(&pcap, mark.as_bytes()),
-                "interop {what}: the echo crossed the underlay in clear text"
-            );
-            let segments = tcp_segments(&pcap);
-            let to_server = |port: u16| {
-                segments
-                    .iter()
-                    .filter(|(s, d)| {
-                        (*d.ip() == to.ip && d.port() == port)
-                            || (*s.ip() == to.ip && s.port() == port)
-                    })
-                    .count()
-            };
-            assert!(
-                to_server(15008) > 0 && to_server(app_port) == 0,
-                "interop {what}: on the underlay, {} segments to port 15008 (HBONE) and {} to the app's port {app_port}",
-                to_server(15008),
-                to_server(app_port)
-            );
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
                 let now = counts();
@@ -479,7 +457,7 @@ impl Running {
                 std::thread::sleep(Duration::from_millis(50));
             }
             println!(
-                "(interop: {what}: a 1 KiB echo, {INTEROP_STREAMS} echo connections at once and {} MiB with a half-close carried over HBONE; {sender} counted {made} mTLS connections to {dst_id}, {receiver} {made} from {src_id}; to a port with no app the client's connection was {closed})",
+                "(interop: {what}: a 1 KiB echo, {INTEROP_STREAMS} echo connections at once and {} MiB with a half-close carried over HBONE; {sender} counted {made} mTLS connections to {dst_id}, {receiver} {made} from {src_id}; to a port with no app the client's connection was reset)",
                 INTEROP_BULK >> 20
             );
         }
@@ -617,21 +595,26 @@ const NO_APP_PORT: u16 = 9;
 /// Connects from inside `from` to `to`, where no app listens, and sends 1 KiB: the tunnel
 /// accepts the connection locally (capture), so the far side's refusal can only show as the
 /// connection's end, and both tunnels end it with a reset (README "How traffic flows": never
-/// a clean close, which would look like a normal end). Returns `reset`, or what happened
-/// instead (a clean close, bytes, or nothing within 10 s).
-fn refused(from: &Netns, to: SocketAddr) -> Result<&'static str, String> {
+/// a clean close, which would look like a normal end). Fails with what happened instead (a
+/// clean close, bytes, or nothing within 10 s).
+fn refused(from: &Netns, to: SocketAddr) -> Result<(), String> {
     let mut s = from
         .tcp_connect(to, Duration::from_secs(5))
         .map_err(|e| format!("the local connect failed ({e}): it should be captured"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
-    // The write may already meet the reset.
-    let _ = s.write_all(&[b'E'; 1025]);
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+    // The write may already meet the reset (a peer's clean close fails no write).
+    match s.write_all(&[b'E'; 1025]) {
+        Err(e) if matches!(e.kind(), ConnectionReset | BrokenPipe) => return Ok(()),
+        Err(e) => return Err(format!("the write failed: {e}")),
+        Ok(()) => {}
+    }
     let mut buf = [0u8; 64];
     match s.read(&mut buf) {
         Ok(0) => Err("closed cleanly, not reset: the refusal looks like a normal end".into()),
         Ok(n) => Err(format!("{n} bytes came back")),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok("reset"),
+        Err(e) if e.kind() == ConnectionReset => Ok(()),
         Err(e) => Err(format!("no end within 10 s: {e}")),
     }
 }
@@ -692,6 +675,20 @@ fn echo(from: &Netns, to: SocketAddr, mark: &[u8]) -> std::io::Result<()> {
         return Err(std::io::Error::other("the echo differs from the message"));
     }
     Ok(())
+}
+
+/// How many of `segments` (source, destination) are to or from `ip:port`.
+fn segments_at(
+    segments: &[(std::net::SocketAddrV4, std::net::SocketAddrV4)],
+    ip: Ipv4Addr,
+    port: u16,
+) -> usize {
+    segments
+        .iter()
+        .filter(|(src, dst)| {
+            (*dst.ip() == ip && dst.port() == port) || (*src.ip() == ip && src.port() == port)
+        })
+        .count()
 }
 
 /// The IPv4 TCP segments of a pcap file of Ethernet frames: (source, destination).
