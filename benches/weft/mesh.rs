@@ -136,6 +136,12 @@ pub(crate) async fn run_mesh(
     for (name, node) in &peer_pods {
         bed.add_pod(*node, name).unwrap();
     }
+    // With the peer, a server on weft's server node whose policy denies ztunnel's client
+    // ([`peer::Running::interop`]); only in `--peer` runs.
+    let deny_server = peer.map(|_| (peer::DENY_SERVER.to_string(), 2));
+    if let Some((name, node)) = &deny_server {
+        bed.add_pod(*node, name).unwrap();
+    }
     let dir = bed.temp_dir().to_path_buf();
     // With the peer, weft's CA is ztunnel's test CA (its `FAKE_CA`): both tunnels trust each
     // other, and [`peer::Running::interop`] proves they carry each other's connections.
@@ -154,16 +160,22 @@ pub(crate) async fn run_mesh(
     all.extend(
         peer_pods
             .iter()
+            .chain(&deny_server)
             .map(|(p, node)| (p.clone(), *node, "bench")),
     );
     for (name, node, ns) in &all {
         let labels = if name == "wserver" {
             ", labels: {istio.io/use-waypoint: weft}"
+        } else if name == peer::DENY_SERVER {
+            peer::DENY_SERVER_LABELS
         } else {
             ""
         };
         let node = &bed.node(*node).name;
         mesh.push_str(&pod_yaml(name, ns, labels, node, bed.pod(name).ip));
+    }
+    if peer.is_some() {
+        mesh.push_str(peer::DENY_POLICY);
     }
     let mesh_path = dir.join("mesh.yaml");
     std::fs::write(&mesh_path, &mesh).unwrap();
@@ -183,7 +195,7 @@ pub(crate) async fn run_mesh(
     // connections do not put 20,000 sockets into one process's descriptor limit.
     let mut servers = vec!["server", "pserver", "wserver"];
     if peer.is_some() {
-        servers.push(peer::SERVER);
+        servers.extend([peer::SERVER, peer::DENY_SERVER]);
     }
     let mut apps = Vec::new();
     for server in &servers {

@@ -14,7 +14,9 @@
 //! their CA from the same test root ([`Ztunnel::write_ca_dir`]), so the two tunnels also
 //! trust each other, and [`Running::interop`] proves, before anything is measured, that each
 //! carries the other's connections (weft's client to ztunnel's server, ztunnel's client to
-//! weft's server): the wire compatibility README.md claims, checked against a real ztunnel.
+//! weft's server): the wire compatibility README.md claims, checked against a real ztunnel;
+//! and that weft's AuthorizationPolicy sees the identity ztunnel presents ([`DENY_POLICY`],
+//! on a server of weft's node that only `--peer` runs have).
 //!
 //! Dedicated mode proxies for one workload (`PROXY_WORKLOAD_INFO`), whatever the pods on the
 //! node: outbound, every captured connection leaves with that workload's identity, whatever
@@ -158,9 +160,19 @@ pub(crate) fn pods() -> Vec<(String, usize)> {
 }
 
 /// weft's pods that ztunnel's nodes reach and are reached from ([`Running::interop`]): weft's
-/// client (node 1) and server (node 2), with the same identities as in weft's mesh file
-/// (namespace `bench`, service account = pod name).
-const WEFT_PODS: [(&str, usize); 2] = [("client", 1), ("server", 2)];
+/// client (node 1), its server and [`DENY_SERVER`] (node 2), with the same identities as in
+/// weft's mesh file (namespace `bench`, service account = pod name).
+const WEFT_PODS: [(&str, usize); 3] = [("client", 1), ("server", 2), (DENY_SERVER, 2)];
+
+/// A server pod on weft's server node (node 2) that [`DENY_POLICY`] guards: weft must refuse
+/// ztunnel's client there by the identity ztunnel presented, and let weft's client through.
+pub(crate) const DENY_SERVER: &str = "dserver";
+
+/// [`DENY_SERVER`]'s labels in weft's mesh file (after its name and namespace).
+pub(crate) const DENY_SERVER_LABELS: &str = ", labels: {app: interop-deny}";
+
+/// weft's AuthorizationPolicy for [`DENY_SERVER`]: DENY from ztunnel's client's principal.
+pub(crate) const DENY_POLICY: &str = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-zclient, namespace: bench}\nspec:\n  selector: {matchLabels: {app: interop-deny}}\n  action: DENY\n  rules:\n  - from:\n    - source: {principals: [cluster.local/ns/bench/sa/zclient]}\n";
 
 /// ztunnel's local config (`LOCAL_XDS_PATH`): the peer's pods and weft's [`WEFT_PODS`] as
 /// HBONE workloads, no services, no policies (weft's bench mesh has none either), and `extra`
@@ -461,6 +473,41 @@ impl Running {
                 INTEROP_BULK >> 20
             );
         }
+        self.interop_policy(bed, app_port);
+    }
+
+    /// weft's policy on ztunnel's identity: [`DENY_POLICY`] denies ztunnel's client at
+    /// [`DENY_SERVER`] (weft's node 2). Its connection there must be reset with no bytes and
+    /// weft must count it denied from ztunnel client's principal
+    /// (`istio_tcp_connections_failed_total`, `response_flags="DENY"`), while weft's own
+    /// client reaches the same app (the principal decided, not the path). Panics otherwise.
+    fn interop_policy(&self, bed: &Testbed, app_port: u16) {
+        let server = bed.pod(DENY_SERVER);
+        let dst = SocketAddr::new(IpAddr::V4(server.ip), app_port);
+        let weft_node = &bed.node(server.node).ns;
+        let zclient = spiffe(CLIENT);
+        let denied = || {
+            failed(weft_node, "DENY", &zclient).unwrap_or_else(|e| panic!("interop policy: {e}"))
+        };
+        let before = denied();
+        if let Err(e) = refused(&bed.pod(CLIENT).ns, dst) {
+            panic!("interop policy: {CLIENT} (ztunnel) to {DENY_SERVER}, which denies it: {e}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while denied() < before + 1.0 {
+            assert!(
+                Instant::now() < deadline,
+                "interop policy: weft did not count a connection from {zclient} denied"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let weft_client = &bed.pod(WEFT_PODS[0].0).ns;
+        if let Err(e) = echo(weft_client, dst, b"WEFT-BENCH-INTEROP-POLICY-") {
+            panic!("interop policy: weft's client to {DENY_SERVER}, which allows it: {e}");
+        }
+        println!(
+            "(interop policy: weft denied {zclient}, as ztunnel presented it, at {DENY_SERVER} with an AuthorizationPolicy: reset, counted DENY; weft's own client got through)"
+        );
     }
 
     /// The peer's side of the measurement: its routes (counted; to the server's app on
@@ -554,6 +601,21 @@ fn mtls_opened(ns: &Netns, reporter: &str) -> Result<f64, String> {
 /// The mTLS connections the node proxy in `ns` (ztunnel, or weft on the same port) counts as
 /// opened with `reporter`, only those whose label `label` (name, value) matches if given.
 fn opened(ns: &Netns, reporter: &str, label: Option<(&str, &str)>) -> Result<f64, String> {
+    let body = metrics(ns)?;
+    let reporter = format!("reporter=\"{reporter}\"");
+    let label = label.map(|(k, v)| format!("{k}=\"{v}\""));
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .filter(|l| l.contains(&reporter))
+        .filter(|l| l.contains("connection_security_policy=\"mutual_tls\""))
+        .filter(|l| label.as_ref().is_none_or(|x| l.contains(x.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// The Prometheus page of the node proxy in `ns` (ztunnel, or weft on the same port).
+fn metrics(ns: &Netns) -> Result<String, String> {
     let addr: SocketAddr = METRICS.parse().expect("metrics address");
     let (status, body) = ns
         .http_get(addr, "/metrics")
@@ -564,14 +626,22 @@ fn opened(ns: &Netns, reporter: &str, label: Option<(&str, &str)>) -> Result<f64
             ns.name()
         ));
     }
-    let reporter = format!("reporter=\"{reporter}\"");
-    let label = label.map(|(k, v)| format!("{k}=\"{v}\""));
+    Ok(body)
+}
+
+/// The connections the node proxy in `ns` counts as failed with `flags` from `principal`
+/// (`istio_tcp_connections_failed_total`, reporter `destination`).
+fn failed(ns: &Netns, flags: &str, principal: &str) -> Result<f64, String> {
+    let body = metrics(ns)?;
+    let (flags, principal) = (
+        format!("response_flags=\"{flags}\""),
+        format!("source_principal=\"{principal}\""),
+    );
     Ok(body
         .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
-        .filter(|l| l.contains(&reporter))
-        .filter(|l| l.contains("connection_security_policy=\"mutual_tls\""))
-        .filter(|l| label.as_ref().is_none_or(|x| l.contains(x.as_str())))
+        .filter(|l| l.starts_with("istio_tcp_connections_failed_total{"))
+        .filter(|l| l.contains("reporter=\"destination\""))
+        .filter(|l| l.contains(&flags) && l.contains(&principal))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
 }
@@ -592,9 +662,9 @@ const INTEROP_BULK: u64 = 64 << 20;
 /// A port of the server pod where no app listens ([`refused`]).
 const NO_APP_PORT: u16 = 9;
 
-/// Connects from inside `from` to `to`, where no app listens, and sends 1 KiB: the tunnel
-/// accepts the connection locally (capture), so the far side's refusal can only show as the
-/// connection's end, and both tunnels end it with a reset (README "How traffic flows": never
+/// Connects from inside `from` to `to`, which the far side refuses (no app listens there, or
+/// a policy denies the client), and sends 1 KiB: the tunnel accepts the connection locally
+/// (capture), so the far side's refusal can only show as the connection's end, and both tunnels end it with a reset (README "How traffic flows": never
 /// a clean close, which would look like a normal end). Fails with what happened instead (a
 /// clean close, bytes, or nothing within 10 s).
 fn refused(from: &Netns, to: SocketAddr) -> Result<(), String> {
