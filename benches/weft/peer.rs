@@ -175,8 +175,8 @@ pub(crate) const DENY_SERVER_LABELS: &str = ", labels: {app: interop-deny}";
 pub(crate) const DENY_POLICY: &str = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-zclient, namespace: bench}\nspec:\n  selector: {matchLabels: {app: interop-deny}}\n  action: DENY\n  rules:\n  - from:\n    - source: {principals: [cluster.local/ns/bench/sa/zclient]}\n";
 
 /// ztunnel's local config (`LOCAL_XDS_PATH`): the peer's pods and weft's [`WEFT_PODS`] as
-/// HBONE workloads, no services, no policies (weft's bench mesh has none either), and `extra`
-/// more workloads ([`extra_workloads`], the same weft's mesh file gets for the state row).
+/// HBONE workloads, no services, no policies (weft's bench mesh has one, [`DENY_POLICY`], for
+/// a pod of its own that no measured route reaches), and `extra` more workloads ([`extra_workloads`], the same weft's mesh file gets for the state row).
 fn local_config(bed: &Testbed, extra: usize) -> String {
     let mut out = String::from("workloads:\n");
     let weft_pods = WEFT_PODS
